@@ -1,0 +1,187 @@
+"""The public entry points: inspect() and compile(), and the SparseModel they build."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from sparsecc.capture import Captured, capture
+from sparsecc.errors import UnsupportedError
+from sparsecc.graph.canonicalize import CANONICALIZE
+from sparsecc.graph.fx_utils import SDPA, aten, is_call, module_path
+from sparsecc.graph.regions import Region, find_regions
+from sparsecc.passes.identity import attention_to_op, ffn_to_op
+from sparsecc.passes.manager import Pass, PassContext, PassManager, PassResult
+from sparsecc.recipe import Identity, Recipe
+
+BACKENDS = ("eager", "inductor")
+
+
+@dataclass
+class GraphSummary:
+    nodes: int
+    ops: dict
+    parameters: int
+    inputs: list
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Report:
+    """What sparsecc found (and did) in a model."""
+
+    model: str
+    regions: list  # list[Region]
+    graph: GraphSummary
+    passes: list = field(default_factory=list)  # list[PassResult]
+    unmatched: list = field(default_factory=list)  # "why not" notes for attention-like nodes left alone
+    stage_seconds: dict = field(default_factory=dict)
+
+    @property
+    def attention(self) -> list:
+        return [r for r in self.regions if r.kind == "attention"]
+
+    @property
+    def ffn(self) -> list:
+        return [r for r in self.regions if r.kind == "ffn"]
+
+    def dense_flops(self) -> int:
+        return sum(r.flops for r in self.regions)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "regions": [r.to_dict() for r in self.regions],
+                "graph": self.graph.to_dict(), "unmatched": list(self.unmatched),
+                "passes": [{"name": p.name, "changes": len(p.changes), "seconds": p.seconds,
+                            "max_abs_error": p.max_abs_error} for p in self.passes],
+                "stage_seconds": dict(self.stage_seconds)}
+
+    def table(self) -> str:
+        from sparsecc.report import region_table
+        return region_table(self)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def graph_summary(gm: fx.GraphModule, captured: Captured) -> GraphSummary:
+    ops = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+    inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    params = sum(p.numel() for p in gm.parameters())
+    return GraphSummary(nodes=len(gm.graph.nodes), ops=dict(ops.most_common()), parameters=params, inputs=inputs)
+
+
+def _unmatched(gm: fx.GraphModule, regions: list) -> list[str]:
+    """Attention-looking nodes that no region covers, with the reason."""
+    notes = []
+    covered = {r.sdpa for r in regions if r.kind == "attention"}
+    for node in gm.graph.nodes:
+        if is_call(node, aten.softmax.int, aten._softmax.default):
+            notes.append(f"softmax {node.name} at {module_path(node) or '?'}: not rewritten to SDPA (its "
+                         "input is not matmul*scale+mask, or its probabilities are also used elsewhere, "
+                         "e.g. output_attentions=True)")
+        elif is_call(node, SDPA) and node not in covered:
+            notes.append(f"SDPA {node.name} at {module_path(node) or '?'}: no region")
+    for r in regions:
+        if r.kind == "attention" and (r.q_proj is None or r.o_proj is None):
+            missing = [n for n, p in (("q", r.q_proj), ("k", r.k_proj), ("v", r.v_proj), ("out", r.o_proj))
+                       if p is None]
+            notes.append(f"attention {r.name}: projection(s) {missing} not found (fine for the SDPA rewrite; "
+                         "methods that need the projections skip this region)")
+    return notes
+
+
+def _canonicalize_passes() -> list[Pass]:
+    return [Pass(name, fn) for name, fn in CANONICALIZE]
+
+
+def _analyze(model: nn.Module, example_inputs: Any, dynamic: bool, check: bool, dump_dir: Optional[str]):
+    times = {}
+    start = time.perf_counter()
+    captured = capture(model, example_inputs, dynamic=dynamic)
+    times["capture"] = time.perf_counter() - start
+    ctx = PassContext(captured=captured)
+    manager = PassManager(_canonicalize_passes(), check="each" if check else "none", dump_dir=dump_dir)
+    start = time.perf_counter()
+    results = manager.run(captured.gm, ctx)
+    times["canonicalize"] = time.perf_counter() - start
+    start = time.perf_counter()
+    ctx.regions = find_regions(captured.gm, captured)
+    times["find_regions"] = time.perf_counter() - start
+    return captured, ctx, results, times
+
+
+def inspect(model: nn.Module, example_inputs: Any, dynamic: bool = True, check: bool = False,
+            dump_dir: Optional[str] = None) -> Report:
+    """Capture and canonicalize `model` and report its attention and FFN regions (nothing is rewritten)."""
+    captured, ctx, results, times = _analyze(model, example_inputs, dynamic, check, dump_dir)
+    return Report(model=captured.model_name, regions=ctx.regions, graph=graph_summary(captured.gm, captured),
+                  passes=results, unmatched=_unmatched(captured.gm, ctx.regions), stage_seconds=times)
+
+
+def _rewrite_passes(recipe: Recipe) -> list[Pass]:
+    passes = []
+    if isinstance(recipe.attention, Identity):
+        passes.append(Pass("attention_identity", attention_to_op))
+    if isinstance(recipe.ffn, Identity):
+        passes.append(Pass("ffn_identity", ffn_to_op))
+    if recipe.flow is not None:
+        raise UnsupportedError(f"recipe.flow={recipe.flow!r}: token flow is not available in this version")
+    return passes
+
+
+class SparseModel(nn.Module):
+    """The compiled model: an nn.Module that runs, trains, and reports what was rewritten."""
+
+    def __init__(self, graph: fx.GraphModule, captured: Captured, recipe: Recipe, backend: str, report: Report):
+        super().__init__()
+        self.graph_module = graph
+        self.recipe = recipe
+        self.backend = backend
+        self._call_defaults = dict(captured.call_defaults)
+        self._report = report
+        self._runner = torch.compile(graph, dynamic=None) if backend == "inductor" else graph
+
+    def forward(self, *args, **kwargs):
+        return self._runner(*args, **{**self._call_defaults, **kwargs})
+
+    def report(self) -> Report:
+        return self._report
+
+    @property
+    def regions(self) -> list[Region]:
+        return self._report.regions
+
+
+def compile(model: nn.Module, example_inputs: Any, recipe: Optional[Recipe] = None, backend: str = "eager",
+            calibration: Any = None, dynamic: bool = True, check: bool = True,
+            dump_dir: Optional[str] = None) -> SparseModel:
+    """Capture `model`, find its regions, rewrite them as `recipe` says, and lower to `backend`.
+
+    check: compare outputs with the captured model after every meaning-preserving pass
+    (1e-5), naming the pass that broke them. The user's model is never modified.
+    """
+    recipe = Recipe() if recipe is None else recipe
+    if not isinstance(recipe, Recipe):
+        from sparsecc.errors import RecipeError
+        raise RecipeError(f"recipe must be a sparsecc.Recipe, got {type(recipe).__name__}")
+    if backend not in BACKENDS:
+        raise UnsupportedError(f"backend {backend!r} is not available; expected one of {list(BACKENDS)} "
+                               "(onnxruntime and triton land with their own issues)")
+    captured, ctx, results, times = _analyze(model, example_inputs, dynamic, check, dump_dir)
+    ctx.recipe = recipe
+    report = Report(model=captured.model_name, regions=ctx.regions, graph=graph_summary(captured.gm, captured),
+                    unmatched=_unmatched(captured.gm, ctx.regions), stage_seconds=times)
+    start = time.perf_counter()
+    manager = PassManager(_rewrite_passes(recipe), check="each" if check else "none", dump_dir=dump_dir)
+    results += manager.run(captured.gm, ctx)
+    times["rewrite"] = time.perf_counter() - start
+    report.passes = results
+    return SparseModel(captured.gm, captured, recipe, backend, report)

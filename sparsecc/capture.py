@@ -1,0 +1,198 @@
+"""Capture a model as an FX graph with torch.export, without touching the user's model.
+
+The result is an unlifted GraphModule (parameters as attributes, so it runs and
+trains like any nn.Module) whose parameters are copies: training the compiled
+model never changes the user's weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.export import Dim
+from torch.utils import _pytree as pytree
+
+from sparsecc.errors import CaptureError
+
+log = logging.getLogger("sparsecc.capture")
+
+
+@dataclass
+class Captured:
+    """A captured model: its graph module and the inputs it was captured with."""
+
+    gm: fx.GraphModule
+    args: tuple
+    kwargs: dict
+    model_name: str
+    dynamic: bool
+    call_defaults: dict = field(default_factory=dict)  # kwargs added at capture (e.g. use_cache=False)
+
+    def run(self, gm: Optional[fx.GraphModule] = None, args: Optional[tuple] = None,
+            kwargs: Optional[dict] = None) -> Any:
+        gm = gm or self.gm
+        args = self.args if args is None else args
+        kwargs = {**self.call_defaults, **(self.kwargs if kwargs is None else kwargs)}
+        with torch.no_grad():
+            return gm(*args, **kwargs)
+
+
+def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    """Accept a tensor, a tuple/list of positional inputs, a dict of keyword inputs, or (args, kwargs)."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict) or hasattr(example_inputs, "keys") and hasattr(example_inputs, "items"):
+        return (), dict(example_inputs.items())
+    if (isinstance(example_inputs, tuple) and len(example_inputs) == 2
+            and isinstance(example_inputs[0], (tuple, list)) and isinstance(example_inputs[1], dict)):
+        return tuple(example_inputs[0]), dict(example_inputs[1])
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise CaptureError(
+        f"example_inputs must be a tensor, a tuple of positional inputs, a dict of keyword inputs, or "
+        f"(args, kwargs); got {type(example_inputs).__name__}. Pass e.g. (input_ids,) or "
+        "{'input_ids': ids, 'attention_mask': mask}.")
+
+
+def _is_hf_model(model: nn.Module) -> bool:
+    return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel"
+               for c in type(model).__mro__)
+
+
+def hf_call_defaults(model: nn.Module, kwargs: dict) -> dict:
+    """Keyword inputs that make a Hugging Face model exportable without changing its config."""
+    if not _is_hf_model(model):
+        return {}
+    params = inspect.signature(model.forward).parameters
+    accepts_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    defaults = {}
+    # A DynamicCache in the outputs is not a pytree type export can return.
+    if ("use_cache" in params or accepts_kw) and "use_cache" not in kwargs and getattr(
+            model.config, "use_cache", False):
+        defaults["use_cache"] = False
+    return defaults
+
+
+def _dim_spec(t: torch.Tensor) -> Optional[dict]:
+    """Dynamic dims for one input: batch and sequence for token/feature inputs, batch for images."""
+    if t.dim() == 0 or t.dim() == 1:
+        return None
+    if not t.is_floating_point() or t.dim() == 3:  # (B, L) ids/masks, (B, L, D) features
+        return {0: Dim.AUTO, 1: Dim.AUTO}
+    return {0: Dim.AUTO}
+
+
+def dynamic_shapes_for(model: nn.Module, args: tuple, kwargs: dict) -> Optional[dict]:
+    """A dynamic_shapes dict keyed by the forward's parameter names, or None if it can't be built."""
+    try:
+        sig = inspect.signature(model.forward)
+        bound = sig.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    spec: dict = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            spec[name] = tuple(_dim_spec(v) if isinstance(v, torch.Tensor) else None for v in value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            spec[name] = {k: _leaf_spec(v) for k, v in value.items()}
+        else:
+            spec[name] = _leaf_spec(value)
+    return spec
+
+
+def _leaf_spec(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return _dim_spec(value)
+    return pytree.tree_map(lambda v: _dim_spec(v) if isinstance(v, torch.Tensor) else None, value)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Capture in eval mode (no dropout), then restore every submodule's own flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _own_parameters(gm: fx.GraphModule) -> None:
+    """Replace every parameter and buffer by a private copy (export shares the user's storage)."""
+    for mod in gm.modules():
+        for key, p in list(mod._parameters.items()):
+            if p is not None:
+                mod._parameters[key] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        for key, b in list(mod._buffers.items()):
+            if b is not None:
+                mod._buffers[key] = b.detach().clone()
+
+
+def _describe_failure(model: nn.Module, err: BaseException) -> str:
+    name = type(model).__name__
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    frames = [f for f in traceback.extract_tb(err.__traceback__)
+              if "/torch/" not in f.filename and "sparsecc/capture.py" not in f.filename]
+    where = f" at {frames[-1].filename}:{frames[-1].lineno} ({frames[-1].line})" if frames else ""
+    return (f"torch.export could not capture {name}: {type(err).__name__}: {first}{where}. "
+            "Expected a model whose forward torch.export can trace (no data-dependent Python control "
+            "flow, no unsupported outputs such as caches). Try: model.eval(); for decoders pass "
+            "use_cache=False; compile with dynamic=False; or run torch.export.draft_export(model, args) "
+            "for a full report of the failing construct.")
+
+
+def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True) -> Captured:
+    """torch.export `model` on `example_inputs` and return a private, decomposed graph module.
+
+    dynamic: make batch and sequence dimensions symbolic where the model allows it
+    (torch.export's Dim.AUTO specialises any dimension the model fixes).
+    """
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"expected a torch.nn.Module to capture, got {type(model).__name__}")
+    args, kwargs = normalize_inputs(example_inputs)
+    defaults = hf_call_defaults(model, kwargs)
+    kwargs_all = {**defaults, **kwargs}
+    shapes = dynamic_shapes_for(model, args, kwargs_all) if dynamic else None
+    ep = None
+    with _eval_mode(model):
+        attempts = [shapes, None] if shapes is not None else [None]
+        for i, spec in enumerate(attempts):
+            try:
+                ep = torch.export.export(model, args, kwargs_all, dynamic_shapes=spec, strict=False)
+                break
+            except Exception as err:  # noqa: BLE001 - reported to the user with context
+                if i + 1 < len(attempts):
+                    log.warning("dynamic-shape export of %s failed (%s); retrying with static shapes",
+                                type(model).__name__, str(err).splitlines()[0] if str(err) else err)
+                    continue
+                raise CaptureError(_describe_failure(model, err)) from err
+    ep = ep.run_decompositions({})
+    gm = ep.module()
+    _own_parameters(gm)
+    return Captured(gm=gm, args=args, kwargs=kwargs, model_name=type(model).__name__,
+                    dynamic=ep.range_constraints != {} and spec is not None, call_defaults=defaults)
+
+
+def load_exported(path: str) -> Captured:
+    """Load a saved ExportedProgram (.pt2) with its own example inputs."""
+    ep = torch.export.load(path)
+    ep = ep.run_decompositions({})
+    example = getattr(ep, "example_inputs", None)
+    if example is None:
+        raise CaptureError(f"{path} holds no example inputs; save it with torch.export.save after "
+                           "torch.export.export(model, args) so sparsecc can run it")
+    args, kwargs = example
+    gm = ep.module()
+    _own_parameters(gm)
+    return Captured(gm=gm, args=tuple(args), kwargs=dict(kwargs), model_name=path,
+                    dynamic=bool(ep.range_constraints))

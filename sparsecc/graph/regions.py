@@ -1,0 +1,421 @@
+"""Find the attention and FFN regions of a canonicalized graph, and the residual blocks around them.
+
+Regions are plain records of graph facts. They hold references to the FX nodes
+they describe (valid until the graph is rewritten; passes find regions again
+after a rewrite) and `to_dict()` gives the JSON-able facts.
+
+Attention is anchored on the SDPA node (canonicalization turns eager attention
+into SDPA first) and walks outwards to the projections; an FFN is anchored on
+its down projection and walks back through the activation (and the gate product
+of SwiGLU / GeGLU) to the up projection.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+from torch.fx import _pytree as fx_pytree
+
+from sparsecc.graph.fx_utils import (LINEAR, SDPA, VIEW_LIKE, aten, common_path, fake, forward_through_view_like,
+                                     is_call, layer_index, module_class, module_path, shape, stack_name,
+                                     through_view_like, weight_name)
+
+ACTIVATION_OPS = {
+    aten.relu.default: "relu",
+    aten.gelu.default: "gelu",
+    aten.silu.default: "silu",
+}
+
+# Nodes a projection search does not walk through.
+_BARRIERS = {SDPA, aten.layer_norm.default, aten.softmax.int, aten.embedding.default, LINEAR}
+
+
+@dataclass
+class ResidualBlock:
+    """x -> [norm] -> sublayer -> add(x, .) [-> norm]: what token routing wraps."""
+
+    kind: str  # "attention" | "ffn"
+    region: str  # name of the region inside
+    residual: fx.Node  # x, the block's input on the skip path
+    add: fx.Node  # x + sublayer(...)
+    norm_position: str  # "pre" | "post" | "none"
+    norm: Optional[fx.Node] = None
+    output: Optional[fx.Node] = None  # the block's output: the norm after the add (post-LN) or the add
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "region": self.region, "norm_position": self.norm_position,
+                "residual": self.residual.name, "add": self.add.name,
+                "norm": self.norm.name if self.norm is not None else None,
+                "output": self.output.name if self.output is not None else None}
+
+
+@dataclass
+class Region:
+    name: str
+    kind: str
+    path: str
+    module_class: str
+    layer: Optional[int]
+    stack: str
+    flops: int
+    residual: Optional[ResidualBlock] = None
+
+    def _node_fields(self) -> dict:
+        return {}
+
+    def to_dict(self) -> dict:
+        out = {}
+        for key, value in self.__dict__.items():
+            if isinstance(value, fx.Node):
+                value = value.name
+            elif isinstance(value, ResidualBlock):
+                value = value.to_dict()
+            elif isinstance(value, dict):
+                value = {k: (v.name if isinstance(v, fx.Node) else v) for k, v in value.items()}
+            out[key] = value
+        return out
+
+
+@dataclass
+class AttentionRegion(Region):
+    sdpa: Optional[fx.Node] = None
+    q_proj: Optional[fx.Node] = None
+    k_proj: Optional[fx.Node] = None
+    v_proj: Optional[fx.Node] = None
+    o_proj: Optional[fx.Node] = None
+    weights: dict = field(default_factory=dict)  # role -> parameter name
+    fused_qkv: bool = False
+    heads: Optional[int] = None
+    kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    batch: Optional[int] = None
+    q_len: Optional[int] = None
+    kv_len: Optional[int] = None
+    d_model: Optional[int] = None
+    causal: bool = False
+    causal_source: Optional[str] = None  # "is_causal" | "mask"
+    mask: Optional[fx.Node] = None
+    mask_kind: str = "none"  # "none" | "bool" | "additive"
+    mask_shape: Optional[tuple] = None
+    cross: bool = False
+    rotary: bool = False
+    scale: Optional[float] = None
+
+
+@dataclass
+class FFNRegion(Region):
+    up: Optional[fx.Node] = None
+    gate: Optional[fx.Node] = None
+    down: Optional[fx.Node] = None
+    input: Optional[fx.Node] = None
+    activation: str = ""
+    gated: bool = False
+    d_model: Optional[int] = None
+    d_ff: Optional[int] = None
+    tokens: Optional[int] = None
+    weights: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ helpers
+def sdpa_args(node: fx.Node) -> dict:
+    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal"]
+    out = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+    out.update(dict(zip(names, node.args)))
+    out.update(node.kwargs)
+    return out
+
+
+def linear_flops(node: fx.Node) -> int:
+    x, w = fake(node.args[0]), fake(node.args[1])
+    if x is None or w is None:
+        return 0
+    rows = math.prod(shape(node.args[0])[:-1])
+    out_f, in_f = shape(node.args[1])
+    return 2 * rows * in_f * out_f
+
+
+def _projections(start: Any, limit: int = 96) -> tuple[list[fx.Node], set]:
+    """Linear nodes reached walking back from `start` (not through barriers), and the ops seen."""
+    found, seen_ops, visited = [], set(), set()
+    queue = deque([start])
+    while queue and len(visited) < limit:
+        node = queue.popleft()
+        if not isinstance(node, fx.Node) or node in visited:
+            continue
+        visited.add(node)
+        if is_call(node, LINEAR):
+            found.append(node)
+            continue
+        if node.op != "call_function" or node.target in _BARRIERS:
+            continue
+        seen_ops.add(node.target)
+        queue.extend(a for a in node.all_input_nodes)
+    return found, seen_ops
+
+
+def _is_rotary(ops: set) -> bool:
+    return bool(ops & {aten.cos.default, aten.sin.default}) or {aten.neg.default, aten.cat.default} <= ops
+
+
+def _linear_input(node: Optional[fx.Node]) -> Optional[fx.Node]:
+    return through_view_like(node.args[0]) if node is not None else None
+
+
+# ------------------------------------------------------------------ mask probing
+def evaluate(gm: fx.GraphModule, nodes: list[fx.Node], args: tuple, kwargs: dict) -> dict:
+    """Values of `nodes` on the given inputs, computing only their ancestors."""
+    needed, stack = set(), list(nodes)
+    while stack:
+        n = stack.pop()
+        if n in needed:
+            continue
+        needed.add(n)
+        stack.extend(n.all_input_nodes)
+    in_spec = gm.graph._codegen.pytree_info.in_spec
+    flat = fx_pytree.tree_flatten_spec((args, kwargs), in_spec)
+    env: dict = {}
+    placeholders = iter(flat)
+    interp = fx.Interpreter(gm)
+    with torch.no_grad():
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                value = next(placeholders)
+                if node in needed:
+                    env[node] = value
+                continue
+            if node not in needed:
+                continue
+            a = fx.node.map_arg(node.args, lambda n: env[n])
+            k = fx.node.map_arg(node.kwargs, lambda n: env[n])
+            env[node] = getattr(interp, node.op)(node.target, a, k)
+    return {n: env[n] for n in nodes}
+
+
+def _mask_is_causal(mask: torch.Tensor) -> bool:
+    """True when every key after its query is masked in every batch item and head."""
+    if mask.dim() < 2:
+        return False
+    L, S = mask.shape[-2:]
+    if L < 2:
+        return False
+    upper = torch.ones(L, S, dtype=torch.bool).triu(1 + max(S - L, 0))
+    if not upper.any():
+        return False
+    masked = (~mask) if mask.dtype == torch.bool else (mask <= -1e30) | mask.isneginf()
+    return bool(masked[..., upper].all())
+
+
+# ------------------------------------------------------------------ finders
+def find_attention(gm: fx.GraphModule, captured=None) -> list[AttentionRegion]:
+    regions = []
+    for node in gm.graph.nodes:
+        if not is_call(node, SDPA, torch.ops.sparsecc.attention.default):
+            continue
+        a = sdpa_args(node) if node.target is SDPA else dict(zip(
+            ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"], node.args))
+        q_lin, q_ops = _projections(a["query"])
+        k_lin, k_ops = _projections(a["key"])
+        v_lin, _ = _projections(a["value"])
+        q_proj = q_lin[0] if len(q_lin) == 1 else None
+        k_proj = k_lin[0] if len(k_lin) == 1 else None
+        v_proj = v_lin[0] if len(v_lin) == 1 else None
+        out = forward_through_view_like(node)
+        o_users = [u for u in out.users if is_call(u, LINEAR)]
+        o_proj = o_users[0] if len(o_users) == 1 and len(out.users) == 1 else None
+        qs, ks = shape(a["query"]), shape(a["key"])
+        fused = q_proj is not None and q_proj is k_proj
+        heads = qs[-3] if len(qs) == 4 else None
+        kv_heads = ks[-3] if len(ks) == 4 else None
+        head_dim = qs[-1]
+        d_model = shape(q_proj.args[0])[-1] if q_proj is not None else None
+        if heads is None and q_proj is not None:
+            heads = (shape(q_proj)[-1] // (3 if fused else 1)) // head_dim
+            kv_heads = heads
+        path = module_path(node)
+        cross = not fused and _linear_input(q_proj) is not _linear_input(k_proj)
+        mask = a["attn_mask"] if isinstance(a["attn_mask"], fx.Node) else None
+        mval = fake(mask)
+        region = AttentionRegion(
+            name=path or node.name, kind="attention", path=path, module_class=module_class(node),
+            layer=layer_index(path), stack=stack_name(path), flops=0, sdpa=node,
+            q_proj=q_proj, k_proj=k_proj, v_proj=v_proj, o_proj=o_proj,
+            weights={role: weight_name(p.args[1]) for role, p in
+                     (("q", q_proj), ("k", k_proj), ("v", v_proj), ("o", o_proj)) if p is not None},
+            fused_qkv=fused, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+            batch=qs[0] if len(qs) >= 3 else None, q_len=qs[-2], kv_len=ks[-2], d_model=d_model,
+            causal=bool(a["is_causal"]), causal_source="is_causal" if a["is_causal"] else None,
+            mask=mask, mask_kind="none" if mval is None else ("bool" if mval.dtype == torch.bool else "additive"),
+            mask_shape=shape(mask) if mask is not None else None,
+            cross=cross, rotary=_is_rotary(q_ops) or _is_rotary(k_ops), scale=a["scale"])
+        region.flops = _attention_flops(region)
+        regions.append(region)
+    _probe_causal_masks(gm, regions, captured)
+    _dedupe_names(regions)
+    return regions
+
+
+def _attention_flops(r: AttentionRegion) -> int:
+    qs, vs = shape(r.sdpa.args[0]), shape(r.sdpa.args[2])
+    heads_rows = math.prod(qs[:-2])
+    core = 2 * heads_rows * r.q_len * r.kv_len * (qs[-1] + vs[-1])
+    projections = {p for p in (r.q_proj, r.k_proj, r.v_proj, r.o_proj) if p is not None}
+    return core + sum(linear_flops(p) for p in projections)
+
+
+def _probe_causal_masks(gm, regions: list[AttentionRegion], captured) -> None:
+    pending = [r for r in regions if not r.causal and r.mask is not None and not r.cross]
+    if not pending or captured is None:
+        return
+    values = evaluate(gm, list({r.mask for r in pending}), captured.args,
+                      {**captured.call_defaults, **captured.kwargs})
+    for r in pending:
+        if _mask_is_causal(values[r.mask]):
+            r.causal, r.causal_source = True, "mask"
+
+
+def _dedupe_names(regions: list[Region]) -> None:
+    seen: dict = {}
+    for r in regions:
+        if r.name in seen:
+            seen[r.name] += 1
+            r.name = f"{r.name}#{seen[r.name]}"
+        else:
+            seen[r.name] = 0
+
+
+def _activation_of(node: fx.Node) -> Optional[tuple[str, fx.Node]]:
+    if is_call(node, *ACTIVATION_OPS):
+        name = ACTIVATION_OPS[node.target]
+        if name == "gelu" and node.kwargs.get("approximate", "none") == "tanh":
+            name = "gelu_tanh"
+        return name, node
+    return None
+
+
+def _up_linear(act: fx.Node) -> Optional[fx.Node]:
+    src = through_view_like(act.args[0])
+    return src if is_call(src, LINEAR) and len(src.users) == 1 else None
+
+
+def find_ffn(gm: fx.GraphModule) -> list[FFNRegion]:
+    regions = []
+    for down in gm.graph.nodes:
+        if not is_call(down, LINEAR):
+            continue
+        h = through_view_like(down.args[0])
+        if len(h.users) != 1:
+            continue
+        up = gate = None
+        found = _activation_of(h)
+        if found is not None:
+            activation, act = found
+            up = _up_linear(act)
+        elif is_call(h, aten.mul.Tensor) and all(isinstance(x, fx.Node) for x in h.args[:2]):
+            a, b = (through_view_like(x) for x in h.args[:2])
+            for act_side, lin_side in ((a, b), (b, a)):
+                found = _activation_of(act_side)
+                if found is None or not is_call(lin_side, LINEAR):
+                    continue
+                activation, act = found
+                gate = _up_linear(act)
+                up = lin_side
+                if gate is not None and _linear_input(gate) is _linear_input(up):
+                    break
+                up = gate = None
+        if up is None:
+            continue
+        path = common_path(module_path(up), module_path(down))
+        d_ff = shape(up)[-1]
+        flops = sum(linear_flops(n) for n in (up, gate, down) if n is not None)
+        regions.append(FFNRegion(
+            name=path or down.name, kind="ffn", path=path, module_class=module_class(down) if not path else "",
+            layer=layer_index(path), stack=stack_name(path), flops=flops, up=up, gate=gate, down=down,
+            input=up.args[0], activation=activation, gated=gate is not None,
+            d_model=shape(up.args[0])[-1], d_ff=d_ff, tokens=math.prod(shape(up.args[0])[:-1]),
+            weights={role: weight_name(n.args[1]) for role, n in (("up", up), ("gate", gate), ("down", down))
+                     if n is not None}))
+    for r in regions:
+        r.module_class = _class_at(gm, r.path)
+    _dedupe_names(regions)
+    return regions
+
+
+def _class_at(gm: fx.GraphModule, path: str) -> str:
+    for node in gm.graph.nodes:
+        for p, cls in reversed(_stack(node)):
+            if p == path:
+                return cls
+    return ""
+
+
+def _stack(node):
+    from sparsecc.graph.fx_utils import module_stack
+    return module_stack(node)
+
+
+# ------------------------------------------------------------------ residual blocks
+_NORM_TARGETS = {aten.layer_norm.default, aten.rsqrt.default, aten.native_layer_norm.default,
+                 aten.rms_norm.default} if hasattr(aten, "rms_norm") else {aten.layer_norm.default,
+                                                                            aten.rsqrt.default}
+
+
+def _is_norm_output(node: fx.Node, stop: fx.Node, depth: int = 12) -> Optional[fx.Node]:
+    """If `node` is a normalisation of `stop` (LayerNorm, RMSNorm decomposed), the norm's anchor node."""
+    queue, seen = deque([(node, 0)]), set()
+    norm = None
+    while queue:
+        n, d = queue.popleft()
+        if n in seen or d > depth or not isinstance(n, fx.Node):
+            continue
+        seen.add(n)
+        if n is stop:
+            continue
+        if n.op != "call_function":
+            continue
+        if n.target in _NORM_TARGETS:
+            norm = norm or n
+        queue.extend((a, d + 1) for a in n.all_input_nodes if a.op == "call_function" or a is stop)
+    return norm if stop in seen else None
+
+
+def find_residual(region: Region, sublayer_in: Optional[fx.Node], sublayer_out: Optional[fx.Node]) -> Optional[ResidualBlock]:
+    if sublayer_in is None or sublayer_out is None:
+        return None
+    out = forward_through_view_like(sublayer_out)
+    adds = [u for u in out.users if is_call(u, aten.add.Tensor)]
+    if len(adds) != 1:
+        return None
+    add = adds[0]
+    residual = add.args[1] if add.args[0] is out else add.args[0]
+    if not isinstance(residual, fx.Node):
+        return None
+    if through_view_like(sublayer_in) is through_view_like(residual):
+        position, norm = "post", None
+        after = [u for u in add.users if is_call(u, aten.layer_norm.default)]
+        norm = after[0] if len(after) == 1 and len(add.users) == 1 else None
+        if norm is None:
+            position = "none"
+    else:
+        if _is_norm_output(sublayer_in, residual) is None:
+            return None
+        position, norm = "pre", sublayer_in
+    output = norm if position == "post" else add
+    return ResidualBlock(kind=region.kind, region=region.name, residual=residual, add=add,
+                         norm_position=position, norm=norm, output=output)
+
+
+def find_regions(gm: fx.GraphModule, captured=None) -> list[Region]:
+    """All attention and FFN regions in graph order, with their residual blocks."""
+    attention = find_attention(gm, captured)
+    ffn = find_ffn(gm)
+    for r in attention:
+        r.residual = find_residual(r, _linear_input(r.q_proj), r.o_proj)
+    for r in ffn:
+        r.residual = find_residual(r, r.input, r.down)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted(attention + ffn, key=lambda r: order[r.sdpa if r.kind == "attention" else r.down])

@@ -1,0 +1,291 @@
+"""`sparsecc::block_sparse_attention`: block-sparse softmax attention on CPU, forward and backward.
+
+The layout is one block mask [ceil(L/b), ceil(S/b)] shared by every batch item and head, given
+in its padded-row (ELL) view (`sparsecc.layouts.indexing.block_mask_to_ell`). The result equals
+dense softmax attention whose scores are -inf outside the expanded block mask, outside the causal
+triangle (key j > query i, absolute positions) and at padded keys; a row with no allowed key
+outputs 0 and gets zero gradients.
+
+How the CPU kernel works (work is proportional to the kept blocks, no L x S tensor exists):
+1. Plan: drop padding entries, duplicates and (causal) blocks above the diagonal, then bucket the
+   query blocks by their number of kept key blocks m, so no padded block is ever computed.
+2. For a chunk of n query blocks of one bucket, gather their kept K and V blocks once, as
+   [B*Hkv, n, m*b, D] (an index_select of whole blocks). The G = H/Hkv query heads that share a
+   kv head are stacked as rows, [B*Hkv, n, G*b, D], so K/V are never copied per head (GQA).
+3. Run PyTorch's fused CPU flash-attention kernel (`aten._scaled_dot_product_flash_attention_for_cpu`)
+   on that batch of small dense problems: one call per chunk, parallel over (kv head, query block),
+   online softmax in fp32, bf16/fp16 supported natively. An additive mask is passed only where a
+   chunk needs one (causal diagonal blocks, the partial last key block, key padding).
+4. Backward recomputes P per chunk from the saved logsumexp (flash kernel backward) and
+   scatter-adds dK/dV of the gathered blocks back with index_add_.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from sparsecc.errors import LayoutError
+from sparsecc.layouts.indexing import block_mask_to_ell
+
+_flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+# A chunk gathers at most this many K (and as many V) elements: bounds memory, keeps blocks in cache.
+CHUNK_ELEMENTS = 1 << 21
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor,
+                  block_size: int, key_padding_mask: Optional[Tensor]) -> None:
+    """Raise LayoutError/ValueError when shapes do not fit together (works on fake tensors too)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"block_sparse_attention expects q (B, H, L, D), k and v (B, Hkv, S, D); "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, L, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D or H % k.shape[1] != 0:
+        raise ValueError(f"k and v must both be (B={B}, Hkv, S, D={D}) with H={H} a multiple of Hkv; "
+                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if block_size <= 0:
+        raise LayoutError(f"block_size must be positive, got {block_size}")
+    nq = -(-L // block_size)
+    if kv_indices.dim() != 2 or kv_indices.shape[0] != nq or kv_counts.shape != (nq,):
+        raise LayoutError(
+            f"the block layout does not fit L={L} with block_size={block_size}: expected kv_indices "
+            f"[{nq}, max_kept] and kv_counts [{nq}] (see sparsecc.layouts.indexing.block_mask_to_ell), "
+            f"got {tuple(kv_indices.shape)} and {tuple(kv_counts.shape)}")
+    if kv_indices.is_floating_point() or kv_counts.is_floating_point():
+        raise LayoutError("kv_indices and kv_counts must be integer tensors")
+    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
+                                         or key_padding_mask.shape != (B, k.shape[2])):
+        raise ValueError(f"key_padding_mask must be bool (B={B}, S={k.shape[2]}) with True = keep; "
+                         f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of logsumexp and of gradient accumulation: fp64 for fp64 inputs, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _Chunk(NamedTuple):
+    q_blocks: Tensor  # [n] query block ids
+    kv_blocks: Tensor  # [n * m] kept key block ids, row-major
+    m: int  # kept key blocks per query block
+    mask: Optional[Tensor]  # [B or 1, n, b, m*b] bool (True = keep), None when all of it is kept
+
+
+def _plan(kv_indices: Tensor, kv_counts: Tensor, L: int, S: int, b: int, causal: bool,
+          key_padding_mask: Optional[Tensor], kv_heads: int) -> list[_Chunk]:
+    """Chunks of query blocks that share a kept-block count, with the element mask each needs."""
+    nq, nk = -(-L // b), -(-S // b)
+    idx, cnt = kv_indices.long(), kv_counts.long()
+    width = idx.shape[1]
+    valid = torch.arange(width).unsqueeze(0) < cnt.unsqueeze(1)
+    if bool(((idx < 0) | (idx >= nk))[valid].any()) or bool((cnt > width).any()):
+        raise LayoutError(f"kv_indices must lie in [0, {nk}) (S={S}, block_size={b}) and kv_counts "
+                          f"in [0, {width}]; rebuild them with block_mask_to_ell(mask[{nq}, {nk}])")
+    rows = torch.arange(nq).unsqueeze(1).expand_as(idx)
+    if causal:  # blocks entirely above the diagonal contribute nothing
+        valid &= idx <= rows
+    keep = torch.zeros(nq, nk, dtype=torch.bool)
+    keep[rows[valid], idx[valid]] = True
+    idx, cnt = block_mask_to_ell(keep)
+
+    kpm = None
+    if key_padding_mask is not None:
+        kpm = torch.nn.functional.pad(key_padding_mask.cpu(), (0, nk * b - S))  # pad keys are dropped
+    ar = torch.arange(b)
+    chunks = []
+    for m in torch.unique(cnt).tolist():
+        if m == 0:
+            continue
+        q_all = (cnt == m).nonzero().flatten()
+        step = max(1, CHUNK_ELEMENTS // (kv_heads * m * b * 64))
+        for q_blocks in q_all.split(step):
+            kv = idx[q_blocks, :m]
+            kpos = (kv.unsqueeze(-1) * b + ar).flatten(1)  # [n, m*b] key positions
+            mask = None
+            if S % b and bool((kv == nk - 1).any()):
+                mask = (kpos < S).unsqueeze(1)  # [n, 1, m*b]
+            if causal and bool((kv == q_blocks.unsqueeze(1)).any()):
+                qpos = q_blocks.unsqueeze(1) * b + ar  # [n, b]
+                c = kpos.unsqueeze(1) <= qpos.unsqueeze(2)
+                mask = c if mask is None else mask & c
+            if kpm is not None:
+                p = kpm[:, kpos].unsqueeze(2)  # [B, n, 1, m*b]
+                mask = p if mask is None else mask & p
+            if mask is not None:
+                mask = mask.expand(*mask.shape[:-3], len(q_blocks), b, m * b)
+                mask = mask if mask.dim() == 4 else mask.unsqueeze(0)
+            chunks.append(_Chunk(q_blocks, kv.flatten(), m, mask))
+    return chunks
+
+
+def _blocked_q(x: Tensor, b: int, nq: int, kv_heads: int) -> Tensor:
+    """(B, H, L, D) -> [B*Hkv, nq, G*b, D]: the G query heads of a kv head stacked as rows."""
+    B, H, L, D = x.shape
+    g = H // kv_heads
+    x = torch.nn.functional.pad(x, (0, 0, 0, nq * b - L)) if nq * b != L else x
+    return x.reshape(B, kv_heads, g, nq, b, D).transpose(2, 3).reshape(B * kv_heads, nq, g * b, D)
+
+
+def _unblocked_q(x: Tensor, B: int, H: int, L: int) -> Tensor:
+    """Inverse of `_blocked_q` for [B*Hkv, nq, G*b, ...] (D may be absent)."""
+    BK, nq, gb = x.shape[:3]
+    kvh = BK // B
+    g = H // kvh
+    x = x.reshape(B, kvh, nq, g, gb // g, *x.shape[3:]).transpose(2, 3)
+    return x.reshape(B, H, nq * (gb // g), *x.shape[5:])[:, :, :L].contiguous()
+
+
+def _blocked_kv(x: Tensor, b: int, nk: int) -> Tensor:
+    """(B, Hkv, S, D) -> [B*Hkv, nk, b, D] (zero padded)."""
+    B, K, S, D = x.shape
+    x = torch.nn.functional.pad(x, (0, 0, 0, nk * b - S)) if nk * b != S else x
+    return x.reshape(B * K, nk, b, D)
+
+
+def _chunk_masks(c: _Chunk, g: int, B: int, kv_heads: int, dtype: torch.dtype) -> list[Optional[Tensor]]:
+    """Additive masks for the flash kernel, one per batch slice the chunk is run on."""
+    if c.mask is None:
+        return [None]
+    m = c.mask
+    if g > 1:  # rows are (G heads, b positions)
+        m = m.unsqueeze(2).expand(m.shape[0], m.shape[1], g, *m.shape[2:]).flatten(2, 3)
+    add = torch.zeros(m.shape, dtype=dtype).masked_fill_(~m, float("-inf"))
+    # [1, n, Gb, mb] broadcasts over every (batch, kv head); per-batch masks run batch item by item
+    return [a.unsqueeze(0) for a in add] if m.shape[0] > 1 else [add]
+
+
+def _slices(c: _Chunk, B: int, kv_heads: int, masks: list) -> list[tuple[slice, Optional[Tensor]]]:
+    if len(masks) == 1:
+        return [(slice(0, B * kv_heads), masks[0])]
+    return [(slice(i * kv_heads, (i + 1) * kv_heads), mk) for i, mk in enumerate(masks)]
+
+
+def _forward_cpu(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, b: int,
+                 scale: float, causal: bool, key_padding_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    B, H, L, D = q.shape
+    kvh, S = k.shape[1], k.shape[2]
+    g, nq, nk = H // kvh, -(-L // b), -(-S // b)
+    chunks = _plan(kv_indices, kv_counts, L, S, b, causal, key_padding_mask, kvh)
+    qb, kb, vb = _blocked_q(q, b, nq, kvh), _blocked_kv(k, b, nk), _blocked_kv(v, b, nk)
+    out = torch.zeros(B * kvh, nq, g * b, D, dtype=q.dtype)
+    lse = torch.full((B * kvh, nq, g * b), float("-inf"), dtype=_acc_dtype(q.dtype))
+    for c in chunks:
+        n = len(c.q_blocks)
+        qc = qb.index_select(1, c.q_blocks)
+        kc = kb.index_select(1, c.kv_blocks).view(B * kvh, n, c.m * b, D)
+        vc = vb.index_select(1, c.kv_blocks).view(B * kvh, n, c.m * b, D)
+        masks = _chunk_masks(c, g, B, kvh, q.dtype)
+        for rows, mask in _slices(c, B, kvh, masks):
+            o, s = _flash_fwd(qc[rows], kc[rows], vc[rows], attn_mask=mask, scale=scale)
+            if mask is not None:  # rows with no allowed key: logsumexp is -inf
+                s = s.masked_fill((mask == float("-inf")).all(-1), float("-inf"))
+            out[rows].index_copy_(1, c.q_blocks, o)
+            lse[rows].index_copy_(1, c.q_blocks, s.to(lse.dtype))
+    return _unblocked_q(out, B, H, L), _unblocked_q(lse, B, H, L)
+
+
+def _backward_cpu(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                  kv_indices: Tensor, kv_counts: Tensor, b: int, scale: float, causal: bool,
+                  key_padding_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    B, H, L, D = q.shape
+    kvh, S = k.shape[1], k.shape[2]
+    g, nq, nk = H // kvh, -(-L // b), -(-S // b)
+    chunks = _plan(kv_indices, kv_counts, L, S, b, causal, key_padding_mask, kvh)
+    qb, kb, vb = _blocked_q(q, b, nq, kvh), _blocked_kv(k, b, nk), _blocked_kv(v, b, nk)
+    dob, ob = _blocked_q(grad_out.to(q.dtype), b, nq, kvh), _blocked_q(out, b, nq, kvh)
+    lse = lse.masked_fill(torch.isinf(lse), 0.0)  # masked rows: P = exp(-inf - 0) = 0
+    lseb = _blocked_q(lse.unsqueeze(-1), b, nq, kvh).squeeze(-1)
+    dq = torch.zeros_like(qb)
+    dk = torch.zeros(B * kvh, nk, b * D, dtype=_acc_dtype(q.dtype))
+    dv = torch.zeros_like(dk)
+    for c in chunks:
+        n = len(c.q_blocks)
+        sel = [t.index_select(1, c.q_blocks) for t in (qb, dob, ob, lseb)]
+        kc = kb.index_select(1, c.kv_blocks).view(B * kvh, n, c.m * b, D)
+        vc = vb.index_select(1, c.kv_blocks).view(B * kvh, n, c.m * b, D)
+        masks = _chunk_masks(c, g, B, kvh, q.dtype)
+        for rows, mask in _slices(c, B, kvh, masks):
+            qc, doc, oc, lc = (t[rows] for t in sel)
+            dqc, dkc, dvc = _flash_bwd(doc, qc, kc[rows], vc[rows], oc, lc, 0.0, False,
+                                       attn_mask=mask, scale=scale)
+            dq[rows].index_copy_(1, c.q_blocks, dqc.to(dq.dtype))
+            dk[rows].index_add_(1, c.kv_blocks, dkc.reshape(dkc.shape[0], n * c.m, b * D).to(dk.dtype))
+            dv[rows].index_add_(1, c.kv_blocks, dvc.reshape(dvc.shape[0], n * c.m, b * D).to(dv.dtype))
+    dk = dk.view(B, kvh, nk * b, D)[:, :, :S].to(k.dtype).contiguous()
+    dv = dv.view(B, kvh, nk * b, D)[:, :, :S].to(v.dtype).contiguous()
+    return _unblocked_q(dq, B, H, L), dk, dv
+
+
+@torch.library.custom_op("sparsecc::block_sparse_attention", mutates_args=(), device_types="cpu")
+def block_sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor,
+                              block_size: int, scale: float, causal: bool,
+                              key_padding_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Block-sparse attention; returns (out (B, H, L, D) in q's dtype, logsumexp (B, H, L)).
+
+    logsumexp is fp32 (fp64 for fp64 inputs) and -inf for rows with no allowed key; it is not
+    differentiable.
+    """
+    _check_inputs(q, k, v, kv_indices, kv_counts, block_size, key_padding_mask)
+    return _forward_cpu(q, k, v, kv_indices, kv_counts, block_size, scale, causal, key_padding_mask)
+
+
+@block_sparse_attention_op.register_fake
+def _(q, k, v, kv_indices, kv_counts, block_size, scale, causal, key_padding_mask):
+    _check_inputs(q, k, v, kv_indices, kv_counts, block_size, key_padding_mask)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype))
+
+
+@torch.library.custom_op("sparsecc::block_sparse_attention_backward", mutates_args=(), device_types="cpu")
+def block_sparse_attention_backward_op(
+        grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, kv_indices: Tensor,
+        kv_counts: Tensor, block_size: int, scale: float, causal: bool,
+        key_padding_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of `sparsecc::block_sparse_attention` given the forward's out and logsumexp."""
+    return _backward_cpu(grad_out, q, k, v, out, lse, kv_indices, kv_counts, block_size, scale, causal,
+                         key_padding_mask)
+
+
+@block_sparse_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, kv_indices, kv_counts, block_size, scale, causal, key_padding_mask):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, kv_indices, kv_counts, block_size, scale, causal, key_padding_mask = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, kv_indices, kv_counts, key_padding_mask)
+    ctx.args = (block_size, scale, causal)
+
+
+def _backward(ctx, grad_out: Tensor, _grad_lse: Optional[Tensor]):
+    q, k, v, out, lse, kv_indices, kv_counts, key_padding_mask = ctx.saved_tensors
+    dq, dk, dv = block_sparse_attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, kv_indices,
+                                                    kv_counts, *ctx.args, key_padding_mask)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+block_sparse_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor,
+                           block_size: int, scale: Optional[float] = None, causal: bool = False,
+                           key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    """Softmax attention restricted to a block layout; returns (B, H, L, D) in q's dtype.
+
+    q: (B, H, L, D); k, v: (B, Hkv, S, D) with H % Hkv == 0 (GQA). kv_indices [ceil(L/b), max_kept]
+    and kv_counts [ceil(L/b)] are the ELL view of a bool block mask [ceil(L/b), ceil(S/b)]
+    (`block_mask_to_ell`). scale defaults to 1/sqrt(D). causal masks key j > query i.
+    key_padding_mask: optional bool (B, S), True = a real token.
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return block_sparse_attention_op(q, k, v, kv_indices, kv_counts, block_size, float(scale), causal,
+                                     key_padding_mask)[0]

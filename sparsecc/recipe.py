@@ -1,0 +1,164 @@
+"""Recipes: plain data saying what to do to each kind of region.
+
+    Recipe(attention=Identity(), ffn=Identity(), flow=None)
+
+Each slot takes a method config (a dataclass with a `kind` name). Recipes load
+from TOML, JSON or YAML files and from dicts, and validation names the bad
+field and the allowed values:
+
+    [attention]
+    kind = "identity"
+
+New methods register their config class with `register_method(slot)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from sparsecc.errors import RecipeError
+
+SLOTS = ("attention", "ffn", "flow")
+_METHODS: dict[str, dict[str, type]] = {slot: {} for slot in SLOTS}
+
+
+def register_method(*slots: str):
+    """Class decorator: make a config dataclass selectable by its `kind` in the given slots."""
+    def wrap(cls):
+        for slot in slots:
+            _METHODS[slot][cls.kind] = cls
+        return cls
+    return wrap
+
+
+def methods(slot: str) -> list[str]:
+    return sorted(_METHODS[slot])
+
+
+@register_method("attention", "ffn")
+@dataclass(frozen=True)
+class Identity:
+    """Rewrite the region into the sparsecc op with the same dense math (proves the rewrite)."""
+
+    kind: typing.ClassVar[str] = "identity"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    attention: Optional[Any] = field(default_factory=Identity)
+    ffn: Optional[Any] = field(default_factory=Identity)
+    flow: Optional[Any] = None
+
+    def __post_init__(self):
+        for slot in SLOTS:
+            value = getattr(self, slot)
+            if value is None:
+                continue
+            kind = getattr(type(value), "kind", None)
+            if _METHODS[slot].get(kind) is not type(value):
+                raise RecipeError(f"recipe.{slot}: got {type(value).__name__}; expected None or one of "
+                                  f"{[c.__name__ for c in _METHODS[slot].values()]}")
+
+    @classmethod
+    def dense(cls) -> "Recipe":
+        """Leave every region as it is (capture and canonicalize only)."""
+        return cls(attention=None, ffn=None, flow=None)
+
+    def to_dict(self) -> dict:
+        out = {}
+        for slot in SLOTS:
+            value = getattr(self, slot)
+            out[slot] = None if value is None else {"kind": type(value).kind, **dataclasses.asdict(value)}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Recipe":
+        if not isinstance(data, dict):
+            raise RecipeError(f"a recipe must be a mapping of {list(SLOTS)}, got {type(data).__name__}")
+        unknown = set(data) - set(SLOTS)
+        if unknown:
+            raise RecipeError(f"recipe: unknown field(s) {sorted(unknown)}; allowed: {list(SLOTS)}")
+        kwargs = {}
+        for slot in SLOTS:
+            if slot not in data:
+                continue
+            kwargs[slot] = _method_from_dict(slot, data[slot])
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, path: str) -> "Recipe":
+        ext = os.path.splitext(path)[1].lower()
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as err:
+            raise RecipeError(f"cannot read recipe file {path!r}: {err}") from err
+        if ext == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib  # type: ignore
+            data = tomllib.loads(raw.decode())
+        elif ext == ".json":
+            data = json.loads(raw)
+        elif ext in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ModuleNotFoundError as err:
+                raise RecipeError("YAML recipes need PyYAML: pip install pyyaml, or use TOML/JSON") from err
+            data = yaml.safe_load(raw)
+        else:
+            raise RecipeError(f"recipe file {path!r}: unknown extension {ext!r}; expected .toml, .json, .yaml")
+        return cls.from_dict(data)
+
+
+def _method_from_dict(slot: str, data: Any):
+    if data is None or data == {} or data == "none":
+        return None
+    if isinstance(data, str):
+        data = {"kind": data}
+    if not isinstance(data, dict) or "kind" not in data:
+        raise RecipeError(f"recipe.{slot}: expected a table with a 'kind' field (one of {methods(slot)}), "
+                          f"got {data!r}")
+    kind = data["kind"]
+    cls = _METHODS[slot].get(kind)
+    if cls is None:
+        raise RecipeError(f"recipe.{slot}.kind: {kind!r} is not a method for {slot}; allowed: {methods(slot)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in data.items() if k != "kind"}
+    for key, value in values.items():
+        if key not in fields:
+            raise RecipeError(f"recipe.{slot}.{key}: unknown field for {kind!r}; allowed: {sorted(fields)}")
+        _check_type(f"recipe.{slot}.{key}", value, fields[key].type, cls)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"recipe.{slot}: {err}") from err
+
+
+def _check_type(where: str, value: Any, annotation: Any, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    name = where.rsplit(".", 1)[-1]
+    expected = hints.get(name, annotation)
+    origin = typing.get_origin(expected)
+    options = typing.get_args(expected) if origin is typing.Union else (expected,)
+    for option in options:
+        if option is type(None) and value is None:
+            return
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return
+        if isinstance(option, type) and isinstance(value, option) and not (option is int and isinstance(value, bool)):
+            return
+        if typing.get_origin(option) is typing.Literal and value in typing.get_args(option):
+            return
+        if typing.get_origin(option) in (tuple, list) and isinstance(value, (tuple, list)):
+            return
+    allowed = [getattr(o, "__name__", str(o)) for o in options]
+    if any(typing.get_origin(o) is typing.Literal for o in options):
+        allowed = [a for o in options for a in typing.get_args(o)]
+    raise RecipeError(f"{where}: got {value!r} ({type(value).__name__}); expected {allowed}")

@@ -1,0 +1,242 @@
+"""Scaling Transformers sparse-FFN controller and the trainable sparse FFN module.
+
+`SparseFFNController` scores the d_ff hidden units with a low-rank product
+(x @ c1) @ c2 + bias and returns a mask that keeps one unit per block of N:
+arg-max one-hot at eval; in training, as released in trax, per block
+log-softmax, then for the whole batch one random draw: with probability
+`st_prob` (0.3) the straight-through one-hot of argmax(log_softmax +
+temperature * Gumbel) (forward one-hot, backward softmax gradient), otherwise
+the soft softmax mask.
+
+`SparseFFN` holds copies of dense FFN weights plus a controller: training runs
+the dense product with the controller's mask (so the controller learns),
+eval runs `torch.ops.sparsecc.sparse_ffn`, which reads only the chosen units.
+
+`init_controller_from_activations` distils a controller from a dense FFN on
+calibration inputs (see its docstring).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsecc.errors import LayoutError, UnsupportedError
+from sparsecc.ops.sparse_ffn import ACTIVATIONS, activation_fn, controller_logits
+from sparsecc.ops.sparse_ffn import sparse_ffn as _sparse_ffn_op  # noqa: F401  (registers the op)
+
+__all__ = ["ControllerInit", "SparseFFN", "SparseFFNController", "init_controller_from_activations"]
+
+log = logging.getLogger("sparsecc.training.controller")
+
+
+class SparseFFNController(nn.Module):
+    """Low-rank controller choosing one active unit per block of `n` of the d_ff FFN units.
+
+    Parameters: c1 (d_model, d_lowrank), c2 (d_lowrank, d_ff), bias (d_ff).
+    `forward(x)` returns a mask (..., d_ff): one-hot per block at eval; in
+    training straight-through one-hot (probability st_prob) or softmax.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, n: int = 32, d_lowrank: int = 64, *,
+                 temperature: float = 0.1, st_prob: float = 0.3) -> None:
+        super().__init__()
+        if n < 1 or d_ff % n:
+            raise LayoutError(f"SparseFFNController: block size n={n} must divide d_ff={d_ff}; pick a divisor")
+        self.d_model, self.d_ff, self.n, self.d_lowrank = d_model, d_ff, n, d_lowrank
+        self.temperature, self.st_prob = temperature, st_prob
+        self.c1 = nn.Parameter(torch.randn(d_model, d_lowrank) / math.sqrt(d_model))
+        self.c2 = nn.Parameter(torch.randn(d_lowrank, d_ff) / math.sqrt(d_lowrank))
+        self.bias = nn.Parameter(torch.zeros(d_ff))
+        self.last_mode: str = "argmax"  # "argmax", "straight_through" or "soft": what the last forward used
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores (..., d_ff) = (x @ c1) @ c2 + bias (same rounding as the op)."""
+        return controller_logits(x, self.c1, self.c2, self.bias)
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """Global indices (..., d_ff / n) of the arg-max unit of each block."""
+        logits = self.logits(x)
+        local = logits.view(*logits.shape[:-1], -1, self.n).argmax(-1)
+        return local + torch.arange(0, self.d_ff, self.n, device=local.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Mask (..., d_ff) over the hidden units; see the class docstring."""
+        blocks = self.logits(x).view(*x.shape[:-1], self.d_ff // self.n, self.n)
+        if not self.training:
+            self.last_mode = "argmax"
+            mask = F.one_hot(blocks.argmax(-1), self.n).to(blocks.dtype)
+        else:
+            log_p = F.log_softmax(blocks, dim=-1)
+            soft = log_p.exp()
+            if torch.rand(()).item() < self.st_prob:  # one draw for the whole batch
+                self.last_mode = "straight_through"
+                gumbel = -torch.empty_like(log_p).exponential_().log()
+                hard = F.one_hot((log_p + self.temperature * gumbel).argmax(-1), self.n).to(soft.dtype)
+                mask = hard + (soft - soft.detach())  # exactly one-hot forward, softmax gradient
+            else:
+                self.last_mode = "soft"
+                mask = soft
+        return mask.reshape(*x.shape[:-1], self.d_ff)
+
+
+class SparseFFN(nn.Module):
+    """Dense FFN weights + `SparseFFNController`; sparse op at eval, masked dense product in training.
+
+    Weights are given in nn.Linear layout (w_in, w_gate: (d_ff, d_model); w_out:
+    (d_model, d_ff)) and COPIED: the caller's tensors are never modified. The
+    output projection is stored pre-transposed as the parameter `w_out_t`
+    (d_ff, d_model), the layout `sparsecc::sparse_ffn` reads. With w_gate the
+    FFN is gated: h = act(x w_gate^T + b_gate) * (x w_in^T + b_in) (SwiGLU with
+    "silu", GeGLU with "gelu"); gate and up projections share the selection.
+    """
+
+    def __init__(self, w_in: torch.Tensor, b_in: Optional[torch.Tensor], w_out: torch.Tensor,
+                 b_out: Optional[torch.Tensor], *, n: int = 32, d_lowrank: int = 64, activation: str = "relu",
+                 w_gate: Optional[torch.Tensor] = None, b_gate: Optional[torch.Tensor] = None,
+                 controller: Optional[SparseFFNController] = None) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise UnsupportedError(f"SparseFFN: activation {activation!r} is not supported; use one of {ACTIVATIONS}")
+        d_ff, d_model = w_in.shape
+        if tuple(w_out.shape) != (d_model, d_ff):
+            raise LayoutError(f"SparseFFN: w_out has shape {tuple(w_out.shape)}, expected (d_model, d_ff) = "
+                              f"{(d_model, d_ff)} (nn.Linear layout)")
+
+        def copy(t: Optional[torch.Tensor]) -> Optional[nn.Parameter]:
+            return None if t is None else nn.Parameter(t.detach().clone().contiguous())
+
+        self.w_in, self.b_in = copy(w_in), copy(b_in)
+        self.w_out_t = nn.Parameter(w_out.detach().t().contiguous())
+        self.b_out = copy(b_out)
+        self.w_gate, self.b_gate = copy(w_gate), copy(b_gate)
+        self.n, self.activation = n, activation
+        self.controller = controller if controller is not None else SparseFFNController(d_model, d_ff, n, d_lowrank)
+        if (self.controller.d_model, self.controller.d_ff, self.controller.n) != (d_model, d_ff, n):
+            raise LayoutError("SparseFFN: controller dimensions (d_model, d_ff, n) = "
+                              f"{(self.controller.d_model, self.controller.d_ff, self.controller.n)} do not match "
+                              f"the FFN's {(d_model, d_ff, n)}")
+
+    @classmethod
+    def from_linears(cls, fc_in: nn.Linear, fc_out: nn.Linear, *, gate: Optional[nn.Linear] = None,
+                     **kwargs) -> "SparseFFN":
+        """Build from the FFN's nn.Linear layers (up projection, down projection, optional gate)."""
+        return cls(fc_in.weight, fc_in.bias, fc_out.weight, fc_out.bias,
+                   w_gate=None if gate is None else gate.weight, b_gate=None if gate is None else gate.bias,
+                   **kwargs)
+
+    def dense_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """Unmasked hidden activations (..., d_ff) of the dense FFN."""
+        up = F.linear(x, self.w_in, self.b_in)
+        if self.w_gate is None:
+            return activation_fn(up, self.activation)
+        return activation_fn(F.linear(x, self.w_gate, self.b_gate), self.activation) * up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d_model) -> (..., d_model)."""
+        if self.training:
+            h = self.dense_hidden(x) * self.controller(x)
+            out = h @ self.w_out_t
+            return out if self.b_out is None else out + self.b_out
+        c = self.controller
+        return torch.ops.sparsecc.sparse_ffn(x, self.w_in, self.b_in, self.w_out_t, self.b_out, c.c1, c.c2,
+                                             c.bias, self.n, self.activation, self.w_gate, self.b_gate)
+
+
+@dataclass
+class ControllerInit:
+    """Result of `init_controller_from_activations`: the controller and its arg-max agreement.
+
+    agreement: fraction of (token, block) pairs on the calibration inputs where
+    the controller's arg-max is the target unit; agreement_lstsq: the same
+    right after the least-squares initialisation, before cross-entropy.
+    """
+
+    controller: SparseFFNController
+    agreement: float
+    agreement_lstsq: float
+
+
+@torch.no_grad()
+def _targets(x: torch.Tensor, w_in: torch.Tensor, b_in: Optional[torch.Tensor], activation: str,
+             w_gate: Optional[torch.Tensor], b_gate: Optional[torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score (S, d_ff) to regress on, target unit per block (S, d_ff/n))."""
+    up = F.linear(x, w_in, b_in)
+    if w_gate is None:
+        # relu/gelu/silu rise with the input above 0, so the largest activation of a block is the unit
+        # with the largest pre-activation; that is linear in x, so least squares can fit it exactly.
+        score = up
+    else:
+        score = (activation_fn(F.linear(x, w_gate, b_gate), activation) * up).abs()
+    return score, score.view(score.shape[0], -1, n).argmax(-1)
+
+
+def init_controller_from_activations(
+    w_in: torch.Tensor, b_in: Optional[torch.Tensor], x: torch.Tensor, n: int = 32, d_lowrank: int = 64, *,
+    activation: str = "relu", w_gate: Optional[torch.Tensor] = None, b_gate: Optional[torch.Tensor] = None,
+    steps: int = 300, lr: float = 1e-3, batch_size: int = 1024, seed: int = 0,
+) -> ControllerInit:
+    """Distil a controller that picks, per block of n, the unit with the largest activation.
+
+    Target per token and block: the unit with the largest pre-activation
+    x w_in^T + b_in (for relu/gelu/silu that is the largest activation whenever
+    the block has a positive one); for a gated FFN the unit with the largest
+    |act(x w_gate^T + b_gate) * (x w_in^T + b_in)|.
+    Method: (1) least-squares initialisation, i.e. reduced-rank regression of
+    that score on x: the ridge solution B = argmin |X B - Y|^2 (X, Y centred),
+    truncated to rank d_lowrank along the top right-singular vectors V of X B:
+    c1 = B V, c2 = V^T, bias = mean(Y) - mean(X) c1 c2 (for a non-gated FFN,
+    Y = x w_in^T + b_in is exactly linear); then (2) `steps` Adam steps of
+    per-block cross-entropy against the target units on minibatches of x.
+    x: calibration inputs (..., d_model), e.g. the FFN inputs of a few hundred
+    tokens. Returns the controller (in eval mode) and its agreement.
+    """
+    x2 = x.detach().reshape(-1, x.shape[-1]).float()
+    d_ff, d_model = w_in.shape
+    ctrl = SparseFFNController(d_model, d_ff, n, d_lowrank)
+    w_in, b_in = w_in.detach().float(), None if b_in is None else b_in.detach().float()
+    w_gate = None if w_gate is None else w_gate.detach().float()
+    b_gate = None if b_gate is None else b_gate.detach().float()
+    score, target = _targets(x2, w_in, b_in, activation, w_gate, b_gate, n)
+
+    with torch.no_grad():
+        xd, yd = x2.double(), score.double()
+        mx, my = xd.mean(0), yd.mean(0)
+        xc, yc = xd - mx, yd - my
+        gram = xc.T @ xc
+        ridge = 1e-6 * gram.diagonal().mean().clamp(min=1e-12) * torch.eye(d_model, dtype=torch.float64)
+        b = torch.linalg.solve(gram + ridge, xc.T @ yc)  # (d_model, d_ff)
+        v = torch.linalg.svd(xc @ b, full_matrices=False).Vh[:d_lowrank].T  # (d_ff, r')
+        if v.shape[1] < d_lowrank:  # fewer samples than d_lowrank: pad with zero directions
+            v = torch.cat([v, v.new_zeros(d_ff, d_lowrank - v.shape[1])], 1)
+        c1, c2 = b @ v, v.T
+        ctrl.c1.copy_(c1)
+        ctrl.c2.copy_(c2)
+        ctrl.bias.copy_(my - mx @ c1 @ c2)
+
+    def agreement() -> float:
+        with torch.no_grad():
+            pred = ctrl.logits(x2).view(x2.shape[0], -1, n).argmax(-1)
+            return (pred == target).float().mean().item()
+
+    agreement_lstsq = agreement()
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(ctrl.parameters(), lr=lr)
+    for _ in range(steps):
+        rows = torch.randint(0, x2.shape[0], (min(batch_size, x2.shape[0]),), generator=gen)
+        logits = ctrl.logits(x2[rows]).view(-1, n)
+        loss = F.cross_entropy(logits, target[rows].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    ctrl.eval()
+    result = ControllerInit(ctrl, agreement(), agreement_lstsq)
+    log.info("controller init: arg-max agreement %.4f after least squares, %.4f after %d CE steps",
+             result.agreement_lstsq, result.agreement, steps)
+    return result
