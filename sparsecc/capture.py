@@ -128,14 +128,22 @@ def _eval_mode(model: nn.Module):
 
 
 def _own_parameters(gm: fx.GraphModule) -> None:
-    """Replace every parameter and buffer by a private copy (export shares the user's storage)."""
+    """Replace every parameter and buffer by a private copy (export shares the user's storage).
+
+    Tied tensors (one Parameter under several names, e.g. T5's shared embedding) stay tied.
+    """
+    copies: dict = {}
     for mod in gm.modules():
         for key, p in list(mod._parameters.items()):
             if p is not None:
-                mod._parameters[key] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                if id(p) not in copies:
+                    copies[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                mod._parameters[key] = copies[id(p)]
         for key, b in list(mod._buffers.items()):
             if b is not None:
-                mod._buffers[key] = b.detach().clone()
+                if id(b) not in copies:
+                    copies[id(b)] = b.detach().clone()
+                mod._buffers[key] = copies[id(b)]
 
 
 def _describe_failure(model: nn.Module, err: BaseException) -> str:

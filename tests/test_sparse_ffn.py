@@ -242,5 +242,5 @@ def test_init_controller_gated_improves_with_cross_entropy():
     d_ff, n, r = 64, 8, 8
     w_in, w_gate = torch.randn(d_ff, D_MODEL, generator=g), torch.randn(d_ff, D_MODEL, generator=g)
     x = torch.randn(1024, D_MODEL, generator=g)
-    fit = init_controller_from_activations(w_in, None, x, n, r, activation="silu", w_gate=w_gate, steps=200, lr=1e-2)
+    fit = init_controller_from_activations(w_in, None, x, n, r, activation="silu", w_gate=w_gate, steps=100, lr=1e-2)
     assert fit.agreement > max(fit.agreement_lstsq - 0.02, 1.5 / n)  # far above chance

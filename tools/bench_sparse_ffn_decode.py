@@ -2,7 +2,7 @@
 
 Times, per token and layer (median over all calls), side by side in one run:
   dense       F.linear -> act -> F.linear over the full weights,
-  naive       controller arg-max, then w_in[idx] / w_out[:, idx] copies and two mat-vecs,
+  naive       controller arg-max, then row copies w_in[idx], w_out.T[idx] and two mat-vecs,
   kernel      the sparse_ffn implementation called directly (no op dispatch),
   sparse_ffn  torch.ops.sparsecc.sparse_ffn on packed weights (what models run).
 
@@ -10,7 +10,7 @@ To keep the numbers honest for decoding, every call gets a new token (so the
 controller picks different units) and calls cycle through --layers independent
 weight sets (default 8, ~260 MB at the default shape), so weights mostly come
 from DRAM as in a deep model, not from a warm cache. --layers 1 shows the
-cache-hot case.
+cache-hot case. One intra-op thread by default (see --threads).
 
 Example:
     python tools/bench_sparse_ffn_decode.py --d-model 1024 --d-ff 4096 --n 32 --out bench.md
@@ -74,7 +74,7 @@ def _methods(n: int, activation: str) -> dict[str, Callable[[torch.Tensor, dict]
     def naive(x: torch.Tensor, w: dict) -> torch.Tensor:
         idx = controller_select(x, w["c1"], w["c2"], w["c_bias"], n)[0]
         h = activation_fn(F.linear(x, w["w_in"][idx], w["b_in"][idx]), activation)
-        return F.linear(h, w["w_out"][:, idx], w["b_out"])
+        return h @ w["packed"].w_out_t[idx] + w["b_out"]  # row copies of the pre-transposed w_out
 
     def kernel(x: torch.Tensor, w: dict) -> torch.Tensor:
         p = w["packed"]
@@ -152,7 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=40, help="rounds per method")
     ap.add_argument("--round", type=int, default=16, help="calls per method per round")
     ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (0: torch's default). Default 1: one-token decode is memory-bound "
+                         "(dense gets no faster with 2 threads here), and on a shared machine each small parallel "
+                         "op can stall for a scheduler tick (~8 ms) when another process holds a core")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown table to this file")
     args = ap.parse_args(argv)

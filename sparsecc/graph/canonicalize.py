@@ -45,9 +45,12 @@ def drop_noops(gm: fx.GraphModule, ctx=None) -> list[str]:
             continue
         replace = False
         if node.target in NOOP_COPY:
-            # A copy of a contiguous tensor changes nothing; a copy of a transposed one fixes the
-            # strides a later view needs, so it stays. Copies of returned values stay too.
-            replace = _is_contiguous(src) and not node.kwargs and not any(u.op == "output" for u in node.users)
+            # A copy of a contiguous tensor changes nothing. A copy feeding a view stays: it fixes
+            # the strides the view needs, and a later rewrite may change the producer's layout
+            # (fake strides describe today's kernel). Copies of returned values stay too.
+            replace = (_is_contiguous(src) and not node.kwargs
+                       and not any(u.op == "output" or is_call(u, aten.view.default, aten._unsafe_view.default)
+                                   for u in node.users))
         elif node.target is aten.slice.Tensor:
             replace = _is_full_slice(node)
         elif node.target is aten.dropout.default:

@@ -185,3 +185,22 @@ def new_call(graph: fx.Graph, target, args: tuple, kwargs: Optional[dict] = None
 def pytree_leaves(tree) -> list:
     from torch.utils import _pytree as pytree
     return pytree.tree_leaves(tree)
+
+
+def replace_node(old: fx.Node, new: fx.Node) -> None:
+    """Redirect every use of `old` to `new`, and erase `old`.
+
+    Views downstream of `old` were legal for the strides `old` promised; `new` may
+    lay its output out differently (another kernel), so those views become
+    reshapes, which copy only when the strides require it.
+    """
+    old.replace_all_uses_with(new)
+    stack = list(new.users)
+    while stack:
+        user = stack.pop()
+        if user.op != "call_function" or user.target not in VIEW_LIKE:
+            continue
+        if user.target in (aten.view.default, aten._unsafe_view.default):
+            user.target = aten.reshape.default
+        stack.extend(user.users)
+    old.graph.erase_node(old)

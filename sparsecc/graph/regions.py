@@ -279,8 +279,13 @@ def _probe_causal_masks(gm, regions: list[AttentionRegion], captured) -> None:
 
 
 def _dedupe_names(regions: list[Region]) -> None:
+    """Unique names; regions outside any numbered module get `<kind>.<ordinal>` and an ordinal layer."""
     seen: dict = {}
-    for r in regions:
+    for i, r in enumerate(regions):
+        if not r.path:
+            r.name = f"{r.kind}.{i}"
+        if r.layer is None:
+            r.layer = i
         if r.name in seen:
             seen[r.name] += 1
             r.name = f"{r.name}#{seen[r.name]}"

@@ -79,7 +79,7 @@ class _Chunk(NamedTuple):
 
 
 def _plan(kv_indices: Tensor, kv_counts: Tensor, L: int, S: int, b: int, causal: bool,
-          key_padding_mask: Optional[Tensor], kv_heads: int) -> list[_Chunk]:
+          key_padding_mask: Optional[Tensor], kv_heads: int, head_dim: int) -> list[_Chunk]:
     """Chunks of query blocks that share a kept-block count, with the element mask each needs."""
     nq, nk = -(-L // b), -(-S // b)
     idx, cnt = kv_indices.long(), kv_counts.long()
@@ -104,7 +104,7 @@ def _plan(kv_indices: Tensor, kv_counts: Tensor, L: int, S: int, b: int, causal:
         if m == 0:
             continue
         q_all = (cnt == m).nonzero().flatten()
-        step = max(1, CHUNK_ELEMENTS // (kv_heads * m * b * 64))
+        step = max(1, CHUNK_ELEMENTS // (kv_heads * m * b * head_dim))
         for q_blocks in q_all.split(step):
             kv = idx[q_blocks, :m]
             kpos = (kv.unsqueeze(-1) * b + ar).flatten(1)  # [n, m*b] key positions
@@ -172,7 +172,7 @@ def _forward_cpu(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts:
     B, H, L, D = q.shape
     kvh, S = k.shape[1], k.shape[2]
     g, nq, nk = H // kvh, -(-L // b), -(-S // b)
-    chunks = _plan(kv_indices, kv_counts, L, S, b, causal, key_padding_mask, kvh)
+    chunks = _plan(kv_indices, kv_counts, L, S, b, causal, key_padding_mask, kvh, D)
     qb, kb, vb = _blocked_q(q, b, nq, kvh), _blocked_kv(k, b, nk), _blocked_kv(v, b, nk)
     out = torch.zeros(B * kvh, nq, g * b, D, dtype=q.dtype)
     lse = torch.full((B * kvh, nq, g * b), float("-inf"), dtype=_acc_dtype(q.dtype))
@@ -197,7 +197,7 @@ def _backward_cpu(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     B, H, L, D = q.shape
     kvh, S = k.shape[1], k.shape[2]
     g, nq, nk = H // kvh, -(-L // b), -(-S // b)
-    chunks = _plan(kv_indices, kv_counts, L, S, b, causal, key_padding_mask, kvh)
+    chunks = _plan(kv_indices, kv_counts, L, S, b, causal, key_padding_mask, kvh, D)
     qb, kb, vb = _blocked_q(q, b, nq, kvh), _blocked_kv(k, b, nk), _blocked_kv(v, b, nk)
     dob, ob = _blocked_q(grad_out.to(q.dtype), b, nq, kvh), _blocked_q(out, b, nq, kvh)
     lse = lse.masked_fill(torch.isinf(lse), 0.0)  # masked rows: P = exp(-inf - 0) = 0

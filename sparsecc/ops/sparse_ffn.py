@@ -209,10 +209,10 @@ def sparse_ffn(
     if w_gate is None:
         h = activation_fn(a, activation)
     else:
-        h = activation_fn(_gather_dot(x2, w_gate, b_gate, idx), activation) * a
+        h = activation_fn(_gather_dot(x2, w_gate, b_gate, idx), activation).mul_(a)
     out = F.embedding_bag(idx, w_out_t, per_sample_weights=h, mode="sum")
     if b_out is not None:
-        out = out + b_out
+        out += b_out
     return out.view(x.shape)
 
 

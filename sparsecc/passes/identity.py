@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 
 import sparsecc.ops  # noqa: F401  (registers the ops)
-from sparsecc.graph.fx_utils import new_call
+from sparsecc.graph.fx_utils import new_call, replace_node
 from sparsecc.graph.regions import find_attention, find_ffn, sdpa_args
 from sparsecc.passes.manager import PassContext
 
@@ -29,7 +29,7 @@ def attention_to_op(gm: fx.GraphModule, ctx: PassContext) -> list[str]:
             op = new_call(graph, torch.ops.sparsecc.attention.default,
                           (a["query"], a["key"], a["value"], a["attn_mask"], float(a["dropout_p"]),
                            bool(a["is_causal"]), a["scale"], bool(a["enable_gqa"])), meta_from=node)
-        node.replace_all_uses_with(op)
+        replace_node(node, op)  # erased explicitly: SDPA is tagged nondeterministic, so DCE keeps it
         changes.append(f"attention:{region.name}")
     return changes
 
@@ -48,6 +48,6 @@ def ffn_to_op(gm: fx.GraphModule, ctx: PassContext) -> list[str]:
                           (region.input, up.args[1], _bias(up), down.args[1], _bias(down), region.activation,
                            gate.args[1] if gate is not None else None, _bias(gate) if gate is not None else None),
                           meta_from=down)
-        down.replace_all_uses_with(op)
+        replace_node(down, op)
         changes.append(f"ffn:{region.name}")
     return changes

