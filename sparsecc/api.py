@@ -102,10 +102,11 @@ def _canonicalize_passes() -> list[Pass]:
     return [Pass(name, fn) for name, fn in CANONICALIZE]
 
 
-def _analyze(model: nn.Module, example_inputs: Any, dynamic: bool, check: bool, dump_dir: Optional[str]):
+def _analyze(model: Any, example_inputs: Any, dynamic: bool, check: bool, dump_dir: Optional[str]):
+    """Capture (unless given a Captured already), canonicalize, find regions."""
     times = {}
     start = time.perf_counter()
-    captured = capture(model, example_inputs, dynamic=dynamic)
+    captured = model if isinstance(model, Captured) else capture(model, example_inputs, dynamic=dynamic)
     times["capture"] = time.perf_counter() - start
     ctx = PassContext(captured=captured)
     manager = PassManager(_canonicalize_passes(), check="each" if check else "none", dump_dir=dump_dir)
@@ -118,9 +119,12 @@ def _analyze(model: nn.Module, example_inputs: Any, dynamic: bool, check: bool, 
     return captured, ctx, results, times
 
 
-def inspect(model: nn.Module, example_inputs: Any, dynamic: bool = True, check: bool = False,
+def inspect(model: Any, example_inputs: Any = None, dynamic: bool = True, check: bool = False,
             dump_dir: Optional[str] = None) -> Report:
-    """Capture and canonicalize `model` and report its attention and FFN regions (nothing is rewritten)."""
+    """Capture and canonicalize `model` and report its attention and FFN regions (nothing is rewritten).
+
+    `model` may also be a `sparsecc.capture.Captured` (e.g. from `load_exported("m.pt2")`).
+    """
     captured, ctx, results, times = _analyze(model, example_inputs, dynamic, check, dump_dir)
     return Report(model=captured.model_name, regions=ctx.regions, graph=graph_summary(captured.gm, captured),
                   passes=results, unmatched=_unmatched(captured.gm, ctx.regions), stage_seconds=times)

@@ -85,9 +85,10 @@ def _dim_spec(t: torch.Tensor) -> Optional[dict]:
     """Dynamic dims for one input: batch and sequence for token/feature inputs, batch for images."""
     if t.dim() == 0 or t.dim() == 1:
         return None
-    if not t.is_floating_point() or t.dim() == 3:  # (B, L) ids/masks, (B, L, D) features
-        return {0: Dim.AUTO, 1: Dim.AUTO}
-    return {0: Dim.AUTO}
+    dims = (0, 1) if (not t.is_floating_point() or t.dim() == 3) else (0,)  # ids/masks/features vs images
+    # A size-1 example dimension would be specialised anyway (torch.export's 0/1 rule): leave it static.
+    spec = {d: Dim.AUTO for d in dims if t.shape[d] > 1}
+    return spec or None
 
 
 def dynamic_shapes_for(model: nn.Module, args: tuple, kwargs: dict) -> Optional[dict]:

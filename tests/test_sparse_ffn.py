@@ -66,7 +66,7 @@ def assert_same(fn_a, fn_b, x: torch.Tensor, w: dict, atol: float = 1e-5) -> Non
         torch.testing.assert_close(ga, gb, atol=atol, rtol=1e-5)
 
 
-# 1 and 2 tokens take the row-gather path (tokens <= N / 4), the others the dense-GEMM path.
+# Up to N / 2 = 4 tokens take the row-gather path, 15 tokens the dense-GEMM path.
 SHAPES = [(1, D_MODEL), (2, D_MODEL), (D_MODEL,), (3, 5, D_MODEL)]
 
 

@@ -8,7 +8,7 @@ Times, per token and layer (median over all calls), side by side in one run:
 
 To keep the numbers honest for decoding, every call gets a new token (so the
 controller picks different units) and calls cycle through --layers independent
-weight sets (default 8, ~260 MB at the default shape), so weights mostly come
+weight sets (default 8, ~400 MB at the default shape), so weights mostly come
 from DRAM as in a deep model, not from a warm cache. --layers 1 shows the
 cache-hot case. One intra-op thread by default (see --threads).
 
@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         fd, tmp = tempfile.mkstemp(dir=args.out.parent, prefix=args.out.name, suffix=".tmp")
         with os.fdopen(fd, "w") as fh:
             fh.write(report)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, args.out)
 
 

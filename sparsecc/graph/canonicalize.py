@@ -56,7 +56,7 @@ def drop_noops(gm: fx.GraphModule, ctx=None) -> list[str]:
         elif node.target is aten.dropout.default:
             p, train = node.args[1], node.args[2]
             replace = (not train) or p == 0
-        elif node.target is aten._to_copy.default:
+        elif node.target in (aten._to_copy.default, aten.type_as.default):
             a, b = fake(src), fake(node)
             replace = (a is not None and b is not None and a.dtype == b.dtype and a.device == b.device
                        and set(node.kwargs) <= {"dtype", "device", "layout"})
@@ -386,9 +386,11 @@ def _combine_masks(graph: fx.Graph, s: _Scores, anchor: fx.Node, dtype) -> Optio
 
 
 def _where_scalars(graph, args, anchor, dtype) -> fx.Node:
-    cond, a, b = args
-    full_a = new_call(graph, aten.scalar_tensor.default, (a,), {"dtype": dtype}, meta_from=anchor)
-    return new_call(graph, aten.where.ScalarOther, (cond, full_a, b), meta_from=anchor)
+    """where(cond, a, b) of two numbers, in the scores' dtype."""
+    node = new_call(graph, aten.where.Scalar, args, meta_from=anchor)
+    if fake(node).dtype != dtype:
+        node = new_call(graph, aten._to_copy.default, (node,), {"dtype": dtype}, meta_from=anchor)
+    return node
 
 
 def _repeat_source(node: fx.Node) -> Optional[tuple[fx.Node, int]]:

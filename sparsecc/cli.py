@@ -1,0 +1,85 @@
+"""The `sparsecc` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from sparsecc.errors import SparseccError
+
+
+def _inspect(args) -> int:
+    import sparsecc
+    from sparsecc.capture import load_exported
+    from sparsecc.models import load_model
+
+    loaded = load_model(args.model, batch=args.batch, seq_len=args.seq_len)
+    target = load_exported(loaded.exported_path) if loaded.exported_path else loaded.model
+    report = sparsecc.inspect(target, loaded.inputs, dynamic=not args.static)
+    report.model = loaded.name
+    if args.dot:
+        from sparsecc.capture import capture
+        from sparsecc.graph.dot import graph_to_dot, write_dot
+        # the report's regions point into the graph inspect canonicalized; render that graph
+        gm = report.regions[0].sdpa.graph.owning_module if report.attention else None
+        if gm is None:
+            gm = (target if loaded.exported_path else capture(target, loaded.inputs)).gm
+        write_dot(args.dot, graph_to_dot(gm, report.regions, title=loaded.name))
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        print(report.table())
+        if args.dot:
+            print(f"graph written to {args.dot} (render: dot -Tsvg {args.dot} -o graph.svg)")
+    return 0
+
+
+def _demo(args) -> int:
+    from sparsecc.demo import run_demo
+    run_demo(batch=args.batch, max_len=args.seq_len)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsecc", description="Sparse Transformer graph compiler.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each pass")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="list attention and FFN regions, FLOPs and a graph summary")
+    p.add_argument("model", help="Hugging Face model directory, saved ExportedProgram (.pt2), "
+                                 "module:function returning (model, example_inputs), or 'minilm'")
+    p.add_argument("--seq-len", type=int, default=128, help="sequence length of the example inputs (HF dirs)")
+    p.add_argument("--batch", type=int, default=1, help="batch size of the example inputs (HF dirs)")
+    p.add_argument("--json", action="store_true", help="print a JSON object with a 'regions' list")
+    p.add_argument("--dot", metavar="FILE", help="write the graph with its regions as Graphviz dot")
+    p.add_argument("--static", action="store_true", help="capture with static shapes")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("demo", help="the main job on the embedded all-MiniLM-L6-v2")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        import warnings
+        warnings.filterwarnings("ignore")
+    try:
+        return args.func(args)
+    except SparseccError as err:
+        print(f"sparsecc: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
