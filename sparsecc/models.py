@@ -90,6 +90,9 @@ def load_model(spec: str, batch: int = 1, seq_len: int = 128) -> LoadedModel:
         except (ImportError, AttributeError) as err:
             raise ModelSpecError(f"{spec}: cannot import {fn_name!r} from {module_name!r} ({err}); expected "
                                  "module:function returning (model, example_inputs)") from err
+        if not callable(fn):
+            raise ModelSpecError(f"{spec} is a {type(fn).__name__}, not a function; expected module:function "
+                                 "returning (model, example_inputs)")
         result = fn()
         if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
             raise ModelSpecError(f"{spec} returned {type(result).__name__}; expected (model, example_inputs)")

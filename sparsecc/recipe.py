@@ -83,11 +83,8 @@ class Recipe:
         unknown = set(data) - set(SLOTS)
         if unknown:
             raise RecipeError(f"recipe: unknown field(s) {sorted(unknown)}; allowed: {list(SLOTS)}")
-        kwargs = {}
-        for slot in SLOTS:
-            if slot not in data:
-                continue
-            kwargs[slot] = _method_from_dict(slot, data[slot])
+        # A slot a file does not name is left alone (None), unlike Recipe()'s Python defaults.
+        kwargs = {slot: _method_from_dict(slot, data.get(slot)) for slot in SLOTS}
         return cls(**kwargs)
 
     @classmethod

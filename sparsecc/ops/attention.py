@@ -63,8 +63,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
               enable_gqa: bool = False) -> Tensor:
     """Dense attention, same contract as aten.scaled_dot_product_attention (dropout_p must be 0)."""
     _check_dropout(dropout_p)
+    # contiguous, as the fake promises: SDPA's CPU kernels may return a transposed layout
     return torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa).contiguous()
 
 
 @attention.register_fake

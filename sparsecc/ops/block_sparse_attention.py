@@ -72,17 +72,24 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class _Chunk(NamedTuple):
-    q_blocks: Tensor  # [n] query block ids
-    kv_blocks: Tensor  # [n * m] kept key block ids, row-major
-    m: int  # kept key blocks per query block
-    mask: Optional[Tensor]  # [B or 1, n, b, m*b] bool (True = keep), None when all of it is kept
+    """n query blocks that keep m key blocks each, in the flat row views used by the kernel."""
+    n: int
+    m: int
+    q_rows: Tensor  # [B*Hkv*n] rows of the [B*Hkv*nq, G*b*D] query-block view
+    kv_rows: Tensor  # [B*Hkv*n*m] rows of the [B*Hkv*nk, b*D] key-block view
+    mask: Optional[Tensor]  # additive [1 or B, n, G*b, m*b] (0 / -inf), None when nothing is masked
+    empty_rows: Optional[Tensor]  # bool [1 or B, n, G*b]: rows with no allowed key, None if none
 
 
-def _plan(kv_indices: Tensor, kv_counts: Tensor, L: int, S: int, b: int, causal: bool,
-          key_padding_mask: Optional[Tensor], kv_heads: int, head_dim: int) -> list[_Chunk]:
-    """Chunks of query blocks that share a kept-block count, with the element mask each needs."""
-    nq, nk = -(-L // b), -(-S // b)
-    idx, cnt = kv_indices.long(), kv_counts.long()
+def _plan(kv_indices: Tensor, kv_counts: Tensor, B: int, H: int, kv_heads: int, L: int, S: int, D: int,
+          b: int, causal: bool, key_padding_mask: Optional[Tensor], dtype: torch.dtype) -> list[_Chunk]:
+    """Bucket the query blocks by kept-block count and cut the buckets into chunks.
+
+    Padding entries, duplicates and (causal) blocks above the diagonal are dropped first, so each
+    chunk is a dense batch of equal-sized problems. Each chunk gets the element mask it needs.
+    """
+    nq, nk, g = -(-L // b), -(-S // b), H // kv_heads
+    idx, cnt = kv_indices.long().cpu(), kv_counts.long().cpu()
     width = idx.shape[1]
     valid = torch.arange(width).unsqueeze(0) < cnt.unsqueeze(1)
     if bool(((idx < 0) | (idx >= nk))[valid].any()) or bool((cnt > width).any()):
@@ -96,75 +103,72 @@ def _plan(kv_indices: Tensor, kv_counts: Tensor, L: int, S: int, b: int, causal:
     idx, cnt = block_mask_to_ell(keep)
 
     kpm = None
-    if key_padding_mask is not None:
-        kpm = torch.nn.functional.pad(key_padding_mask.cpu(), (0, nk * b - S))  # pad keys are dropped
-    ar = torch.arange(b)
+    if key_padding_mask is not None:  # keys past S are padding too
+        kpm = torch.nn.functional.pad(key_padding_mask.cpu(), (0, nk * b - S))
+    ar, heads = torch.arange(b), torch.arange(B * kv_heads).unsqueeze(1)
     chunks = []
     for m in torch.unique(cnt).tolist():
         if m == 0:
             continue
         q_all = (cnt == m).nonzero().flatten()
-        step = max(1, CHUNK_ELEMENTS // (kv_heads * m * b * head_dim))
-        for q_blocks in q_all.split(step):
-            kv = idx[q_blocks, :m]
+        for q_blocks in q_all.split(max(1, CHUNK_ELEMENTS // (B * kv_heads * m * b * D))):
+            n, kv = len(q_blocks), idx[q_blocks, :m]
             kpos = (kv.unsqueeze(-1) * b + ar).flatten(1)  # [n, m*b] key positions
-            mask = None
+            allowed = None
             if S % b and bool((kv == nk - 1).any()):
-                mask = (kpos < S).unsqueeze(1)  # [n, 1, m*b]
+                allowed = (kpos < S).unsqueeze(1)  # [n, 1, m*b]
             if causal and bool((kv == q_blocks.unsqueeze(1)).any()):
                 qpos = q_blocks.unsqueeze(1) * b + ar  # [n, b]
                 c = kpos.unsqueeze(1) <= qpos.unsqueeze(2)
-                mask = c if mask is None else mask & c
+                allowed = c if allowed is None else allowed & c
             if kpm is not None:
                 p = kpm[:, kpos].unsqueeze(2)  # [B, n, 1, m*b]
-                mask = p if mask is None else mask & p
-            if mask is not None:
-                mask = mask.expand(*mask.shape[:-3], len(q_blocks), b, m * b)
-                mask = mask if mask.dim() == 4 else mask.unsqueeze(0)
-            chunks.append(_Chunk(q_blocks, kv.flatten(), m, mask))
+                allowed = p if allowed is None else allowed & p
+            mask = empty = None
+            if allowed is not None:
+                allowed = allowed.expand(*allowed.shape[:-3], n, b, m * b)
+                allowed = allowed if allowed.dim() == 4 else allowed.unsqueeze(0)
+                if g > 1:  # rows are (G heads, b positions)
+                    allowed = allowed.unsqueeze(2).expand(-1, -1, g, -1, -1).flatten(2, 3)
+                mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+                empty = ~allowed.any(-1)
+                empty = empty if bool(empty.any()) else None
+            chunks.append(_Chunk(n, m, (heads * nq + q_blocks).flatten(), (heads * nk + kv.flatten()).flatten(),
+                                 mask, empty))
     return chunks
 
 
+def _batches(c: _Chunk, B: int, kv_heads: int) -> list[tuple[slice, Optional[Tensor], Optional[Tensor]]]:
+    """(rows of the B*Hkv dimension, mask, empty rows): one call, or one per batch item (key padding)."""
+    if c.mask is None or c.mask.shape[0] == 1:
+        return [(slice(None), c.mask, c.empty_rows)]
+    return [(slice(i * kv_heads, (i + 1) * kv_heads), c.mask[i:i + 1],
+             None if c.empty_rows is None else c.empty_rows[i:i + 1]) for i in range(B)]
+
+
 def _blocked_q(x: Tensor, b: int, nq: int, kv_heads: int) -> Tensor:
-    """(B, H, L, D) -> [B*Hkv, nq, G*b, D]: the G query heads of a kv head stacked as rows."""
+    """(B, H, L, D) -> [B*Hkv*nq, G*b*D]: per (batch, kv head, query block), its G heads' rows."""
     B, H, L, D = x.shape
     g = H // kv_heads
     x = torch.nn.functional.pad(x, (0, 0, 0, nq * b - L)) if nq * b != L else x
-    return x.reshape(B, kv_heads, g, nq, b, D).transpose(2, 3).reshape(B * kv_heads, nq, g * b, D)
+    return x.reshape(B, kv_heads, g, nq, b * D).transpose(2, 3).reshape(B * kv_heads * nq, g * b * D)
 
 
-def _unblocked_q(x: Tensor, B: int, H: int, L: int) -> Tensor:
-    """Inverse of `_blocked_q` for [B*Hkv, nq, G*b, ...] (D may be absent)."""
-    BK, nq, gb = x.shape[:3]
-    kvh = BK // B
+def _unblocked_q(x: Tensor, B: int, H: int, L: int, b: int) -> Tensor:
+    """Inverse of `_blocked_q`: [B*Hkv*nq, G*b*d] -> (B, H, L, d), contiguous."""
+    nq = -(-L // b)
+    kvh = x.shape[0] // (B * nq)
     g = H // kvh
-    x = x.reshape(B, kvh, nq, g, gb // g, *x.shape[3:]).transpose(2, 3)
-    return x.reshape(B, H, nq * (gb // g), *x.shape[5:])[:, :, :L].contiguous()
+    d = x.shape[1] // (g * b)
+    x = x.view(B, kvh, nq, g, b * d).transpose(2, 3).reshape(B, H, nq * b, d)
+    return x[:, :, :L].contiguous()
 
 
 def _blocked_kv(x: Tensor, b: int, nk: int) -> Tensor:
-    """(B, Hkv, S, D) -> [B*Hkv, nk, b, D] (zero padded)."""
+    """(B, Hkv, S, D) -> [B*Hkv*nk, b*D] (zero padded)."""
     B, K, S, D = x.shape
     x = torch.nn.functional.pad(x, (0, 0, 0, nk * b - S)) if nk * b != S else x
-    return x.reshape(B * K, nk, b, D)
-
-
-def _chunk_masks(c: _Chunk, g: int, B: int, kv_heads: int, dtype: torch.dtype) -> list[Optional[Tensor]]:
-    """Additive masks for the flash kernel, one per batch slice the chunk is run on."""
-    if c.mask is None:
-        return [None]
-    m = c.mask
-    if g > 1:  # rows are (G heads, b positions)
-        m = m.unsqueeze(2).expand(m.shape[0], m.shape[1], g, *m.shape[2:]).flatten(2, 3)
-    add = torch.zeros(m.shape, dtype=dtype).masked_fill_(~m, float("-inf"))
-    # [1, n, Gb, mb] broadcasts over every (batch, kv head); per-batch masks run batch item by item
-    return [a.unsqueeze(0) for a in add] if m.shape[0] > 1 else [add]
-
-
-def _slices(c: _Chunk, B: int, kv_heads: int, masks: list) -> list[tuple[slice, Optional[Tensor]]]:
-    if len(masks) == 1:
-        return [(slice(0, B * kv_heads), masks[0])]
-    return [(slice(i * kv_heads, (i + 1) * kv_heads), mk) for i, mk in enumerate(masks)]
+    return x.reshape(B * K * nk, b * D)
 
 
 def _forward_cpu(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, b: int,
@@ -172,23 +176,23 @@ def _forward_cpu(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts:
     B, H, L, D = q.shape
     kvh, S = k.shape[1], k.shape[2]
     g, nq, nk = H // kvh, -(-L // b), -(-S // b)
-    chunks = _plan(kv_indices, kv_counts, L, S, b, causal, key_padding_mask, kvh, D)
+    chunks = _plan(kv_indices, kv_counts, B, H, kvh, L, S, D, b, causal, key_padding_mask, q.dtype)
     qb, kb, vb = _blocked_q(q, b, nq, kvh), _blocked_kv(k, b, nk), _blocked_kv(v, b, nk)
-    out = torch.zeros(B * kvh, nq, g * b, D, dtype=q.dtype)
-    lse = torch.full((B * kvh, nq, g * b), float("-inf"), dtype=_acc_dtype(q.dtype))
+    out = torch.zeros(B * kvh * nq, g * b * D, dtype=q.dtype)
+    lse = torch.full((B * kvh * nq, g * b), float("-inf"), dtype=_acc_dtype(q.dtype))
     for c in chunks:
-        n = len(c.q_blocks)
-        qc = qb.index_select(1, c.q_blocks)
-        kc = kb.index_select(1, c.kv_blocks).view(B * kvh, n, c.m * b, D)
-        vc = vb.index_select(1, c.kv_blocks).view(B * kvh, n, c.m * b, D)
-        masks = _chunk_masks(c, g, B, kvh, q.dtype)
-        for rows, mask in _slices(c, B, kvh, masks):
+        qc = qb.index_select(0, c.q_rows).view(-1, c.n, g * b, D)
+        kc = kb.index_select(0, c.kv_rows).view(-1, c.n, c.m * b, D)
+        vc = vb.index_select(0, c.kv_rows).view(-1, c.n, c.m * b, D)
+        q_rows = c.q_rows.view(-1, c.n)
+        for rows, mask, empty in _batches(c, B, kvh):
             o, s = _flash_fwd(qc[rows], kc[rows], vc[rows], attn_mask=mask, scale=scale)
-            if mask is not None:  # rows with no allowed key: logsumexp is -inf
-                s = s.masked_fill((mask == float("-inf")).all(-1), float("-inf"))
-            out[rows].index_copy_(1, c.q_blocks, o)
-            lse[rows].index_copy_(1, c.q_blocks, s.to(lse.dtype))
-    return _unblocked_q(out, B, H, L), _unblocked_q(lse, B, H, L)
+            if empty is not None:  # rows with no allowed key: logsumexp is -inf
+                s = s.masked_fill(empty, float("-inf"))
+            r = q_rows[rows].flatten()
+            out.index_copy_(0, r, o.reshape(len(r), -1))
+            lse.index_copy_(0, r, s.reshape(len(r), -1).to(lse.dtype))
+    return _unblocked_q(out, B, H, L, b), _unblocked_q(lse, B, H, L, b).squeeze(-1)
 
 
 def _backward_cpu(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -197,30 +201,31 @@ def _backward_cpu(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     B, H, L, D = q.shape
     kvh, S = k.shape[1], k.shape[2]
     g, nq, nk = H // kvh, -(-L // b), -(-S // b)
-    chunks = _plan(kv_indices, kv_counts, L, S, b, causal, key_padding_mask, kvh, D)
+    chunks = _plan(kv_indices, kv_counts, B, H, kvh, L, S, D, b, causal, key_padding_mask, q.dtype)
     qb, kb, vb = _blocked_q(q, b, nq, kvh), _blocked_kv(k, b, nk), _blocked_kv(v, b, nk)
     dob, ob = _blocked_q(grad_out.to(q.dtype), b, nq, kvh), _blocked_q(out, b, nq, kvh)
-    lse = lse.masked_fill(torch.isinf(lse), 0.0)  # masked rows: P = exp(-inf - 0) = 0
-    lseb = _blocked_q(lse.unsqueeze(-1), b, nq, kvh).squeeze(-1)
+    lse = lse.masked_fill(torch.isinf(lse), 0.0)  # rows with no allowed key: P = exp(-inf - 0) = 0
+    lseb = _blocked_q(lse.unsqueeze(-1), b, nq, kvh)
+    acc = _acc_dtype(q.dtype)
     dq = torch.zeros_like(qb)
-    dk = torch.zeros(B * kvh, nk, b * D, dtype=_acc_dtype(q.dtype))
-    dv = torch.zeros_like(dk)
+    dk = torch.zeros(kb.shape, dtype=acc)
+    dv = torch.zeros(kb.shape, dtype=acc)
     for c in chunks:
-        n = len(c.q_blocks)
-        sel = [t.index_select(1, c.q_blocks) for t in (qb, dob, ob, lseb)]
-        kc = kb.index_select(1, c.kv_blocks).view(B * kvh, n, c.m * b, D)
-        vc = vb.index_select(1, c.kv_blocks).view(B * kvh, n, c.m * b, D)
-        masks = _chunk_masks(c, g, B, kvh, q.dtype)
-        for rows, mask in _slices(c, B, kvh, masks):
-            qc, doc, oc, lc = (t[rows] for t in sel)
-            dqc, dkc, dvc = _flash_bwd(doc, qc, kc[rows], vc[rows], oc, lc, 0.0, False,
+        qc, doc, oc = (t.index_select(0, c.q_rows).view(-1, c.n, g * b, D) for t in (qb, dob, ob))
+        lc = lseb.index_select(0, c.q_rows).view(-1, c.n, g * b)
+        kc = kb.index_select(0, c.kv_rows).view(-1, c.n, c.m * b, D)
+        vc = vb.index_select(0, c.kv_rows).view(-1, c.n, c.m * b, D)
+        q_rows, kv_rows = c.q_rows.view(-1, c.n), c.kv_rows.view(-1, c.n * c.m)
+        for rows, mask, _ in _batches(c, B, kvh):
+            dqc, dkc, dvc = _flash_bwd(doc[rows], qc[rows], kc[rows], vc[rows], oc[rows], lc[rows], 0.0, False,
                                        attn_mask=mask, scale=scale)
-            dq[rows].index_copy_(1, c.q_blocks, dqc.to(dq.dtype))
-            dk[rows].index_add_(1, c.kv_blocks, dkc.reshape(dkc.shape[0], n * c.m, b * D).to(dk.dtype))
-            dv[rows].index_add_(1, c.kv_blocks, dvc.reshape(dvc.shape[0], n * c.m, b * D).to(dv.dtype))
+            r, kr = q_rows[rows].flatten(), kv_rows[rows].flatten()
+            dq.index_copy_(0, r, dqc.reshape(len(r), -1).to(dq.dtype))
+            dk.index_add_(0, kr, dkc.reshape(len(kr), -1).to(acc))
+            dv.index_add_(0, kr, dvc.reshape(len(kr), -1).to(acc))
     dk = dk.view(B, kvh, nk * b, D)[:, :, :S].to(k.dtype).contiguous()
     dv = dv.view(B, kvh, nk * b, D)[:, :, :S].to(v.dtype).contiguous()
-    return _unblocked_q(dq, B, H, L), dk, dv
+    return _unblocked_q(dq, B, H, L, b), dk, dv
 
 
 @torch.library.custom_op("sparsecc::block_sparse_attention", mutates_args=(), device_types="cpu")
