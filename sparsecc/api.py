@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,9 +19,11 @@ from sparsecc.graph.fx_utils import SDPA, aten, is_call, module_path
 from sparsecc.graph.regions import Region, find_regions
 from sparsecc.passes.identity import attention_to_op, ffn_to_op
 from sparsecc.passes.manager import Pass, PassContext, PassManager, PassResult
-from sparsecc.recipe import Identity, Recipe
+from sparsecc.recipe import Identity, Recipe, Spion
 
-BACKENDS = ("eager", "inductor")
+log = logging.getLogger("sparsecc")
+
+BACKENDS = ("eager", "inductor", "onnxruntime")
 
 
 @dataclass
@@ -130,8 +133,33 @@ def inspect(model: Any, example_inputs: Any = None, dynamic: bool = True, check:
                   passes=results, unmatched=_unmatched(captured.gm, ctx.regions), stage_seconds=times)
 
 
-def _rewrite_passes(recipe: Recipe) -> list[Pass]:
+def _prepare_spion(cfg: Spion, ctx: PassContext, calibration: Any) -> None:
+    """Layouts for every self-attention region: loaded, calibrated, or fixed."""
+    from sparsecc.calibrate import collect_attention_maps
+    from sparsecc.layouts import LayoutSet
+    from sparsecc.passes.spion import make_layouts
+
+    regions = [r for r in ctx.regions if r.kind == "attention" and not r.cross]
+    if cfg.layouts is not None:
+        ctx.data["layouts"] = LayoutSet.load_dir(cfg.layouts)
+        return
+    maps = None
+    if cfg.needs_calibration:
+        if calibration is None:
+            log.warning("recipe.attention method %r calibrates on data; no calibration batches were given, so "
+                        "the example inputs are used. Pass calibration=[inputs, ...] with real data.", cfg.method)
+            calibration = [(ctx.captured.args, ctx.captured.kwargs)]
+        maps = collect_attention_maps(ctx.captured, ctx.captured.gm, regions, calibration)
+        ctx.data["attention_maps"] = maps
+    ctx.data["layouts"] = make_layouts(cfg, regions, maps)
+
+
+def _rewrite_passes(recipe: Recipe, ctx: PassContext, calibration: Any) -> list[Pass]:
     passes = []
+    if isinstance(recipe.attention, Spion):
+        from sparsecc.passes.spion import spion_rewrite
+        _prepare_spion(recipe.attention, ctx, calibration)
+        passes.append(Pass("spion", spion_rewrite, tolerance=None))
     if isinstance(recipe.attention, Identity):
         passes.append(Pass("attention_identity", attention_to_op))
     if isinstance(recipe.ffn, Identity):
@@ -144,14 +172,23 @@ def _rewrite_passes(recipe: Recipe) -> list[Pass]:
 class SparseModel(nn.Module):
     """The compiled model: an nn.Module that runs, trains, and reports what was rewritten."""
 
-    def __init__(self, graph: fx.GraphModule, captured: Captured, recipe: Recipe, backend: str, report: Report):
+    def __init__(self, graph: fx.GraphModule, captured: Captured, recipe: Recipe, backend: str, report: Report,
+                 layouts: Any = None, backend_options: Optional[dict] = None):
         super().__init__()
         self.graph_module = graph
+        self.layouts = layouts  # sparsecc.layouts.LayoutSet of the SPION regions, or None
         self.recipe = recipe
         self.backend = backend
         self._call_defaults = dict(captured.call_defaults)
         self._report = report
         self._runner = torch.compile(graph, dynamic=None) if backend == "inductor" else graph
+        self.example_inputs = (captured.args, captured.kwargs)  # for export_onnx
+        self.dynamic = captured.dynamic
+        if backend == "onnxruntime":  # runs the exported graph; see sparsecc.backends.onnxruntime
+            from sparsecc.backends.onnxruntime import build_module
+            self._runner = build_module(graph, tuple(captured.args), {**self._call_defaults, **captured.kwargs},
+                                        recipe=recipe, regions=report.regions, dynamic=captured.dynamic,
+                                        **(backend_options or {}))
 
     def forward(self, *args, **kwargs):
         return self._runner(*args, **{**self._call_defaults, **kwargs})
@@ -163,11 +200,31 @@ class SparseModel(nn.Module):
     def regions(self) -> list[Region]:
         return self._report.regions
 
+    def export_onnx(self, path: str, dynamic: bool = True, opset: Optional[int] = None) -> str:
+        """Write the compiled graph as ONNX (sparsecc ops in standard ONNX ops, recipe and regions in the
+        file's metadata); see sparsecc.backends.onnx. Returns `path`."""
+        from sparsecc.backends.onnx import export_onnx
+        return export_onnx(self, path, dynamic=dynamic, opset=opset).path
+
+    def save_layouts(self, directory: str, png: bool = True) -> None:
+        """Write the block layouts (one file per layer + index.json) and, optionally, their picture."""
+        if not self.layouts:
+            raise UnsupportedError("this model has no block layouts (its recipe has no SPION attention)")
+        self.layouts.save_dir(directory)
+        if png:
+            import os
+            from sparsecc.layouts import save_layout_png
+            save_layout_png(self.layouts, os.path.join(directory, "layouts.png"))
+
 
 def compile(model: nn.Module, example_inputs: Any, recipe: Optional[Recipe] = None, backend: str = "eager",
             calibration: Any = None, dynamic: bool = True, check: bool = True,
-            dump_dir: Optional[str] = None) -> SparseModel:
+            dump_dir: Optional[str] = None, backend_options: Optional[dict] = None) -> SparseModel:
     """Capture `model`, find its regions, rewrite them as `recipe` says, and lower to `backend`.
+
+    backend="onnxruntime": the module runs the exported ONNX graph in an onnxruntime session;
+    backend_options: providers (list of names), intra_op_num_threads, inter_op_num_threads,
+    graph_optimization_level ("disable" | "basic" | "extended" | "all"), path (keep the .onnx), opset.
 
     check: compare outputs with the captured model after every meaning-preserving pass
     (1e-5), naming the pass that broke them. The user's model is never modified.
@@ -178,14 +235,18 @@ def compile(model: nn.Module, example_inputs: Any, recipe: Optional[Recipe] = No
         raise RecipeError(f"recipe must be a sparsecc.Recipe, got {type(recipe).__name__}")
     if backend not in BACKENDS:
         raise UnsupportedError(f"backend {backend!r} is not available; expected one of {list(BACKENDS)} "
-                               "(onnxruntime and triton land with their own issues)")
+                               "(triton lands with its own issue)")
     captured, ctx, results, times = _analyze(model, example_inputs, dynamic, check, dump_dir)
     ctx.recipe = recipe
     report = Report(model=captured.model_name, regions=ctx.regions, graph=graph_summary(captured.gm, captured),
                     unmatched=_unmatched(captured.gm, ctx.regions), stage_seconds=times)
     start = time.perf_counter()
-    manager = PassManager(_rewrite_passes(recipe), check="each" if check else "none", dump_dir=dump_dir)
-    results += manager.run(captured.gm, ctx)
+    passes = _rewrite_passes(recipe, ctx, calibration)
+    times["calibrate"] = time.perf_counter() - start
+    start = time.perf_counter()
+    results += PassManager(passes, check="each" if check else "none", dump_dir=dump_dir).run(captured.gm, ctx)
     times["rewrite"] = time.perf_counter() - start
     report.passes = results
-    return SparseModel(captured.gm, captured, recipe, backend, report)
+    report.unmatched += ctx.data.get("skipped", [])
+    return SparseModel(captured.gm, captured, recipe, backend, report, layouts=ctx.data.get("layouts"),
+                       backend_options=backend_options)

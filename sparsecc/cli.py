@@ -16,6 +16,11 @@ def _inspect(args) -> int:
     from sparsecc.capture import load_exported
     from sparsecc.models import load_model
 
+    if args.model.endswith(".onnx"):  # an exported file: list its sparse regions and the dense rest
+        from sparsecc.backends.onnx_inspect import inspect_onnx
+        found = inspect_onnx(args.model)
+        print(json.dumps(found.to_dict(), indent=2, default=str) if args.json else found.table())
+        return 0
     loaded = load_model(args.model, batch=args.batch, seq_len=args.seq_len)
     target = load_exported(loaded.exported_path) if loaded.exported_path else loaded.model
     report = sparsecc.inspect(target, loaded.inputs, dynamic=not args.static)
@@ -37,6 +42,22 @@ def _inspect(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    import sparsecc
+    from sparsecc.backends.onnx_inspect import inspect_onnx
+    from sparsecc.capture import load_exported
+    from sparsecc.models import load_model
+
+    loaded = load_model(args.model, batch=args.batch, seq_len=args.seq_len)
+    target = load_exported(loaded.exported_path) if loaded.exported_path else loaded.model
+    recipe = sparsecc.Recipe.load(args.recipe) if args.recipe else sparsecc.Recipe()
+    sm = sparsecc.compile(target, loaded.inputs, recipe=recipe, dynamic=not args.static)
+    sm.export_onnx(args.output, dynamic=not args.static, opset=args.opset)
+    print(inspect_onnx(args.output).table())
+    print(f"written {args.output}")
+    return 0
+
+
 def _demo(args) -> int:
     from sparsecc.demo import run_demo
     run_demo(batch=args.batch, max_len=args.seq_len)
@@ -49,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="list attention and FFN regions, FLOPs and a graph summary")
-    p.add_argument("model", help="Hugging Face model directory, saved ExportedProgram (.pt2), "
+    p.add_argument("model", help="Hugging Face model directory, saved ExportedProgram (.pt2), exported .onnx, "
                                  "module:function returning (model, example_inputs), or 'minilm'")
     p.add_argument("--seq-len", type=int, default=128, help="sequence length of the example inputs (HF dirs)")
     p.add_argument("--batch", type=int, default=1, help="batch size of the example inputs (HF dirs)")
@@ -57,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dot", metavar="FILE", help="write the graph with its regions as Graphviz dot")
     p.add_argument("--static", action="store_true", help="capture with static shapes")
     p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("export", help="compile MODEL with a recipe and write a sparse ONNX file")
+    p.add_argument("model", help="as for inspect: HF directory, .pt2, module:function, or 'minilm'")
+    p.add_argument("--recipe", metavar="FILE", help="recipe file (.toml/.json/.yaml); default: identity")
+    p.add_argument("-o", "--output", required=True, metavar="FILE.onnx", help="where to write the ONNX file")
+    p.add_argument("--seq-len", type=int, default=128, help="sequence length of the example inputs (HF dirs)")
+    p.add_argument("--batch", type=int, default=1, help="batch size of the example inputs (HF dirs)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20)")
+    p.add_argument("--static", action="store_true", help="export with static shapes")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("demo", help="the main job on the embedded all-MiniLM-L6-v2")
     p.add_argument("--batch", type=int, default=16)

@@ -72,8 +72,9 @@ def load_model(spec: str, batch: int = 1, seq_len: int = 128) -> LoadedModel:
         loaded.name = "all-MiniLM-L6-v2"
         return loaded
     if spec.endswith(".onnx"):
-        raise UnsupportedError(f"{spec}: inspecting ONNX files arrives with the ONNX export backend; "
-                               "pass a Hugging Face directory, a .pt2 file or module:function")
+        raise UnsupportedError(f"{spec} is an exported ONNX file, not a PyTorch model: `sparsecc inspect "
+                               f"{spec}` lists its regions (sparsecc.backends.onnx_inspect); to compile or "
+                               "export, pass a Hugging Face directory, a .pt2 file or module:function")
     if spec.endswith(".pt2"):
         if not os.path.isfile(spec):
             raise ModelSpecError(f"{spec}: no such file")

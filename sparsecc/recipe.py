@@ -159,3 +159,44 @@ def _check_type(where: str, value: Any, annotation: Any, cls: type) -> None:
     if any(typing.get_origin(o) is typing.Literal for o in options):
         allowed = [a for o in options for a in typing.get_args(o)]
     raise RecipeError(f"{where}: got {value!r} ({type(value).__name__}); expected {allowed}")
+
+
+SPION_METHODS = ("spion_cf", "spion_c", "spion_f", "bigbird", "local", "strided", "random")
+
+
+@register_method("attention")
+@dataclass(frozen=True)
+class Spion:
+    """Block-sparse attention with one layout per layer (SPION, Yoon et al.).
+
+    method: "spion_cf" (conv + flood fill, the paper's main variant), "spion_c" (conv + top-k
+    blocks at `density`), "spion_f" (flood fill without conv), or a fixed baseline at `density`:
+    "bigbird", "local", "strided", "random". SPION methods need calibration batches.
+    """
+
+    kind: typing.ClassVar[str] = "spion"
+    method: str = "spion_cf"
+    block: int = 64
+    quantile: float = 0.98
+    kernel_size: int = 31
+    density: float = 0.04
+    layouts: Optional[str] = None  # a directory saved by LayoutSet.save_dir: reuse instead of calibrating
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in SPION_METHODS:
+            raise RecipeError(f"recipe.attention.method: {self.method!r} is not a SPION method; "
+                              f"allowed: {list(SPION_METHODS)}")
+        if not (isinstance(self.block, int) and self.block > 0):
+            raise RecipeError(f"recipe.attention.block: got {self.block!r}; expected a positive int (e.g. 64)")
+        if not 0.0 < self.quantile < 1.0:
+            raise RecipeError(f"recipe.attention.quantile: got {self.quantile!r}; expected 0 < quantile < 1 "
+                              "(the paper uses 0.96, 0.98 or 0.99)")
+        if not (isinstance(self.kernel_size, int) and self.kernel_size > 0):
+            raise RecipeError(f"recipe.attention.kernel_size: got {self.kernel_size!r}; expected a positive int")
+        if not 0.0 < self.density <= 1.0:
+            raise RecipeError(f"recipe.attention.density: got {self.density!r}; expected 0 < density <= 1")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.layouts is None and self.method.startswith("spion")

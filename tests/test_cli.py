@@ -52,7 +52,7 @@ def test_inspect_exported_program(tmp_path, capsys):
 @pytest.mark.parametrize("spec,message", [
     ("nope.nowhere:f", "cannot import 'f' from 'nope.nowhere'"),
     ("missing.pt2", "missing.pt2: no such file"),
-    ("m.onnx", "inspecting ONNX files arrives with the ONNX export backend"),
+    ("m.onnx", "m.onnx: no such file"),
     ("sparsecc.testing:VOCAB", "sparsecc.testing:VOCAB is a int, not a function"),
 ])
 def test_inspect_errors(spec, message, capsys, tmp_path, monkeypatch):

@@ -64,6 +64,8 @@ class Region:
     stack: str
     flops: int
     residual: Optional[ResidualBlock] = None
+    # filled by a sparsifying rewrite: {"method", "density", "flops" (sparse), ...}
+    sparse: Optional[dict] = None
 
     def _node_fields(self) -> dict:
         return {}
@@ -259,10 +261,14 @@ def find_attention(gm: fx.GraphModule, captured=None) -> list[AttentionRegion]:
     return regions
 
 
-def _attention_flops(r: AttentionRegion) -> int:
+def attention_core_flops(r: AttentionRegion) -> int:
+    """FLOPs of QK^T and PV alone: the part a block layout scales."""
     qs, vs = shape(r.sdpa.args[0]), shape(r.sdpa.args[2])
-    heads_rows = math.prod(qs[:-2])
-    core = 2 * heads_rows * r.q_len * r.kv_len * (qs[-1] + vs[-1])
+    return 2 * math.prod(qs[:-2]) * r.q_len * r.kv_len * (qs[-1] + vs[-1])
+
+
+def _attention_flops(r: AttentionRegion) -> int:
+    core = attention_core_flops(r)
     projections = {p for p in (r.q_proj, r.k_proj, r.v_proj, r.o_proj) if p is not None}
     return core + sum(linear_flops(p) for p in projections)
 

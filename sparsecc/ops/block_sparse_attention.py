@@ -23,7 +23,9 @@ How the CPU kernel works (work is proportional to the kept blocks, no L x S tens
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -35,7 +37,41 @@ _flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
 # A chunk gathers at most this many K (and as many V) elements: bounds memory, keeps blocks in cache.
-CHUNK_ELEMENTS = 1 << 21
+CHUNK_ELEMENTS = 1 << 18
+# Chunks run on this many worker threads, each with one intra-op thread (0: torch's thread count).
+# Independent single-threaded chunks scale better than one fork/join per small op, and degrade
+# gracefully when other processes share the cores. 1 runs the chunks inline, multi-threaded.
+WORKERS = 0
+
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def _single_threaded() -> None:
+    """Worker initialiser: this thread's ops run on one intra-op thread (OpenMP/MKL settings are per thread)."""
+    torch.get_num_threads()  # initialise the thread's settings first, or a later lazy init would undo this
+    torch.set_num_threads(1)
+
+
+def _run_chunks(fn: Callable[[_Chunk], None], chunks: list[_Chunk]) -> None:
+    """Call fn on every chunk: inline, or spread over worker threads, largest chunks first."""
+    global _pool, _pool_size
+    threads = torch.get_num_threads()
+    workers = min(WORKERS or threads, len(chunks))
+    if workers <= 1:
+        for c in chunks:
+            fn(c)
+        return
+    with _pool_lock:
+        if _pool is None or _pool_size < workers:
+            _pool, _pool_size = ThreadPoolExecutor(workers, "sparsecc-bsa", _single_threaded), workers
+        pool = _pool
+    try:
+        for _ in pool.map(fn, sorted(chunks, key=lambda c: -c.n * c.m)):
+            pass
+    finally:
+        torch.set_num_threads(threads)  # a worker's set_num_threads(1) also set the default for new threads
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor,
@@ -133,8 +169,8 @@ def _plan(kv_indices: Tensor, kv_counts: Tensor, B: int, H: int, kv_heads: int, 
                 mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
                 empty = ~allowed.any(-1)
                 empty = empty if bool(empty.any()) else None
-            chunks.append(_Chunk(n, m, (heads * nq + q_blocks).flatten(), (heads * nk + kv.flatten()).flatten(),
-                                 mask, empty))
+            q_rows, kv_rows = (heads * nq + q_blocks).flatten(), (heads * nk + kv.flatten()).flatten()
+            chunks.append(_Chunk(n, m, q_rows, kv_rows, mask, empty))
     return chunks
 
 
@@ -180,7 +216,8 @@ def _forward_cpu(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts:
     qb, kb, vb = _blocked_q(q, b, nq, kvh), _blocked_kv(k, b, nk), _blocked_kv(v, b, nk)
     out = torch.zeros(B * kvh * nq, g * b * D, dtype=q.dtype)
     lse = torch.full((B * kvh * nq, g * b), float("-inf"), dtype=_acc_dtype(q.dtype))
-    for c in chunks:
+
+    def run(c: _Chunk) -> None:
         qc = qb.index_select(0, c.q_rows).view(-1, c.n, g * b, D)
         kc = kb.index_select(0, c.kv_rows).view(-1, c.n, c.m * b, D)
         vc = vb.index_select(0, c.kv_rows).view(-1, c.n, c.m * b, D)
@@ -192,6 +229,8 @@ def _forward_cpu(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts:
             r = q_rows[rows].flatten()
             out.index_copy_(0, r, o.reshape(len(r), -1))
             lse.index_copy_(0, r, s.reshape(len(r), -1).to(lse.dtype))
+
+    _run_chunks(run, chunks)
     return _unblocked_q(out, B, H, L, b), _unblocked_q(lse, B, H, L, b).squeeze(-1)
 
 
@@ -208,21 +247,31 @@ def _backward_cpu(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     lseb = _blocked_q(lse.unsqueeze(-1), b, nq, kvh)
     acc = _acc_dtype(q.dtype)
     dq = torch.zeros_like(qb)
-    dk = torch.zeros(kb.shape, dtype=acc)
-    dv = torch.zeros(kb.shape, dtype=acc)
-    for c in chunks:
+    dkv: dict[int, tuple[Tensor, Tensor]] = {}  # per-thread dK, dV accumulators (index_add_ races)
+
+    def run(c: _Chunk) -> None:
+        tid = threading.get_ident()
+        if tid not in dkv:
+            dkv[tid] = (torch.zeros(kb.shape, dtype=acc), torch.zeros(kb.shape, dtype=acc))
+        dk, dv = dkv[tid]
         qc, doc, oc = (t.index_select(0, c.q_rows).view(-1, c.n, g * b, D) for t in (qb, dob, ob))
         lc = lseb.index_select(0, c.q_rows).view(-1, c.n, g * b)
         kc = kb.index_select(0, c.kv_rows).view(-1, c.n, c.m * b, D)
         vc = vb.index_select(0, c.kv_rows).view(-1, c.n, c.m * b, D)
         q_rows, kv_rows = c.q_rows.view(-1, c.n), c.kv_rows.view(-1, c.n * c.m)
         for rows, mask, _ in _batches(c, B, kvh):
-            dqc, dkc, dvc = _flash_bwd(doc[rows], qc[rows], kc[rows], vc[rows], oc[rows], lc[rows], 0.0, False,
-                                       attn_mask=mask, scale=scale)
+            dqc, dkc, dvc = _flash_bwd(doc[rows], qc[rows], kc[rows], vc[rows], oc[rows], lc[rows], 0.0,
+                                       False, attn_mask=mask, scale=scale)
             r, kr = q_rows[rows].flatten(), kv_rows[rows].flatten()
             dq.index_copy_(0, r, dqc.reshape(len(r), -1).to(dq.dtype))
             dk.index_add_(0, kr, dkc.reshape(len(kr), -1).to(acc))
             dv.index_add_(0, kr, dvc.reshape(len(kr), -1).to(acc))
+
+    _run_chunks(run, chunks)
+    if not dkv:
+        dkv[0] = (torch.zeros(kb.shape, dtype=acc), torch.zeros(kb.shape, dtype=acc))
+    dks, dvs = zip(*dkv.values())
+    dk, dv = sum(dks[1:], dks[0]), sum(dvs[1:], dvs[0])
     dk = dk.view(B, kvh, nk * b, D)[:, :, :S].to(k.dtype).contiguous()
     dv = dv.view(B, kvh, nk * b, D)[:, :, :S].to(v.dtype).contiguous()
     return _unblocked_q(dq, B, H, L, b), dk, dv
@@ -244,7 +293,8 @@ def block_sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tenso
 @block_sparse_attention_op.register_fake
 def _(q, k, v, kv_indices, kv_counts, block_size, scale, causal, key_padding_mask):
     _check_inputs(q, k, v, kv_indices, kv_counts, block_size, key_padding_mask)
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype))
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return out, q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype))
 
 
 @torch.library.custom_op("sparsecc::block_sparse_attention_backward", mutates_args=(), device_types="cpu")

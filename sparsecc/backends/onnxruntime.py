@@ -1,0 +1,145 @@
+"""The ONNX Runtime backend: an nn.Module that runs an exported sparsecc graph in an InferenceSession.
+
+    sm = sparsecc.compile(model, inputs, recipe, backend="onnxruntime",
+                          backend_options={"providers": ["CPUExecutionProvider"], "intra_op_num_threads": 2,
+                                           "graph_optimization_level": "all", "path": "m.onnx"})
+    out = sm(**inputs)
+
+Inputs are bound to the compiled graph's signature like the PyTorch model's (positional or by
+keyword); the tensor leaves, in signature order, are the ONNX graph inputs. Non-tensor inputs were
+constants at export time: passing a different value raises. Outputs come back as torch tensors
+in the SAME structure as the PyTorch model's outputs (the exported program's output spec is
+unflattened, so an HF ModelOutput comes back as the same ModelOutput class holding the same
+tensors in the same order). Runs in inference only (no autograd).
+"""
+
+from __future__ import annotations
+
+import inspect as _inspect
+import os
+import tempfile
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from sparsecc.errors import UnsupportedError
+
+OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+              "all": "ORT_ENABLE_ALL"}
+
+
+def session_options(intra_op_num_threads: Optional[int] = None, inter_op_num_threads: Optional[int] = None,
+                    graph_optimization_level: str = "all", optimized_model_path: Optional[str] = None) -> Any:
+    """An onnxruntime.SessionOptions from plain values (level: disable | basic | extended | all)."""
+    import onnxruntime as ort
+    if graph_optimization_level not in OPT_LEVELS:
+        raise UnsupportedError(f"graph_optimization_level {graph_optimization_level!r}; expected one of "
+                               f"{list(OPT_LEVELS)}")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[graph_optimization_level])
+    if intra_op_num_threads is not None:
+        opts.intra_op_num_threads = int(intra_op_num_threads)
+    if inter_op_num_threads is not None:
+        opts.inter_op_num_threads = int(inter_op_num_threads)
+    if optimized_model_path:
+        opts.optimized_model_filepath = optimized_model_path
+    return opts
+
+
+def make_session(path: str, providers: Optional[Sequence[str]] = None, options: Any = None, **option_kwargs) -> Any:
+    """An onnxruntime.InferenceSession on `path` (CPU unless `providers` names others)."""
+    import onnxruntime as ort
+    providers = list(providers or ["CPUExecutionProvider"])
+    available = ort.get_available_providers()
+    unknown = [p for p in providers if p not in available]
+    if unknown:
+        raise UnsupportedError(f"ONNX Runtime providers {unknown} are not available here; available: {available}")
+    return ort.InferenceSession(path, sess_options=options or session_options(**option_kwargs), providers=providers)
+
+
+class OnnxRuntimeModule(nn.Module):
+    """Runs an ONNX file exported from a graph module, with the graph module's call convention.
+
+    signature: the graph module's forward signature (to bind positional/keyword inputs);
+    constants: {parameter name: value} of non-tensor inputs baked in at export;
+    out_spec: pytree spec of the outputs (None: return a tuple of tensors).
+    """
+
+    def __init__(self, path: str, signature: Optional[_inspect.Signature] = None, constants: Optional[dict] = None,
+                 out_spec: Any = None, providers: Optional[Sequence[str]] = None, session_options: Any = None,
+                 keep_alive: Any = None, **option_kwargs) -> None:
+        super().__init__()
+        self.path = path
+        self.session = make_session(path, providers, session_options, **option_kwargs)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.signature = signature
+        self.constants = dict(constants or {})
+        self.out_spec = out_spec
+        self._keep_alive = keep_alive  # e.g. the TemporaryDirectory holding the file
+
+    def _flat_inputs(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        if self.signature is None:
+            leaves = pytree.tree_leaves((args, kwargs))
+            return [t for t in leaves if isinstance(t, torch.Tensor)]
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as err:
+            raise UnsupportedError(f"onnxruntime backend: inputs do not fit the compiled signature "
+                                   f"{self.signature}: {err}") from err
+        tensors = []
+        for name in self.signature.parameters:
+            if name not in bound.arguments:
+                continue
+            value = bound.arguments[name]
+            for leaf in pytree.tree_leaves(value):
+                if isinstance(leaf, torch.Tensor):
+                    tensors.append(leaf)
+                elif name in self.constants and self.constants[name] != value:
+                    raise UnsupportedError(f"onnxruntime backend: input {name}={value!r} but the ONNX graph was "
+                                           f"exported with {name}={self.constants[name]!r} (a constant in the "
+                                           "file); recompile with the value you need")
+        return tensors
+
+    def forward(self, *args, **kwargs) -> Any:
+        tensors = self._flat_inputs(args, kwargs)
+        if len(tensors) != len(self.input_names):
+            raise UnsupportedError(f"onnxruntime backend: got {len(tensors)} tensor inputs, the ONNX graph "
+                                   f"takes {len(self.input_names)} ({self.input_names}); pass the same inputs "
+                                   "as at compile time")
+        feed = {name: t.detach().cpu().contiguous().numpy() for name, t in zip(self.input_names, tensors)}
+        outs = [torch.from_numpy(np.asarray(o)) for o in self.session.run(self.output_names, feed)]
+        if self.out_spec is None:
+            return tuple(outs)
+        return pytree.tree_unflatten(outs, self.out_spec)
+
+
+def build_module(gm: Any, args: tuple, kwargs: dict, recipe: Any = None, regions: Optional[list] = None,
+                 dynamic: bool = True, path: Optional[str] = None, opset: Optional[int] = None,
+                 providers: Optional[Sequence[str]] = None, **options) -> OnnxRuntimeModule:
+    """Export `gm` (sparsecc ops translated) to ONNX and wrap the file in an OnnxRuntimeModule.
+
+    path: where to keep the .onnx (default: a temporary directory owned by the module).
+    options: intra_op_num_threads, inter_op_num_threads, graph_optimization_level, session_options.
+    """
+    from sparsecc.backends.onnx import export_graph
+    keep = None
+    if path is None:
+        keep = tempfile.TemporaryDirectory(prefix="sparsecc-ort-")
+        path = os.path.join(keep.name, "model.onnx")
+    result = export_graph(gm, args, kwargs, path, dynamic=dynamic, opset=opset, recipe=recipe, regions=regions)
+    sig = _inspect.signature(gm.forward)
+    constants = {k: v for k, v in sig.bind_partial(*args, **kwargs).arguments.items()
+                 if not any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(v))}
+    allowed = {"intra_op_num_threads", "inter_op_num_threads", "graph_optimization_level", "session_options",
+               "optimized_model_path"}
+    bad = sorted(set(options) - allowed)
+    if bad:
+        raise UnsupportedError(f"backend_options {bad} are not known; allowed: {sorted(allowed | {'path', 'opset', 'providers'})}")
+    sess_opts = options.pop("session_options", None)
+    return OnnxRuntimeModule(path, signature=sig, constants=constants,
+                             out_spec=result.exported_program.call_spec.out_spec, providers=providers,
+                             session_options=sess_opts, keep_alive=keep, **options)

@@ -1,0 +1,209 @@
+"""Tests of `sparsecc::block_sparse_attention` against a float64 dense reference."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import sparsecc.ops.block_sparse_attention as bsa
+from sparsecc.errors import LayoutError
+from sparsecc.layouts.indexing import block_mask_to_ell
+from sparsecc.ops.block_sparse_attention import block_sparse_attention, block_sparse_attention_op
+
+
+def reference(q, k, v, block_mask, b: int, scale: float, causal: bool, kpm: Optional[torch.Tensor]):
+    """Dense softmax attention, -inf outside the expanded block mask / causal / key padding; empty rows -> 0."""
+    B, H, L, _ = q.shape
+    S, g = k.shape[2], H // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    allowed = block_mask.repeat_interleave(b, 0).repeat_interleave(b, 1)[:L, :S]
+    if causal:
+        allowed = allowed & torch.ones(L, S, dtype=torch.bool).tril()
+    allowed = allowed.expand(B, 1, L, S)
+    if kpm is not None:
+        allowed = allowed & kpm[:, None, None, :]
+    s = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    mx = s.amax(-1, keepdim=True).detach().nan_to_num(0.0, neginf=0.0)
+    p = (s - mx).exp()
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-300)
+    return p @ v
+
+
+def make_case(B=1, H=2, Hkv=2, L=40, S=40, D=8, b=8, density=0.5, causal=False, padding=False, seed=0,
+              block_mask=None):
+    g = torch.Generator().manual_seed(seed)
+    nq, nk = -(-L // b), -(-S // b)
+    if block_mask is None:
+        block_mask = torch.rand(nq, nk, generator=g) < density
+    kpm = (torch.rand(B, S, generator=g) < 0.75) if padding else None
+    q = torch.randn(B, H, L, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64)
+    return q, k, v, block_mask, kpm
+
+
+def check_against_reference(q, k, v, block_mask, b, causal, kpm, scale=None, atol=1e-5):
+    """Forward and dq/dk/dv of the fp32 op equal the float64 reference within atol."""
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    idx, cnt = block_mask_to_ell(block_mask)
+    ours = [t.float().requires_grad_() for t in (q, k, v)]
+    refs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = block_sparse_attention(*ours, idx, cnt, b, scale, causal, kpm)
+    ref = reference(*refs, block_mask, b, scale, causal, kpm)
+    grad = torch.randn_like(ref)
+    out.backward(grad.float())
+    ref.backward(grad)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=0)
+    for a, r in zip(ours, refs):
+        assert not torch.isnan(a.grad).any()
+        torch.testing.assert_close(a.grad.double(), r.grad, atol=atol, rtol=0)
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 2), G=st.integers(1, 3), L=st.integers(1, 70),
+       S=st.integers(1, 70), D=st.sampled_from([4, 8, 16]), b=st.sampled_from([4, 8, 16]),
+       density=st.floats(0.0, 1.0), causal=st.booleans(), padding=st.booleans(), seed=st.integers(0, 2**16))
+def test_random_layouts_match_dense_reference(B, Hkv, G, L, S, D, b, density, causal, padding, seed):
+    case = make_case(B, Hkv * G, Hkv, L, S, D, b, density, causal, padding, seed)
+    check_against_reference(*case[:4], b, causal, case[4])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padding", [False, True])
+@pytest.mark.parametrize("L,S,H,Hkv", [(64, 64, 4, 4), (50, 50, 4, 2), (37, 90, 6, 2), (90, 37, 3, 1)])
+def test_cases(causal, padding, L, S, H, Hkv):
+    """Causal, key padding, GQA, L not a multiple of the block, cross attention (L != S)."""
+    q, k, v, bm, kpm = make_case(2, H, Hkv, L, S, 16, 16, 0.4, causal, padding, seed=L + S)
+    check_against_reference(q, k, v, bm, 16, causal, kpm, scale=0.3)
+
+
+@pytest.mark.parametrize("workers,chunk", [(1, 1 << 18), (0, 1), (1, 1), (2, 1 << 12)])
+def test_chunking_and_workers_do_not_change_results(monkeypatch, workers, chunk):
+    monkeypatch.setattr(bsa, "WORKERS", workers)
+    monkeypatch.setattr(bsa, "CHUNK_ELEMENTS", chunk)
+    q, k, v, bm, kpm = make_case(2, 4, 2, 100, 100, 8, 8, 0.3, True, True, seed=3)
+    check_against_reference(q, k, v, bm, 8, True, kpm)
+    assert torch.get_num_threads() >= 1
+
+
+def test_fully_masked_rows_are_zero_with_zero_grads():
+    B, H, L, D, b = 2, 2, 40, 8, 8
+    bm = torch.rand(5, 5, generator=torch.Generator().manual_seed(1)) < 0.5
+    bm[:, 0] = True
+    bm[2] = False  # query block 2 keeps nothing
+    kpm = torch.ones(B, L, dtype=torch.bool)
+    kpm[1] = False  # batch item 1: every key is padding
+    kpm[0, :8] = False  # with causal, batch 0's first query block sees no key
+    q, k, v, _, _ = make_case(B, H, H, L, L, D, b)
+    out = check_against_reference(q, k, v, bm, b, True, kpm)
+    assert not torch.isnan(out).any()
+    assert (out[1] == 0).all() and (out[0, :, :8] == 0).all() and (out[:, :, 16:24] == 0).all()
+    idx, cnt = block_mask_to_ell(bm)
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    out, lse = block_sparse_attention_op(*leaves, idx, cnt, b, 0.3, True, kpm)
+    assert torch.isneginf(lse[1]).all() and torch.isneginf(lse[0, :, :8]).all()
+    assert torch.isfinite(lse[0, :, 8:16][(out[0, :, 8:16] != 0).any(-1)]).all()
+    out.sum().backward()
+    assert (leaves[0].grad[1] == 0).all() and (leaves[0].grad[:, :, 16:24] == 0).all()
+    assert (leaves[1].grad[1] == 0).all() and (leaves[2].grad[1] == 0).all()
+
+
+def test_empty_layout_gives_zeros():
+    q, k, v, _, _ = make_case(1, 2, 2, 20, 20, 8, 8)
+    bm = torch.zeros(3, 3, dtype=torch.bool)
+    out = check_against_reference(q, k, v, bm, 8, False, None)
+    assert (out == 0).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (4, 2)])
+def test_full_mask_equals_dense_sdpa(causal, H, Hkv):
+    L, b = 72, 16
+    q, k, v = (torch.randn(2, h, L, 32) for h in (H, Hkv, Hkv))
+    idx, cnt = block_mask_to_ell(torch.ones(5, 5, dtype=torch.bool))
+    ours = block_sparse_attention(q, k, v, idx, cnt, b, causal=causal)
+    dense = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=H != Hkv)
+    torch.testing.assert_close(ours, dense, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(dtype):
+    q, k, v, bm, kpm = make_case(1, 4, 2, 48, 48, 16, 16, 0.5, True, True, seed=5)
+    idx, cnt = block_mask_to_ell(bm)
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    out = block_sparse_attention(*leaves, idx, cnt, 16, None, True, kpm)
+    out.float().sum().backward()
+    assert out.dtype == dtype and all(t.grad.dtype == dtype for t in leaves)
+    ref = reference(*(t.detach().double() for t in leaves), bm, 16, 0.25, True, kpm)
+    torch.testing.assert_close(out.double(), ref, atol=3e-2, rtol=3e-2)
+
+
+def _sample_args(causal: bool, padding: bool, requires_grad: bool = True):
+    q, k, v, bm, kpm = make_case(2, 4, 2, 40, 24, 8, 8, 0.6, causal, padding, seed=11)
+    idx, cnt = block_mask_to_ell(bm)
+    q, k, v = (t.float().requires_grad_(requires_grad) for t in (q, k, v))
+    return (q, k, v, idx, cnt, 8, 0.35, causal, kpm)
+
+
+@pytest.mark.parametrize("causal,padding", [(False, False), (True, True)])
+def test_opcheck(causal, padding):
+    torch.library.opcheck(block_sparse_attention_op, _sample_args(causal, padding))
+    q, k, v, idx, cnt, b, scale, c, kpm = _sample_args(causal, padding, requires_grad=False)
+    out, lse = block_sparse_attention_op(q, k, v, idx, cnt, b, scale, c, kpm)
+    torch.library.opcheck(bsa.block_sparse_attention_backward_op,
+                          (torch.randn_like(out), q, k, v, out, lse, idx, cnt, b, scale, c, kpm))
+
+
+class _Attn(torch.nn.Module):
+    def __init__(self, block_mask: torch.Tensor, b: int, causal: bool):
+        super().__init__()
+        idx, cnt = block_mask_to_ell(block_mask)
+        self.register_buffer("idx", idx)
+        self.register_buffer("cnt", cnt)
+        self.b, self.causal = b, causal
+
+    def forward(self, q, k, v, kpm):
+        return block_sparse_attention(q, k, v, self.idx, self.cnt, self.b, None, self.causal, kpm) * 2.0
+
+
+def test_torch_export():
+    q, k, v, bm, kpm = make_case(1, 4, 2, 40, 40, 8, 8, 0.5, True, True)
+    q, k, v = q.float(), k.float(), v.float()
+    mod = _Attn(bm, 8, True)
+    ep = torch.export.export(mod, (q, k, v, kpm))
+    targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}
+    assert torch.ops.sparsecc.block_sparse_attention.default in targets
+    torch.testing.assert_close(ep.module()(q, k, v, kpm), mod(q, k, v, kpm))
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    q, k, v, bm, kpm = make_case(2, 4, 2, 40, 40, 8, 8, 0.5, True, True)
+    mod = _Attn(bm, 8, True)
+    compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")
+    eager_in = [t.float().requires_grad_() for t in (q, k, v)]
+    comp_in = [t.float().requires_grad_() for t in (q, k, v)]
+    out_e, out_c = mod(*eager_in, kpm), compiled(*comp_in, kpm)
+    torch.testing.assert_close(out_c, out_e)
+    out_e.sum().backward()
+    out_c.sum().backward()
+    for a, c in zip(eager_in, comp_in):
+        torch.testing.assert_close(c.grad, a.grad)
+
+
+def test_bad_layouts_raise_layout_error():
+    q, k, v = (torch.randn(1, 2, 40, 8) for _ in range(3))
+    idx, cnt = block_mask_to_ell(torch.ones(4, 5, dtype=torch.bool))  # 4 query blocks, 5 needed
+    with pytest.raises(LayoutError, match="block_mask_to_ell"):
+        block_sparse_attention(q, k, v, idx, cnt, 8)
+    idx, cnt = block_mask_to_ell(torch.ones(5, 5, dtype=torch.bool))
+    with pytest.raises(LayoutError, match=r"\[0, 5\)"):
+        block_sparse_attention(q, k, v, idx + 1, cnt, 8)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        block_sparse_attention(q, k, v, idx, cnt, 8, key_padding_mask=torch.ones(1, 40))

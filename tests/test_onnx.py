@@ -1,0 +1,277 @@
+"""Sparse ONNX export and the ONNX Runtime backend.
+
+Each sparsecc op's translation is checked against the PyTorch op (fp32, 1e-4); small BERT, GPT-2
+and Llama models compiled with the identity recipe run in ONNX Runtime like the compiled graph,
+at the export shape and at another one; the files pass onnx.checker's full check; the
+inspector and the CLI read them back.
+"""
+
+import inspect
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch.utils import _pytree as pytree
+
+import sparsecc
+import sparsecc.ops.block_sparse_attention as bsa
+from sparsecc import testing as T
+from sparsecc.backends import onnx as sonnx
+from sparsecc.backends.onnx_inspect import inspect_onnx
+from sparsecc.backends.onnxruntime import OnnxRuntimeModule
+from sparsecc.capture import normalize_inputs
+from sparsecc.cli import main
+from sparsecc.errors import UnsupportedError
+from sparsecc.layouts import block_mask_to_ell
+from sparsecc.ops.sparse_ffn import pack_sparse_ffn_weights
+
+TOL = 1e-4
+
+
+def _to_ort(module, args, path, dynamic=False):
+    """Export `module` (an nn.Module calling sparsecc ops) and return (OnnxRuntimeModule, export result)."""
+    gm = torch.export.export(module, args).module()
+    result = sonnx.export_graph(gm, args, {}, str(path), dynamic=dynamic)
+    onnx.checker.check_model(str(path), full_check=True)
+    return OnnxRuntimeModule(str(path), out_spec=result.exported_program.call_spec.out_spec), result
+
+
+def _max_err(a, b):
+    fa, fb = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    assert len(fa) == len(fb)
+    errs = []
+    for x, y in zip(fa, fb):
+        assert x.shape == y.shape
+        both_inf = torch.isinf(x) & torch.isinf(y) & (torch.sign(x) == torch.sign(y))
+        errs.append(float((x - y).abs().masked_fill(both_inf, 0.0).max()))
+    return max(errs)
+
+
+# --- op translations ------------------------------------------------------------------------------
+
+class AttentionVariants(torch.nn.Module):
+    def forward(self, q, k, v, k2, v2, bool_mask, add_mask):
+        att = torch.ops.sparsecc.attention
+        return (att(q, k, v, None, 0.0, False, None, False),
+                att(q, k, v, None, 0.0, True, 0.3, False),  # causal, explicit scale
+                att(q, k2, v2, None, 0.0, False, None, True),  # GQA: 4 query heads, 2 kv heads
+                att(q, k2, v2, None, 0.0, True, None, True),  # GQA + causal
+                att(q, k, v, bool_mask, 0.0, False, None, False),
+                att(q, k, v, add_mask, 0.0, False, None, False))
+
+
+def test_attention_translation(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 12, 8, generator=g) for _ in range(3))
+    k2, v2 = k[:, :2].contiguous(), v[:, :2].contiguous()
+    bool_mask = torch.rand(2, 1, 12, 12, generator=g) > 0.3
+    bool_mask[..., 0] = True  # no fully masked row
+    add_mask = torch.randn(2, 1, 12, 12, generator=g)
+    args = (q, k, v, k2, v2, bool_mask, add_mask)
+    module = AttentionVariants()
+    ort_module, _ = _to_ort(module, args, tmp_path / "attn.onnx")
+    ref, got = module(*args), ort_module(*args)
+    for i, (r, o) in enumerate(zip(ref, got)):
+        assert (r - o).abs().max() < TOL, f"attention variant {i}"
+
+
+class FFNVariants(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down, self.gate = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16), torch.nn.Linear(16, 32)
+
+    def forward(self, x):
+        ffn = torch.ops.sparsecc.ffn
+        up, down, gate = self.up, self.down, self.gate
+        outs = [ffn(x, up.weight, up.bias, down.weight, down.bias, act, None, None)
+                for act in ("relu", "gelu", "gelu_tanh", "silu")]
+        outs.append(ffn(x, up.weight, up.bias, down.weight, down.bias, "silu", gate.weight, gate.bias))  # SwiGLU
+        outs.append(ffn(x, up.weight, None, down.weight, None, "gelu", gate.weight, None))  # GeGLU, no biases
+        return tuple(outs)
+
+
+def test_ffn_translation(tmp_path):
+    torch.manual_seed(0)
+    module, x = FFNVariants().eval(), torch.randn(2, 5, 16)
+    ort_module, _ = _to_ort(module, (x,), tmp_path / "ffn.onnx")
+    for i, (r, o) in enumerate(zip(module(x), ort_module(x))):
+        assert (r - o).abs().max() < TOL, f"ffn variant {i}"
+
+
+class SparseFFNModule(torch.nn.Module):
+    def __init__(self, gated: bool):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+        self.plain = pack_sparse_ffn_weights(r(32, 16), r(32), r(16, 32), r(16), r(16, 4), r(4, 32), r(32), 4, "relu")
+        self.gated = pack_sparse_ffn_weights(r(32, 16), None, r(16, 32), None, r(16, 4), r(4, 32), None, 8, "silu",
+                                             r(32, 16), r(32))
+
+    def forward(self, x):
+        return self.plain(x), self.gated(x)
+
+
+def test_sparse_ffn_translation(tmp_path):
+    module, x = SparseFFNModule(True), torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(2))
+    ort_module, _ = _to_ort(module, (x,), tmp_path / "sffn.onnx")
+    for r, o in zip(module(x), ort_module(x)):
+        assert (r - o).abs().max() < TOL
+    nodes = {n.op_type for n in onnx.load(str(tmp_path / "sffn.onnx")).graph.node}
+    assert {"ArgMax", "Gather"} <= nodes
+
+
+class BlockSparse(torch.nn.Module):
+    def __init__(self, mask: torch.Tensor, block: int):
+        super().__init__()
+        idx, cnt = block_mask_to_ell(mask)
+        self.register_buffer("idx", idx)
+        self.register_buffer("cnt", cnt)
+        self.block = block
+
+    def forward(self, q, k, v, k2, v2, pad):
+        op = bsa.block_sparse_attention_op
+        return (op(q, k, v, self.idx, self.cnt, self.block, 0.35, False, None),
+                op(q, k2, v2, self.idx, self.cnt, self.block, 0.35, True, pad))  # GQA + causal + padding
+
+
+def test_block_sparse_attention_translation(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    L, b = 37, 8  # partial last block
+    mask = torch.rand(5, 5, generator=g) > 0.5
+    mask[:, 0] = True
+    mask[2] = False  # a query block with no kept key block: zeros out, -inf logsumexp
+    q, k, v = (torch.randn(2, 4, L, 8, generator=g) for _ in range(3))
+    k2, v2 = k[:, :2].contiguous(), v[:, :2].contiguous()
+    pad = torch.ones(2, L, dtype=torch.bool)
+    pad[1, -6:] = False
+    module, args = BlockSparse(mask, b), (q, k, v, k2, v2, pad)
+    ort_module, _ = _to_ort(module, args, tmp_path / "bsa.onnx")
+    assert _max_err(module(*args), ort_module(*args)) < TOL
+    proto = onnx.load(str(tmp_path / "bsa.onnx"))
+    for value in list(proto.graph.value_info) + list(proto.graph.output):  # never an L x L tensor
+        dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+        assert dims[-2:] != [L, L], value.name
+
+
+def test_missing_translation_names_the_op(tmp_path, monkeypatch):
+    monkeypatch.delitem(sonnx.TRANSLATIONS, "sparsecc::ffn")
+    module, x = FFNVariants().eval(), torch.randn(2, 5, 16)
+    gm = torch.export.export(module, (x,)).module()
+    with pytest.raises(UnsupportedError, match="no ONNX translation for sparsecc::ffn"):
+        sonnx.export_graph(gm, (x,), {}, str(tmp_path / "m.onnx"))
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_register_translation_decorator():
+    @sonnx.register_translation("sparsecc::not_an_op_yet")
+    def _t(x):
+        return x
+    try:
+        assert sonnx.TRANSLATIONS["sparsecc::not_an_op_yet"] is _t
+        assert _t not in sonnx.translation_table().values()  # the op does not exist: skipped
+    finally:
+        del sonnx.TRANSLATIONS["sparsecc::not_an_op_yet"]
+
+
+# --- models -----------------------------------------------------------------------------------------
+
+def _ids(batch, seq, seed=5):
+    return torch.randint(0, T.VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+MODELS = {
+    "bert": (T.bert, lambda b, s: {"input_ids": _ids(b, s), "attention_mask": torch.ones(b, s, dtype=torch.long)}),
+    "gpt2": (T.gpt2, lambda b, s: (_ids(b, s),)),
+    "llama": (T.llama, lambda b, s: (_ids(b, s),)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def compiled(request, tmp_path_factory):
+    """(name, SparseModel on backend onnxruntime, example inputs, path of its .onnx)."""
+    name = request.param
+    model, inputs = MODELS[name][0]()
+    path = str(tmp_path_factory.mktemp("onnx") / f"{name}.onnx")
+    sm = sparsecc.compile(model, inputs, backend="onnxruntime", check=False,
+                          backend_options={"path": path, "intra_op_num_threads": 1,
+                                           "graph_optimization_level": "all"})
+    return name, sm, inputs, path
+
+
+def _both(sm, inputs):
+    """(PyTorch output of the compiled graph, ONNX Runtime output) on the same inputs."""
+    args, kwargs = normalize_inputs(inputs)
+    with torch.no_grad():
+        ref = sm.graph_module(*args, **{**sm._call_defaults, **kwargs})
+    return ref, sm(*args, **kwargs)
+
+
+def test_model_matches_sparse_model(compiled):
+    name, sm, inputs, path = compiled
+    ref, got = _both(sm, inputs)
+    assert type(got) is type(ref)  # same ModelOutput class
+    assert _max_err(ref, got) < TOL
+    onnx.checker.check_model(path, full_check=True)
+    meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+    assert json.loads(meta["sparsecc.recipe"])["attention"] == {"kind": "identity"}
+    assert [r["op"] for r in json.loads(meta["sparsecc.regions"])] == ["sparsecc::attention", "sparsecc::ffn"] * 2
+
+
+def test_model_other_shape(compiled):
+    name, sm, _, _ = compiled
+    ref, got = _both(sm, MODELS[name][1](3, 24))  # exported at batch 2, length 16
+    assert _max_err(ref, got) < TOL
+
+
+def test_inspect_onnx(compiled, capsys):
+    name, sm, _, path = compiled
+    if name != "bert":
+        pytest.skip("one model is enough for the inspector")
+    found = inspect_onnx(path)
+    assert [(r.op, r.layer, r.density) for r in found.regions] == [
+        ("sparsecc::attention", 0, 1.0), ("sparsecc::ffn", 0, 1.0),
+        ("sparsecc::attention", 1, 1.0), ("sparsecc::ffn", 1, 1.0)]
+    assert found.regions[0].path == "encoder.layer.0.attention.self"
+    assert "attention (unfused Softmax)" not in found.dense  # every softmax is inside a region
+    assert main(["inspect", path, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["regions"]) == 4 and data["recipe"]["ffn"] == {"kind": "identity"}
+    assert main(["inspect", path]) == 0
+    assert "sparsecc::attention" in capsys.readouterr().out
+
+
+def test_ort_backend_options(compiled):
+    name, sm, _, _ = compiled
+    if name != "bert":
+        pytest.skip("one model is enough")
+    runner = sm._runner
+    assert isinstance(runner, OnnxRuntimeModule)
+    assert runner.session.get_providers() == ["CPUExecutionProvider"]
+    assert runner.session.get_session_options().intra_op_num_threads == 1
+    with pytest.raises(UnsupportedError, match="use_cache"):
+        sm(**MODELS["bert"][1](2, 16), use_cache=True)
+    with pytest.raises(UnsupportedError, match="not available"):
+        sparsecc.compile(*T.hand_written(), backend="onnxruntime", check=False,
+                         backend_options={"providers": ["NoSuchExecutionProvider"]})
+
+
+def test_cli_export_spion_runs_from_the_file(tmp_path, capsys):
+    """`sparsecc export` with a SPION recipe: the file alone (layouts inside) runs like the model."""
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"attention": {"kind": "spion", "method": "bigbird", "block": 4, "density": 0.5},
+                                  "ffn": "identity"}))
+    out = tmp_path / "hw.onnx"
+    assert main(["export", "sparsecc.testing:hand_written", "--recipe", str(recipe), "-o", str(out)]) == 0
+    assert "sparsecc::block_sparse_attention" in capsys.readouterr().out
+    onnx.checker.check_model(str(out), full_check=True)
+    found = inspect_onnx(str(out))
+    assert [r.op for r in found.regions] == ["sparsecc::block_sparse_attention", "sparsecc::ffn"]
+    assert 0 < found.regions[0].density < 1
+    model, (x,) = T.hand_written()
+    sm = sparsecc.compile(model, (x,), recipe=sparsecc.Recipe.load(str(recipe)), check=False)
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(got - sm(x).detach().numpy()).max() < TOL
