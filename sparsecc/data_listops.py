@@ -257,7 +257,16 @@ def listops_dataset(n: int, min_len: int = LRA_MIN_LEN, max_len: int = LRA_MAX_L
 
 # ----------------------------------------------------------------------------- model
 class ListOpsAttention(nn.Module):
-    """Multi-head self-attention: dense SDPA, or block-sparse when a layout is set."""
+    """Multi-head self-attention: dense SDPA, or block-sparse when a layout is set.
+
+    Key padding on the block-sparse path (`sparse_padding`):
+      - "bias" (default): q and k get one extra dimension, 1 for queries and 0 / -1e9 for real /
+        padded keys, so a padded key's logit is -1e9 * scale and its probability exactly 0 in
+        fp32 (the op then needs no key_padding_mask). Same outputs and gradients for real tokens
+        as "mask"; several times faster with the current CPU op, which runs one kernel call
+        per batch item when given a key_padding_mask.
+      - "mask": pass key_padding_mask to the op.
+    """
 
     def __init__(self, d_model: int = 64, n_heads: int = 2):
         super().__init__()
@@ -269,6 +278,7 @@ class ListOpsAttention(nn.Module):
         self.v = nn.Linear(d_model, d_model)
         self.out = nn.Linear(d_model, d_model)
         self.layout = None  # Optional[BlockLayout]; set through ListOpsTransformer.set_layouts
+        self.sparse_padding = "bias"
         self._ell: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.collect_maps = False
         self.map_chunk_elements = 1 << 24
@@ -294,8 +304,18 @@ class ListOpsAttention(nn.Module):
             if nb not in self._ell:
                 self._ell[nb] = self.layout.fit(L).ell()
             idx, cnt = self._ell[nb]
-            o = torch.ops.sparsecc.block_sparse_attention(
-                q, k, v, idx, cnt, self.layout.block_size, 1.0 / math.sqrt(self.head_dim), False, keep)[0]
+            scale = 1.0 / math.sqrt(self.head_dim)
+            if self.sparse_padding == "mask":
+                o = torch.ops.sparsecc.block_sparse_attention(
+                    q, k, v, idx, cnt, self.layout.block_size, scale, False, keep)[0]
+            else:  # "bias": padded keys get logit -1e9 through an extra q.k dimension (see class doc)
+                neg = -3e4 if q.dtype == torch.float16 else -1e9
+                one = q.new_ones(B, self.n_heads, L, 1)
+                bias = (~keep).to(q.dtype).mul(neg)[:, None, :, None].expand(B, self.n_heads, L, 1)
+                q2, k2 = torch.cat([q, one], -1), torch.cat([k, bias], -1)
+                v2 = F.pad(v, (0, 1))
+                o = torch.ops.sparsecc.block_sparse_attention(
+                    q2, k2, v2, idx, cnt, self.layout.block_size, scale, False, None)[0][..., :self.head_dim]
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
         return self.out(o.transpose(1, 2).reshape(B, L, -1))
@@ -375,14 +395,17 @@ class ListOpsTransformer(nn.Module):
         return self.head(pooled)
 
     # -- block-sparse path
-    def set_layouts(self, layouts: Optional[Mapping]) -> None:
+    def set_layouts(self, layouts: Optional[Mapping], sparse_padding: str = "bias") -> None:
         """Per-layer block layouts (a LayoutSet keyed by `attention_names()`), or None for dense.
 
         Each layout covers the calibrated length (e.g. 2048 tokens) and is cropped to shorter
         batches with `BlockLayout.fit` (the cropped tiles only hold padding). Layers missing from
-        the mapping stay dense.
+        the mapping stay dense. sparse_padding: "bias" or "mask" (see ListOpsAttention).
         """
         import sparsecc.ops.block_sparse_attention  # noqa: F401  (registers the op)
+
+        if sparse_padding not in ("bias", "mask"):
+            raise ValueError(f"sparse_padding must be 'bias' or 'mask', got {sparse_padding!r}")
 
         mods = self.attention_modules()
         if layouts is not None:
@@ -391,6 +414,7 @@ class ListOpsTransformer(nn.Module):
                 raise KeyError(f"layouts for unknown layers {sorted(unknown)}; this model has {sorted(mods)}")
         for name, mod in mods.items():
             mod.set_layout(None if layouts is None else layouts.get(name))
+            mod.sparse_padding = sparse_padding
 
     @property
     def layouts(self) -> dict:

@@ -25,6 +25,7 @@ def format_table(headers: list[str], rows: list[list], align: str = "") -> str:
 
 def region_table(report) -> str:
     rows = []
+    sparse = any(r.sparse for r in report.regions)
     for r in report.regions:
         if r.kind == "attention":
             detail = f"heads={r.heads}" + (f"/kv={r.kv_heads}" if r.kv_heads != r.heads else "")
@@ -35,14 +36,24 @@ def region_table(report) -> str:
             detail = f"{r.activation}{' gated' if r.gated else ''} {r.d_model}->{r.d_ff}"
             causal = ""
         norm = r.residual.norm_position if r.residual is not None else "?"
-        rows.append([r.kind, r.layer, r.path or r.name, r.module_class, detail, causal, norm, human(r.flops)])
-    table = format_table(["kind", "layer", "module path", "class", "shape", "causal", "LN", "dense FLOPs"], rows,
-                         align="lllllllr")
+        row = [r.kind, r.layer, r.path or r.name, r.module_class, detail, causal, norm, human(r.flops)]
+        if sparse:
+            row += [r.sparse["method"], f"{r.sparse['density']:.3f}", human(r.sparse["flops"])] if r.sparse else \
+                ["dense", "1.000", human(r.flops)]
+        rows.append(row)
+    headers = ["kind", "layer", "module path", "class", "shape", "causal", "LN", "dense FLOPs"]
+    if sparse:
+        headers += ["method", "density", "sparse FLOPs"]
+    table = format_table(headers, rows, align="lllllllrlrr")
     g = report.graph
     total = human(report.dense_flops())
     top = ", ".join(f"{k.replace('aten.', '').replace('.default', '')}x{v}" for k, v in list(g.ops.items())[:8])
-    lines = [f"{report.model}: {len(report.attention)} attention and {len(report.ffn)} FFN regions, "
-             f"{total} dense FLOPs in them", table,
+    summary = f"{total} dense FLOPs in them"
+    if sparse:
+        after = sum((r.sparse or {"flops": r.flops})["flops"] for r in report.regions)
+        summary += f", {human(after)} after sparsification ({report.dense_flops() / max(after, 1):.2f}x fewer)"
+    lines = [f"{report.model}: {len(report.attention)} attention and {len(report.ffn)} FFN regions, {summary}",
+             table,
              f"graph: {g.nodes} nodes, {human(g.parameters)} parameters, inputs {g.inputs}",
              f"ops: {top}"]
     if report.unmatched:

@@ -188,16 +188,31 @@ MODELS = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(MODELS))
-def compiled(request, tmp_path_factory):
-    """(name, SparseModel on backend onnxruntime, example inputs, path of its .onnx)."""
-    name = request.param
-    model, inputs = MODELS[name][0]()
-    path = str(tmp_path_factory.mktemp("onnx") / f"{name}.onnx")
-    sm = sparsecc.compile(model, inputs, backend="onnxruntime", check=False,
-                          backend_options={"path": path, "intra_op_num_threads": 1,
-                                           "graph_optimization_level": "all"})
-    return name, sm, inputs, path
+@pytest.fixture(scope="module")
+def _compile_cache(tmp_path_factory):
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model, inputs = MODELS[name][0]()
+            path = str(tmp_path_factory.mktemp("onnx") / f"{name}.onnx")
+            sm = sparsecc.compile(model, inputs, backend="onnxruntime", check=False,
+                                  backend_options={"path": path, "intra_op_num_threads": 1,
+                                                   "graph_optimization_level": "all"})
+            cache[name] = (name, sm, inputs, path)
+        return cache[name]
+    return get
+
+
+@pytest.fixture(params=sorted(MODELS))
+def compiled(request, _compile_cache):
+    """(name, SparseModel on backend onnxruntime, example inputs, path of its .onnx); compiled once."""
+    return _compile_cache(request.param)
+
+
+@pytest.fixture
+def bert(_compile_cache):
+    return _compile_cache("bert")
 
 
 def _both(sm, inputs):
@@ -225,10 +240,8 @@ def test_model_other_shape(compiled):
     assert _max_err(ref, got) < TOL
 
 
-def test_inspect_onnx(compiled, capsys):
-    name, sm, _, path = compiled
-    if name != "bert":
-        pytest.skip("one model is enough for the inspector")
+def test_inspect_onnx(bert, capsys):
+    name, sm, _, path = bert
     found = inspect_onnx(path)
     assert [(r.op, r.layer, r.density) for r in found.regions] == [
         ("sparsecc::attention", 0, 1.0), ("sparsecc::ffn", 0, 1.0),
@@ -242,17 +255,15 @@ def test_inspect_onnx(compiled, capsys):
     assert "sparsecc::attention" in capsys.readouterr().out
 
 
-def test_ort_backend_options(compiled):
-    name, sm, _, _ = compiled
-    if name != "bert":
-        pytest.skip("one model is enough")
+def test_ort_backend_options(bert):
+    name, sm, _, _ = bert
     runner = sm._runner
     assert isinstance(runner, OnnxRuntimeModule)
     assert runner.session.get_providers() == ["CPUExecutionProvider"]
     assert runner.session.get_session_options().intra_op_num_threads == 1
     with pytest.raises(UnsupportedError, match="use_cache"):
         sm(**MODELS["bert"][1](2, 16), use_cache=True)
-    with pytest.raises(UnsupportedError, match="not available"):
+    with pytest.raises(UnsupportedError, match="not available"):  # checked before exporting
         sparsecc.compile(*T.hand_written(), backend="onnxruntime", check=False,
                          backend_options={"providers": ["NoSuchExecutionProvider"]})
 

@@ -49,14 +49,22 @@ def session_options(intra_op_num_threads: Optional[int] = None, inter_op_num_thr
     return opts
 
 
-def make_session(path: str, providers: Optional[Sequence[str]] = None, options: Any = None, **option_kwargs) -> Any:
-    """An onnxruntime.InferenceSession on `path` (CPU unless `providers` names others)."""
+def check_providers(providers: Optional[Sequence[str]] = None) -> list[str]:
+    """The provider list (default: CPU); raises when one is not available in this onnxruntime build."""
     import onnxruntime as ort
     providers = list(providers or ["CPUExecutionProvider"])
     available = ort.get_available_providers()
     unknown = [p for p in providers if p not in available]
     if unknown:
-        raise UnsupportedError(f"ONNX Runtime providers {unknown} are not available here; available: {available}")
+        raise UnsupportedError(f"ONNX Runtime providers {unknown} are not available here; available: {available}. "
+                               "Install the onnxruntime build for that provider or pick one of those")
+    return providers
+
+
+def make_session(path: str, providers: Optional[Sequence[str]] = None, options: Any = None, **option_kwargs) -> Any:
+    """An onnxruntime.InferenceSession on `path` (CPU unless `providers` names others)."""
+    import onnxruntime as ort
+    providers = check_providers(providers)
     return ort.InferenceSession(path, sess_options=options or session_options(**option_kwargs), providers=providers)
 
 
@@ -126,6 +134,13 @@ def build_module(gm: Any, args: tuple, kwargs: dict, recipe: Any = None, regions
     options: intra_op_num_threads, inter_op_num_threads, graph_optimization_level, session_options.
     """
     from sparsecc.backends.onnx import export_graph
+    check_providers(providers)
+    allowed = {"intra_op_num_threads", "inter_op_num_threads", "graph_optimization_level", "session_options",
+               "optimized_model_path"}
+    bad = sorted(set(options) - allowed)
+    if bad:
+        raise UnsupportedError(f"backend_options {bad} are not known; allowed: "
+                               f"{sorted(allowed | {'path', 'opset', 'providers'})}")
     keep = None
     if path is None:
         keep = tempfile.TemporaryDirectory(prefix="sparsecc-ort-")
@@ -134,11 +149,6 @@ def build_module(gm: Any, args: tuple, kwargs: dict, recipe: Any = None, regions
     sig = _inspect.signature(gm.forward)
     constants = {k: v for k, v in sig.bind_partial(*args, **kwargs).arguments.items()
                  if not any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(v))}
-    allowed = {"intra_op_num_threads", "inter_op_num_threads", "graph_optimization_level", "session_options",
-               "optimized_model_path"}
-    bad = sorted(set(options) - allowed)
-    if bad:
-        raise UnsupportedError(f"backend_options {bad} are not known; allowed: {sorted(allowed | {'path', 'opset', 'providers'})}")
     sess_opts = options.pop("session_options", None)
     return OnnxRuntimeModule(path, signature=sig, constants=constants,
                              out_spec=result.exported_program.call_spec.out_spec, providers=providers,

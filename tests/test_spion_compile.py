@@ -1,0 +1,132 @@
+"""SPION through sparsecc.compile: calibration, layouts per region, the rewrite, the report."""
+
+import warnings
+
+import pytest
+import torch
+
+import sparsecc
+from sparsecc import testing as T
+from sparsecc.calibrate import attention_probs_mean, collect_attention_maps
+from sparsecc.capture import capture, normalize_inputs
+from sparsecc.graph.regions import find_regions
+from sparsecc.passes.manager import max_abs_error
+from sparsecc.passes.spion import split_mask
+
+warnings.filterwarnings("ignore")
+
+
+def _run(model, inputs):
+    args, kwargs = normalize_inputs(inputs)
+    with torch.no_grad():
+        return model(*args, **kwargs)
+
+
+def test_attention_probs_mean_matches_dense_softmax():
+    q, k = torch.randn(2, 3, 37, 8), torch.randn(2, 3, 37, 8)
+    mask = torch.rand(2, 1, 37, 37) > 0.2
+    mask[..., 0] = True
+    ref = torch.softmax((q @ k.transpose(-1, -2) * 0.4).masked_fill(~mask, float("-inf"))
+                        .masked_fill(torch.ones(37, 37, dtype=torch.bool).triu(1), float("-inf")), -1).mean((0, 1))
+    got = attention_probs_mean(q, k, mask, is_causal=True, scale=0.4, chunk=8)  # chunks of 8 rows
+    assert (got - ref).abs().max() < 1e-6
+    assert torch.allclose(got.sum(-1), torch.ones(37))
+
+
+def test_collect_maps_average_over_batches():
+    model, inputs = T.bert("sdpa")
+    captured = capture(model, inputs)
+    from sparsecc.graph.canonicalize import CANONICALIZE
+    for _, fn in CANONICALIZE:
+        fn(captured.gm)
+    captured.gm.recompile()
+    regions = [r for r in find_regions(captured.gm, captured) if r.kind == "attention"]
+    other = {k: v.flip(1) for k, v in inputs.items()}
+    maps = collect_attention_maps(captured, captured.gm, regions, [inputs, other], progress=False)
+    one = collect_attention_maps(captured, captured.gm, regions, [inputs], progress=False)
+    two = collect_attention_maps(captured, captured.gm, regions, [other], progress=False)
+    for name in maps:
+        assert maps[name].shape == (16, 16)
+        assert torch.allclose(maps[name], (one[name] + two[name]) / 2, atol=1e-6)
+        assert torch.allclose(maps[name].sum(-1), torch.ones(16), atol=1e-5)
+    # example 1 pads its last 3 keys: no probability may land there in its share of the mean
+    assert maps[regions[0].name][:, -3:].max() < 0.5 / 16 * 4
+
+
+@pytest.mark.parametrize("factory,density", [(lambda: T.bert("sdpa", seq=32), 1.0), (lambda: T.bert("eager", seq=32), 1.0),
+                                             (T.gpt2, 0.75), (T.llama, 0.75)])
+def test_full_layout_equals_dense(factory, density):
+    """A layout that keeps every allowed block must reproduce dense attention (mask split included)."""
+    model, inputs = factory()
+    recipe = sparsecc.Recipe(attention=sparsecc.Spion(method="random", block=8, density=density), ffn=None)
+    sm = sparsecc.compile(model, inputs, recipe=recipe)
+    targets = [n.target for n in sm.graph_module.graph.nodes]
+    assert targets.count(torch.ops.sparsecc.block_sparse_attention.default) == 2
+    assert max_abs_error(_run(model, inputs), _run(sm, inputs)) <= 1e-5
+
+
+@pytest.mark.parametrize("factory", [lambda: T.bert("sdpa", seq=64), T.gpt2, T.llama])
+def test_spion_cf_calibrates_rewrites_and_reports(factory):
+    model, inputs = factory()
+    calib = [inputs, {k: v.flip(-1) for k, v in inputs.items()} if isinstance(inputs, dict) else (inputs[0].flip(-1),)]
+    recipe = sparsecc.Recipe(attention=sparsecc.Spion(method="spion_cf", block=8, quantile=0.6, kernel_size=3))
+    sm = sparsecc.compile(model, inputs, recipe=recipe, calibration=calib)
+    report = sm.report()
+    assert len(sm.layouts) == len(report.attention) == 2
+    for r in report.attention:
+        layout = sm.layouts[r.name]
+        assert r.sparse["density"] == pytest.approx(layout.density)
+        assert torch.equal(layout.mask.diagonal(), torch.ones(layout.mask.shape[0], dtype=torch.bool))
+        assert layout.causal == r.causal
+        assert r.sparse["flops"] < r.flops
+    assert "density" in report.table()
+    out = _run(sm, inputs)
+    assert all(torch.isfinite(t).all() for t in __import__("torch").utils._pytree.tree_leaves(out)
+               if isinstance(t, torch.Tensor) and t.is_floating_point())
+    # it trains: gradients reach the attention projections through the block-sparse op
+    sum(t.float().pow(2).mean() for t in torch.utils._pytree.tree_leaves(
+        sm(**inputs) if isinstance(inputs, dict) else sm(*inputs)) if isinstance(t, torch.Tensor)
+        and t.is_floating_point()).backward()
+    q_weight = sm.graph_module.get_parameter(report.attention[0].weights["q"])
+    assert q_weight.grad is not None and q_weight.grad.abs().sum() > 0
+
+
+def test_t5_position_bias_regions_stay_dense_with_a_reason():
+    model, inputs = T.t5()
+    sm = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(attention=sparsecc.Spion(block=8, quantile=0.5),
+                                                                ffn=None), calibration=[inputs])
+    targets = [n.target for n in sm.graph_module.graph.nodes]
+    assert torch.ops.sparsecc.block_sparse_attention.default not in targets
+    assert sum("learned position bias" in note for note in sm.report().unmatched) == 4  # 2 enc + 2 dec self
+    assert max_abs_error(_run(model, inputs), _run(sm, inputs)) <= 1e-5
+
+
+def test_split_mask_cases():
+    keys = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    pad = keys[:, None, None, :].expand(2, 1, 4, 4)
+    assert torch.equal(split_mask(pad, causal=False), keys)
+    causal = pad & torch.ones(4, 4, dtype=torch.bool).tril()
+    assert torch.equal(split_mask(causal, causal=True), keys)
+    assert split_mask(causal, causal=False) is None  # causal structure not declared: refuse
+    additive = torch.zeros(2, 1, 4, 4).masked_fill(~pad, torch.finfo(torch.float32).min)
+    assert torch.equal(split_mask(additive, causal=False), keys)
+    assert split_mask(torch.randn(2, 4, 4, 4), causal=False) is None  # a bias
+
+
+def test_spion_recipe_validation_and_save(tmp_path):
+    with pytest.raises(sparsecc.errors.RecipeError, match=r"recipe.attention.quantile: got 1.5"):
+        sparsecc.Spion(quantile=1.5)
+    with pytest.raises(sparsecc.errors.RecipeError, match=r"recipe.attention.method: 'spoin_cf' is not a SPION method"):
+        sparsecc.Recipe.from_dict({"attention": {"kind": "spion", "method": "spoin_cf"}})
+    with pytest.raises(sparsecc.errors.RecipeError, match=r"recipe.attention.block: got '64'"):
+        sparsecc.Recipe.from_dict({"attention": {"kind": "spion", "block": "64"}})
+    model, inputs = T.bert("sdpa", seq=32)
+    sm = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(attention=sparsecc.Spion(method="bigbird", block=8,
+                                                                                          density=0.5)))
+    sm.save_layouts(str(tmp_path / "layouts"))
+    assert (tmp_path / "layouts" / "layouts.png").stat().st_size > 1000
+    again = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(
+        attention=sparsecc.Spion(layouts=str(tmp_path / "layouts"))))
+    for name, layout in sm.layouts.items():
+        assert torch.equal(again.layouts[name].mask, layout.mask)
+    assert max_abs_error(_run(sm, inputs), _run(again, inputs)) <= 1e-6
