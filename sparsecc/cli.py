@@ -58,9 +58,53 @@ def _export(args) -> int:
     return 0
 
 
+def _calibration_batches(loaded, batches: int, seq_len: int):
+    """Real text (standard-library docstrings) through the model's tokenizer when it has one, else None."""
+    from sparsecc.models import text_batches
+    return text_batches(loaded, batches, seq_len)
+
+
+def _compile(args) -> int:
+    import sparsecc
+    from sparsecc.models import load_model
+
+    loaded = load_model(args.model, batch=args.batch, seq_len=args.seq_len)
+    if loaded.model is None:
+        raise SparseccError("sparsecc compile needs a model it can re-capture: a Hugging Face directory, "
+                            "module:function or 'minilm' (a .pt2 file holds no nn.Module)")
+    recipe = sparsecc.Recipe.load(args.recipe) if args.recipe else sparsecc.Recipe()
+    calibration = _calibration_batches(loaded, args.calibration_batches, args.seq_len)
+    sm = sparsecc.compile(loaded.model, loaded.inputs, recipe=recipe, calibration=calibration)
+    report = sm.report()
+    report.model = loaded.name
+    from sparsecc.io import write_text
+    os.makedirs(args.out, exist_ok=True)
+    write_text(os.path.join(args.out, "report.txt"), report.table() + "\n")
+    write_text(os.path.join(args.out, "report.json"), json.dumps(report.to_dict(), indent=2, default=str))
+    write_text(os.path.join(args.out, "recipe.json"), json.dumps(recipe.to_dict(), indent=2))
+    print(report.table())
+    if sm.layouts:
+        sm.save_layouts(os.path.join(args.out, "layouts"), png=True)
+        print(f"layouts and their picture written to {os.path.join(args.out, 'layouts')}")
+    print(f"report written to {args.out}")
+    return 0
+
+
+def _layout(args) -> int:
+    from sparsecc.layouts import LayoutSet, save_layout_png
+
+    layouts = LayoutSet.load_dir(args.dir)
+    print(layouts.summary())
+    if args.png:
+        path = os.path.join(args.dir, "layouts.png")
+        save_layout_png(layouts, path)
+        print(f"picture written to {path}")
+    return 0
+
+
 def _demo(args) -> int:
     from sparsecc.demo import run_demo
-    run_demo(batch=args.batch, max_len=args.seq_len)
+    run_demo(batch=args.batch, max_len=args.seq_len, out_dir=args.out)
     return 0
 
 
@@ -89,9 +133,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--static", action="store_true", help="export with static shapes")
     p.set_defaults(func=_export)
 
+    p = sub.add_parser("compile", help="compile MODEL with a recipe; write the report and block layouts to --out")
+    p.add_argument("model", help="Hugging Face model directory, module:function, or 'minilm'")
+    p.add_argument("--recipe", help="recipe file (.toml, .json, .yaml); default: the identity recipe")
+    p.add_argument("--out", required=True, help="output directory (report.txt, report.json, layouts/)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--calibration-batches", type=int, default=8,
+                   help="batches of standard-library docstring text for calibration (models with a tokenizer)")
+    p.set_defaults(func=_compile)
+
+    p = sub.add_parser("layout", help="summarise block layouts saved by `sparsecc compile` (and draw them)")
+    p.add_argument("dir", help="a layouts directory (index.json + one file per layer)")
+    p.add_argument("--png", action="store_true", help="write layouts.png next to them")
+    p.set_defaults(func=_layout)
+
     p = sub.add_parser("demo", help="the main job on the embedded all-MiniLM-L6-v2")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--out", default="out/demo", help="where the demo writes its pictures")
     p.set_defaults(func=_demo)
     return parser
 

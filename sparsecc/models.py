@@ -26,6 +26,7 @@ class LoadedModel:
     model: Optional[torch.nn.Module]  # None for a .pt2 (already captured)
     inputs: Any
     exported_path: Optional[str] = None
+    source_dir: Optional[str] = None  # a Hugging Face directory (tokenizer files may be there)
 
 
 def hf_example_inputs(config, batch: int, seq_len: int, seed: int = 0) -> dict:
@@ -54,7 +55,7 @@ def load_hf_dir(path: str, batch: int, seq_len: int) -> LoadedModel:
                              f"({max_pos}); choose --seq-len <= {max_pos}")
     model = AutoModel.from_pretrained(path).eval()
     return LoadedModel(name=os.path.basename(os.path.normpath(path)), model=model,
-                       inputs=hf_example_inputs(config, batch, seq_len))
+                       inputs=hf_example_inputs(config, batch, seq_len), source_dir=path)
 
 
 def minilm_dir() -> str:
@@ -100,3 +101,26 @@ def load_model(spec: str, batch: int = 1, seq_len: int = 128) -> LoadedModel:
         return LoadedModel(name=fn_name, model=result[0], inputs=result[1])
     raise ModelSpecError(f"cannot interpret MODEL {spec!r}: expected a Hugging Face directory, a .pt2 file, "
                          "module:function, or 'minilm'")
+
+
+def text_batches(loaded: LoadedModel, batches: int, seq_len: int, batch_size: Optional[int] = None,
+                 offset: int = 0) -> Optional[list]:
+    """Batches of standard-library docstring text, tokenized by the model's own tokenizer and padded
+    to exactly `seq_len` (layouts are made for one length); None when the model has no tokenizer."""
+    if loaded.source_dir is None or not any(
+            os.path.exists(os.path.join(loaded.source_dir, f)) for f in ("tokenizer.json", "vocab.txt")):
+        return None
+    from transformers import AutoTokenizer
+
+    from sparsecc.data import stdlib_sentences
+
+    tokenizer = AutoTokenizer.from_pretrained(loaded.source_dir)
+    size = batch_size or max(1, loaded.inputs["input_ids"].shape[0])
+    # long paragraphs first, so calibration sees real attention over most of the length
+    text = sorted(stdlib_sentences(4 * batches * size, offset=offset), key=len, reverse=True)[: batches * size]
+    out = []
+    for i in range(batches):
+        enc = tokenizer(text[i * size:(i + 1) * size], padding="max_length", truncation=True, max_length=seq_len,
+                        return_tensors="pt")
+        out.append({k: enc[k] for k in loaded.inputs if k in enc})
+    return out

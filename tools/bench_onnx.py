@@ -174,6 +174,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     logging.getLogger("torch").setLevel(logging.ERROR)
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    logging.getLogger("onnxscript").setLevel(logging.ERROR)  # constant-folding notes of optimize_for_ort
     threads = torch.get_num_threads()
 
     def log(msg: str) -> None:

@@ -25,7 +25,11 @@ Batches are bucketed by length (sorted, cut into batches, batch order shuffled p
 cropped to their longest example rounded up to the block size; layouts calibrated at --seq-len
 are cropped with BlockLayout.fit (exact: the cropped tiles only hold padding).
 
-The sparse variants call `torch.ops.sparsecc.block_sparse_attention` directly through the
+Layouts (--engine): with sparsecc.compile available (sparsecc.Spion exists) the SPION-CF, SPION-C
+and BigBird layouts come from `sparsecc.compile(model, example, recipe=Recipe(attention=Spion(...)),
+calibration=batches)` on the warmed-up model, and the compiled model is checked against the direct
+path; otherwise from the model's own attention maps and the sparsecc.layouts generators. Training of
+the sparse variants calls `torch.ops.sparsecc.block_sparse_attention` directly through the
 model's per-layer layouts (`ListOpsTransformer.set_layouts`).
 
 Examples:
@@ -189,9 +193,9 @@ def branch(run: Run, name: str) -> Run:
 
 # ----------------------------------------------------------------------------- timing estimate
 def estimate_step_seconds(args, batches: Batches) -> tuple[float, float]:
-    """(dense, sparse) seconds per training step, measured on a throwaway model (median of 2)."""
+    """(dense, sparse) seconds per training step, measured on a throwaway model (median of 3)."""
     probe = new_run("probe", args, seed_offset=99)
-    steps = [len(batches) // 2, len(batches) // 3, (2 * len(batches)) // 3]
+    steps = [len(batches) // 2, len(batches) // 3, (2 * len(batches)) // 3, len(batches) // 4]
     out = []
     for layouts in (None, "sparse"):
         if layouts:
@@ -298,6 +302,11 @@ def parse_args(argv=None):
     p.add_argument("--max-dense-frac", type=float, default=0.3, help="force the switch after this fraction of steps")
     p.add_argument("--calib-batches", type=int, default=2, help="batches for the attention maps")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS}")
+    p.add_argument("--engine", choices=("auto", "compile", "direct"), default="auto",
+                   help="where the sparse layouts come from: 'compile' = sparsecc.compile with Recipe(attention="
+                        "Spion(...)) and calibration batches; 'direct' = the model's own attention maps and the "
+                        "sparsecc.layouts generators; auto = compile when sparsecc.Spion exists. Training always "
+                        "runs the model's direct block-sparse path (see the module doc)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--out", default=None, help="markdown report file")
@@ -324,9 +333,36 @@ def parse_args(argv=None):
         p.error(f"unknown variants {bad}; choose from {VARIANTS}")
     if args.max_len > args.seq_len:
         p.error(f"--max-len {args.max_len} exceeds --seq-len {args.seq_len}")
+    if args.engine == "auto":
+        import sparsecc
+        args.engine = "compile" if hasattr(sparsecc, "Spion") else "direct"
     if args.png_dir is None:
         args.png_dir = (os.path.splitext(args.out)[0] + "_layouts") if args.out else "listops_layouts"
     return args
+
+
+def compiled_layouts(model: ListOpsTransformer, calib: list, args, method: str, info: dict, **spion_kw) -> LayoutSet:
+    """Layouts through sparsecc.compile(model, ..., recipe=Recipe(attention=Spion(...)), calibration=calib).
+
+    Also checks the compiled (rewritten) model against the model's direct block-sparse path with the
+    same layouts on the first calibration batch and records the largest logit difference.
+    """
+    import sparsecc
+
+    src = copy.deepcopy(model).eval()
+    src.set_layouts(None)
+    recipe = sparsecc.Recipe(attention=sparsecc.Spion(method=method, block=args.block, **spion_kw), ffn=None)
+    t = time.perf_counter()
+    sm = sparsecc.compile(src, (calib[0],), recipe=recipe, calibration=[(b,) for b in calib])
+    seconds = time.perf_counter() - t
+    layouts = LayoutSet((name, sm.layouts[name]) for name in src.attention_names())
+    with torch.no_grad():
+        src.set_layouts(layouts)
+        diff = float((sm(calib[0]) - src(calib[0])).abs().max())
+    info["notes"].append(f"{method}: layouts from sparsecc.compile in {seconds:.0f} s (capture, calibration on "
+                         f"{len(calib)} batches, rewrite); compiled model vs direct path, max |logit diff| "
+                         f"{diff:.1e}.")
+    return layouts
 
 
 def main(argv=None) -> int:
@@ -364,7 +400,8 @@ def main(argv=None) -> int:
         per_step += s if "bigbird" in args.variants else 0.0
         # evaluation (~1/3 of a training step per batch) and calibration checks
         eval_s = len(args.variants) * len(test) * max(d, s) / 3
-        calib_s = 20 * args.calib_batches * d * (args.seq_len / max(1.0, info["mean_len"])) ** 2 / 2
+        n_checks = math.ceil(args.max_dense_frac * 20) + 1  # checks until the (latest) switch
+        calib_s = n_checks * args.calib_batches * d * (args.seq_len / max(1.0, info["mean_len"])) ** 2 / 2
         usable = max(60.0, 0.85 * args.budget_minutes * 60 - (time.perf_counter() - t_start) - eval_s - calib_s)
         args.steps = max(10, int(usable / per_step))
         print(f"probe: dense {d:.2f}s/step, sparse ~{s:.2f}s/step -> {args.steps} steps per variant", flush=True)
@@ -431,11 +468,18 @@ def main(argv=None) -> int:
             info["switch"] = {"step": W, "reason": state["reason"], "deltas": state["deltas"]}
             maps = state["maps"]
             t = time.perf_counter()
-            layouts["spion_cf"] = LayoutSet(
-                (nm, spion_cf(A, block_size=args.block, quantile=args.quantile, name=nm)) for nm, A in maps.items())
-            density = layouts["spion_cf"].mean_density()
-            layouts["spion_c"] = LayoutSet(
-                (nm, spion_c(A, block_size=args.block, density=density, name=nm)) for nm, A in maps.items())
+            if args.engine == "compile":
+                layouts["spion_cf"] = compiled_layouts(base.model, calib, args, "spion_cf", info,
+                                                       quantile=args.quantile)
+                density = layouts["spion_cf"].mean_density()
+                if "spion_c" in args.variants:
+                    layouts["spion_c"] = compiled_layouts(base.model, calib, args, "spion_c", info, density=density)
+            else:
+                layouts["spion_cf"] = LayoutSet(
+                    (nm, spion_cf(A, block_size=args.block, quantile=args.quantile, name=nm)) for nm, A in maps.items())
+                density = layouts["spion_cf"].mean_density()
+                layouts["spion_c"] = LayoutSet(
+                    (nm, spion_c(A, block_size=args.block, density=density, name=nm)) for nm, A in maps.items())
             print(f"switch at step {W} ({state['reason']}); SPION-CF densities "
                   f"{fmt_densities(layouts['spion_cf'])} (layouts in {time.perf_counter() - t:.1f}s)", flush=True)
     else:
@@ -449,8 +493,12 @@ def main(argv=None) -> int:
             density = LayoutSet((nm, spion_cf(A, block_size=args.block, quantile=args.quantile, name=nm))
                                 for nm, A in maps.items()).mean_density()
             info["notes"].append("BigBird density taken from SPION-CF layouts of the untrained model.")
-        bb = layout_at_density("bigbird", args.seq_len, args.block, density)
-        layouts["bigbird"] = LayoutSet((nm, bb.with_name(nm)) for nm in ListOpsTransformer().attention_names())
+        if args.engine == "compile":
+            layouts["bigbird"] = compiled_layouts(new_run("BigBird", args).model, calib, args, "bigbird", info,
+                                                  density=density, seed=args.seed)
+        else:
+            bb = layout_at_density("bigbird", args.seq_len, args.block, density)
+            layouts["bigbird"] = LayoutSet((nm, bb.with_name(nm)) for nm in ListOpsTransformer().attention_names())
 
     os.makedirs(args.png_dir, exist_ok=True)
     for name, ls in layouts.items():
@@ -480,8 +528,10 @@ def main(argv=None) -> int:
             finish(run, layouts["bigbird"])
     info["notes"].append(f"Total wall time {time.perf_counter() - t_start:.0f} s (budget {args.budget_minutes:g} min).")
     info["notes"].append(
-        "Sparse variants run torch.ops.sparsecc.block_sparse_attention directly through the model's per-layer "
-        "layouts; key padding via the model's 'bias' mode (exact, see ListOpsAttention).")
+        f"Layouts: engine '{args.engine}'. Sparse training runs torch.ops.sparsecc.block_sparse_attention "
+        "directly through the model's per-layer layouts (key padding via the model's exact 'bias' mode, see "
+        "ListOpsAttention): the compiled SparseModel is an exported graph that cannot switch to train mode "
+        "(dropout) and is fixed to the calibrated length, while batches here are cropped to their longest example.")
     write_report(args, results, info, final=True)
     return 0
 

@@ -400,8 +400,15 @@ def export_graph(gm: fx.GraphModule, args: tuple, kwargs: dict, path: str, dynam
                                        "try dynamic=False") from err
             log.warning("dynamic re-capture failed (%s); exporting with static shapes", err)
     opset = DEFAULT_OPSET if opset is None else int(opset)
-    program = torch.onnx.export(ep, dynamo=True, custom_translation_table=translation_table(),
-                                opset_version=opset, optimize=optimize, verbose=False)
+    try:
+        program = torch.onnx.export(ep, dynamo=True, custom_translation_table=translation_table(),
+                                    opset_version=opset, optimize=optimize, verbose=False)
+    except Exception as err:  # noqa: BLE001 - the exporter's report is long; name the failing node
+        summary = [line for line in str(err).splitlines() if line.startswith("<class")]
+        raise UnsupportedError(f"ONNX export: torch.onnx could not convert the graph at opset {opset}: "
+                               f"{summary[-1] if summary else str(err).splitlines()[0]} (innermost cause: "
+                               f"{summary[0] if summary else type(err).__name__}). Expected every node to have "
+                               "an ONNX lowering; see the chained exception for the full report") from err
     records = region_records(gm, regions)
     is_dynamic = bool(ep.range_constraints)
     meta = {"sparsecc.version": _version(), "sparsecc.regions": json.dumps(records),

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import torch.fx as fx
 
 from sparsecc.graph.fx_utils import LINEAR, SDPA
+from sparsecc.io import write_text
 
 _COLORS = {"attention": "#fde0c5", "ffn": "#d4e8f7"}
 
@@ -54,7 +53,4 @@ def graph_to_dot(gm: fx.GraphModule, regions: list, title: str = "") -> str:
 
 
 def write_dot(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text(path, text)

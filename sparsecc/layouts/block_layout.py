@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,31 +25,13 @@ from typing import Any, Callable, Literal
 import torch
 
 from sparsecc.errors import LayoutError
+from sparsecc.io import atomic_write  # noqa: F401  (re-exported)
 from sparsecc.layouts.indexing import block_mask_to_csr, block_mask_to_ell
 
 ExtendRule = Literal["error", "diagonal", "repeat_band"]
 _FORMAT = "sparsecc.BlockLayout"
 _SET_FORMAT = "sparsecc.LayoutSet"
 _VERSION = 1
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)` on a temporary file next to `path`, then move it into place.
-
-    Readers never see a half-written file: either the old file or the complete new one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def ceil_blocks(length: int, block_size: int) -> int:

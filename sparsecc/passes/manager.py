@@ -133,9 +133,5 @@ def _short(changes: list, n: int = 5) -> str:
 
 
 def _dump(gm: fx.GraphModule, directory: str, name: str) -> None:
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, name)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(str(gm.graph))
-    os.replace(tmp, path)
+    from sparsecc.io import write_text
+    write_text(os.path.join(directory, name), str(gm.graph))
