@@ -193,6 +193,12 @@ class SparseModel(nn.Module):
     def forward(self, *args, **kwargs):
         return self._runner(*args, **{**self._call_defaults, **kwargs})
 
+    def train(self, mode: bool = True) -> "SparseModel":
+        """Set the training flag. The graph computes the same in both modes: it was captured in eval
+        mode (no dropout), and torch.export's graph modules do not switch modes."""
+        self.training = mode
+        return self
+
     def report(self) -> Report:
         return self._report
 

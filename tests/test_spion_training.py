@@ -1,0 +1,81 @@
+"""SPION training: dense warm-up, the switch at the criterion, sparse training continues and learns."""
+
+import warnings
+
+import torch
+from torch import nn
+
+import sparsecc
+from sparsecc.training.spion import SpionSchedule, fit
+
+warnings.filterwarnings("ignore")
+
+
+class Classifier(nn.Module):
+    def __init__(self, vocab=16, d=32, layers=2, length=32):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(length, d) * 0.02)
+        layer = nn.TransformerEncoderLayer(d, 4, 64, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, ids):
+        return self.head(self.encoder(self.embed(ids) + self.pos).mean(1))
+
+
+def _batches(n, seed=0, batch=16, length=32):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 16, (batch, length), generator=g)
+        labels = ((ids == 1).sum(1) > (ids == 2).sum(1)).long()  # needs attention over the whole sequence
+        out.append((ids, labels))
+    return out
+
+
+def _loss(model, batch):
+    return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def test_fit_switches_at_the_criterion_and_keeps_learning():
+    torch.manual_seed(0)
+    model = Classifier()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train = _batches(40)
+    schedule = SpionSchedule(sparsecc.Spion(method="spion_cf", block=8, quantile=0.5, kernel_size=3),
+                             check_every=5, threshold_pct=1e9, calibration_batches=2)
+    result = fit(model, train, _loss, steps=60, lr=3e-3, schedule=schedule, progress=False)
+    # maps at steps 5, 10, 15: the third check is the first with a delta, and 1e9 % always passes
+    assert result.switched_at == 15
+    assert len(result.deltas) == 3 and set(result.deltas[-1]) == {"encoder.layers.0.self_attn", "encoder.layers.1.self_attn"}
+    assert isinstance(result.model, sparsecc.SparseModel)
+    ops = [n.target for n in result.model.graph_module.graph.nodes]
+    assert ops.count(torch.ops.sparsecc.block_sparse_attention.default) == 2
+    assert all(0 < l.density < 1 for l in result.model.layouts.values())
+    losses = torch.tensor(result.losses)
+    assert torch.isfinite(losses).all()
+    assert losses[-10:].mean() < losses[:10].mean()  # it learned, across the switch
+    # the sparse model predicts held-out data better than chance
+    test = _batches(4, seed=1)
+    with torch.no_grad():
+        acc = torch.cat([(result.model(x).argmax(-1) == y) for x, y in test]).float().mean()
+    assert acc > 0.6
+    for k, v in model.state_dict().items():  # the caller's model is untouched
+        assert torch.equal(v, before[k])
+
+
+def test_no_switch_when_maps_keep_moving():
+    torch.manual_seed(0)
+    schedule = SpionSchedule(sparsecc.Spion(block=8), check_every=5, threshold_pct=1e-9)
+    result = fit(Classifier(), _batches(10), _loss, steps=20, lr=3e-3, schedule=schedule, progress=False)
+    assert result.switched_at is None and not isinstance(result.model, sparsecc.SparseModel)
+    assert len(result.deltas) == 4
+
+
+def test_max_dense_steps_forces_the_switch():
+    torch.manual_seed(0)
+    schedule = SpionSchedule(sparsecc.Spion(method="bigbird", block=8, density=0.5), check_every=100,
+                             max_dense_steps=7)
+    result = fit(Classifier(), _batches(10), _loss, steps=10, schedule=schedule, progress=False)
+    assert result.switched_at == 7 and isinstance(result.model, sparsecc.SparseModel)
