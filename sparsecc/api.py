@@ -19,7 +19,7 @@ from sparsecc.graph.fx_utils import SDPA, aten, is_call, module_path
 from sparsecc.graph.regions import Region, find_regions
 from sparsecc.passes.identity import attention_to_op, ffn_to_op
 from sparsecc.passes.manager import Pass, PassContext, PassManager, PassResult
-from sparsecc.recipe import Identity, Recipe, Spion
+from sparsecc.recipe import Identity, Recipe, SparseFFN, Spion
 
 log = logging.getLogger("sparsecc")
 
@@ -162,6 +162,10 @@ def _rewrite_passes(recipe: Recipe, ctx: PassContext, calibration: Any) -> list[
         passes.append(Pass("spion", spion_rewrite, tolerance=None))
     if isinstance(recipe.attention, Identity):
         passes.append(Pass("attention_identity", attention_to_op))
+    if isinstance(recipe.ffn, SparseFFN):
+        from sparsecc.passes.sparse_ffn import prepare_sparse_ffn, sparse_ffn_rewrite
+        prepare_sparse_ffn(recipe.ffn, ctx, calibration)
+        passes.append(Pass("sparse_ffn", sparse_ffn_rewrite, tolerance=None))
     if isinstance(recipe.ffn, Identity):
         passes.append(Pass("ffn_identity", ffn_to_op))
     if recipe.flow is not None:

@@ -108,3 +108,26 @@ def collect_attention_maps(captured: Captured, gm: fx.GraphModule, regions: list
         raise SparseccError("calibration saw no batches: pass calibration=[inputs, ...] with at least one batch "
                             "in the same format as example_inputs")
     return {name: collector.sums[name] / collector.counts[name] for name in collector.sums}
+
+
+def collect_rows(captured: Captured, gm: fx.GraphModule, nodes: list[fx.Node], batches: Iterable[Any],
+                 max_rows: int = 4096, progress: bool = True) -> dict[fx.Node, torch.Tensor]:
+    """The values of `nodes` on the calibration batches, flattened to rows [tokens, features] (at most
+    `max_rows` per node): what FFN controllers are distilled from."""
+    from sparsecc.graph.regions import evaluate
+
+    rows: dict[fx.Node, list] = {n: [] for n in nodes}
+    iterator = batches
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+            iterator = tqdm(batches, desc="calibrating FFN inputs", unit="batch", leave=False)
+        except ImportError:  # pragma: no cover
+            pass
+    for batch in iterator:
+        args, kwargs = normalize_inputs(batch)
+        values = evaluate(gm, nodes, args, {**captured.call_defaults, **kwargs})
+        for n, v in values.items():
+            if sum(t.shape[0] for t in rows[n]) < max_rows:
+                rows[n].append(v.detach().reshape(-1, v.shape[-1]).float())
+    return {n: torch.cat(v)[:max_rows] for n, v in rows.items() if v}

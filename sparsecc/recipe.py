@@ -200,3 +200,29 @@ class Spion:
     @property
     def needs_calibration(self) -> bool:
         return self.layouts is None and self.method.startswith("spion")
+
+
+@register_method("ffn")
+@dataclass(frozen=True)
+class SparseFFN:
+    """Sparse FFN of Scaling Transformers: a low-rank controller keeps one unit in every block of n.
+
+    init: "distill" fits each controller to the arg-max unit of the dense FFN's activations on the
+    calibration inputs (convert a dense model); "random" starts untrained (train from scratch).
+    """
+
+    kind: typing.ClassVar[str] = "sparse_ffn"
+    n: int = 32
+    d_lowrank: int = 64
+    init: str = "distill"
+    steps: int = 300  # controller distillation steps (after a least-squares start)
+    max_tokens: int = 4096  # calibration rows per region
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (isinstance(self.n, int) and self.n >= 1):
+            raise RecipeError(f"recipe.ffn.n: got {self.n!r}; expected an int >= 1 (the paper uses 32)")
+        if not (isinstance(self.d_lowrank, int) and self.d_lowrank >= 1):
+            raise RecipeError(f"recipe.ffn.d_lowrank: got {self.d_lowrank!r}; expected an int >= 1 (e.g. 64)")
+        if self.init not in ("distill", "random"):
+            raise RecipeError(f"recipe.ffn.init: got {self.init!r}; expected 'distill' or 'random'")

@@ -66,7 +66,7 @@ def check_against_reference(q, k, v, block_mask, b, causal, kpm, scale=None, ato
     return out
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(B=st.integers(1, 2), Hkv=st.integers(1, 2), G=st.integers(1, 3), L=st.integers(1, 70),
        S=st.integers(1, 70), D=st.sampled_from([4, 8, 16]), b=st.sampled_from([4, 8, 16]),
        density=st.floats(0.0, 1.0), causal=st.booleans(), padding=st.booleans(), seed=st.integers(0, 2**16))
@@ -186,6 +186,8 @@ def test_torch_export():
 def test_torch_compile_fullgraph_forward_and_backward():
     q, k, v, bm, kpm = make_case(2, 4, 2, 40, 40, 8, 8, 0.5, True, True)
     mod = _Attn(bm, 8, True)
+    # aot_eager: dynamo + AOT autograd through the fake and autograd registrations, without the
+    # minutes of C++ compilation Inductor needs on a busy 2-core machine
     compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")
     eager_in = [t.float().requires_grad_() for t in (q, k, v)]
     comp_in = [t.float().requires_grad_() for t in (q, k, v)]

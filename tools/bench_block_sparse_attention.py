@@ -175,8 +175,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="L in (1024, 2048), density 1/8, 3 repeats")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (no compile)")
     p.add_argument("--no-backward", action="store_true", help="skip forward+backward")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--out", help="also write the table to this file")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.lengths, args.densities, args.repeats = [1024, 2048], [1 / 8], min(args.repeats, 3)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)

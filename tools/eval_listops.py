@@ -151,10 +151,10 @@ def train_steps(run: Run, batches: Batches, until: int, args, warmup_steps: int,
         else:
             run.dense_steps += 1
             run.dense_seconds += dt
-        run.losses.append(float(loss))
+        run.losses.append(loss.item())
         run.step += 1
         if args.verbose and (run.step % max(1, args.log_every) == 0):
-            print(f"  [{run.name}] step {run.step}/{until} loss {float(loss):.4f} lr {args.lr * f:.2e} "
+            print(f"  [{run.name}] step {run.step}/{until} loss {run.losses[-1]:.4f} lr {args.lr * f:.2e} "
                   f"L={ids.shape[1]} {dt:.2f}s", flush=True)
         if on_step is not None and on_step(run):
             return

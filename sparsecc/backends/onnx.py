@@ -260,9 +260,8 @@ def _block_sparse_attention(q, k, v, kv_indices, kv_counts, block_size: int = 64
     b = int(block_size)
     L, S = _dim(q, 2), _dim(k, 2)
     nq = _dim(kv_indices, 0)
-    width = _dim(kv_indices, 1)
     nk = op.Div(op.Add(S, b - 1), [b])
-    zero = op.Constant(value_ints=[0])
+    zero = _ints(0)
     # pad to whole blocks along the sequence axis
     q_pad = op.Pad(q, op.Concat(zero, zero, zero, zero, zero, zero, op.Sub(op.Mul(nq, _ints(b)), L), zero, axis=0))
     k_pad, v_pad = (op.Pad(t, op.Concat(zero, zero, zero, zero, zero, zero, op.Sub(op.Mul(nk, _ints(b)), S), zero,
@@ -270,24 +269,78 @@ def _block_sparse_attention(q, k, v, kv_indices, kv_counts, block_size: int = 64
     B, Hkv, D = _dim(q, 0), _dim(k, 1), _dim(q, 3)
     qb = op.Reshape(q_pad, op.Concat(B, Hkv, _ints(-1), nq, _ints(b), D, axis=0))  # [B, Hkv, G, nq, b, D]
     kv_shape = op.Concat(B, Hkv, nk, _ints(b), D, axis=0)
-    gathered_shape = op.Concat(B, Hkv, _ints(1), nq, op.Mul(width, _ints(b)), D, axis=0)
-    kg, vg = (op.Reshape(op.Gather(op.Reshape(t, kv_shape), kv_indices, axis=2), gathered_shape)
-              for t in (k_pad, v_pad))  # [B, Hkv, 1, nq, W*b, D]
-    scores = op.Mul(op.MatMul(qb, op.Transpose(kg, perm=[0, 1, 2, 3, 5, 4])), float(scale))
-
-    # element mask [nq, b, W*b], shared by batch and heads
-    offs = op.Range(0, b, 1)
-    slot_ok = op.Less(op.Range(0, op.Squeeze(width, [0]), 1), op.Unsqueeze(kv_counts, [1]))  # [nq, W]
-    kpos = op.Reshape(op.Add(op.Unsqueeze(op.Mul(kv_indices, b), [2]), offs), op.Concat(nq, _ints(-1), axis=0))
-    allowed = op.And(op.Reshape(op.Expand(op.Unsqueeze(slot_ok, [2]), [1, 1, b]), op.Concat(nq, _ints(1), _ints(-1), axis=0)),
-                     op.Unsqueeze(op.Less(kpos, S), [1]))  # [nq, 1, W*b]
-    if causal:
-        qpos = op.Reshape(op.Range(0, op.Squeeze(op.Mul(nq, [b]), [0]), 1), op.Concat(nq, _ints(b), _ints(1), axis=0))
-        allowed = op.And(allowed, op.LessOrEqual(op.Unsqueeze(kpos, [1]), qpos))  # [nq, b, W*b]
+    kb, vb = op.Reshape(k_pad, kv_shape), op.Reshape(v_pad, kv_shape)  # [B, Hkv, nk, b, D]
+    kpm = None
     if key_padding_mask is not None:
         kpm = op.Pad(key_padding_mask, op.Concat(zero, zero, zero, op.Sub(op.Mul(nk, _ints(b)), S), axis=0))
-        kpm = op.Gather(kpm, kpos, axis=1)  # [B, nq, W*b]
-        kpm = op.Unsqueeze(kpm, [1, 2, 4])  # [B, 1, 1, nq, 1, W*b]
+    ctx = dict(qb=qb, kb=kb, vb=vb, kpm=kpm, S=S, B=B, Hkv=Hkv, D=D, b=b, scale=float(scale), causal=causal)
+
+    known = _LAYOUT_VALUES.get(getattr(kv_indices, "name", None))
+    if known is None:  # one ELL group: every query block padded to the widest row
+        out, lse = _bsa_group(ctx, None, kv_indices, kv_counts, op.Range(0, op.Squeeze(nq, [0]), 1))
+    else:  # layout known at export: bucket query blocks by kept count (no padding to the widest row)
+        outs, lses, order = [], [], []
+        for rows, idx, cnt in _buckets(*known):
+            rows_c = _ints(*rows)
+            o, s_ = _bsa_group(ctx, rows_c, op.Constant(value=_int_tensor(idx)), _ints(*cnt), rows_c)
+            outs.append(o)
+            lses.append(s_)
+            order += rows
+        inverse = [0] * len(order)
+        for pos, row in enumerate(order):
+            inverse[row] = pos
+        out = op.Gather(op.Concat(*outs, axis=3), _ints(*inverse), axis=3)
+        lse = op.Gather(op.Concat(*lses, axis=3), _ints(*inverse), axis=3)
+    H = op.Mul(Hkv, _dim(qb, 2))
+    out = op.Slice(op.Reshape(out, op.Concat(B, H, _ints(-1), D, axis=0)), zero, L, _ints(2))
+    lse = op.Slice(op.Reshape(lse, op.Concat(B, H, _ints(-1), axis=0)), zero, L, _ints(2))
+    return out, op.Cast(lse, to=1) if q.dtype is not None and q.dtype.name in ("FLOAT16", "BFLOAT16") else lse
+
+
+# kv_indices initializer name -> (indices, counts) numpy arrays, filled by export_graph for one export
+_LAYOUT_VALUES: dict = {}
+_WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+
+
+def _int_tensor(values: Any) -> Any:
+    import numpy as np
+    from onnxscript import ir
+    return ir.tensor(np.ascontiguousarray(values, dtype=np.int64))
+
+
+def _buckets(indices: Any, counts: Any) -> list[tuple[list[int], Any, list[int]]]:
+    """Group query blocks by kept count rounded up to _WIDTHS (<= 50% padding, few groups).
+
+    Returns [(query block rows, indices [n, width], counts [n])]."""
+    groups: dict[int, list[int]] = {}
+    for row, c in enumerate(counts.tolist()):
+        width = next((w for w in _WIDTHS if w >= c), max(int(c), 1))
+        groups.setdefault(min(width, indices.shape[1]), []).append(row)
+    return [(rows, indices[rows][:, :width], counts[rows].tolist()) for width, rows in sorted(groups.items())]
+
+
+def _bsa_group(ctx: dict, rows: Any, idx: Any, cnt: Any, q_blocks: Any) -> tuple[Any, Any]:
+    """Attention for n query blocks (rows of qb, None = all) with kept key blocks idx [n, W], counts [n].
+
+    Returns out [B, Hkv, G, n, b, D] and logsumexp [B, Hkv, G, n, b, 1]."""
+    b, B, Hkv, D = ctx["b"], ctx["B"], ctx["Hkv"], ctx["D"]
+    qb = ctx["qb"] if rows is None else op.Gather(ctx["qb"], rows, axis=3)
+    n, width = _dim(idx, 0), _dim(idx, 1)
+    gathered_shape = op.Concat(B, Hkv, _ints(1), n, op.Mul(width, _ints(b)), D, axis=0)
+    kg, vg = (op.Reshape(op.Gather(t, idx, axis=2), gathered_shape) for t in (ctx["kb"], ctx["vb"]))
+    scores = op.Mul(op.MatMul(qb, op.Transpose(kg, perm=[0, 1, 2, 3, 5, 4])), ctx["scale"])
+
+    # element mask [n, b, W*b], shared by batch and heads
+    slot_ok = op.Less(op.Range(0, op.Squeeze(width, [0]), 1), op.Unsqueeze(cnt, [1]))  # [n, W]
+    kpos = op.Reshape(op.Add(op.Unsqueeze(op.Mul(idx, b), [2]), op.Range(0, b, 1)), op.Concat(n, _ints(-1), axis=0))
+    allowed = op.And(op.Reshape(op.Expand(op.Unsqueeze(slot_ok, [2]), [1, 1, b]),
+                                op.Concat(n, _ints(1), _ints(-1), axis=0)),
+                     op.Unsqueeze(op.Less(kpos, ctx["S"]), [1]))  # [n, 1, W*b]
+    if ctx["causal"]:
+        qpos = op.Add(op.Unsqueeze(op.Mul(q_blocks, b), [1]), op.Range(0, b, 1))  # [n, b]
+        allowed = op.And(allowed, op.LessOrEqual(op.Unsqueeze(kpos, [1]), op.Unsqueeze(qpos, [2])))  # [n, b, W*b]
+    if ctx["kpm"] is not None:
+        kpm = op.Unsqueeze(op.Gather(ctx["kpm"], kpos, axis=1), [1, 2, 4])  # [B, 1, 1, n, 1, W*b]
         allowed = op.And(allowed, kpm)
     scores = op.Where(allowed, scores, NEG_INF)
 
@@ -297,10 +350,7 @@ def _block_sparse_attention(q, k, v, kv_indices, kv_counts, block_size: int = 64
     denom = op.ReduceSum(p, [-1], keepdims=1)
     out = op.Div(op.MatMul(p, vg), op.Max(denom, op.CastLike(1e-30, denom)))
     lse = op.Add(op.Log(denom), row_max)  # log(0) = -inf for rows with no allowed key
-    H = op.Mul(Hkv, _dim(qb, 2))
-    out = op.Slice(op.Reshape(out, op.Concat(B, H, _ints(-1), D, axis=0)), zero, L, _ints(2))
-    lse = op.Slice(op.Reshape(lse, op.Concat(B, H, _ints(-1), axis=0)), zero, L, _ints(2))
-    return out, op.Cast(lse, to=1) if q.dtype is not None and q.dtype.name in ("FLOAT16", "BFLOAT16") else lse
+    return out, lse
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,6 +379,19 @@ def _density(gm: fx.GraphModule, node: fx.Node, name: str) -> Optional[float]:
         nk = -(-int(k.shape[2]) // int(node.args[5]))
         return round(float(counts.sum()) / (counts.numel() * nk), 6)
     return None
+
+
+def _constant_layouts(gm: fx.GraphModule) -> dict:
+    """{initializer name of kv_indices: (indices, counts) numpy} for block-sparse ops with constant layouts."""
+    out = {}
+    for node in gm.graph.nodes:
+        if op_name(node) == "sparsecc::block_sparse_attention":
+            idx, cnt = _get_attr(gm, node.args[3]), _get_attr(gm, node.args[4])
+            if idx is not None and cnt is not None and isinstance(node.args[3], fx.Node):
+                flat = node.args[3].target.replace(".", "_")  # torch.export lifts buffers as b_<path>
+                for key in (node.args[3].target, flat, "b_" + flat, "c_" + flat, node.args[3].name):
+                    out[key] = (idx.detach().cpu().numpy(), cnt.detach().cpu().numpy())
+    return out
 
 
 def region_records(gm: fx.GraphModule, regions: Optional[list] = None) -> list[dict]:
@@ -400,6 +463,8 @@ def export_graph(gm: fx.GraphModule, args: tuple, kwargs: dict, path: str, dynam
                                        "try dynamic=False") from err
             log.warning("dynamic re-capture failed (%s); exporting with static shapes", err)
     opset = DEFAULT_OPSET if opset is None else int(opset)
+    _LAYOUT_VALUES.clear()
+    _LAYOUT_VALUES.update(_constant_layouts(gm))
     try:
         program = torch.onnx.export(ep, dynamo=True, custom_translation_table=translation_table(),
                                     opset_version=opset, optimize=optimize, verbose=False)

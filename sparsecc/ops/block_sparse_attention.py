@@ -13,10 +13,12 @@ How the CPU kernel works (work is proportional to the kept blocks, no L x S tens
    [B*Hkv, n, m*b, D] (an index_select of whole blocks). The G = H/Hkv query heads that share a
    kv head are stacked as rows, [B*Hkv, n, G*b, D], so K/V are never copied per head (GQA).
 3. Run PyTorch's fused CPU flash-attention kernel (`aten._scaled_dot_product_flash_attention_for_cpu`)
-   on that batch of small dense problems: one call per chunk, parallel over (kv head, query block),
-   online softmax in fp32, bf16/fp16 supported natively. An additive mask is passed only where a
-   chunk needs one (causal diagonal blocks, the partial last key block, key padding).
-4. Backward recomputes P per chunk from the saved logsumexp (flash kernel backward) and
+   on that batch of small dense problems (online softmax in fp32; bf16/fp16 run natively). An
+   additive mask is passed only where a chunk needs one: the causal triangle (one [G*b, m*b]
+   pattern shared by all rows whose diagonal block is kept), the partial last key block, key padding.
+4. Chunks run on worker threads with one intra-op thread each (WORKERS), largest first: no
+   fork/join per small op, near-linear scaling, and graceful slow-down on a shared machine.
+5. Backward recomputes P per chunk from the saved logsumexp (flash kernel backward) and
    scatter-adds dK/dV of the gathered blocks back with index_add_.
 """
 
@@ -113,8 +115,8 @@ class _Chunk(NamedTuple):
     m: int
     q_rows: Tensor  # [B*Hkv*n] rows of the [B*Hkv*nq, G*b*D] query-block view
     kv_rows: Tensor  # [B*Hkv*n*m] rows of the [B*Hkv*nk, b*D] key-block view
-    mask: Optional[Tensor]  # additive [1 or B, n, G*b, m*b] (0 / -inf), None when nothing is masked
-    empty_rows: Optional[Tensor]  # bool [1 or B, n, G*b]: rows with no allowed key, None if none
+    mask: Optional[Tensor]  # additive [1 or B, 1 or n, G*b, m*b] (0 / -inf), None when nothing is masked
+    empty_rows: Optional[Tensor]  # bool [1 or B, 1 or n, G*b]: rows with no allowed key, None if none
 
 
 def _plan(kv_indices: Tensor, kv_counts: Tensor, B: int, H: int, kv_heads: int, L: int, S: int, D: int,
@@ -141,34 +143,43 @@ def _plan(kv_indices: Tensor, kv_counts: Tensor, B: int, H: int, kv_heads: int, 
     kpm = None
     if key_padding_mask is not None:  # keys past S are padding too
         kpm = torch.nn.functional.pad(key_padding_mask.cpu(), (0, nk * b - S))
+    # Causal: a row's blocks are ascending and none is above the diagonal, so only a kept diagonal
+    # block, always the row's last, needs the triangle; the same [b, m*b] pattern serves every row.
+    last = idx.gather(1, (cnt - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    diag = (cnt > 0) & (last == torch.arange(nq)) if causal else torch.zeros(nq, dtype=torch.bool)
     ar, heads = torch.arange(b), torch.arange(B * kv_heads).unsqueeze(1)
+    masks: dict[tuple, tuple[Tensor, Optional[Tensor]]] = {}
     chunks = []
-    for m in torch.unique(cnt).tolist():
+    for m, has_diag in torch.unique(torch.stack([cnt, diag.long()], 1), dim=0).tolist():
         if m == 0:
             continue
-        q_all = (cnt == m).nonzero().flatten()
+        q_all = ((cnt == m) & (diag == bool(has_diag))).nonzero().flatten()
         for q_blocks in q_all.split(max(1, CHUNK_ELEMENTS // (B * kv_heads * m * b * D))):
             n, kv = len(q_blocks), idx[q_blocks, :m]
             kpos = (kv.unsqueeze(-1) * b + ar).flatten(1)  # [n, m*b] key positions
-            allowed = None
-            if S % b and bool((kv == nk - 1).any()):
-                allowed = (kpos < S).unsqueeze(1)  # [n, 1, m*b]
-            if causal and bool((kv == q_blocks.unsqueeze(1)).any()):
-                qpos = q_blocks.unsqueeze(1) * b + ar  # [n, b]
-                c = kpos.unsqueeze(1) <= qpos.unsqueeze(2)
-                allowed = c if allowed is None else allowed & c
+            allowed = None  # broadcastable to [B, n, b, m*b]
+            if has_diag:
+                allowed = torch.ones(1, 1, b, m * b, dtype=torch.bool)
+                allowed[..., (m - 1) * b:] = torch.ones(b, b, dtype=torch.bool).tril()
+            per_row = S % b != 0 and bool((kv == nk - 1).any())
+            if per_row:
+                allowed = (kpos < S)[None, :, None] & (True if allowed is None else allowed)
             if kpm is not None:
-                p = kpm[:, kpos].unsqueeze(2)  # [B, n, 1, m*b]
-                allowed = p if allowed is None else allowed & p
+                per_row = True
+                allowed = kpm[:, kpos].unsqueeze(2) & (True if allowed is None else allowed)
             mask = empty = None
             if allowed is not None:
-                allowed = allowed.expand(*allowed.shape[:-3], n, b, m * b)
-                allowed = allowed if allowed.dim() == 4 else allowed.unsqueeze(0)
-                if g > 1:  # rows are (G heads, b positions)
-                    allowed = allowed.unsqueeze(2).expand(-1, -1, g, -1, -1).flatten(2, 3)
-                mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
-                empty = ~allowed.any(-1)
-                empty = empty if bool(empty.any()) else None
+                key = (m, has_diag) if not per_row else None
+                if key in masks:
+                    mask, empty = masks[key]
+                else:
+                    rows_gb = (*allowed.shape[:2], g, b, m * b)  # rows are (G heads, b positions)
+                    allowed = allowed.unsqueeze(2).expand(rows_gb).flatten(2, 3)
+                    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+                    empty = ~allowed.any(-1)
+                    empty = empty if bool(empty.any()) else None
+                    if key is not None:
+                        masks[key] = mask, empty
             q_rows, kv_rows = (heads * nq + q_blocks).flatten(), (heads * nk + kv.flatten()).flatten()
             chunks.append(_Chunk(n, m, q_rows, kv_rows, mask, empty))
     return chunks

@@ -231,7 +231,8 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_out: torch.Tensor):
     x, w_in, b_in, w_out_t, c1, c2, c_bias, w_gate, b_gate = ctx.saved_tensors
     n, activation = ctx.n, ctx.activation
-    need = ctx.needs_input_grad
+    # trailing default arguments left out of a call (e.g. b_gate=None) have no entry: pad to the schema
+    need = tuple(ctx.needs_input_grad) + (False,) * (12 - len(ctx.needs_input_grad))
     d_ff, d_model = w_in.shape
     x2 = x.reshape(-1, d_model)
     go = grad_out.reshape(-1, d_model)
