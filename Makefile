@@ -25,14 +25,14 @@ $(STAMP): pyproject.toml
 	$(PIP) install "$(TORCH_SPEC)" 2>&1 | grep -v '^WARNING: Location' ; \
 	  $(BIN)/python -c "import torch" || $(PIP) install "torch>=2.5"
 	$(PIP) install -e ".[test]" 2>&1 | grep -v '^WARNING: Location' ; \
-	  $(BIN)/python -c "import sparsecc, transformers, onnxruntime, pytest"
+	  $(BIN)/python -c "import sparsecc, transformers, onnxruntime, pytest, xdist"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/sparsecc demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python tools/bench_capture.py

@@ -10,7 +10,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Two xdist workers share the 2 cores: one intra-op thread each.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(autouse=True)

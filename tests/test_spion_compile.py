@@ -130,3 +130,14 @@ def test_spion_recipe_validation_and_save(tmp_path):
     for name, layout in sm.layouts.items():
         assert torch.equal(again.layouts[name].mask, layout.mask)
     assert max_abs_error(_run(sm, inputs), _run(again, inputs)) <= 1e-6
+
+
+def test_spion_model_runs_shorter_sequences_by_cropping_its_layouts():
+    model, inputs = T.bert("sdpa", seq=32)
+    sm = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(
+        attention=sparsecc.Spion(method="random", block=8, density=1.0), ffn=None))
+    short = {"input_ids": inputs["input_ids"][:, :20], "attention_mask": inputs["attention_mask"][:, :20]}
+    assert max_abs_error(_run(model, short), _run(sm, short)) <= 1e-5
+    longer = {k: torch.cat([v, v[:, :8]], 1) for k, v in inputs.items()}
+    with pytest.raises(sparsecc.errors.LayoutError, match="calibrate at the longest length you will run"):
+        _run(sm, longer)

@@ -37,3 +37,19 @@ def block_mask_to_csr(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     crow[1:] = torch.cumsum(counts, 0)
     col = mask.nonzero()[:, 1].to(torch.int64)  # nonzero is row-major: rows ascending, cols ascending
     return crow, col
+
+
+def crop_ell(indices: torch.Tensor, counts: torch.Tensor, q_blocks: int, k_blocks: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ELL view of the top-left [q_blocks, k_blocks] corner of a larger layout.
+
+    A layout calibrated at length L applies to a shorter sequence by cropping (the
+    same rule as BlockLayout.fit): rows past q_blocks go, and each row keeps only its
+    kept key blocks below k_blocks (indices are ascending, so a count suffices).
+    """
+    if indices.shape[0] == q_blocks and (counts.numel() == 0 or int(indices.max()) < k_blocks):
+        return indices, counts
+    indices, counts = indices[:q_blocks], counts[:q_blocks]
+    valid = torch.arange(indices.shape[1]).unsqueeze(0) < counts.unsqueeze(1)
+    new_counts = (valid & (indices < k_blocks)).sum(1)
+    return indices.clamp(max=max(k_blocks - 1, 0)), new_counts.to(counts.dtype)

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from sparsecc.errors import LayoutError
-from sparsecc.layouts.indexing import block_mask_to_ell
+from sparsecc.layouts.indexing import block_mask_to_ell, crop_ell
 
 _flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
@@ -91,11 +91,14 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts
     if block_size <= 0:
         raise LayoutError(f"block_size must be positive, got {block_size}")
     nq = -(-L // block_size)
-    if kv_indices.dim() != 2 or kv_indices.shape[0] != nq or kv_counts.shape != (nq,):
+    # A layout for a longer sequence is cropped to this one (crop_ell); a shorter one cannot grow.
+    if kv_indices.dim() != 2 or kv_indices.shape[0] < nq or kv_counts.shape != (kv_indices.shape[0],):
         raise LayoutError(
             f"the block layout does not fit L={L} with block_size={block_size}: expected kv_indices "
-            f"[{nq}, max_kept] and kv_counts [{nq}] (see sparsecc.layouts.indexing.block_mask_to_ell), "
-            f"got {tuple(kv_indices.shape)} and {tuple(kv_counts.shape)}")
+            f"[>= {nq}, max_kept] and kv_counts of the same length (see "
+            f"sparsecc.layouts.indexing.block_mask_to_ell), got {tuple(kv_indices.shape)} and "
+            f"{tuple(kv_counts.shape)}. A layout made for {kv_indices.shape[0] * block_size} tokens runs "
+            "sequences up to that length; calibrate at the longest length you will run.")
     if kv_indices.is_floating_point() or kv_counts.is_floating_point():
         raise LayoutError("kv_indices and kv_counts must be integer tensors")
     if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
@@ -223,6 +226,7 @@ def _forward_cpu(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts:
     B, H, L, D = q.shape
     kvh, S = k.shape[1], k.shape[2]
     g, nq, nk = H // kvh, -(-L // b), -(-S // b)
+    kv_indices, kv_counts = crop_ell(kv_indices, kv_counts, nq, nk)
     chunks = _plan(kv_indices, kv_counts, B, H, kvh, L, S, D, b, causal, key_padding_mask, q.dtype)
     qb, kb, vb = _blocked_q(q, b, nq, kvh), _blocked_kv(k, b, nk), _blocked_kv(v, b, nk)
     out = torch.zeros(B * kvh * nq, g * b * D, dtype=q.dtype)
@@ -251,6 +255,7 @@ def _backward_cpu(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     B, H, L, D = q.shape
     kvh, S = k.shape[1], k.shape[2]
     g, nq, nk = H // kvh, -(-L // b), -(-S // b)
+    kv_indices, kv_counts = crop_ell(kv_indices, kv_counts, nq, nk)
     chunks = _plan(kv_indices, kv_counts, B, H, kvh, L, S, D, b, causal, key_padding_mask, q.dtype)
     qb, kb, vb = _blocked_q(q, b, nq, kvh), _blocked_kv(k, b, nk), _blocked_kv(v, b, nk)
     dob, ob = _blocked_q(grad_out.to(q.dtype), b, nq, kvh), _blocked_q(out, b, nq, kvh)
