@@ -20,6 +20,7 @@ from torch.fx import _pytree as fx_pytree
 from sparsecc.capture import Captured, normalize_inputs
 from sparsecc.errors import SparseccError
 from sparsecc.graph.regions import AttentionRegion
+from sparsecc.progress import progress as show_progress
 
 log = logging.getLogger("sparsecc.calibrate")
 
@@ -91,16 +92,8 @@ def collect_attention_maps(captured: Captured, gm: fx.GraphModule, regions: list
     watch = {r.sdpa: r.name for r in regions}
     collector = _MapCollector(gm, watch, chunk)
     in_spec = gm.graph._codegen.pytree_info.in_spec
-    batches = list(batches) if not hasattr(batches, "__len__") else batches
-    iterator = batches
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-            iterator = tqdm(batches, desc="calibrating attention", unit="batch", leave=False)
-        except ImportError:  # pragma: no cover
-            pass
     with torch.no_grad():
-        for batch in iterator:
+        for batch in show_progress(batches, "calibrating attention", enabled=progress):
             args, kwargs = normalize_inputs(batch)
             flat = fx_pytree.tree_flatten_spec((args, {**captured.call_defaults, **kwargs}), in_spec)
             collector.run(*flat)
@@ -117,14 +110,7 @@ def collect_rows(captured: Captured, gm: fx.GraphModule, nodes: list[fx.Node], b
     from sparsecc.graph.regions import evaluate
 
     rows: dict[fx.Node, list] = {n: [] for n in nodes}
-    iterator = batches
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-            iterator = tqdm(batches, desc="calibrating FFN inputs", unit="batch", leave=False)
-        except ImportError:  # pragma: no cover
-            pass
-    for batch in iterator:
+    for batch in show_progress(batches, "calibrating FFN inputs", enabled=progress):
         args, kwargs = normalize_inputs(batch)
         values = evaluate(gm, nodes, args, {**captured.call_defaults, **kwargs})
         for n, v in values.items():
