@@ -149,7 +149,7 @@ def test_attention_maps_and_spion_cf_layouts():
     ids, labels, lengths = _batch(n=3, seq_len=128)
     model = ListOpsTransformer(max_len=128)
     model.train()
-    maps = model.attention_maps([ids[:2], ids[2:]], chunk_elements=1000)  # forces several query chunks
+    maps = model.attention_maps([ids[:2], ids[2:]], chunk_elements=8192)  # forces several query chunks (16 rows)
     assert model.training and list(maps) == model.attention_names()
     for A in maps.values():
         assert A.shape == (128, 128)
