@@ -46,8 +46,10 @@ def crop_ell(indices: torch.Tensor, counts: torch.Tensor, q_blocks: int, k_block
     A layout calibrated at length L applies to a shorter sequence by cropping (the
     same rule as BlockLayout.fit): rows past q_blocks go, and each row keeps only its
     kept key blocks below k_blocks (indices are ascending, so a count suffices).
+    A layout with exactly q_blocks rows was made for this length and is returned as it
+    is: an index past k_blocks there is an error for the caller to report, not a crop.
     """
-    if indices.shape[0] == q_blocks and (counts.numel() == 0 or int(indices.max()) < k_blocks):
+    if indices.shape[0] == q_blocks:  # made for this length: nothing to crop (callers check the range)
         return indices, counts
     indices, counts = indices[:q_blocks], counts[:q_blocks]
     valid = torch.arange(indices.shape[1]).unsqueeze(0) < counts.unsqueeze(1)
