@@ -158,6 +158,34 @@ def test_block_sparse_attention_translation(tmp_path, monkeypatch, bucketed):
         assert dims[-2:] != [L, L], value.name
 
 
+class BlockSparseUnmasked(torch.nn.Module):
+    def __init__(self, mask: torch.Tensor, block: int):
+        super().__init__()
+        idx, cnt = block_mask_to_ell(mask)
+        self.register_buffer("idx", idx)
+        self.register_buffer("cnt", cnt)
+        self.block = block
+
+    def forward(self, q, k, v):
+        return bsa.block_sparse_attention_op(q, k, v, self.idx, self.cnt, self.block, 0.25, False, None)[0]
+
+
+def test_block_sparse_attention_translation_without_masks(tmp_path, monkeypatch):
+    """Whole blocks, no causal, no padding, layout known: exact-count groups need no mask at all;
+    small groups (several per count) are reassembled in query order."""
+    monkeypatch.setattr(sonnx, "_GROUP_KEYS", 16)  # at most 2 query blocks of width 1 per group
+    g = torch.Generator().manual_seed(5)
+    mask = torch.eye(6, dtype=torch.bool) | (torch.rand(6, 6, generator=g) > 0.6)
+    q, k, v = (torch.randn(1, 2, 48, 8, generator=g) for _ in range(3))
+    module = BlockSparseUnmasked(mask, 8)
+    path = tmp_path / "bsa_plain.onnx"
+    sonnx.export_graph(torch.export.export(module, (q, k, v)).module(), (q, k, v), {}, str(path), dynamic=False)
+    ort_module = OnnxRuntimeModule(str(path))
+    assert _max_err(module(q, k, v), ort_module(q, k, v)) < TOL
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "Where" not in ops and ops.count("Softmax") >= len(set(mask.sum(1).tolist()))
+
+
 def test_missing_translation_names_the_op(tmp_path, monkeypatch):
     monkeypatch.delitem(sonnx.TRANSLATIONS, "sparsecc::ffn")
     module, x = FFNVariants().eval(), torch.randn(2, 5, 16)

@@ -6,7 +6,8 @@ Rows per sequence length L (batch 1, random weights, fp32, CPU):
            BigBird layouts at ~1/8 density, block 64, dense FFN; `--method` picks another fixed family).
            The sparsecc graphs get the same optimize_for_ort pass (LayerNorm/Gelu fusions).
   attention alone (B1 H12 D64): PyTorch SDPA | PyTorch sparsecc::block_sparse_attention |
-           ORT dense translation | ORT block-sparse translation
+           ORT fused MultiHeadAttention (com.microsoft, ORT's own dense kernel) | ORT translation of
+           sparsecc::attention (MatMul/Softmax/MatMul) | ORT block-sparse translation
 Each latency is the median of --repeats runs after one warm-up; ratios are vs the row's
 first entry. Prints a markdown table with the machine line; --out FILE also writes it.
 
@@ -79,6 +80,26 @@ class _BlockSparse(torch.nn.Module):
                                                          q.shape[-1] ** -0.5, False, None)[0]
 
 
+def flops_limit(L: int, hidden: int, density: float) -> float:
+    """Dense / sparse FLOPs of a BERT layer when attention keeps `density` of its blocks:
+    projections + FFN 24 L h^2 (FFN 4h), attention scores and values 4 L^2 h."""
+    dense_rest, attention = 24 * L * hidden ** 2, 4 * L * L * hidden
+    return (dense_rest + attention) / (dense_rest + attention * density)
+
+
+def fused_mha_model(path: str, heads: int, length: int, head_dim: int) -> None:
+    """ORT's own fused dense attention: one com.microsoft MultiHeadAttention node on (B, L, H*D) inputs,
+    the kernel optimize_for_ort's attention fusions produce in the dense encoder."""
+    import onnx
+    from onnx import TensorProto, helper
+    width = heads * head_dim
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, length, width]) for n in "qkv"]
+    node = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["o"], domain="com.microsoft", num_heads=heads)
+    graph = helper.make_graph([node], "mha", inputs, [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20),
+                                                      helper.make_opsetid("com.microsoft", 1)]), path)
+
+
 def _fmt(seconds: float, base: float) -> str:
     return f"{seconds * 1e3:,.0f} ms ({base / seconds:.2f}x)"
 
@@ -97,12 +118,16 @@ def bench_length(L: int, args, tmp: str, threads: int, log) -> list[str]:
     p_dense, p_sparse = os.path.join(tmp, f"attn_dense_{L}.onnx"), os.path.join(tmp, f"attn_bsa_{L}.onnx")
     for module, path in ((_Attention(), p_dense), (_BlockSparse(layout), p_sparse)):
         export_graph(torch.export.export(module, (q, k, v)).module(), (q, k, v), {}, path, dynamic=False)
-    ort_dense, ort_sparse = ort_session(p_dense, threads), ort_session(p_sparse, threads)
+    p_mha = os.path.join(tmp, f"attn_mha_{L}.onnx")
+    fused_mha_model(p_mha, args.heads, L, args.hidden // args.heads)
+    ort_dense, ort_sparse, ort_mha = (ort_session(p, threads) for p in (p_dense, p_sparse, p_mha))
+    qs, ks, vs = (t.transpose(1, 2).reshape(1, L, -1).contiguous() for t in (q, k, v))
+    t_ort_mha = median_seconds(lambda: ort_mha(qs, ks, vs), args.repeats)
     t_ort_dense = median_seconds(lambda: ort_dense(q, k, v), args.repeats)
     t_ort_sparse = median_seconds(lambda: ort_sparse(q, k, v), args.repeats)
     rows.append(f"| attention B1 H{args.heads} L{L} D{args.hidden // args.heads} | {t_sdpa * 1e3:,.0f} ms | "
-                f"{_fmt(t_bsa, t_sdpa)} | {_fmt(t_ort_dense, t_sdpa)} | {_fmt(t_ort_sparse, t_sdpa)} | "
-                f"{layout.density:.3f} |")
+                f"{_fmt(t_bsa, t_sdpa)} | {_fmt(t_ort_mha, t_sdpa)} | {_fmt(t_ort_dense, t_sdpa)} | "
+                f"{_fmt(t_ort_sparse, t_sdpa)} | {layout.density:.3f} | {t_ort_mha / t_ort_sparse:.2f}x |")
     log(rows[-1])
     if args.attention_only:
         return rows
@@ -146,8 +171,11 @@ def bench_length(L: int, args, tmp: str, threads: int, log) -> list[str]:
     if args.skip_identity:
         cells.insert(0, "-")
     spion_density = sum(results[-1][2]) / max(1, len(results[-1][2]))
+    limit = flops_limit(L, args.hidden, spion_density)
+    speedup = t_ort_dense / results[-1][1]
     rows.append(f"| BERT {args.layers}L-{args.hidden} B1 L{L} | {t_torch * 1e3:,.0f} ms | {_fmt(t_ort_dense, t_torch)}"
-                f" | {' | '.join(cells)} | {spion_density:.3f} |")
+                f" | {' | '.join(cells)} | {spion_density:.3f} | {speedup:.2f}x | {limit:.2f}x | "
+                f"{speedup / limit:.2f} |")
     log(rows[-1])
     return rows
 
@@ -190,11 +218,13 @@ def main(argv=None) -> int:
              f"target density {args.density})", "", f"Machine: {machine_line()}, ORT intra-op threads {threads}",
              f"Command: `python tools/bench_onnx.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
              f"Median of {args.repeats} runs after 1 warm-up; (x) = speed-up vs the first column.", ""]
-    lines += ["| attention | PyTorch SDPA | PyTorch block-sparse op | ORT dense translation | "
-              "ORT block-sparse translation | density |", "|---|---|---|---|---|---|"] + attn
+    lines += ["| attention | PyTorch SDPA | PyTorch block-sparse op | ORT fused MultiHeadAttention | "
+              "ORT dense translation | ORT block-sparse translation | density | ORT sparse vs ORT fused |",
+              "|---|---|---|---|---|---|---|---|"] + attn
     if enc:
         lines += ["", "| encoder | PyTorch dense (SDPA) | ORT dense (optimize_for_ort) | ORT sparsecc identity | "
-                      "ORT sparsecc block-sparse | attention density |", "|---|---|---|---|---|---|"] + enc
+                      "ORT sparsecc block-sparse | attention density | ORT sparse vs ORT dense | FLOPs limit | "
+                      "fraction of the limit |", "|---|---|---|---|---|---|---|---|---|"] + enc
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
