@@ -23,7 +23,7 @@ from sparsecc.recipe import Identity, Recipe, SparseFFN, Spion
 
 log = logging.getLogger("sparsecc")
 
-BACKENDS = ("eager", "inductor", "onnxruntime")
+BACKENDS = ("eager", "inductor", "onnxruntime", "triton")
 
 
 @dataclass
@@ -185,7 +185,8 @@ class SparseModel(nn.Module):
         self.backend = backend
         self._call_defaults = dict(captured.call_defaults)
         self._report = report
-        self._runner = torch.compile(graph, dynamic=None) if backend == "inductor" else graph
+        # triton: the sparse ops run their Triton CUDA kernels (registered by compile()), the rest inductor
+        self._runner = torch.compile(graph, dynamic=None) if backend in ("inductor", "triton") else graph
         self.example_inputs = (captured.args, captured.kwargs)  # for export_onnx
         self.dynamic = captured.dynamic
         if backend == "onnxruntime":  # runs the exported graph; see sparsecc.backends.onnxruntime
@@ -232,6 +233,8 @@ def compile(model: nn.Module, example_inputs: Any, recipe: Optional[Recipe] = No
             dump_dir: Optional[str] = None, backend_options: Optional[dict] = None) -> SparseModel:
     """Capture `model`, find its regions, rewrite them as `recipe` says, and lower to `backend`.
 
+    backend="triton": the sparse ops on CUDA tensors run Triton kernels (sparsecc.backends.triton),
+    the rest of the graph goes through torch.compile (inductor); needs triton and a CUDA device.
     backend="onnxruntime": the module runs the exported ONNX graph in an onnxruntime session;
     backend_options: providers (list of names), intra_op_num_threads, inter_op_num_threads,
     graph_optimization_level ("disable" | "basic" | "extended" | "all"), path (keep the .onnx), opset.
@@ -244,8 +247,11 @@ def compile(model: nn.Module, example_inputs: Any, recipe: Optional[Recipe] = No
         from sparsecc.errors import RecipeError
         raise RecipeError(f"recipe must be a sparsecc.Recipe, got {type(recipe).__name__}")
     if backend not in BACKENDS:
-        raise UnsupportedError(f"backend {backend!r} is not available; expected one of {list(BACKENDS)} "
-                               "(triton lands with its own issue)")
+        raise UnsupportedError(f"backend {backend!r} is not available; expected one of {list(BACKENDS)}")
+    if backend == "triton":  # before any work: needs triton and a CUDA device; registers the CUDA kernels
+        from sparsecc.backends import triton as triton_backend
+        triton_backend.require()
+        triton_backend.register()
     captured, ctx, results, times = _analyze(model, example_inputs, dynamic, check, dump_dir)
     ctx.recipe = recipe
     report = Report(model=captured.model_name, regions=ctx.regions, graph=graph_summary(captured.gm, captured),

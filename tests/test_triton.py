@@ -1,0 +1,108 @@
+"""Triton backend: every kernel under the Triton interpreter vs the CPU reference ops, and the wiring.
+
+The kernel cases live in tests/triton_interp.py and run in one fresh process with
+TRITON_INTERPRET=1 (triton fixes its mode when first imported, and other tests in this worker may
+have imported it already, e.g. through torch.compile); the tests here assert on the numbers it
+reports. With TRITON_INTERPRET=1 already set for this process, the cases run in-process instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import triton_interp  # noqa: E402
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install 'sparsecc[triton]')")
+
+
+def _in_process() -> bool:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    return "triton" not in sys.modules or bool(sys.modules["triton"].knobs.runtime.interpret)
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed (pip install 'sparsecc[triton]')")
+    names = list(triton_interp.CASES)
+    if _in_process():
+        return triton_interp.run(names)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(HERE / "triton_interp.py"), *names], env=env, cwd=HERE.parent,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _get(results: dict, name: str) -> dict:
+    res = results[name]
+    assert "error" not in res, f"{name} raised:\n{res['error']}"
+    return res
+
+
+@pytest.mark.parametrize("name", [n for n in triton_interp.CASES if n.startswith("attention/")
+                                  and n.count("/") == 2])
+def test_block_sparse_attention_matches_cpu_op(results, name):
+    r = _get(results, name)
+    assert r["dtypes_ok"] and r["shapes_ok"]
+    for key in ("out", "lse", "dq", "dk", "dv"):
+        assert r[key] <= r["tol"], f"{name}: max abs error of {key} {r[key]:.3g} > {r['tol']}"
+    assert r["empty_rows_match"], "logsumexp is -inf exactly where the CPU op's is"
+    assert r["empty_rows_zero"], "rows with no allowed key give 0 output and 0 gradient"
+    if "empty_rows" in name or "small_block" in name:
+        assert r["empty_rows"] > 0, "the case must contain rows with no allowed key"
+
+
+def test_attention_reports_layout_and_dtype_errors(results):
+    r = _get(results, "attention/cpu_tensors_report")
+    assert "kv_indices must lie in [0, 1)" in r["layout_error"]
+    assert "torch.float64" in r["dtype_error"] and "CPU op" in r["dtype_error"]
+
+
+def test_register_adds_cuda_kernels(results):
+    r = _get(results, "registration")
+    assert "sparsecc::block_sparse_attention" in r["ops"]
+    assert r["cuda_kernels"] and all(r["cuda_kernels"].values()), r["cuda_kernels"]
+
+
+def test_import_sparsecc_does_not_import_triton():
+    code = ("import sys, sparsecc, sparsecc.backends.triton, sparsecc.ops.block_sparse_attention, "
+            "sparsecc.ops.sparse_ffn; assert 'triton' not in sys.modules, 'triton imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_triton_backend_without_cuda_says_what_to_do():
+    import sparsecc
+    from sparsecc.errors import UnsupportedError
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    with pytest.raises(UnsupportedError) as err:
+        sparsecc.compile(model, torch.randn(2, 8), backend="triton")
+    msg = str(err.value)
+    assert "no CUDA device" in msg and "backend='eager'" in msg
+
+
+@needs_triton
+@pytest.mark.skipif(_in_process(), reason="this process interprets triton kernels")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_launcher_on_cpu_without_interpreter_says_what_to_do():
+    from sparsecc.backends.triton.attention import block_sparse_attention_forward
+    from sparsecc.errors import UnsupportedError
+
+    q = torch.randn(1, 1, 16, 16)
+    with pytest.raises(UnsupportedError, match="TRITON_INTERPRET=1"):
+        block_sparse_attention_forward(q, q, q, torch.tensor([[0]]), torch.tensor([1]), 16, 0.25, False, None)
