@@ -65,6 +65,26 @@ def test_block_sparse_attention_matches_cpu_op(results, name):
         assert r["empty_rows"] > 0, "the case must contain rows with no allowed key"
 
 
+@pytest.mark.parametrize("name", [n for n in triton_interp.CASES if n.startswith("ffn/") and n.count("/") == 3])
+def test_sparse_ffn_matches_cpu_op(results, name):
+    """Forward and every gradient (x, weights, biases) vs the CPU op; decode and batched kernels."""
+    r = _get(results, name)
+    assert r["dtype_ok"]
+    assert r["out"] <= r["tol"], f"{name}: max abs error of the output {r['out']:.3g} > {r['tol']}"
+    grads = {k: v for k, v in r.items() if k.startswith("d") and k != "dtype_ok"}
+    assert {"dx", "dw_in", "dw_out_t"} <= set(grads)
+    for key, err in grads.items():
+        assert err != "missing", f"{name}: no gradient for {key}"
+        assert err <= r["tol"], f"{name}: max abs error of {key} {err:.3g} > {r['tol']} (relative to its max)"
+
+
+def test_sparse_ffn_backward_reads_the_ops_autograd_context(results):
+    r = _get(results, "ffn/autograd_context")
+    assert r.pop("controller_grads"), "the controller gets no gradient through the op"
+    assert set(r) == {"0", "1", "2", "3", "4", "10"}
+    assert all(err <= 2e-5 for err in r.values()), r
+
+
 def test_attention_reports_layout_and_dtype_errors(results):
     r = _get(results, "attention/cpu_tensors_report")
     assert "kv_indices must lie in [0, 1)" in r["layout_error"]
@@ -73,8 +93,10 @@ def test_attention_reports_layout_and_dtype_errors(results):
 
 def test_register_adds_cuda_kernels(results):
     r = _get(results, "registration")
-    assert "sparsecc::block_sparse_attention" in r["ops"]
+    assert {"sparsecc::block_sparse_attention", "sparsecc::block_sparse_attention_backward",
+            "sparsecc::sparse_ffn"} <= set(r["ops"])
     assert r["cuda_kernels"] and all(r["cuda_kernels"].values()), r["cuda_kernels"]
+    assert r["cpu_backward_after_register"] <= 1e-5, "CPU gradients keep the op's own backward"
 
 
 def test_import_sparsecc_does_not_import_triton():

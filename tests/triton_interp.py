@@ -31,7 +31,7 @@ def case(name: str):
 
 
 def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+    return float((a.detach().double() - b.detach().double()).abs().max()) if a.numel() else 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,13 +122,115 @@ def _attention_checks() -> dict:
     return res
 
 
+# ---------------------------------------------------------------------------------------------
+# sparse FFN
+
+
+def _ffn_case(dtype: torch.dtype, variant: str, tokens: int, activation: str, n: int = 16, gated: bool = False,
+              biases: bool = True, d_model: int = 24, d_ff: int = 64, rank: int = 8, seed: int = 0) -> dict:
+    """Max abs errors of the Triton forward and gradients vs the CPU op in the same dtype (same selection)."""
+    from sparsecc.backends.triton.ffn import sparse_ffn_backward, sparse_ffn_forward
+    from sparsecc.ops.sparse_ffn import controller_select
+
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g) * s).to(dtype)
+
+    x = rnd(tokens, d_model) if tokens != 1 else rnd(1, 1, d_model)
+    w_in, w_out_t = rnd(d_ff, d_model, s=d_model ** -0.5), rnd(d_ff, d_model, s=(d_ff // n) ** -0.5)
+    b_in, b_out = (rnd(d_ff, s=0.1), rnd(d_model, s=0.1)) if biases else (None, None)
+    c1, c2, c_bias = rnd(d_model, rank, s=d_model ** -0.5), rnd(rank, d_ff, s=rank ** -0.5), rnd(d_ff)
+    w_gate = rnd(d_ff, d_model, s=d_model ** -0.5) if gated else None
+    b_gate = rnd(d_ff, s=0.1) if gated and biases else None
+    args = (x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n, activation, w_gate, b_gate)
+    out = sparse_ffn_forward(*args, variant=variant)
+    grad = rnd(*x.shape)
+    grads = sparse_ffn_backward(grad, x, w_in, b_in, w_out_t, c1, c2, c_bias, w_gate, b_gate, n, activation,
+                                variant=variant)
+    # reference: the CPU op (same dtype, so the controller picks the same units) and its autograd
+    leaves = [t.clone().requires_grad_() if t is not None and i not in (5, 6, 7) else t
+              for i, t in enumerate(args[:8])] + list(args[8:10]) + [
+        None if t is None else t.clone().requires_grad_() for t in args[10:]]
+    ref = torch.ops.sparsecc.sparse_ffn(*leaves)
+    ref.backward(grad)
+    res = {"out": _max_err(out, ref), "dtype_ok": out.dtype == dtype and out.shape == x.shape,
+           "tol": TOL[dtype] * 4, "units": int(controller_select(x, c1, c2, c_bias, n).numel())}
+    names = {0: "dx", 1: "dw_in", 2: "db_in", 3: "dw_out_t", 4: "db_out", 10: "dw_gate", 11: "db_gate"}
+    for i, name in names.items():
+        if leaves[i] is None:
+            continue
+        if grads[i] is None:
+            res[name] = "missing"
+            continue
+        scale = max(1.0, float(leaves[i].grad.abs().max()))  # weight gradients sum over tokens
+        res[name] = _max_err(grads[i], leaves[i].grad) / scale
+    return res
+
+
+FFN = {
+    "relu_bias_n16": dict(activation="relu"),
+    "gelu_n8_nobias": dict(activation="gelu", n=8, biases=False),  # N < 16: padded, masked block of units
+    "swiglu": dict(activation="silu", gated=True),
+    "geglu_tanh_nobias": dict(activation="gelu_tanh", gated=True, biases=False),
+}
+for _name, _kw in FFN.items():
+    for _variant, _tokens in (("decode", 1), ("decode", 3), ("batched", 37)):
+        for _dt, _tag in ((torch.float32, "fp32"), (torch.float16, "fp16")):
+            if _tokens == 1 and _dt == torch.float16 and _name != "swiglu":
+                continue
+            CASES[f"ffn/{_name}/{_variant}{_tokens}/{_tag}"] = (
+                lambda kw=_kw, v=_variant, t=_tokens, dt=_dt: _ffn_case(dt, v, t, **kw))
+
+
+@case("ffn/autograd_context")
+def _ffn_autograd_context() -> dict:
+    """The CUDA autograd path reads the context the op's own setup_context saves: run it on CPU tensors."""
+    from types import SimpleNamespace
+
+    from sparsecc.backends.triton.ffn import autograd_backward
+    from sparsecc.ops import sparse_ffn as op
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 16, generator=g)
+    args = [x, torch.randn(32, 16, generator=g) / 4, torch.randn(32, generator=g), torch.randn(32, 16, generator=g) / 4,
+            torch.randn(16, generator=g), torch.randn(16, 4, generator=g), torch.randn(4, 32, generator=g), None, 8,
+            "silu", torch.randn(32, 16, generator=g) / 4, None]
+    leaves = [t.clone().requires_grad_() if torch.is_tensor(t) and i not in (5, 6) else t for i, t in enumerate(args)]
+    out = torch.ops.sparsecc.sparse_ffn(*leaves)
+    grad = torch.randn(out.shape, generator=g)
+    out.backward(grad)
+    ctx = SimpleNamespace(needs_input_grad=tuple(torch.is_tensor(t) and t.requires_grad for t in leaves))
+    ctx.save_for_backward = lambda *ts: setattr(ctx, "saved_tensors", ts)
+    op._setup_context(ctx, tuple(args), out.detach())
+    grads = autograd_backward(ctx, grad)
+    errs = {}
+    for i, t in enumerate(leaves):
+        if torch.is_tensor(t) and t.requires_grad:
+            errs[str(i)] = _max_err(grads[i], t.grad) if grads[i] is not None else "missing"
+    errs["controller_grads"] = [grads[i] for i in (5, 6, 7)] == [None, None, None]
+    return errs
+
+
 @case("registration")
 def _registration() -> dict:
     """register() adds the CUDA kernels of every sparsecc op that has one."""
     import sparsecc.backends.triton as tb
+    from sparsecc.ops.sparse_ffn import sparse_ffn_reference
+
     ops = tb.register()
     has = {name: torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA") for name in ops}
-    return {"ops": sorted(ops), "cuda_kernels": has}
+    # CPU tensors still take the op's own backward after register() replaced the autograd formula
+    g = torch.Generator().manual_seed(2)
+    x, w_in, w_out = torch.randn(4, 8, generator=g), torch.randn(16, 8, generator=g), torch.randn(8, 16, generator=g)
+    c1, c2 = torch.randn(8, 2, generator=g), torch.randn(2, 16, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (x, w_in, w_out)]
+    torch.ops.sparsecc.sparse_ffn(leaves[0], leaves[1], None, leaves[2].t().contiguous(), None, c1, c2, None, 4,
+                                  "relu").sum().backward()
+    refs = [t.clone().requires_grad_() for t in (x, w_in, w_out)]
+    sparse_ffn_reference(refs[0], refs[1], None, refs[2], None, c1, c2, None, 4, "relu").sum().backward()
+    cpu_err = max(_max_err(a.grad, r.grad) for a, r in zip(leaves, refs))
+    return {"ops": sorted(ops), "cuda_kernels": has, "cpu_backward_after_register": cpu_err}
 
 
 def run(names: list[str]) -> dict:

@@ -60,14 +60,31 @@ def register() -> list[str]:
     with _lock:
         if _registered:
             return list(_registered)
-        from sparsecc.backends.triton import attention
+        from sparsecc.backends.triton import attention, ffn
         import sparsecc.ops.block_sparse_attention  # noqa: F401  (defines the ops)
+        from sparsecc.ops import sparse_ffn as sparse_ffn_op
 
         kernels = {
             "sparsecc::block_sparse_attention": attention.block_sparse_attention_forward,
             "sparsecc::block_sparse_attention_backward": attention.block_sparse_attention_backward,
+            "sparsecc::sparse_ffn": _sparse_ffn_cuda,
         }
         for name, fn in kernels.items():
             torch.library.register_kernel(name, "cuda", fn)
+        # sparse_ffn's backward is a Python autograd formula (no backward op to give a CUDA kernel):
+        # CUDA gradients go to the Triton backward, every other device keeps the op's own formula.
+        cpu_backward = sparse_ffn_op._backward
+
+        def backward(ctx, grad_out):
+            if grad_out.device.type == "cuda":
+                return ffn.autograd_backward(ctx, grad_out)
+            return cpu_backward(ctx, grad_out)
+
+        sparse_ffn_op.sparse_ffn.register_autograd(backward, setup_context=sparse_ffn_op._setup_context)
         _registered.extend(kernels)
         return list(_registered)
+
+
+def _sparse_ffn_cuda(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n, activation, w_gate=None, b_gate=None):
+    from sparsecc.backends.triton.ffn import sparse_ffn_forward
+    return sparse_ffn_forward(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n, activation, w_gate, b_gate)
