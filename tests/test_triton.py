@@ -78,6 +78,17 @@ def test_sparse_ffn_matches_cpu_op(results, name):
         assert err <= r["tol"], f"{name}: max abs error of {key} {err:.3g} > {r['tol']} (relative to its max)"
 
 
+@pytest.mark.parametrize("name", [n for n in triton_interp.CASES if n.startswith("flow/")])
+def test_token_flow_matches_cpu_ops(results, name):
+    """route / gather / scatter (replace and fused residual add) and the kernels of their backward."""
+    r = _get(results, name)
+    assert r["route_equal"] and r["index_dtype_ok"], "route gives the reference's index and counts"
+    assert 0 in r["kept"], "the case has an example that keeps no token"
+    assert r["scatter_finite"], "NaN in padding slots of rows must not leak"
+    for key in ("gather", "scatter", "grad_rows", "grad_x"):
+        assert r[key] <= r["tol"], f"{name}: max abs error of {key} {r[key]:.3g} > {r['tol']}"
+
+
 def test_sparse_ffn_backward_reads_the_ops_autograd_context(results):
     r = _get(results, "ffn/autograd_context")
     assert r.pop("controller_grads"), "the controller gets no gradient through the op"
@@ -94,14 +105,15 @@ def test_attention_reports_layout_and_dtype_errors(results):
 def test_register_adds_cuda_kernels(results):
     r = _get(results, "registration")
     assert {"sparsecc::block_sparse_attention", "sparsecc::block_sparse_attention_backward",
-            "sparsecc::sparse_ffn"} <= set(r["ops"])
+            "sparsecc::sparse_ffn", "sparsecc::flow_route", "sparsecc::flow_gather",
+            "sparsecc::flow_scatter"} == set(r["ops"])
     assert r["cuda_kernels"] and all(r["cuda_kernels"].values()), r["cuda_kernels"]
     assert r["cpu_backward_after_register"] <= 1e-5, "CPU gradients keep the op's own backward"
 
 
 def test_import_sparsecc_does_not_import_triton():
     code = ("import sys, sparsecc, sparsecc.backends.triton, sparsecc.ops.block_sparse_attention, "
-            "sparsecc.ops.sparse_ffn; assert 'triton' not in sys.modules, 'triton imported'")
+            "sparsecc.ops.sparse_ffn, sparsecc.ops.token_flow; assert 'triton' not in sys.modules, 'triton imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

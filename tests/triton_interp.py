@@ -212,6 +212,54 @@ def _ffn_autograd_context() -> dict:
     return errs
 
 
+# ---------------------------------------------------------------------------------------------
+# token flow
+
+
+def _flow_case(dtype: torch.dtype, accumulate: bool, B: int = 3, L: int = 37, D: int = 20, seed: int = 0) -> dict:
+    """Route / gather / scatter and the kernels their backward runs vs the CPU ops and the references."""
+    from sparsecc.backends.triton import flow as tf
+    from sparsecc.ops import token_flow as ref
+
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(B, L, generator=g) < 0.45
+    keep[0] = False  # an example that keeps nothing
+    keep[1, :3] = True
+    index, counts = tf.flow_route(keep)
+    r_index, r_counts = ref.route_reference(keep)
+    x = torch.randn(B, L, D, generator=g).to(dtype)
+    res = {"route_equal": bool(torch.equal(index, r_index) and torch.equal(counts, r_counts)),
+           "index_dtype_ok": index.dtype == torch.int64 and counts.dtype == torch.int64,
+           "kept": [int(c) for c in counts]}
+    xk = tf.flow_gather(x, index, counts)
+    res["gather"] = _max_err(xk, ref.gather_reference(x, index, counts))
+    rows = torch.randn(xk.shape, generator=g).to(dtype)
+    rows[~ref._slot_valid(index, counts)] = float("nan")  # padding slots are ignored, NaN included
+    out = tf.flow_scatter(x, rows, index, counts, accumulate)
+    res["scatter"] = _max_err(out, ref.scatter_reference(x, rows, index, counts, accumulate))
+    res["scatter_finite"] = bool(torch.isfinite(out).all())
+    # backward: CPU autograd through the ops vs the same formulas on the Triton kernels
+    xs, rs = x.float().clone().requires_grad_(), rows.float().nan_to_num(0.0).clone().requires_grad_()
+    y = torch.ops.sparsecc.flow_scatter(xs, torch.ops.sparsecc.flow_gather(xs, index, counts) * 2 + rs, index,
+                                        counts, accumulate)
+    grad = torch.randn(y.shape, generator=g).to(dtype).float()
+    y.backward(grad)
+    gd = grad.to(dtype)
+    g_rows = tf.flow_gather(gd, index, counts)  # d/d rows of the scatter
+    g_x_scatter = gd if accumulate else tf.flow_scatter(gd, torch.zeros_like(g_rows), index, counts, False)
+    g_x = g_x_scatter.float() + tf.flow_scatter(torch.zeros_like(gd), g_rows * 2, index, counts, False).float()
+    res["grad_rows"] = _max_err(g_rows, rs.grad)
+    res["grad_x"] = _max_err(g_x, xs.grad)
+    res["tol"] = TOL[dtype]
+    return res
+
+
+for _acc in (False, True):
+    for _dt, _tag in ((torch.float32, "fp32"), (torch.float16, "fp16")):
+        CASES[f"flow/{'accumulate' if _acc else 'replace'}/{_tag}"] = (
+            lambda acc=_acc, dt=_dt: _flow_case(dt, acc))
+
+
 @case("registration")
 def _registration() -> dict:
     """register() adds the CUDA kernels of every sparsecc op that has one."""

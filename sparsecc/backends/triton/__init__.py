@@ -60,14 +60,19 @@ def register() -> list[str]:
     with _lock:
         if _registered:
             return list(_registered)
-        from sparsecc.backends.triton import attention, ffn
-        import sparsecc.ops.block_sparse_attention  # noqa: F401  (defines the ops)
+        from sparsecc.backends.triton import attention, ffn, flow
+        import sparsecc.ops.block_sparse_attention  # noqa: F401  (define the ops)
+        import sparsecc.ops.token_flow  # noqa: F401
         from sparsecc.ops import sparse_ffn as sparse_ffn_op
 
         kernels = {
             "sparsecc::block_sparse_attention": attention.block_sparse_attention_forward,
             "sparsecc::block_sparse_attention_backward": attention.block_sparse_attention_backward,
             "sparsecc::sparse_ffn": _sparse_ffn_cuda,
+            # the flow ops' backward formulas call the ops themselves, so they run these kernels too
+            "sparsecc::flow_route": flow.flow_route,
+            "sparsecc::flow_gather": flow.flow_gather,
+            "sparsecc::flow_scatter": flow.flow_scatter,
         }
         for name, fn in kernels.items():
             torch.library.register_kernel(name, "cuda", fn)
