@@ -90,6 +90,23 @@ def _compile(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    import sparsecc
+    from sparsecc.bench import compare
+    from sparsecc.models import load_model
+
+    loaded = load_model(args.model, batch=args.batch, seq_len=args.seq_len)
+    if loaded.model is None:
+        raise SparseccError("sparsecc bench needs a model it can re-capture: a Hugging Face directory, "
+                            "module:function or 'minilm' (a .pt2 file holds no nn.Module)")
+    recipe = sparsecc.Recipe.load(args.recipe) if args.recipe else sparsecc.Recipe()
+    calibration = _calibration_batches(loaded, args.calibration_batches, args.seq_len)
+    result = compare(loaded.model, loaded.inputs, recipe, calibration=calibration, backend=args.backend,
+                     repeats=args.repeats, warmup=args.warmup, name=loaded.name)
+    print(json.dumps(result.to_dict(), indent=2, default=str) if args.json else result.table())
+    return 0
+
+
 def _layout(args) -> int:
     from sparsecc.layouts import LayoutSet, save_layout_png
 
@@ -142,6 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-batches", type=int, default=8,
                    help="batches of standard-library docstring text for calibration (models with a tokenizer)")
     p.set_defaults(func=_compile)
+
+    p = sub.add_parser("bench", help="time MODEL dense and with a recipe, side by side (latency, FLOPs, error)")
+    p.add_argument("model", help="Hugging Face model directory, module:function, or 'minilm'")
+    p.add_argument("--recipe", help="recipe file (.toml, .json, .yaml); default: the identity recipe")
+    p.add_argument("--backend", default="eager", choices=["eager", "inductor", "onnxruntime"])
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per model (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs per model first")
+    p.add_argument("--calibration-batches", type=int, default=8,
+                   help="batches of standard-library docstring text for calibration (models with a tokenizer)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_bench)
 
     p = sub.add_parser("layout", help="summarise block layouts saved by `sparsecc compile` (and draw them)")
     p.add_argument("dir", help="a layouts directory (index.json + one file per layer)")

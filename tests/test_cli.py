@@ -59,3 +59,42 @@ def test_inspect_errors(spec, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["inspect", spec]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_identity_and_sparse_side_by_side(tmp_path, capsys):
+    """`sparsecc bench`: both rows timed in one run; the identity recipe agrees with dense to fp32
+    rounding and has the same region FLOPs; a half-density layout halves the attention core's FLOPs."""
+    identity = tmp_path / "identity.toml"
+    identity.write_text('[attention]\nkind = "identity"\n[ffn]\nkind = "identity"\n')
+    data = _json(capsys, ["bench", "sparsecc.testing:bert", "--recipe", str(identity), "--repeats", "2",
+                          "--warmup", "0", "--json"])
+    dense, rewritten = data["rows"]
+    assert (dense["name"], rewritten["name"]) == ("dense", "attention=identity, ffn=identity")
+    assert dense["seconds"] > 0 and rewritten["seconds"] > 0 and data["speedup"] > 0
+    assert rewritten["max_abs_error"] < 1e-5 and rewritten["cosine"] > 0.99999
+    assert rewritten["region_flops"] == dense["region_flops"] > 0
+
+    half = tmp_path / "half.toml"
+    half.write_text('[attention]\nkind = "spion"\nmethod = "local"\nblock = 4\ndensity = 0.4375\n')
+    data = _json(capsys, ["bench", "sparsecc.testing:bert", "--recipe", str(half), "--repeats", "1", "--json"])
+    dense, sparse = data["rows"]
+    assert dense["region_flops"] > sparse["region_flops"] > 0
+    assert sparse["max_abs_error"] > 1e-4  # a real change of the attention pattern
+    assert "attention=spion" in sparse["name"]
+
+
+def test_bench_table_and_errors(tmp_path, capsys):
+    from sparsecc.bench import BenchResult, BenchRow
+    result = BenchResult("m", "eager", {}, 3, [BenchRow("dense", 0.020, 4_000_000),
+                                               BenchRow("attention=spion", 0.008, 1_000_000, 2.5e-3, 0.99)], "box")
+    assert result.speedup == pytest.approx(2.5)
+    lines = result.table().splitlines()
+    assert lines[0] == "m: dense vs recipe, backend eager, median of 3 interleaved runs"
+    assert lines[3].split() == ["dense", "20.00", "1.00x", "4M", "1.00x", "-", "-"]
+    assert lines[4].split() == ["attention=spion", "8.00", "2.50x", "1M", "4.00x", "2.50e-03", "0.9900"]
+    assert lines[-1] == "box"
+    path = tmp_path / "m.pt2"
+    model, (x,) = T.hand_written()
+    torch.export.save(torch.export.export(model, (x,)), str(path))
+    assert main(["bench", str(path)]) == 2
+    assert "sparsecc bench needs a model it can re-capture" in capsys.readouterr().err
