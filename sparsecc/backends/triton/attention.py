@@ -79,8 +79,8 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM, IDX, CNT,
                 H, G, L, S, IDX_W, D, scale_log2,
                 BS: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                 PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    TILES_M: tl.constexpr = (BS + BLOCK_M - 1) // BLOCK_M
-    TILES_N: tl.constexpr = (BS + BLOCK_N - 1) // BLOCK_N
+    TILES_M = (BS + BLOCK_M - 1) // BLOCK_M
+    TILES_N = (BS + BLOCK_N - 1) // BLOCK_N
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     qblk = pid_m // TILES_M
@@ -143,8 +143,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KPM, IDX, CNT,
                    H, G, L, S, IDX_W, D, scale, scale_log2,
                    BS: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    TILES_M: tl.constexpr = (BS + BLOCK_M - 1) // BLOCK_M
-    TILES_N: tl.constexpr = (BS + BLOCK_N - 1) // BLOCK_N
+    TILES_M = (BS + BLOCK_M - 1) // BLOCK_M
+    TILES_N = (BS + BLOCK_N - 1) // BLOCK_N
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     qblk = pid_m // TILES_M
@@ -199,8 +199,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CIDX, CCNT,
                      H, HKV, G, L, S, CIDX_W, D, scale, scale_log2,
                      BS: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                      PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    TILES_M: tl.constexpr = (BS + BLOCK_M - 1) // BLOCK_M
-    TILES_N: tl.constexpr = (BS + BLOCK_N - 1) // BLOCK_N
+    TILES_M = (BS + BLOCK_M - 1) // BLOCK_M
+    TILES_N = (BS + BLOCK_N - 1) // BLOCK_N
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     kblk = pid_n // TILES_N
