@@ -64,14 +64,20 @@ def _calibration_batches(loaded, batches: int, seq_len: int):
     return text_batches(loaded, batches, seq_len)
 
 
-def _compile(args) -> int:
-    import sparsecc
+def _recapturable(args, command: str):
+    """The MODEL argument loaded as an nn.Module (compile and bench capture it again)."""
     from sparsecc.models import load_model
-
     loaded = load_model(args.model, batch=args.batch, seq_len=args.seq_len)
     if loaded.model is None:
-        raise SparseccError("sparsecc compile needs a model it can re-capture: a Hugging Face directory, "
+        raise SparseccError(f"sparsecc {command} needs a model it can re-capture: a Hugging Face directory, "
                             "module:function or 'minilm' (a .pt2 file holds no nn.Module)")
+    return loaded
+
+
+def _compile(args) -> int:
+    import sparsecc
+
+    loaded = _recapturable(args, "compile")
     recipe = sparsecc.Recipe.load(args.recipe) if args.recipe else sparsecc.Recipe()
     calibration = _calibration_batches(loaded, args.calibration_batches, args.seq_len)
     sm = sparsecc.compile(loaded.model, loaded.inputs, recipe=recipe, calibration=calibration)
@@ -93,12 +99,8 @@ def _compile(args) -> int:
 def _bench(args) -> int:
     import sparsecc
     from sparsecc.bench import compare
-    from sparsecc.models import load_model
 
-    loaded = load_model(args.model, batch=args.batch, seq_len=args.seq_len)
-    if loaded.model is None:
-        raise SparseccError("sparsecc bench needs a model it can re-capture: a Hugging Face directory, "
-                            "module:function or 'minilm' (a .pt2 file holds no nn.Module)")
+    loaded = _recapturable(args, "bench")
     recipe = sparsecc.Recipe.load(args.recipe) if args.recipe else sparsecc.Recipe()
     calibration = _calibration_batches(loaded, args.calibration_batches, args.seq_len)
     result = compare(loaded.model, loaded.inputs, recipe, calibration=calibration, backend=args.backend,

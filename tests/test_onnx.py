@@ -158,14 +158,7 @@ def test_block_sparse_attention_translation(tmp_path, monkeypatch, bucketed):
         assert dims[-2:] != [L, L], value.name
 
 
-class BlockSparseUnmasked(torch.nn.Module):
-    def __init__(self, mask: torch.Tensor, block: int):
-        super().__init__()
-        idx, cnt = block_mask_to_ell(mask)
-        self.register_buffer("idx", idx)
-        self.register_buffer("cnt", cnt)
-        self.block = block
-
+class BlockSparseUnmasked(BlockSparse):
     def forward(self, q, k, v):
         return bsa.block_sparse_attention_op(q, k, v, self.idx, self.cnt, self.block, 0.25, False, None)[0]
 
