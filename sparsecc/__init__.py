@@ -8,9 +8,9 @@
 from sparsecc import errors
 from sparsecc.api import Report, SparseModel, compile, inspect
 from sparsecc.capture import capture
-from sparsecc.recipe import Identity, Recipe, SparseFFN, Spion
+from sparsecc.recipe import Identity, Recipe, SparseFFN, Spion, TokenFlow
 
 __version__ = "0.1.0"
 
-__all__ = ["compile", "inspect", "capture", "Recipe", "Identity", "Spion", "SparseFFN", "SparseModel", "Report", "errors",
+__all__ = ["compile", "inspect", "capture", "Recipe", "Identity", "Spion", "SparseFFN", "TokenFlow", "SparseModel", "Report", "errors",
            "__version__"]

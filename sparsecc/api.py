@@ -169,7 +169,14 @@ def _rewrite_passes(recipe: Recipe, ctx: PassContext, calibration: Any) -> list[
     if isinstance(recipe.ffn, Identity):
         passes.append(Pass("ffn_identity", ffn_to_op))
     if recipe.flow is not None:
-        raise UnsupportedError(f"recipe.flow={recipe.flow!r}: token flow is not available in this version")
+        from sparsecc.passes.token_flow import prepare_token_flow, token_flow_rewrite
+        if isinstance(recipe.attention, Spion):
+            raise UnsupportedError("recipe.flow with recipe.attention=Spion: block layouts need every query of a "
+                                   "block, token flow removes queries; use one of them (attention=None or "
+                                   "Identity() with flow)")
+        prepare_token_flow(recipe.flow, ctx)
+        # not checked against the dense outputs: padding tokens never flow, so their rows differ by design
+        passes.append(Pass("token_flow", token_flow_rewrite, tolerance=None))
     return passes
 
 
@@ -264,5 +271,9 @@ def compile(model: nn.Module, example_inputs: Any, recipe: Optional[Recipe] = No
     times["rewrite"] = time.perf_counter() - start
     report.passes = results
     report.unmatched += ctx.data.get("skipped", [])
+    if "flow" in ctx.data:  # two graphs (training: soft gates; inference: gather/scatter), one set of weights
+        from sparsecc.flow_model import FlowSparseModel
+        return FlowSparseModel(captured.gm, captured, recipe, backend, report, layouts=ctx.data.get("layouts"),
+                               backend_options=backend_options, flow=ctx.data["flow"])
     return SparseModel(captured.gm, captured, recipe, backend, report, layouts=ctx.data.get("layouts"),
                        backend_options=backend_options)

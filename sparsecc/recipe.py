@@ -226,3 +226,54 @@ class SparseFFN:
             raise RecipeError(f"recipe.ffn.d_lowrank: got {self.d_lowrank!r}; expected an int >= 1 (e.g. 64)")
         if self.init not in ("distill", "random"):
             raise RecipeError(f"recipe.ffn.init: got {self.init!r}; expected 'distill' or 'random'")
+
+
+FLOW_CHOICES = {
+    "gate": ("released", "content", "random"),
+    "scope": ("layer", "ffn"),
+    "kv": ("all", "kept"),
+    "select": ("threshold", "topk"),
+}
+
+
+@register_method("flow")
+@dataclass(frozen=True)
+class TokenFlow:
+    """SparseFlow (Kim & Lee, ACL 2024): learned token-to-block flows; only kept tokens enter a block.
+
+    gate: "released" (the authors' per-position logit tables mixed by a router over the mean input
+    embedding), "content" (a linear score of each token's hidden state; the choice for causal
+    decoders), or "random" (a fixed random table: a baseline).
+    keep: target kept fraction (sparsity-penalty target in training; the capacity of select="topk").
+    scope: "layer" (attention and FFN of a layer share one gate, as released) or "ffn" (FFN only).
+    kv: "all" (kept tokens attend to every token's keys and values, as released) or "kept".
+    select: "threshold" (gate > 0.5) or "topk" (the ceil(keep * tokens) best of each example).
+    pin_first: always keep position 0 (CLS). init: initial gate logit (3.0 opens every gate).
+    """
+
+    kind: typing.ClassVar[str] = "token_flow"
+    gate: str = "released"
+    keep: float = 0.5
+    scope: str = "layer"
+    kv: str = "all"
+    select: str = "threshold"
+    pin_first: bool = True
+    n_mix: int = 3
+    temperature: float = 0.33
+    init: float = 3.0
+    max_positions: int = 512
+    seed: int = 0
+
+    def __post_init__(self):
+        for name, allowed in FLOW_CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise RecipeError(f"recipe.flow.{name}: got {getattr(self, name)!r}; allowed: {list(allowed)}")
+        if not (isinstance(self.keep, (int, float)) and 0.0 < self.keep <= 1.0):
+            raise RecipeError(f"recipe.flow.keep: got {self.keep!r}; expected 0 < keep <= 1 (e.g. 0.5)")
+        if not (isinstance(self.n_mix, int) and self.n_mix >= 1):
+            raise RecipeError(f"recipe.flow.n_mix: got {self.n_mix!r}; expected an int >= 1 (released: 3)")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise RecipeError(f"recipe.flow.temperature: got {self.temperature!r}; expected > 0 (released: 0.33)")
+        if not (isinstance(self.max_positions, int) and self.max_positions >= 1):
+            raise RecipeError(f"recipe.flow.max_positions: got {self.max_positions!r}; expected an int >= 1 "
+                              "(at least the longest sequence you will run)")

@@ -1,0 +1,158 @@
+"""SparseFlow gates: which tokens of each example enter each flowed block.
+
+One `FlowGates` module holds the gate parameters of every flowed segment (a whole
+layer, or an FFN block) of a compiled model. Kinds (`TokenFlow.gate`):
+
+- "released" (as the authors released it): logits[b, s, p] = sum_m w[b, m] * table[m, s, p]
+  with w = softmax(router(mean of the non-padding input embeddings of example b)) and
+  table [n_mix, segments, max_positions] initialised to `init` (3.0: every gate open).
+  Position-based: a token's gate depends on its position and on the whole example.
+- "content": logits[b, s, p] = h[b, p] . w_s + c_s, a linear score of the token's
+  hidden state at the segment input (w_s = 0, c_s = init at the start: open). A
+  token's decision depends on that token only, so causal decoders stay causal.
+- "random": a fixed random score table [segments, max_positions] (a baseline).
+
+Selection (`TokenFlow.select`): "threshold" keeps logit > 0 (sigmoid(logit / T) > 0.5);
+"topk" keeps the ceil(keep * n_valid) best-scored tokens of each example (capacity,
+Mixture-of-Depths style). Padding tokens are never kept; with `pin_first` position 0
+(CLS) always is.
+
+Modes of `forward(h, x0, valid, segment, mode)`:
+- mode="keep": bool [B, L], the inference decision (what `sparsecc::flow_route` packs);
+- mode="gate": float gates [B, L] for the soft training graph: in training mode the
+  Gumbel-sigmoid sigmoid((logit + g1 - g2) / T) (threshold) or the top-k mask with a
+  straight-through sigmoid gradient (topk); in eval mode the hard decision of "keep"
+  with a straight-through gradient. The last gates (and mixture weights) are kept in
+  `last_gates` / `last_mix` for the losses of `sparsecc.training.flow`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["FlowGates", "gumbel_sigmoid", "hard_straight_through"]
+
+
+def gumbel_sigmoid(logits: Tensor, temperature: float = 0.33, generator: Optional[torch.Generator] = None) -> Tensor:
+    """sigmoid((logits + g1 - g2) / temperature) with g1, g2 standard Gumbel noise (soft, differentiable)."""
+    u = torch.rand((2, *logits.shape), device=logits.device, dtype=logits.dtype, generator=generator)
+    u = u.clamp(1e-10, 1 - 1e-10)
+    g = -torch.log(-torch.log(u))
+    return torch.sigmoid((logits + g[0] - g[1]) / temperature)
+
+
+def hard_straight_through(hard: Tensor, soft: Tensor) -> Tensor:
+    """Forward `hard` (0/1), backward the gradient of `soft`."""
+    return hard.to(soft.dtype) + soft - soft.detach()
+
+
+class FlowGates(nn.Module):
+    """Gate parameters of all flowed segments of one model (see the module docstring).
+
+    segments: one entry per flowed segment: (stack number, d_model of its input).
+    x0_dims: d_model of each stack's input embedding (the released router's input).
+    """
+
+    def __init__(self, cfg, segments: list[tuple[int, int]], x0_dims: list[int]):
+        super().__init__()
+        self.cfg = cfg
+        self.kind = cfg.gate
+        self.n_segments = len(segments)
+        self.stacks = [s for s, _ in segments]
+        self.temperature = float(cfg.temperature)
+        self.keep_target = float(cfg.keep)
+        self.select = cfg.select
+        self.pin_first = bool(cfg.pin_first)
+        self.max_positions = int(cfg.max_positions)
+        if self.kind == "released":
+            self.table = nn.Parameter(torch.full((cfg.n_mix, self.n_segments, self.max_positions), float(cfg.init)))
+            self.routers = nn.ModuleList(nn.Linear(d, cfg.n_mix) for d in x0_dims)
+        elif self.kind == "content":
+            self.scorers = nn.ModuleList(nn.Linear(d, 1) for _, d in segments)
+            for lin in self.scorers:
+                nn.init.zeros_(lin.weight)
+                nn.init.constant_(lin.bias, float(cfg.init))
+        elif self.kind == "random":
+            g = torch.Generator().manual_seed(int(cfg.seed))
+            self.register_buffer("table", torch.rand(self.n_segments, self.max_positions, generator=g) * 2 - 1)
+        else:  # pragma: no cover - the recipe validates
+            raise ValueError(f"unknown gate kind {self.kind!r}")
+        self.last_gates: dict = {}  # segment -> (gates [B, L], valid [B, L]) of the last "gate" forward
+        self.last_mix: dict = {}  # stack -> mixture weights [B, n_mix] of the last "gate" forward
+        self.recording = False  # when True, "keep" forwards store (kept, valid, all) counts in `kept_counts`
+        self.kept_counts: dict = {}
+
+    # ------------------------------------------------------------------ logits
+    def mixture(self, x0: Tensor, valid: Optional[Tensor], stack: int) -> Tensor:
+        """Released router: softmax(Linear(mean of the valid rows of x0)) -> [B, n_mix]."""
+        if valid is None:
+            mean = x0.mean(1)
+        else:
+            w = valid.to(x0.dtype).unsqueeze(-1)
+            mean = (x0 * w).sum(1) / w.sum(1).clamp_min(1.0)
+        return torch.softmax(self.routers[stack](mean), dim=-1)
+
+    def logits(self, h: Tensor, x0: Tensor, valid: Optional[Tensor], segment: int) -> tuple[Tensor, Optional[Tensor]]:
+        """Gate logits [B, L] of `segment` (and the mixture weights for released gates)."""
+        L = h.shape[1]
+        torch._check(L <= self.max_positions, lambda: (
+            f"token flow: sequence length {L} is longer than the gate table (max_positions="
+            f"{self.max_positions}); compile with TokenFlow(max_positions=...) >= your longest input"))
+        if self.kind == "released":
+            mix = self.mixture(x0, valid, self.stacks[segment])
+            return mix @ self.table[:, segment, :L], mix
+        if self.kind == "content":
+            return self.scorers[segment](h).squeeze(-1), None
+        return self.table[segment, :L].unsqueeze(0).expand(h.shape[0], L).to(h.dtype), None
+
+    def _decide(self, logits: Tensor, valid: Optional[Tensor]) -> Tensor:
+        """The hard decision [B, L] bool: threshold or top-k, padding never, position 0 if pinned."""
+        B, L = logits.shape
+        valid_ = torch.ones(B, L, dtype=torch.bool, device=logits.device) if valid is None else valid
+        if self.select == "threshold":
+            keep = logits > 0
+        else:
+            scores = logits.masked_fill(~valid_, float("-inf"))
+            if self.pin_first:
+                scores = torch.cat([torch.full_like(scores[:, :1], float("inf")), scores[:, 1:]], dim=1)
+            n_valid = valid_.sum(1)
+            budget = torch.ceil(n_valid.to(torch.float64) * self.keep_target).to(torch.int64)
+            order = torch.argsort(scores, dim=1, descending=True, stable=True)
+            rank = torch.argsort(order, dim=1)
+            keep = rank < budget.unsqueeze(1)
+        if self.pin_first:
+            keep = torch.cat([torch.ones_like(keep[:, :1]), keep[:, 1:]], dim=1)
+        return keep & valid_
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, h: Tensor, x0: Tensor, valid: Optional[Tensor], segment: int, mode: str) -> Tensor:
+        logits, mix = self.logits(h, x0, valid, segment)
+        if mode == "keep":
+            keep = self._decide(logits, valid)
+            if self.recording:
+                n_valid = keep.new_full((), keep.numel(), dtype=torch.int64) if valid is None else valid.sum()
+                self.kept_counts[segment] = (keep.sum().detach(), n_valid.detach(), keep.numel())
+            return keep
+        if mode != "gate":
+            raise ValueError(f"FlowGates mode must be 'keep' or 'gate', got {mode!r}")
+        soft = torch.sigmoid(logits / self.temperature)
+        if self.select == "topk" or not self.training:
+            gates = hard_straight_through(self._decide(logits, valid), soft)
+        else:
+            gates = gumbel_sigmoid(logits, self.temperature)
+            if self.pin_first:
+                gates = torch.cat([torch.ones_like(gates[:, :1]), gates[:, 1:]], dim=1)
+            if valid is not None:
+                gates = gates * valid.to(gates.dtype)
+        self.last_gates[segment] = (gates, valid)
+        if mix is not None:
+            self.last_mix[self.stacks[segment]] = mix
+        return gates
+
+    def extra_repr(self) -> str:
+        return (f"gate={self.kind}, segments={self.n_segments}, select={self.select}, keep={self.keep_target}, "
+                f"temperature={self.temperature}, pin_first={self.pin_first}")
+
