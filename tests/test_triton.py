@@ -97,6 +97,15 @@ def test_sparse_ffn_backward_reads_the_ops_autograd_context(results):
     assert all(err <= 2e-5 for err in r.values()), r
 
 
+def test_compiled_model_runs_the_kernels_end_to_end(results):
+    """A tiny BERT compiled with SPION-style attention + sparse FFN, the Triton launchers standing in as the
+    ops' kernels: same output and parameter gradients as with the CPU kernels."""
+    r = _get(results, "e2e/bert_spion_sparse_ffn")
+    assert r["ops"] == ["sparsecc.block_sparse_attention.default", "sparsecc.sparse_ffn.default"]
+    assert r["same_params"] and r["grads"] > 10
+    assert r["out"] <= 2e-5 and r["grad"] <= 2e-5, r
+
+
 def test_attention_reports_layout_and_dtype_errors(results):
     r = _get(results, "attention/cpu_tensors_report")
     assert "kv_indices must lie in [0, 1)" in r["layout_error"]
