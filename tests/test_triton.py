@@ -106,6 +106,15 @@ def test_compiled_model_runs_the_kernels_end_to_end(results):
     assert r["out"] <= 2e-5 and r["grad"] <= 2e-5, r
 
 
+def test_torch_compile_traces_a_training_step_through_the_kernels(results):
+    assert _get(results, "e2e/torch_compile_traces_the_backward")["grad"] <= 2e-5
+
+
+def test_sparse_ffn_backward_op_passes_opcheck(results):
+    r = _get(results, "ffn/backward_op_opcheck")
+    assert r and all(v == "SUCCESS" for v in r.values()), r
+
+
 def test_attention_reports_layout_and_dtype_errors(results):
     r = _get(results, "attention/cpu_tensors_report")
     assert "kv_indices must lie in [0, 1)" in r["layout_error"]

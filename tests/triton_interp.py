@@ -212,6 +212,22 @@ def _ffn_autograd_context() -> dict:
     return errs
 
 
+@case("ffn/backward_op_opcheck")
+def _ffn_backward_opcheck() -> dict:
+    """The opaque backward op (what torch.compile traces on CUDA): schema, fake kernel, dispatch."""
+    from sparsecc.backends.triton import ffn  # noqa: F401  (defines the op)
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 16, generator=g)
+    w = [torch.randn(32, 16, generator=g) / 4 for _ in range(3)]
+    args = (torch.randn(3, 16, generator=g), x, w[0], torch.randn(32, generator=g), w[1],
+            torch.randn(16, 4, generator=g), torch.randn(4, 32, generator=g), None, w[2], None, 8, "silu",
+            [True, True, True, True, True] + [False] * 5 + [True, False])
+    res = torch.library.opcheck(torch.ops.sparsecc.triton_sparse_ffn_backward, args,
+                                test_utils=("test_schema", "test_faketensor"))
+    return {k: v for k, v in res.items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # token flow
 
@@ -264,13 +280,54 @@ for _acc in (False, True):
 # a compiled model end to end
 
 
+def _triton_kernels_on_cpu() -> None:
+    """Make the Triton launchers the ops' CPU kernels (and the Triton FFN backward the CPU autograd) in
+    this process, so graphs on CPU tensors run them in the interpreter. Only for the e2e/ cases (run last)."""
+    from sparsecc.backends.triton import attention as ta, ffn as tf
+    from sparsecc.ops import sparse_ffn as sffn
+
+    torch.library.register_kernel("sparsecc::block_sparse_attention", "cpu", ta.block_sparse_attention_forward)
+    torch.library.register_kernel("sparsecc::block_sparse_attention_backward", "cpu",
+                                  ta.block_sparse_attention_backward)
+    torch.library.register_kernel("sparsecc::sparse_ffn", "cpu", tf.sparse_ffn_forward)
+    sffn.sparse_ffn.register_autograd(tf.autograd_backward, setup_context=sffn._setup_context)
+
+
+@case("e2e/torch_compile_traces_the_backward")
+def _e2e_compile() -> dict:
+    """torch.compile (AOTAutograd, aot_eager) traces a training step whose sparse ops run Triton kernels in
+    forward and backward (the FFN backward is an opaque op): gradients equal eager CPU ones."""
+    import sparsecc.ops.sparse_ffn  # noqa: F401  (defines the op)
+    from sparsecc.layouts.indexing import block_mask_to_ell
+    from sparsecc.ops.block_sparse_attention import block_sparse_attention
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 32, 16, generator=g) for _ in range(3))
+    idx, cnt = block_mask_to_ell(torch.tensor([[True, False], [True, True]]))
+    w = [torch.randn(32, 16, generator=g) / 4 for _ in range(2)]
+    c1, c2 = torch.randn(16, 4, generator=g), torch.randn(4, 32, generator=g)
+
+    def step(q, k, v, w_in, w_out_t):
+        a = block_sparse_attention(q, k, v, idx, cnt, 16, causal=True)
+        y = torch.ops.sparsecc.sparse_ffn(a.reshape(-1, 16), w_in, None, w_out_t, None, c1, c2, None, 8, "gelu")
+        return (y * y).sum()
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, *w)]
+        fn(*leaves).backward()
+        return [t.grad for t in leaves]
+
+    ref = grads(step)
+    _triton_kernels_on_cpu()
+    got = grads(torch.compile(step, backend="aot_eager", fullgraph=True))
+    return {"grad": max(_max_err(a, b) for a, b in zip(got, ref))}
+
+
 @case("e2e/bert_spion_sparse_ffn")
 def _e2e_bert() -> dict:
     """A tiny BERT compiled with block-sparse attention + sparse FFN: forward and parameter gradients with
     the Triton launchers as the ops' kernels (registered for CPU in this process only) vs the CPU kernels."""
     import sparsecc
-    from sparsecc.backends.triton import attention as ta, ffn as tf
-    from sparsecc.ops import sparse_ffn as sffn
     from sparsecc.testing import bert
 
     model, inputs = bert(layers=1, seq=40)
@@ -286,11 +343,7 @@ def _e2e_bert() -> dict:
         return out.detach(), {k: p.grad.clone() for k, p in sm.graph_module.named_parameters() if p.grad is not None}
 
     ref_out, ref_grads = run()
-    torch.library.register_kernel("sparsecc::block_sparse_attention", "cpu", ta.block_sparse_attention_forward)
-    torch.library.register_kernel("sparsecc::block_sparse_attention_backward", "cpu",
-                                  ta.block_sparse_attention_backward)
-    torch.library.register_kernel("sparsecc::sparse_ffn", "cpu", tf.sparse_ffn_forward)
-    sffn.sparse_ffn.register_autograd(tf.autograd_backward, setup_context=sffn._setup_context)
+    _triton_kernels_on_cpu()
     out, grads = run()
     return {"ops": sorted(str(o) for o in ops if "sparsecc" in str(o)), "out": _max_err(out, ref_out),
             "grads": len(grads), "same_params": sorted(grads) == sorted(ref_grads),

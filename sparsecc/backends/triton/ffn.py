@@ -430,8 +430,45 @@ def sparse_ffn_backward(grad_out: Tensor, x: Tensor, w_in: Tensor, b_in: Optiona
     return tuple(grads)
 
 
+_GRAD_SLOTS = (0, 1, 2, 3, 4, 10, 11)  # the op's inputs that get gradients (x, weights, biases)
+
+
+@torch.library.custom_op("sparsecc::triton_sparse_ffn_backward", mutates_args=())
+def sparse_ffn_backward_op(grad_out: Tensor, x: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out_t: Tensor,
+                           c1: Tensor, c2: Tensor, c_bias: Optional[Tensor], w_gate: Optional[Tensor],
+                           b_gate: Optional[Tensor], n: int, activation: str, needs: list[bool]) -> list[Tensor]:
+    """`sparse_ffn_backward` as an opaque op (so torch.compile / AOTAutograd can trace a backward that
+    launches Triton kernels): the gradients of x, w_in, b_in, w_out_t, b_out, w_gate, b_gate, with an
+    empty tensor for each one not needed or not applicable."""
+    grads = sparse_ffn_backward(grad_out, x, w_in, b_in, w_out_t, c1, c2, c_bias, w_gate, b_gate, n, activation,
+                                tuple(needs))
+    return [grads[i] if grads[i] is not None else x.new_empty(0) for i in _GRAD_SLOTS]
+
+
+@sparse_ffn_backward_op.register_fake
+def _(grad_out, x, w_in, b_in, w_out_t, c1, c2, c_bias, w_gate, b_gate, n, activation, needs):
+    need = tuple(needs) + (False,) * (12 - len(needs))
+    like = {0: x, 1: w_in, 2: b_in, 3: w_out_t, 10: w_gate, 11: b_gate}
+    out = []
+    for i in _GRAD_SLOTS:
+        if i == 4:
+            out.append(x.new_empty(x.shape[-1]) if need[4] else x.new_empty(0))
+        else:
+            t = like[i]
+            out.append(torch.empty_like(t) if need[i] and t is not None and (i < 10 or w_gate is not None)
+                       else x.new_empty(0))
+    return out
+
+
 def autograd_backward(ctx, grad_out: Tensor) -> tuple:
     """Backward of the op from its autograd context (saved by sparsecc.ops.sparse_ffn._setup_context)."""
     x, w_in, b_in, w_out_t, c1, c2, c_bias, w_gate, b_gate = ctx.saved_tensors
-    return sparse_ffn_backward(grad_out, x, w_in, b_in, w_out_t, c1, c2, c_bias, w_gate, b_gate, ctx.n,
-                               ctx.activation, tuple(ctx.needs_input_grad))
+    need = tuple(ctx.needs_input_grad) + (False,) * (12 - len(ctx.needs_input_grad))
+    got = torch.ops.sparsecc.triton_sparse_ffn_backward(grad_out.contiguous(), x, w_in, b_in, w_out_t, c1, c2,
+                                                        c_bias, w_gate, b_gate, ctx.n, ctx.activation, list(need))
+    present = {0: x, 1: w_in, 2: b_in, 3: w_out_t, 4: grad_out, 10: w_gate, 11: b_gate}  # b_out is not saved
+    grads = [None] * 12
+    for i, g in zip(_GRAD_SLOTS, got):
+        if need[i] and present[i] is not None:
+            grads[i] = g
+    return tuple(grads)
