@@ -98,12 +98,13 @@ def test_sparse_ffn_backward_reads_the_ops_autograd_context(results):
 
 
 def test_compiled_model_runs_the_kernels_end_to_end(results):
-    """A tiny BERT compiled with SPION-style attention + sparse FFN, the Triton launchers standing in as the
-    ops' kernels: same output and parameter gradients as with the CPU kernels."""
+    """A tiny BERT compiled with SPION-style attention + sparse FFN, and with token flow, the Triton launchers
+    standing in as the ops' kernels: same outputs (and parameter gradients) as with the CPU kernels."""
     r = _get(results, "e2e/bert_spion_sparse_ffn")
-    assert r["ops"] == ["sparsecc.block_sparse_attention.default", "sparsecc.sparse_ffn.default"]
+    assert {"sparsecc.block_sparse_attention.default", "sparsecc.sparse_ffn.default", "sparsecc.flow_route.default",
+            "sparsecc.flow_scatter.default"} <= set(r["ops"])
     assert r["same_params"] and r["grads"] > 10
-    assert r["out"] <= 2e-5 and r["grad"] <= 2e-5, r
+    assert r["out"] <= 2e-5 and r["grad"] <= 2e-5 and r["flow_out"] <= 2e-5, r
 
 
 def test_torch_compile_traces_a_training_step_through_the_kernels(results):

@@ -283,9 +283,11 @@ for _acc in (False, True):
 def _triton_kernels_on_cpu() -> None:
     """Make the Triton launchers the ops' CPU kernels (and the Triton FFN backward the CPU autograd) in
     this process, so graphs on CPU tensors run them in the interpreter. Only for the e2e/ cases (run last)."""
-    from sparsecc.backends.triton import attention as ta, ffn as tf
+    from sparsecc.backends.triton import attention as ta, ffn as tf, flow as tw
     from sparsecc.ops import sparse_ffn as sffn
 
+    for name in ("flow_route", "flow_gather", "flow_scatter"):
+        torch.library.register_kernel(f"sparsecc::{name}", "cpu", getattr(tw, name))
     torch.library.register_kernel("sparsecc::block_sparse_attention", "cpu", ta.block_sparse_attention_forward)
     torch.library.register_kernel("sparsecc::block_sparse_attention_backward", "cpu",
                                   ta.block_sparse_attention_backward)
@@ -325,8 +327,9 @@ def _e2e_compile() -> dict:
 
 @case("e2e/bert_spion_sparse_ffn")
 def _e2e_bert() -> dict:
-    """A tiny BERT compiled with block-sparse attention + sparse FFN: forward and parameter gradients with
-    the Triton launchers as the ops' kernels (registered for CPU in this process only) vs the CPU kernels."""
+    """A tiny BERT compiled with block-sparse attention + sparse FFN (forward and parameter gradients), and
+    with token flow (forward): the Triton launchers as the ops' kernels (registered for CPU in this process
+    only) vs the CPU kernels."""
     import sparsecc
     from sparsecc.testing import bert
 
@@ -342,10 +345,20 @@ def _e2e_bert() -> dict:
         (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
         return out.detach(), {k: p.grad.clone() for k, p in sm.graph_module.named_parameters() if p.grad is not None}
 
+    # token flow (SparseFlow, random gates): inference graph with route and scatter
+    flow = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(flow=sparsecc.TokenFlow(gate="random", keep=0.5)),
+                            check=False).eval()
+    ops |= {n.target for n in flow.graph_module.graph.nodes if n.op == "call_function"}
+    with torch.no_grad():
+        ref_flow = flow(**inputs).last_hidden_state
+
     ref_out, ref_grads = run()
     _triton_kernels_on_cpu()
     out, grads = run()
+    with torch.no_grad():
+        flow_out = flow(**inputs).last_hidden_state
     return {"ops": sorted(str(o) for o in ops if "sparsecc" in str(o)), "out": _max_err(out, ref_out),
+            "flow_out": _max_err(flow_out, ref_flow),
             "grads": len(grads), "same_params": sorted(grads) == sorted(ref_grads),
             "grad": max(_max_err(grads[k], ref_grads[k]) / max(1.0, float(ref_grads[k].abs().max()))
                         for k in grads)}

@@ -13,7 +13,7 @@ flushed between calls, median):
    weights); --layers weight sets are cycled. Goal: 8x faster than dense.
 3. end to end: a BERT-base-shaped encoder and a Llama-style decoder, dense (`torch.compile`) vs
    `sparsecc.compile(..., backend="triton")` with each recipe (fixed BigBird-style layouts at
-   density 1/8, sparse FFN N=32 with random controllers, both), forward.
+   density 1/8, sparse FFN N=32 with random controllers, both, token flow keeping half), forward.
 
     python tools/bench_triton.py [--quick] [--out results.md] [--skip-e2e]
 
@@ -206,6 +206,7 @@ def e2e_table(seq: int, quick: bool) -> str:
         "sparse FFN (N=32)": sparsecc.Recipe(ffn=sparsecc.SparseFFN(n=32, init="random")),
         "both": sparsecc.Recipe(attention=sparsecc.Spion(method="bigbird", density=1 / 8),
                                 ffn=sparsecc.SparseFFN(n=32, init="random")),
+        "token flow (keep 1/2, random gates)": sparsecc.Recipe(flow=sparsecc.TokenFlow(gate="random", keep=0.5)),
     }
     rows = ["| model | L | recipe | dense torch.compile (ms) | sparsecc triton (ms) | speed-up | compile (s) |",
             "|---|---:|---|---:|---:|---:|---:|"]
@@ -218,7 +219,7 @@ def e2e_table(seq: int, quick: bool) -> str:
         for rname, recipe in recipes.items():
             try:
                 start = time.perf_counter()
-                sm = sparsecc.compile(model, {"input_ids": ids}, recipe=recipe, backend="triton", check=False)
+                sm = sparsecc.compile(model, {"input_ids": ids}, recipe=recipe, backend="triton", check=False).eval()
                 with torch.no_grad():
                     sm(input_ids=ids)
                     secs = time.perf_counter() - start
