@@ -50,6 +50,8 @@ def kernels(full: bool, dtypes: tuple = ("bfloat16", "float16", "float32")):
                     cfgs = A._prune(k.configs, {"BS": bs})
                     yield f"attention {k.fn.__name__} {dt} BS={bs} D={bd} causal={causal} kpm={kpm}", k, types, \
                         consts, cfgs if full else cfgs[:1]
+        yield f"attention _bwd_delta_kernel {dt}", A._bwd_delta_kernel, dict(O=p, DO=p, DELTA="*fp32"), \
+            dict(BLOCK_M=64, BLOCK_D=128), [None]
         ftypes = dict(X=p, LOGITS=p, IDX_IN="*i32", W=p, BIAS=p, WG=p, BG=p, H="*fp32", IDX="*i32", A="*fp32",
                       AG="*fp32", H2="*fp32", W2=p, PART="*fp32", OUT=p, G="*fp32", DW=p)
         for act, gated in ((1, False), (2, True), (3, False), (4, True)) if full else ((4, True),):

@@ -14,8 +14,8 @@ Kernels (flash-attention style; tiles of BLOCK_M queries x BLOCK_N keys, each a 
   below), keeping the running max / sum of the online softmax in fp32 (base-2 exponentials),
   and writes the output and the logsumexp.
 - backward dQ, grid (query tiles, B*H): the same loop over the row's key blocks, recomputing
-  P = exp(S - logsumexp) and accumulating dQ = scale * dS K with dS = P (dP - delta),
-  delta = rowsum(dO * O).
+  P = exp(S - logsumexp) and accumulating dQ = scale * dS K with dS = P (dP - delta);
+  delta = rowsum(dO * O) comes from a small kernel first (fp32, no fp32 copies of O and dO).
 - backward dK/dV, grid (key tiles, B*Hkv): one program per key tile and kv head loops over the
   query blocks that keep its key block (a transposed, column index of the layout, built on the
   host) and over the G query heads of its group, accumulating dV = P^T dO and dK = scale dS^T Q in
@@ -254,6 +254,19 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CIDX, CCNT,
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, L, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    # delta = rowsum(dO * O) in fp32, (B*H, L); O and dO contiguous (B, H, L, D)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    m = (rows < L)[:, None] & (offs_d < D)[None, :]
+    off = bh * L * D + rows[:, None] * D + offs_d[None, :]
+    o = tl.load(O + off, mask=m, other=0.0).to(tl.float32)
+    do = tl.load(DO + off, mask=m, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh * L + rows, tl.sum(o * do, 1), mask=rows < L)
+
+
 class Layout:
     """Row and column indices of a cleaned block layout, on the kernels' device (int32)."""
 
@@ -351,10 +364,14 @@ def block_sparse_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: T
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     do = grad_out.to(q.dtype).contiguous()
     lse = lse.float().contiguous()
-    delta = (do.float() * out.float()).sum(-1).contiguous()  # rowsum(dO * O), (B, H, L)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
+    out = out.to(q.dtype).contiguous()
+    delta = torch.empty(B, H, L, dtype=torch.float32, device=q.device)  # rowsum(dO * O)
+    block_rows = 16 if triton.knobs.runtime.interpret else 64
+    _bwd_delta_kernel[(triton.cdiv(L, block_rows), B * H)](out, do, delta, L, D, BLOCK_M=block_rows,
+                                                            BLOCK_D=next_pow2(D))
     hkv = k.shape[1]
     nq, nk, b = -(-L // block_size), -(-S // block_size), block_size
     common = dict(BS=b, BLOCK_D=next_pow2(D), CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None,
