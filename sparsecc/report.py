@@ -56,7 +56,28 @@ def region_table(report) -> str:
              table,
              f"graph: {g.nodes} nodes, {human(g.parameters)} parameters, inputs {g.inputs}",
              f"ops: {top}"]
+    flow = flow_summary(report)
+    if flow:
+        lines.insert(2, flow)
     if report.unmatched:
         lines.append("not rewritten:")
         lines += [f"  - {note}" for note in report.unmatched]
     return "\n".join(lines)
+
+
+def flow_summary(report) -> str:
+    """Token flow (SparseFlow): kept fraction per layer and FLOPs dense vs flowed, or "" without flow."""
+    layers: dict = {}
+    dense = flowed = 0
+    for r in report.regions:
+        facts = r.sparse or {}
+        if facts.get("method") != "token_flow":
+            continue
+        layers.setdefault(facts["segment"], facts["kept_fraction"])
+        dense += r.flops
+        flowed += facts["flops"]
+    if not layers:
+        return ""
+    kept = ", ".join(f"{name} {frac:.3f}" for name, frac in layers.items())
+    return (f"token flow: kept fraction per layer (of non-padding tokens): {kept}; FLOPs of the flowed regions "
+            f"{human(dense)} dense -> {human(flowed)} flowed ({1 - flowed / max(dense, 1):.1%} fewer)")

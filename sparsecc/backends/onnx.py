@@ -383,6 +383,56 @@ def _bsa_group(ctx: dict, rows: Any, idx: Any, cnt: Any, q_blocks: Any, padded_s
     return out, lse
 
 
+@register_translation("sparsecc::flow_route")
+def _flow_route(keep):
+    """counts = ReduceSum(keep); K = max(1, ReduceMax(counts)); the kept positions first and ascending by
+    TopK(smallest K) of a key unique per position (kept: p, skipped: L + p); padding slots -> 0."""
+    keep_i = op.Cast(keep, to=7)  # INT64
+    counts = op.ReduceSum(keep_i, _ints(1), keepdims=0)  # [B]
+    kept_max = op.Max(op.ReduceMax(counts, keepdims=1), _ints(1))  # [1]
+    length = _dim(keep, 1)
+    positions = op.Range(op.Constant(value_int=0), op.Squeeze(length, [0]), op.Constant(value_int=1))
+    key = op.Add(op.Mul(op.Sub(_ints(1), keep_i), length), op.Unsqueeze(positions, [0]))
+    _, order = op.TopK(key, kept_max, axis=1, largest=0, sorted=1)
+    index = op.Where(_flow_valid_slots(order, counts), order, _ints(0))
+    return index, counts
+
+
+def _flow_valid_slots(index, counts):
+    """[B, K] bool: slot k < counts[b]."""
+    slots = op.Range(op.Constant(value_int=0), op.Squeeze(_dim(index, 1), [0]), op.Constant(value_int=1))
+    return op.Less(op.Unsqueeze(slots, [0]), op.Unsqueeze(counts, [1]))
+
+
+@register_translation("sparsecc::flow_gather")
+def _flow_gather(x, index, counts):
+    """GatherND(x, index[..., None], batch_dims=1) [B, K, D], padding slots zeroed."""
+    rows = op.GatherND(x, op.Unsqueeze(index, [2]), batch_dims=1)
+    zero = op.CastLike(op.Constant(value_float=0.0), x)
+    return op.Where(op.Unsqueeze(_flow_valid_slots(index, counts), [2]), rows, zero)
+
+
+@register_translation("sparsecc::flow_scatter")
+def _flow_scatter(x, rows, index, counts, accumulate: bool = False):
+    """ScatterND into x extended by K spare rows: valid slot k writes row index[b, k], padding slot k writes
+    spare row L + k (so no two writes meet); the spare rows are sliced off. accumulate adds x's rows first."""
+    length, slots = _dim(x, 1), _dim(index, 1)
+    valid = _flow_valid_slots(index, counts)
+    spare = op.Add(op.Range(op.Constant(value_int=0), op.Squeeze(slots, [0]), op.Constant(value_int=1)),
+                   op.Squeeze(length, [0]))
+    target = op.Where(valid, index, op.Unsqueeze(spare, [0]))  # [B, K]
+    zeros = op.Expand(op.CastLike(op.Constant(value_float=0.0), x), op.Concat(_dim(x, 0), slots, _dim(x, 2), axis=0))
+    extended = op.Concat(x, zeros, axis=1)
+    updates = op.CastLike(rows, x)
+    if accumulate:
+        updates = op.Add(updates, op.GatherND(extended, op.Unsqueeze(target, [2]), batch_dims=1))
+    batch = op.Range(op.Constant(value_int=0), op.Squeeze(_dim(x, 0), [0]), op.Constant(value_int=1))
+    batch = op.Expand(op.Unsqueeze(batch, [1]), op.Shape(target))
+    where = op.Concat(op.Unsqueeze(batch, [2]), op.Unsqueeze(target, [2]), axis=2)  # [B, K, 2]
+    out = op.ScatterND(extended, where, updates)
+    return op.Slice(out, _ints(0), length, _ints(1))
+
+
 # ----------------------------------------------------------------------------------------------
 # export
 # ----------------------------------------------------------------------------------------------

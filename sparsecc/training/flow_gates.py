@@ -49,6 +49,20 @@ def hard_straight_through(hard: Tensor, soft: Tensor) -> Tensor:
     return hard.to(soft.dtype) + soft - soft.detach()
 
 
+def _rank_desc(scores: Tensor) -> Tensor:
+    """[B, L] rank of each score in its row, best first, ties to the earlier position.
+
+    Pairwise counts (B x L x L comparisons) rather than a stable argsort: exact, deterministic and
+    exportable to ONNX (which has no stable sort).
+    """
+    s_i, s_j = scores.unsqueeze(2), scores.unsqueeze(1)
+    L = scores.shape[1]
+    pos = torch.arange(L, device=scores.device)
+    earlier = (pos.unsqueeze(0) < pos.unsqueeze(1)).unsqueeze(0)  # [1, i, j]: j before i
+    beats = (s_j > s_i) | ((s_j == s_i) & earlier)
+    return beats.sum(2)
+
+
 class FlowGates(nn.Module):
     """Gate parameters of all flowed segments of one model (see the module docstring).
 
@@ -80,6 +94,10 @@ class FlowGates(nn.Module):
             self.register_buffer("table", torch.rand(self.n_segments, self.max_positions, generator=g) * 2 - 1)
         else:  # pragma: no cover - the recipe validates
             raise ValueError(f"unknown gate kind {self.kind!r}")
+        # added to every logit of a segment: `sparsecc.training.flow.calibrate_keep` sets it so that the hard
+        # decisions keep the target fraction on data (0 = as trained)
+        self.register_buffer("shift", torch.zeros(self.n_segments))
+        self.capture: Optional[dict] = None  # when a dict, "keep" forwards store (logits, valid) per segment
         self.last_gates: dict = {}  # segment -> (gates [B, L], valid [B, L]) of the last "gate" forward
         self.last_mix: dict = {}  # stack -> mixture weights [B, n_mix] of the last "gate" forward
         self.recording = False  # when True, "keep" forwards store (kept, valid, all) counts in `kept_counts`
@@ -101,12 +119,13 @@ class FlowGates(nn.Module):
         torch._check(L <= self.max_positions, lambda: (
             f"token flow: sequence length {L} is longer than the gate table (max_positions="
             f"{self.max_positions}); compile with TokenFlow(max_positions=...) >= your longest input"))
+        shift = self.shift[segment]
         if self.kind == "released":
             mix = self.mixture(x0, valid, self.stacks[segment])
-            return mix @ self.table[:, segment, :L], mix
+            return mix @ self.table[:, segment, :L] + shift, mix
         if self.kind == "content":
-            return self.scorers[segment](h).squeeze(-1), None
-        return self.table[segment, :L].unsqueeze(0).expand(h.shape[0], L).to(h.dtype), None
+            return self.scorers[segment](h).squeeze(-1) + shift, None
+        return self.table[segment, :L].unsqueeze(0).expand(h.shape[0], L).to(h.dtype) + shift, None
 
     def _decide(self, logits: Tensor, valid: Optional[Tensor]) -> Tensor:
         """The hard decision [B, L] bool: threshold or top-k, padding never, position 0 if pinned."""
@@ -120,9 +139,7 @@ class FlowGates(nn.Module):
                 scores = torch.cat([torch.full_like(scores[:, :1], float("inf")), scores[:, 1:]], dim=1)
             n_valid = valid_.sum(1)
             budget = torch.ceil(n_valid.to(torch.float64) * self.keep_target).to(torch.int64)
-            order = torch.argsort(scores, dim=1, descending=True, stable=True)
-            rank = torch.argsort(order, dim=1)
-            keep = rank < budget.unsqueeze(1)
+            keep = _rank_desc(scores) < budget.unsqueeze(1)
         if self.pin_first:
             keep = torch.cat([torch.ones_like(keep[:, :1]), keep[:, 1:]], dim=1)
         return keep & valid_
@@ -131,6 +148,8 @@ class FlowGates(nn.Module):
     def forward(self, h: Tensor, x0: Tensor, valid: Optional[Tensor], segment: int, mode: str) -> Tensor:
         logits, mix = self.logits(h, x0, valid, segment)
         if mode == "keep":
+            if self.capture is not None:
+                self.capture.setdefault(segment, []).append((logits.detach(), valid))
             keep = self._decide(logits, valid)
             if self.recording:
                 n_valid = keep.new_full((), keep.numel(), dtype=torch.int64) if valid is None else valid.sum()

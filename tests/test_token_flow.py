@@ -1,0 +1,281 @@
+"""SparseFlow through sparsecc.compile: open gates = dense, closed gates = identity, kept counts,
+padding, causal routing, the inference graph against independent references, report, training."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import sparsecc
+from sparsecc import testing as T
+from sparsecc.capture import normalize_inputs
+from sparsecc.errors import RecipeError, UnsupportedError
+
+warnings.filterwarnings("ignore")
+
+
+def _run(model, inputs):
+    args, kwargs = normalize_inputs(inputs)
+    return model(*args, **kwargs)
+
+
+def _hidden(out):
+    return out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+
+
+def _compile(factory, **flow):
+    model, inputs = factory()
+    sm = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(flow=sparsecc.TokenFlow(**flow)), check=False)
+    return model, inputs, sm
+
+
+_SHARED: dict = {}
+
+
+def _shared(factory, **flow):
+    """One compiled model per (factory, recipe) for the tests that only run it (capture is the slow part)."""
+    key = (factory.__name__, tuple(sorted(flow.items())))
+    if key not in _SHARED:
+        _SHARED[key] = _compile(factory, **flow)
+    return _SHARED[key]
+
+
+def _decisions(sm, inputs):
+    """The keep decisions [B, L] of every segment on `inputs` (read off the gate module)."""
+    seen = {}
+
+    def hook(module, args, kwargs, out):
+        seen[kwargs["segment"]] = out.clone()
+    handle = sm.flow_gates.register_forward_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            _run(sm, inputs)
+    finally:
+        handle.remove()
+    return seen
+
+
+def _hard_reference(sm, inputs):
+    """The training graph with hard gates (dense compute, h + g * (Block(h) - h), keys masked by log g)."""
+    sm.train()
+    sm.flow_gates.eval()  # hard 0/1 gates with a straight-through gradient, no noise
+    try:
+        with torch.no_grad():
+            return _run(sm, inputs)
+    finally:
+        sm.eval()
+
+
+@pytest.mark.parametrize("factory,flow", [
+    (T.bert, {}),  # released gates, post-LN encoder with a padded example
+    (T.vit, {}),  # static token count (patches)
+    (T.gpt2, {"gate": "content"}),  # causal decoder, fused QKV
+    (T.llama, {"gate": "content", "kv": "kept"}),  # rotary, GQA, RMSNorm
+])
+def test_open_gates_equal_dense(factory, flow):
+    model, inputs, sm = _shared(factory, **flow)
+    assert any(n.target is torch.ops.sparsecc.flow_scatter.default for n in sm.graph_module.graph.nodes)
+    with torch.no_grad():
+        ref, out = _hidden(_run(model, inputs)), _hidden(_run(sm, inputs))
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    valid = torch.ones(ref.shape[:2], dtype=torch.bool) if mask is None else mask.bool()
+    assert (ref - out).abs()[valid].max() <= 1e-5  # padding rows never flow: compared where valid
+    assert all(f == 1.0 for f in sm.kept_fractions().values())
+
+
+def test_closed_gates_make_every_block_the_identity():
+    model, inputs, sm = _compile(T.bert, init=-3.0, pin_first=False)
+    with torch.no_grad():
+        embedded = model.embeddings(input_ids=inputs["input_ids"])
+        out = _hidden(_run(sm, inputs))
+    assert torch.equal(out, embedded)
+    assert all(f == 0.0 for f in sm.kept_fractions().values())
+
+
+def test_bert_matches_layer_by_layer_reference():
+    """Independent reference built from the Hugging Face layers: x <- where(keep, layer(x), x)."""
+    model, inputs, sm = _shared(T.bert, gate="random", select="topk")
+    keep = _decisions(sm, inputs)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        x = model.embeddings(input_ids=ids)
+        additive = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        for i, layer in enumerate(model.encoder.layer):
+            y = layer(x, attention_mask=additive)
+            y = y[0] if isinstance(y, tuple) else y
+            x = torch.where(keep[i].unsqueeze(-1), y, x)
+        out = _hidden(_run(sm, inputs))
+    valid = mask.bool()
+    assert (out - x).abs()[valid].max() <= 1e-5
+    # kept counts: ceil(0.5 * non-padding tokens) per example, padding never kept, CLS always
+    n_valid = mask.sum(1)
+    for k in keep.values():
+        assert k.sum(1).tolist() == [math.ceil(0.5 * int(n)) for n in n_valid]
+        assert not (k & ~valid).any() and k[:, 0].all()
+
+
+@pytest.mark.parametrize("factory,flow", [
+    (T.bert, {"gate": "random", "kv": "kept"}),
+    (T.gpt2, {"gate": "random"}),
+    (T.llama, {"gate": "random", "kv": "kept"}),
+    (T.t5, {"gate": "random"}),  # encoder-decoder: both stacks, cross attention
+    (T.vit, {"gate": "random", "select": "topk", "keep": 0.3}),
+])
+def test_gathered_graph_matches_hard_dense_graph(factory, flow):
+    """The gather/scatter graph (work on kept tokens) equals the dense graph with hard 0/1 gates."""
+    model, inputs, sm = _shared(factory, **flow)
+    with torch.no_grad():
+        out = _run(sm, inputs)
+    ref = _hard_reference(sm, inputs)
+    assert (_hidden(out) - _hidden(ref)).abs().max() <= 1e-5
+    fractions = list(sm.kept_fractions().values())
+    assert all(0.0 < f < 1.0 for f in fractions)
+    with torch.no_grad():
+        dense = _hidden(_run(model, inputs))
+    assert (dense - _hidden(out)).abs().max() > 1e-3  # skipping tokens does change the function
+
+
+def test_other_sequence_length_and_batch():
+    model, inputs, sm = _shared(T.bert, gate="random", select="topk")
+    ids = torch.randint(0, T.VOCAB, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[0, -4:] = 0
+    new = {"input_ids": ids, "attention_mask": mask}
+    keep = _decisions(sm, new)
+    assert [int(n) for n in keep[0].sum(1)] == [4, 6, 6]  # ceil(0.5 * 7), ceil(0.5 * 11)
+    with torch.no_grad():
+        out = _hidden(_run(sm, new))
+    assert (out - _hidden(_hard_reference(sm, new))).abs().max() <= 1e-5
+
+
+def test_causal_routing_ignores_later_tokens():
+    model, inputs, sm = _shared(T.gpt2, gate="content")
+    saved = {k: v.clone() for k, v in sm.flow_gates.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # random scorers: decisions that vary per token
+        for lin in sm.flow_gates.scorers:
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g))
+            lin.bias.zero_()
+    try:
+        _check_causal(sm, inputs)
+    finally:
+        sm.flow_gates.load_state_dict(saved)
+
+
+def _check_causal(sm, inputs):
+    ids = inputs[0]
+    changed = ids.clone()
+    changed[:, 9:] = (changed[:, 9:] + 7) % T.VOCAB  # new tokens from position 9 on
+    a, b = _decisions(sm, (ids,)), _decisions(sm, (changed,))
+    for seg in a:
+        assert torch.equal(a[seg][:, :9], b[seg][:, :9])
+        assert 0 < int(a[seg].sum()) < a[seg].numel()
+    assert any(not torch.equal(a[s][:, 9:], b[s][:, 9:]) for s in a)  # later decisions did change
+    with torch.no_grad():
+        out_a, out_b = _hidden(_run(sm, (ids,))), _hidden(_run(sm, (changed,)))
+    assert (out_a[:, :9] - out_b[:, :9]).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("flow,message", [
+    ({"gate": "released"}, "gate='released' routes each token by a router over the mean"),
+    ({"gate": "content", "select": "topk"}, "select='topk' keeps the best tokens of the whole sequence"),
+])
+def test_causal_models_refuse_routing_that_sees_the_future(flow, message):
+    model, inputs = T.hand_written()  # causal (masked_fill mask), quick to capture
+    with pytest.raises(UnsupportedError, match=message):
+        sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(flow=sparsecc.TokenFlow(**flow)))
+
+
+def test_unsupported_layouts_and_recipes_are_named():
+    model, inputs = T.torch_encoder()
+    with pytest.raises(UnsupportedError, match="sequence-first attention"):
+        sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(flow=sparsecc.TokenFlow()))
+    model, inputs = T.hand_written()
+    with pytest.raises(UnsupportedError, match="recipe.flow with recipe.attention=Spion"):
+        sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(attention=sparsecc.Spion(), flow=sparsecc.TokenFlow()))
+
+
+def test_report_kept_fraction_and_flops():
+    model, inputs, sm = _shared(T.bert, gate="random", select="topk")
+    regions = sm.report().regions
+    kept = (8 + 7) / (16 + 13)  # ceil(0.5 * 16) + ceil(0.5 * 13) of the non-padding tokens
+    frac_all = 15 / 32  # of all token rows (FLOPs count every row of the dense model)
+    for r in regions:
+        assert r.sparse["method"] == "token_flow" and r.sparse["kept_fraction"] == pytest.approx(kept)
+        if r.kind == "ffn":
+            assert r.sparse["flops"] == round(r.flops * frac_all)
+        else:
+            parts = 2 * 32 * 32 * 32  # one 32x32 projection over 32 token rows
+            core = r.flops - 4 * parts
+            assert r.sparse["flops"] == round((2 * parts + core) * frac_all + 2 * parts)
+    text = str(sm.report())
+    assert "token_flow" in text and f"{kept:.3f}" in text
+    assert "kept fraction per layer" in text
+
+
+def test_recipe_file_and_validation(tmp_path):
+    (tmp_path / "r.toml").write_text('[flow]\nkind = "token_flow"\ngate = "content"\nkeep = 0.25\nkv = "kept"\n')
+    recipe = sparsecc.Recipe.load(str(tmp_path / "r.toml"))
+    assert recipe.flow == sparsecc.TokenFlow(gate="content", keep=0.25, kv="kept")
+    assert recipe.attention is None and recipe.ffn is None
+    assert sparsecc.Recipe.from_dict(sparsecc.Recipe(flow=sparsecc.TokenFlow()).to_dict()).flow == sparsecc.TokenFlow()
+    with pytest.raises(RecipeError, match=r"recipe.flow.scope: got 'block'; allowed: \['layer', 'ffn'\]"):
+        sparsecc.TokenFlow(scope="block")
+    with pytest.raises(RecipeError, match="recipe.flow.keep: got 1.5; expected 0 < keep <= 1"):
+        sparsecc.TokenFlow(keep=1.5)
+    with pytest.raises(RecipeError, match=r"recipe.flow.kv: got 'none'"):
+        sparsecc.Recipe.from_dict({"flow": {"kind": "token_flow", "kv": "none"}})
+
+
+def test_training_graph_soft_gates_and_user_model_untouched():
+    model, inputs, sm = _shared(T.bert)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sm.train()
+    out = _hidden(_run(sm, inputs))
+    gates, valid = sm.flow_gates.last_gates[0]
+    assert gates.requires_grad and not ((gates > 0) & (gates < 1)).logical_not().all()  # soft values
+    assert (gates[~valid] == 0).all() and (gates[:, 0] == 1).all()  # padding never, CLS always
+    out.pow(2).mean().backward()
+    assert sm.flow_gates.table.grad is not None and sm.flow_gates.table.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in sm.flow_gates.routers.parameters())
+    params = dict(sm.graph_module.named_parameters())
+    assert params["encoder.layer.0.attention.self.query.weight"].grad.abs().sum() > 0
+    # both graphs share the weights; the user's model is unchanged
+    assert sm.train_graph_module.get_parameter("encoder.layer.0.attention.self.query.weight") is \
+        params["encoder.layer.0.attention.self.query.weight"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert not any(k.startswith("train_graph_module") for k in sm.state_dict())  # one copy of the weights
+    sm.zero_grad(set_to_none=True)
+    sm.eval()
+
+
+def test_fit_reaches_the_target_kept_fraction():
+    from sparsecc.training.flow import fit_flow
+    model, inputs = T.bert()
+    sm = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(flow=sparsecc.TokenFlow(keep=0.5)))
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(0, T.VOCAB, (4, 16), generator=g),
+                "attention_mask": torch.ones(4, 16, dtype=torch.long)} for _ in range(3)]
+    result = fit_flow(sm, batches, teacher=model, steps=30, gate_lr=0.3, progress=False)
+    assert result.history[0]["kept"] > 0.9 and abs(result.history[-1]["kept"] - 0.5) < 0.15
+    assert result.history[-5]["penalty"] < result.history[0]["penalty"] / 10
+    assert "penalty" in result.history[0] and "penalty" not in result.history[-1]  # final phase: no penalty
+    assert not sm.training
+    fractions = sm.measure_flow(batches)  # hard decisions after the threshold calibration
+    assert all(abs(f - 0.5) <= 1 / 16 for f in fractions.values())
+
+
+def test_onnx_runtime_matches_pytorch():
+    """backend='onnxruntime' runs the exported flowed graph (route / gather / scatter in standard ONNX ops)."""
+    model, inputs = T.llama()
+    recipe = sparsecc.Recipe(flow=sparsecc.TokenFlow(gate="random", kv="kept"))
+    sm = sparsecc.compile(model, inputs, recipe=recipe, backend="onnxruntime")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for ids in (inputs[0], torch.randint(0, T.VOCAB, (3, 12), generator=g)):  # and another batch / length
+            ref = _hidden(sm.graph_module(ids, **sm._call_defaults))
+            got = _hidden(sm(ids))
+            assert (ref - got).abs().max() <= 1e-4
+            assert (ref - _hidden(_run(model, (ids,)))).abs().max() > 1e-3  # tokens were skipped
