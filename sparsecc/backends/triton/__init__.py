@@ -5,8 +5,8 @@ and registers their launchers as the "cuda" kernels of the sparsecc custom ops),
 `sparsecc.compile(..., backend="triton")` calls it. The launchers are also plain functions:
 
     attention.block_sparse_attention_forward / block_sparse_attention_backward
-    ffn.sparse_ffn_forward / sparse_ffn_backward
-    flow.flow_gather / flow_scatter (+ their backward launchers)
+    ffn.sparse_ffn_forward / sparse_ffn_backward (also the opaque op sparsecc::triton_sparse_ffn_backward)
+    flow.flow_route / flow_gather / flow_scatter (the flow ops' backward formulas call the ops themselves)
 
 They run on CUDA tensors, or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 set
 before triton is first imported), which is how the test suite checks them without a GPU.
