@@ -264,7 +264,11 @@ def _block_sparse_attention(q, k, v, kv_indices, kv_counts, block_size: int = 64
     b = int(block_size)
     L, S = _dim(q, 2), _dim(k, 2)
     nq = _dim(kv_indices, 0)
-    nk = op.Div(op.Add(S, b - 1), [b])
+    # Key blocks: those S covers, and at least those the layout names, so a layout made for a longer
+    # sequence runs on its top-left corner (like crop_ell in PyTorch): keys past S are zero padding,
+    # masked by the key-range check, and query blocks past L are sliced off at the end.
+    nk = op.Max(op.Div(op.Add(S, b - 1), [b]), op.Add(op.ReduceMax(kv_indices, keepdims=1), [1]))
+    nk = op.Reshape(nk, [1])
     zero = _ints(0)
     # pad to whole blocks along the sequence axis (Pad with a zero amount is a no-op copy ORT skips)
     q_pad = op.Pad(op.Mul(q, op.CastLike(float(scale), q)),
@@ -279,10 +283,12 @@ def _block_sparse_attention(q, k, v, kv_indices, kv_counts, block_size: int = 64
     if key_padding_mask is not None:
         kpm = op.Pad(key_padding_mask, op.Concat(zero, zero, zero, op.Sub(op.Mul(nk, _ints(b)), S), axis=0))
     s_static = _static(k.shape[2])
-    ctx = dict(qb=qb, kb=kb, vb=vb, kpm=kpm, S=S, B=B, Hkv=Hkv, D=D, b=b, causal=causal,
-               partial_keys=s_static is None or s_static % b != 0)
-
     known = _LAYOUT_VALUES.get(getattr(kv_indices, "name", None))
+    # keys can fall outside [0, S): a dynamic or partial last block, or a layout made for longer sequences
+    partial_keys = (s_static is None or s_static % b != 0 or known is None
+                    or int(known[0].max()) >= s_static // b)
+    ctx = dict(qb=qb, kb=kb, vb=vb, kpm=kpm, S=S, B=B, Hkv=Hkv, D=D, b=b, causal=causal, partial_keys=partial_keys)
+
     if known is None:  # one ELL group: every query block padded to the widest row
         out, lse = _bsa_group(ctx, None, kv_indices, kv_counts, op.Range(0, op.Squeeze(nq, [0]), 1), True)
     else:  # layout known at export: one group per kept count (no padding slots)

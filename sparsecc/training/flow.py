@@ -277,7 +277,7 @@ def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Opti
             loss.backward()
             opt.step()
             fractions = kept_fractions(gates)
-            kept = float(sum(float(f) for f in fractions.values()) / max(len(fractions), 1))
+            kept = float(sum(float(f.detach()) for f in fractions.values()) / max(len(fractions), 1))
             record = {"loss": float(loss.detach()), "kept": kept, **{k: float(v.detach()) for k, v in terms.items()}}
             result.history.append(record)
             if bar is not None:
