@@ -225,15 +225,14 @@ def main() -> None:
         torch.manual_seed(0)
         sm = sparsecc.compile(model, example, recipe=sparsecc.Recipe(flow=cfg), check=False)
         t0 = time.time()
-        fit = fit_flow(sm, train, teacher=model, steps=args.steps, progress=True,
+        fit_flow(sm, train, teacher=model, steps=args.steps, progress=True,
                        distill=lambda s, t, b: embedding_distill(_hidden(s), _hidden(t), b["attention_mask"], 0.5))
         train_s = time.time() - t0
         cos = torch.nn.functional.cosine_similarity(ref_c, embed(sm, eval_batches), dim=-1)
         ov = overlap_at_10(ref_q, ref_c, embed(sm, query_batches), embed(sm, eval_batches))
         fl = flops(sm, eval_batches, cfg, d, f)
         per_l = {L: flops(sm, flops_batches[L], cfg, d, f) for L in args.lengths}
-        rows.append((key, label, cfg, fl, per_l, float(cos.mean()), float(cos.min()), ov, train_s,
-                     fit.history[-1]["kept"]))
+        rows.append((key, label, cfg, fl, per_l, float(cos.mean()), float(cos.min()), ov, train_s))
         print(f"{key}: cos {cos.mean():.4f} (min {cos.min():.4f}), overlap@10 {ov:.3f}, kept/layer "
               f"{[round(k, 3) for k in fl['kept']]}, FLOPs {fl['flowed'] / fl['dense']:.3f} of dense "
               f"(limit {fl['limit'] / fl['dense']:.3f}), trained {train_s:.0f} s", flush=True)
@@ -262,7 +261,7 @@ def render(args, rows, lat_rows, machine: str, seconds: float) -> str:
              "| variant | kept per layer (held-out) | FLOPs flowed / dense (held-out) | limit at keep | "
              "FLOPs vs limit | cosine mean / min | top-10 overlap | train (s) |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for key, label, cfg, fl, per_l, cos, cos_min, ov, train_s, _ in rows:
+    for key, label, cfg, fl, per_l, cos, cos_min, ov, train_s in rows:
         kept = " ".join(f"{k:.2f}" for k in fl["kept"])
         lines.append(f"| {key}: {label} | {kept} | {fl['flowed'] / fl['dense']:.3f} | {fl['limit'] / fl['dense']:.3f} "
                      f"| {fl['flowed'] / fl['limit']:.3f} | {cos:.4f} / {cos_min:.4f} | {ov:.3f} | {train_s:.0f} |")
