@@ -4,7 +4,8 @@ Times, per token and layer (median over all calls), side by side in one run:
   dense       F.linear -> act -> F.linear over the full weights,
   naive       controller arg-max, then row copies w_in[idx], w_out.T[idx] and two mat-vecs,
   kernel      the sparse_ffn implementation called directly (no op dispatch),
-  sparse_ffn  torch.ops.sparsecc.sparse_ffn on packed weights (what models run).
+  sparse_ffn  torch.ops.sparsecc.sparse_ffn on packed weights (what models run):
+              its native C kernel, and its PyTorch path (SPARSECC_NATIVE=0).
 
 To keep the numbers honest for decoding, every call gets a new token (so the
 controller picks different units) and calls cycle through --layers independent
@@ -86,8 +87,20 @@ def _methods(n: int, activation: str) -> dict[str, Callable[[torch.Tensor, dict]
         return torch.ops.sparsecc.sparse_ffn(x, p.w_in, p.b_in, p.w_out_t, p.b_out, p.c1, p.c2, p.c_bias, n,
                                              activation, None, None)
 
+    def op_pytorch_path(x: torch.Tensor, w: dict) -> torch.Tensor:
+        return op(x, w)  # run with SPARSECC_NATIVE=0, see _ENV
+
     return {"dense FFN (F.linear x2 + act)": dense, "naive sparse (W[idx] copies)": naive,
-            "sparse_ffn kernel, no op dispatch": kernel, "sparse_ffn op (packed weights)": op}
+            "sparse_ffn kernel, no op dispatch": kernel, "sparse_ffn op (packed weights)": op,
+            _PYTORCH_PATH: op_pytorch_path}
+
+
+_PYTORCH_PATH = "sparse_ffn op, PyTorch path (SPARSECC_NATIVE=0)"
+_ENV = {_PYTORCH_PATH: "0"}  # SPARSECC_NATIVE while a method runs (set outside the timed call)
+
+
+def _native_env(name: str) -> None:
+    os.environ["SPARSECC_NATIVE"] = _ENV.get(name, "1")
 
 
 def run(args: argparse.Namespace) -> str:
@@ -103,20 +116,27 @@ def run(args: argparse.Namespace) -> str:
         w, x = layers[0], tokens[0]
         ref = sparse_ffn_reference(x, w["w_in"], w["b_in"], w["w_out"], w["b_out"], w["c1"], w["c2"],
                                    w["c_bias"], args.n, args.activation)
-        errors = {name: (fn(x, w) - ref).abs().max().item() for name, fn in methods.items() if "dense" not in name}
+        errors = {}
+        for name, fn in methods.items():
+            _native_env(name)
+            if "dense" not in name:
+                errors[name] = (fn(x, w) - ref).abs().max().item()
         for name, fn in methods.items():  # warm-up
+            _native_env(name)
             for i in range(args.warmup):
                 fn(tokens[i % args.tokens], layers[i % args.layers])
         step = 0
         # Interleave methods in short rounds so background load hits them alike.
         for _ in range(args.repeats):
             for name, fn in methods.items():
+                _native_env(name)
                 for i in range(args.round):
                     x, w = tokens[(step + i) % args.tokens], layers[(step + i) % args.layers]
                     t0 = time.perf_counter()
                     fn(x, w)
                     times[name].append(time.perf_counter() - t0)
             step += args.round
+    os.environ.pop("SPARSECC_NATIVE", None)
     med = {name: statistics.median(t) * 1e6 for name, t in times.items()}
     p10 = {name: sorted(t)[len(t) // 10] * 1e6 for name, t in times.items()}
     dense_us = med[next(iter(methods))]
