@@ -93,6 +93,25 @@ def test_chunking_and_workers_do_not_change_results(monkeypatch, workers, chunk)
     assert torch.get_num_threads() >= 1
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_runs_under_inference_mode_with_worker_threads(monkeypatch, workers):
+    """Worker threads run in the caller's grad / inference mode (they are thread-local)."""
+    monkeypatch.setattr(bsa, "WORKERS", workers)
+    monkeypatch.setattr(bsa, "CHUNK_ELEMENTS", 1 << 10)  # several chunks, so the pool is used
+    q, k, v, bm, _ = make_case(1, 4, 4, 96, 96, 8, 16, 0.5, False, False, seed=5)
+    idx, cnt = block_mask_to_ell(bm)
+    expected = block_sparse_attention(q, k, v, idx, cnt, 16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            got = block_sparse_attention(q, k, v, idx, cnt, 16)
+    finally:
+        torch.set_num_threads(threads)
+    assert got.is_inference()
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
 def test_fully_masked_rows_are_zero_with_zero_grads():
     B, H, L, D, b = 2, 2, 40, 8, 8
     bm = torch.rand(5, 5, generator=torch.Generator().manual_seed(1)) < 0.5

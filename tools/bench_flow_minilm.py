@@ -178,6 +178,8 @@ def main() -> None:
     parser.add_argument("--keep", type=float, default=0.5)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--train-batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-5, help="model weights' learning rate (released: 2e-5)")
+    parser.add_argument("--gate-lr", type=float, default=0.1, help="gates' learning rate (released: 0.1)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
@@ -225,7 +227,7 @@ def main() -> None:
         torch.manual_seed(0)
         sm = sparsecc.compile(model, example, recipe=sparsecc.Recipe(flow=cfg), check=False)
         t0 = time.time()
-        fit_flow(sm, train, teacher=model, steps=args.steps, progress=True,
+        fit_flow(sm, train, teacher=model, steps=args.steps, progress=True, lr=args.lr, gate_lr=args.gate_lr,
                        distill=lambda s, t, b: embedding_distill(_hidden(s), _hidden(t), b["attention_mask"], 0.5))
         train_s = time.time() - t0
         cos = torch.nn.functional.cosine_similarity(ref_c, embed(sm, eval_batches), dim=-1)
@@ -254,7 +256,8 @@ def main() -> None:
 def render(args, rows, lat_rows, machine: str, seconds: float) -> str:
     cmd = "python tools/bench_flow_minilm.py " + " ".join(sys.argv[1:])
     lines = [HEADER, "", f"Command: `{cmd.strip()}` ({seconds / 60:.0f} min in all).", "",
-             f"all-MiniLM-L6-v2 (pretrained), target keep {args.keep}, {args.steps} distillation steps per variant. "
+             f"all-MiniLM-L6-v2 (pretrained), target keep {args.keep}, {args.steps} distillation steps per variant "
+             f"(model lr {args.lr:g}, gate lr {args.gate_lr:g}). "
              "Held-out text: "
              f"{args.eval_paragraphs} paragraphs (cosine, FLOPs), {args.queries} queries (first half of a paragraph) "
              "against them (top-10 overlap).", "",

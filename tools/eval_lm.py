@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line, write_atomic  # noqa: E402
 from sparsecc.data import stdlib_paragraphs  # noqa: E402
 from sparsecc.nn import CausalLM, DecoderConfig, count_parameters  # noqa: E402
+from sparsecc.training.controller import SparseFFNController  # noqa: E402
 
 
 _SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3", "ensurepip", "venv",
@@ -188,6 +189,9 @@ def train(cfg: DecoderConfig, steps: int, train_data: torch.Tensor, val: torch.T
           args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     model = CausalLM(cfg).train()
+    for module in model.modules():
+        if isinstance(module, SparseFFNController):
+            module.st_prob = args.st_prob
     opt = make_optimizer(model, args.lr)
     data = batches(train_data, args.batch, args.seq, args.seed + 1)
     start = time.perf_counter()
@@ -213,6 +217,10 @@ def main() -> None:
     p.add_argument("--d-ff", type=int, default=1024)
     p.add_argument("--n", type=int, default=32, help="sparse FF block size N (one active unit per N)")
     p.add_argument("--d-lowrank", type=int, default=64)
+    p.add_argument("--st-prob", type=float, default=0.3,
+                   help="controller training: probability of the straight-through one-hot per batch (paper 0.3)")
+    p.add_argument("--variants", default="dense,ff,ffqkv",
+                   help="comma list of the models to train: dense, ff (sparse FF), ffqkv (sparse FF + QKV)")
     p.add_argument("--modules", type=int, default=0, help="sparse QKV modules S (0: d_model // 64)")
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
@@ -236,12 +244,17 @@ def main() -> None:
                          d_ff=args.d_ff, max_len=args.seq, style=args.style, ffn_n=args.n,
                          ffn_d_lowrank=args.d_lowrank)
     target = params_of(base)
-    variants = [
-        ("dense", base),
-        ("sparse FF", match_d_ff(base, target, sparse_ffn=True)),
-        ("sparse FF + sparse QKV", match_d_ff(base, target, sparse_ffn=True, sparse_qkv=True,
-                                              qkv_modules=args.modules)),
-    ]
+    all_variants = {
+        "dense": ("dense", base),
+        "ff": ("sparse FF", match_d_ff(base, target, sparse_ffn=True)),
+        "ffqkv": ("sparse FF + sparse QKV", match_d_ff(base, target, sparse_ffn=True, sparse_qkv=True,
+                                                       qkv_modules=args.modules)),
+    }
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in all_variants]
+    if unknown or not chosen:
+        p.error(f"--variants: unknown {unknown or chosen}; choose from {', '.join(all_variants)}")
+    variants = [all_variants[v] for v in chosen]
     steps = args.steps
     if not steps:
         step_s = dense_step_seconds(base, train_data, args)
@@ -254,15 +267,15 @@ def main() -> None:
         print(f"{name}: d_ff {cfg.d_ff}, {params_of(cfg)} parameters", flush=True)
         results.append((name, cfg, train(cfg, steps, train_data, val, args)))
 
-    dense_loss = results[0][2]["val_loss"]
-    s = variants[2][1].qkv_modules
+    dense_loss = next((r["val_loss"] for name, _, r in results if name == "dense"), None)
+    s = all_variants["ffqkv"][1].qkv_modules
     lines = [
         f"Byte-level causal LM on Python standard-library docstrings ({len(train_data) / 1e6:.2f} MB train, "
         f"{min(len(val), args.eval_tokens) / 1e3:.0f} kB of the held-out {len(val) / 1e3:.0f} kB evaluated). "
         f"{args.style} style, d_model {args.d_model}, {args.layers} layers, {args.heads} heads, context {args.seq}; "
         f"{steps} steps of batch {args.batch} for every model (AdamW lr {args.lr}, cosine, seed {args.seed}); "
         f"sparse FF N={args.n}, d_lowrank={args.d_lowrank} (trained with the controller's Gumbel / "
-        f"straight-through-w.p.-0.3 mask, evaluated with arg-max via `sparsecc::sparse_ffn`); sparse QKV S={s}. "
+        f"straight-through-w.p.-{args.st_prob:g} mask, evaluated with arg-max via `sparsecc::sparse_ffn`); sparse QKV S={s}. "
         "Parameter counts matched through d_ff.",
         "",
         "| model | d_ff | params | train time | val loss (nats/byte) | val ppl | bits/byte | ppl vs dense |",
@@ -270,10 +283,9 @@ def main() -> None:
     ]
     for name, cfg, r in results:
         ppl = math.exp(r["val_loss"])
-        rel = (ppl / math.exp(dense_loss) - 1) * 100
+        rel = "" if name == "dense" or dense_loss is None else f"{(ppl / math.exp(dense_loss) - 1) * 100:+.1f}%"
         lines.append(f"| {name} | {cfg.d_ff} | {r['params'] / 1e6:.3f}M | {r['train_seconds'] / 60:.1f} min | "
-                     f"{r['val_loss']:.4f} | {ppl:.3f} | {r['val_loss'] / math.log(2):.3f} | "
-                     f"{'' if name == 'dense' else f'{rel:+.1f}%'} |")
+                     f"{r['val_loss']:.4f} | {ppl:.3f} | {r['val_loss'] / math.log(2):.3f} | {rel} |")
     lines += ["", f"Machine: {machine_line()}.", f"Command: `python tools/eval_lm.py {' '.join(sys.argv[1:])}`"]
     text = "\n".join(lines) + "\n"
     print(text)
