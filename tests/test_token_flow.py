@@ -267,6 +267,26 @@ def test_fit_reaches_the_target_kept_fraction():
     assert all(abs(f - 0.5) <= 1 / 16 for f in fractions.values())
 
 
+def test_hard_final_phase_trains_on_the_calibrated_hard_decisions():
+    from sparsecc.training.flow import fit_flow
+    model, inputs = T.bert()
+    sm = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(flow=sparsecc.TokenFlow(keep=0.5)))
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(0, T.VOCAB, (4, 16), generator=g),
+                "attention_mask": torch.ones(4, 16, dtype=torch.long)} for _ in range(3)]
+    result = fit_flow(sm, batches, teacher=model, steps=30, gate_lr=0.3, progress=False, hard_final=True)
+    final = [r for r in result.history if "penalty" not in r]
+    assert len(final) == 3  # the last 10 % of 30 steps
+    # frozen hard gates: every layer keeps a whole number of the 64 tokens, the calibrated half
+    whole = 64 * sm.flow_gates.n_segments  # "kept" is the mean over segments of count / 64
+    for r in final:
+        assert abs(r["kept"] * whole - round(r["kept"] * whole)) < 1e-3 and abs(r["kept"] - 0.5) <= 1 / 16
+    assert not any(abs(r["kept"] * whole - round(r["kept"] * whole)) < 1e-3 for r in result.history[1:5])  # soft
+    assert not sm.flow_gates.hard_training and not sm.training
+    fractions = sm.measure_flow(batches)
+    assert all(abs(f - 0.5) <= 1 / 16 for f in fractions.values())
+
+
 def test_onnx_runtime_matches_pytorch():
     """backend='onnxruntime' runs the exported flowed graph (route / gather / scatter in standard ONNX ops)."""
     model, inputs = T.llama()

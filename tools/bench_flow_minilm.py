@@ -180,6 +180,8 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-5, help="model weights' learning rate (released: 2e-5)")
     parser.add_argument("--gate-lr", type=float, default=0.1, help="gates' learning rate (released: 0.1)")
+    parser.add_argument("--hard-final", action="store_true",
+                        help="train the final phase on the calibrated hard decisions (fit_flow hard_final)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
@@ -228,7 +230,8 @@ def main() -> None:
         sm = sparsecc.compile(model, example, recipe=sparsecc.Recipe(flow=cfg), check=False)
         t0 = time.time()
         fit_flow(sm, train, teacher=model, steps=args.steps, progress=True, lr=args.lr, gate_lr=args.gate_lr,
-                       distill=lambda s, t, b: embedding_distill(_hidden(s), _hidden(t), b["attention_mask"], 0.5))
+                 hard_final=args.hard_final,
+                 distill=lambda s, t, b: embedding_distill(_hidden(s), _hidden(t), b["attention_mask"], 0.5))
         train_s = time.time() - t0
         cos = torch.nn.functional.cosine_similarity(ref_c, embed(sm, eval_batches), dim=-1)
         ov = overlap_at_10(ref_q, ref_c, embed(sm, query_batches), embed(sm, eval_batches))
@@ -257,7 +260,7 @@ def render(args, rows, lat_rows, machine: str, seconds: float) -> str:
     cmd = "python tools/bench_flow_minilm.py " + " ".join(sys.argv[1:])
     lines = [HEADER, "", f"Command: `{cmd.strip()}` ({seconds / 60:.0f} min in all).", "",
              f"all-MiniLM-L6-v2 (pretrained), target keep {args.keep}, {args.steps} distillation steps per variant "
-             f"(model lr {args.lr:g}, gate lr {args.gate_lr:g}). "
+             f"(model lr {args.lr:g}, gate lr {args.gate_lr:g}{', hard final phase' if args.hard_final else ''}). "
              "Held-out text: "
              f"{args.eval_paragraphs} paragraphs (cosine, FLOPs), {args.queries} queries (first half of a paragraph) "
              "against them (top-10 overlap).", "",

@@ -207,7 +207,7 @@ def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Opti
              inputs_of: Callable[[Any], Any] = lambda batch: batch, lr: float = 2e-5, gate_lr: float = 0.1,
              penalty: float = 1.0, balance: float = 0.1, final_fraction: float = 0.1, weight_decay: float = 0.0,
              train_model: bool = True, teacher_cache: bool = True, calibrate: bool = True,
-             progress: bool = True) -> FlowFitResult:
+             hard_final: bool = False, progress: bool = True) -> FlowFitResult:
     """Train the gates (and, with train_model, the weights) of a token-flow `FlowSparseModel` in place.
 
     batches: an iterable (cycled) of batches; inputs_of(batch) -> the model inputs (a dict of keyword
@@ -216,6 +216,9 @@ def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Opti
     -> loss, for labelled data. teacher_cache: keep the teacher outputs of each distinct batch object.
     calibrate: at the end, set the thresholds so the hard gates keep the target fraction on the
     training batches (`calibrate_keep`; threshold gates only).
+    hard_final: (threshold gates, not as released) calibrate at the start of the final phase, then
+    freeze the gates and train the weights on their hard decisions, so the weights adapt to the
+    tokens inference will keep; as released, the soft gates drift open once the penalty is off.
     Returns the model (in eval mode: the gather / scatter graph) and the per-step history.
     """
     gates: FlowGates = sm.flow_gates
@@ -246,6 +249,11 @@ def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Opti
     sm.train()
     try:
         for step in range(steps):
+            if hard_final and step == final_start and gates.select == "threshold":
+                calibrate_keep(sm, seen, inputs_of=inputs_of)
+                sm.train()
+                gates.hard_training = True
+                opt.param_groups[0]["lr"] = 0.0  # the gates stay as calibrated; the weights adapt to them
             batch = next(stream)
             if len(seen) < 64 and all(b is not batch for b in seen):
                 seen.append(batch)
@@ -288,6 +296,7 @@ def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Opti
             bar.close()
         gates.last_gates.clear()
         gates.last_mix.clear()
+        gates.hard_training = False
         sm.eval()
     if calibrate:
         result.shifts = calibrate_keep(sm, seen, inputs_of=inputs_of)

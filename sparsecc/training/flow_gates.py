@@ -21,8 +21,8 @@ Modes of `forward(h, x0, valid, segment, mode)`:
 - mode="keep": bool [B, L], the inference decision (what `sparsecc::flow_route` packs);
 - mode="gate": float gates [B, L] for the soft training graph: in training mode the
   Gumbel-sigmoid sigmoid((logit + g1 - g2) / T) (threshold) or the top-k mask with a
-  straight-through sigmoid gradient (topk); in eval mode the hard decision of "keep"
-  with a straight-through gradient. The last gates (and mixture weights) are kept in
+  straight-through sigmoid gradient (topk); in eval mode (or with `hard_training`) the
+  hard decision of "keep" with a straight-through gradient. The last gates (and mixture weights) are kept in
   `last_gates` / `last_mix` for the losses of `sparsecc.training.flow`.
 """
 
@@ -101,6 +101,7 @@ class FlowGates(nn.Module):
         self.last_gates: dict = {}  # segment -> (gates [B, L], valid [B, L]) of the last "gate" forward
         self.last_mix: dict = {}  # stack -> mixture weights [B, n_mix] of the last "gate" forward
         self.recording = False  # when True, "keep" forwards store (kept, valid, all) counts in `kept_counts`
+        self.hard_training = False  # when True, training "gate" forwards use the hard decision (straight-through)
         self.kept_counts: dict = {}
 
     # ------------------------------------------------------------------ logits
@@ -158,7 +159,7 @@ class FlowGates(nn.Module):
         if mode != "gate":
             raise ValueError(f"FlowGates mode must be 'keep' or 'gate', got {mode!r}")
         soft = torch.sigmoid(logits / self.temperature)
-        if self.select == "topk" or not self.training:
+        if self.select == "topk" or not self.training or self.hard_training:
             gates = hard_straight_through(self._decide(logits, valid), soft)
         else:
             gates = gumbel_sigmoid(logits, self.temperature)
