@@ -35,13 +35,14 @@ The backward recomputes the (cheap) controller selection instead of saving it.
 The implementation below is the default kernel for every device (plain
 PyTorch); a backend may register a faster kernel for one device with
 `torch.library.register_kernel("sparsecc::sparse_ffn", "cuda", fn)`. On CPU,
-fp32, few tokens (decoding), the forward after the controller runs a small C
-kernel (`sparsecc/ops/native/sparse_ffn.c`: arg-max, then per chosen unit one
-dot, the activation and one axpy, prefetching the next units' rows), which
-avoids the row copy and the op-per-step dispatch; without a C compiler, or with
-SPARSECC_NATIVE=0, the PyTorch path below runs instead. The controller logits
-are computed by the same `controller_logits` on both paths, so the selection
-is the same.
+fp32, few tokens (decoding), the forward runs a small C kernel instead
+(`sparsecc/ops/native/sparse_ffn.c`: the controller, the per-block arg-max, then
+per chosen unit one dot, the activation and one axpy, prefetching the next
+units' rows, split over torch's intra-op threads), which avoids the row copy
+and the op-per-step dispatch; without a C compiler, or with SPARSECC_NATIVE=0,
+the PyTorch path below runs. Its controller sums in another order than the
+BLAS GEMMs of `controller_logits`, so on a near-tie (logits equal to float
+rounding) the two may pick different units, as two BLAS builds may.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-/* Sparse FFN forward for few tokens (decoding): one pass over the chosen units.
+/* Sparse FFN forward for few tokens (decoding): the controller, then one pass over the chosen units.
  *
- * For each token t and each block b of n units: u = b*n + argmax(logits[t, b*n:(b+1)*n])
- * (first maximum; a NaN counts as the maximum, like torch.argmax), then
+ * For each token t: logits = (x_t @ c1) @ c2 + c_bias; for each block b of n units
+ * u = b*n + argmax(logits[b*n:(b+1)*n]) (first maximum; a NaN counts as the maximum, like
+ * torch.argmax), then
  *     a = x_t . w_in[u] + b_in[u]          (gated: g = x_t . w_gate[u] + b_gate[u])
  *     h = act(a)                           (gated: h = act(g) * a)
  *     out_t += h * w_out_t[u]              (out_t starts at b_out)
