@@ -102,5 +102,13 @@ def test_build_is_cached_and_a_broken_compiler_falls_back_with_a_warning(tmp_pat
         assert build("sparse_ffn") is None
     assert "no C compiler" in said[0]
 
+    monkeypatch.setenv("CC", "cc")
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(blocked / "cache"))  # cannot be created
+    with _warnings() as said:
+        assert build("sparse_ffn") is None
+    assert "SPARSECC_CACHE_DIR" in said[0]
+
     monkeypatch.setenv("SPARSECC_NATIVE", "0")
     assert not native.enabled() and build("sparse_ffn") is None

@@ -105,7 +105,10 @@ def load(name: str) -> Optional[ctypes.CDLL]:
         key.update(part)
     target = cache_dir() / "native" / f"{name}-{key.hexdigest()[:16]}.so"
     if not target.exists():
-        error = _build(source, target, cc)
+        try:
+            error = _build(source, target, cc)
+        except OSError as exc:  # e.g. a read-only cache directory
+            error = f"{exc} (set SPARSECC_CACHE_DIR to a writable directory)"
         if error is not None:
             log.warning("sparsecc: building the native %s kernel with %r failed; using the slower PyTorch path. "
                         "Compiler said:\n%s", name, cc, error)
