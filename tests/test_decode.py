@@ -7,14 +7,43 @@ import torch
 
 import sparsecc
 from sparsecc.decode import compile_decoder, decode_tokens, generate
-from sparsecc.nn import CausalLM, DecoderConfig, SparseQKV, with_sparse_ffn
+from sparsecc.errors import LayoutError
+from sparsecc.nn import CausalLM, DecoderConfig, MultiplicativeDense, SparseQKV, count_parameters, with_sparse_ffn
 
 
-def tiny(style: str = "gpt2", sparse_qkv: bool = False, sparse_ffn: bool = False, layers: int = 2) -> CausalLM:
+def tiny(style: str = "gpt2", sparse_qkv: bool = False, sparse_ffn: bool = False, layers: int = 2,
+         qkv_output: str = "none") -> CausalLM:
     cfg = DecoderConfig(vocab_size=64, d_model=32, n_layers=layers, n_heads=4, d_ff=64, max_len=32, style=style,
-                        sparse_qkv=sparse_qkv, qkv_modules=8 if sparse_qkv else 0, sparse_ffn=sparse_ffn,
-                        ffn_n=8, ffn_d_lowrank=8)
+                        sparse_qkv=sparse_qkv, qkv_modules=8 if sparse_qkv else 0, qkv_output=qkv_output,
+                        sparse_ffn=sparse_ffn, ffn_n=8, ffn_d_lowrank=8)
     return CausalLM(cfg).eval()
+
+
+def test_multiplicative_dense_formula():
+    """y[s*M + m] = sum_i x_i D[s, i] E[i, m] + bias[s, m], written out with loops."""
+    layer = MultiplicativeDense(d_in=6, d_out=8, n_modules=4)
+    torch.nn.init.normal_(layer.bias)
+    x = torch.randn(3, 6)
+    expected = torch.empty(3, 8)
+    for s in range(4):
+        for m in range(2):
+            expected[:, s * 2 + m] = (x * layer.d[s] * layer.e[:, m]).sum(-1) + layer.bias[s, m]
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+    assert sum(p.numel() for p in layer.parameters()) == 4 * 6 + 6 * 2 + 8
+    with pytest.raises(LayoutError, match="n_modules=3 must divide d_out=8"):
+        MultiplicativeDense(6, 8, 3)
+
+
+def test_qkv_output_choices():
+    """"none" drops the attention output layer, "mult" replaces it by a multiplicative one, "dense" keeps it."""
+    counts = {o: count_parameters(tiny(sparse_qkv=True, qkv_output=o)) for o in ("none", "mult", "dense")}
+    per_layer_dense = 32 * 32 + 32
+    per_layer_mult = 8 * 32 + 32 * 4 + 32
+    assert counts["dense"] - counts["none"] == 2 * per_layer_dense
+    assert counts["mult"] - counts["none"] == 2 * per_layer_mult
+    assert isinstance(tiny(sparse_qkv=False, qkv_output="none").layers[0].attn.o_proj, torch.nn.Linear)
+    with pytest.raises(LayoutError, match="qkv_output: got 'conv'"):
+        DecoderConfig(sparse_qkv=True, qkv_output="conv")
 
 
 def test_sparse_qkv_shapes_and_causality():
@@ -61,11 +90,18 @@ def test_sparse_qkv_model_is_causal(style):
 @pytest.mark.parametrize("style,sparse_qkv,sparse_ffn",
                          list(itertools.product(["gpt2", "llama"], [False, True], [False, True])))
 def test_decode_equals_full_forward(style, sparse_qkv, sparse_ffn):
-    model = tiny(style, sparse_qkv, sparse_ffn)
+    model = tiny(style, sparse_qkv, sparse_ffn, qkv_output="mult" if style == "llama" else "none")
     out = decode_tokens(model, torch.randint(0, 64, (5,)), n_new=6)
     assert out.tokens.shape == (11,) and out.logits.shape == (10, 64)
     full = model(out.tokens[:-1][None])[0]
     torch.testing.assert_close(out.logits, full, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("qkv_output", ["none", "mult", "dense"])
+def test_decode_equals_full_forward_each_qkv_output(qkv_output):
+    model = tiny("gpt2", sparse_qkv=True, sparse_ffn=True, qkv_output=qkv_output)
+    out = decode_tokens(model, torch.randint(0, 64, (4,)), n_new=5)
+    torch.testing.assert_close(out.logits, model(out.tokens[:-1][None])[0], rtol=0, atol=1e-4)
 
 
 def test_conv_cache_holds_last_two_positions():

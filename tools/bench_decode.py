@@ -8,8 +8,9 @@ from the recipe slot `sparsecc.SparseFFN(n, d_lowrank, init="random")` when the
 package has it (random controllers: with random weights there is nothing to
 distil, and the op's speed does not depend on which unit wins), otherwise from
 `SparseFFN` modules. Sparse QKV is an architecture option (its model is built
-with it). Harness as the paper: batch 1, a 1-token prompt, 2 warm-up tokens,
-then 10 timed tokens. The four variants are built first, then the harness runs
+with it; --qkv-output picks its attention output layer, none as released).
+Harness as the paper: batch 1, a 1-token prompt, 2 warm-up tokens, then 10
+timed tokens. The four variants are built first, then the harness runs
 --repeats times per variant, interleaved (dense, sparse FF, ..., dense, ...)
 so that load drift on a shared machine hits every variant alike; the figure is
 the median over all timed tokens. One intra-op thread by default (--threads).
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sparsecc  # noqa: E402
 from common import machine_line, write_atomic  # noqa: E402
 from sparsecc.decode import compile_decoder, decode_tokens  # noqa: E402
-from sparsecc.nn import CausalLM, DecoderConfig, count_parameters, with_sparse_ffn  # noqa: E402
+from sparsecc.nn import QKV_OUTPUTS, CausalLM, DecoderConfig, count_parameters, with_sparse_ffn  # noqa: E402
 
 WARMUP, TIMED = 2, 10
 VARIANTS = (("dense", False, False), ("+sparse FF", True, False), ("+sparse QKV", False, True),
@@ -48,7 +49,7 @@ def build(args: argparse.Namespace, sparse_ffn: bool, sparse_qkv: bool):
     torch.manual_seed(0)
     cfg = DecoderConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
                         d_ff=args.d_ff, max_len=WARMUP + TIMED, style=args.style, sparse_qkv=sparse_qkv,
-                        qkv_modules=args.modules if sparse_qkv else 0)
+                        qkv_modules=args.modules if sparse_qkv else 0, qkv_output=args.qkv_output)
     with torch.no_grad():
         model = CausalLM(cfg).eval()
     recipe = sparsecc.Recipe.dense()
@@ -76,6 +77,8 @@ def main() -> None:
     p.add_argument("--d-ff", type=int, default=4096)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--modules", type=int, default=16, help="sparse QKV modules S (paper: 16 at d_model 1024)")
+    p.add_argument("--qkv-output", choices=QKV_OUTPUTS, default="none",
+                   help="sparse QKV attention's output layer (default none, as trax releases it)")
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--style", choices=("gpt2", "llama"), default="gpt2")
     p.add_argument("--n", type=int, default=32)
@@ -118,7 +121,8 @@ def main() -> None:
         f"runs). "
         f"Shape d_model {args.d_model}, d_ff {args.d_ff}, {args.heads} heads, {args.layers} layers, vocab "
         f"{args.vocab}, {args.style} style, random weights, fp32; sparse FF n={args.n}, d_lowrank={args.d_lowrank} "
-        f"via {how}; sparse QKV S={args.modules}. Every variant runs its `sparsecc.compile`d decode step "
+        f"via {how}; sparse QKV S={args.modules}, output layer {args.qkv_output!r}. Every variant runs its "
+        f"`sparsecc.compile`d decode step "
         f"(backend {args.backend}).",
         "",
         "| model | params | s/token (median) | s/token (mean) | speedup |",

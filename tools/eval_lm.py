@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine_line, write_atomic  # noqa: E402
 from sparsecc.data import stdlib_paragraphs  # noqa: E402
-from sparsecc.nn import CausalLM, DecoderConfig, count_parameters  # noqa: E402
+from sparsecc.nn import QKV_OUTPUTS, CausalLM, DecoderConfig, count_parameters  # noqa: E402
 from sparsecc.training.controller import SparseFFNController  # noqa: E402
 
 
@@ -222,6 +222,8 @@ def main() -> None:
     p.add_argument("--variants", default="dense,ff,ffqkv",
                    help="comma list of the models to train: dense, ff (sparse FF), ffqkv (sparse FF + QKV)")
     p.add_argument("--modules", type=int, default=0, help="sparse QKV modules S (0: d_model // 64)")
+    p.add_argument("--qkv-output", choices=QKV_OUTPUTS, default="none",
+                   help="sparse QKV attention's output layer (default none, as trax releases it)")
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -248,7 +250,7 @@ def main() -> None:
         "dense": ("dense", base),
         "ff": ("sparse FF", match_d_ff(base, target, sparse_ffn=True)),
         "ffqkv": ("sparse FF + sparse QKV", match_d_ff(base, target, sparse_ffn=True, sparse_qkv=True,
-                                                       qkv_modules=args.modules)),
+                                                       qkv_modules=args.modules, qkv_output=args.qkv_output)),
     }
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in chosen if v not in all_variants]
@@ -275,7 +277,8 @@ def main() -> None:
         f"{args.style} style, d_model {args.d_model}, {args.layers} layers, {args.heads} heads, context {args.seq}; "
         f"{steps} steps of batch {args.batch} for every model (AdamW lr {args.lr}, cosine, seed {args.seed}); "
         f"sparse FF N={args.n}, d_lowrank={args.d_lowrank} (trained with the controller's Gumbel / "
-        f"straight-through-w.p.-{args.st_prob:g} mask, evaluated with arg-max via `sparsecc::sparse_ffn`); sparse QKV S={s}. "
+        f"straight-through-w.p.-{args.st_prob:g} mask, evaluated with arg-max via `sparsecc::sparse_ffn`); sparse QKV S={s}, "
+        f"output layer {args.qkv_output!r}. "
         "Parameter counts matched through d_ff.",
         "",
         "| model | d_ff | params | train time | val loss (nats/byte) | val ppl | bits/byte | ppl vs dense |",

@@ -4,7 +4,8 @@ Two styles, chosen by `DecoderConfig.style`:
   "gpt2"   LayerNorm, learned positions, biases, FFN Linear -> GELU(tanh) -> Linear;
   "llama"  RMSNorm, rotary positions, no biases, SwiGLU FFN silu(gate(x)) * up(x) -> down.
 Options: `sparse_qkv` (Scaling Transformers' multiplicative layer + convolutions
-instead of dense Q/K/V, see `sparse_qkv.py`) and `sparse_ffn` (each FFN is a
+instead of dense Q/K/V, see `sparse_qkv.py`; `qkv_output` picks what follows its
+attention: nothing as released, a multiplicative layer, or a dense projection) and `sparse_ffn` (each FFN is a
 `sparsecc.training.controller.SparseFFN`: the controller's masked dense product
 in training, `sparsecc::sparse_ffn` at eval). Dense FFNs are written as plain
 nn.Linear -> activation -> nn.Linear so sparsecc's region finder sees them.
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsecc.errors import LayoutError
-from sparsecc.nn.sparse_qkv import CONTEXT, SparseQKV
+from sparsecc.nn.sparse_qkv import CONTEXT, QKV_OUTPUTS, MultiplicativeDense, SparseQKV
 from sparsecc.training.controller import SparseFFN, init_controller_from_activations
 
 __all__ = ["CausalLM", "DecodeStep", "DecoderConfig", "FFN", "count_parameters", "empty_cache", "with_sparse_ffn"]
@@ -42,7 +43,8 @@ STYLES = ("gpt2", "llama")
 
 @dataclass
 class DecoderConfig:
-    """Shape and options of `CausalLM`. qkv_modules = S for sparse QKV (0: d_model // 64, at least n_heads)."""
+    """Shape and options of `CausalLM`. qkv_modules = S for sparse QKV (0: d_model // 64, at least n_heads);
+    qkv_output: the sparse QKV attention's output layer, one of QKV_OUTPUTS ("none" as trax releases it)."""
 
     vocab_size: int = 256
     d_model: int = 128
@@ -53,6 +55,7 @@ class DecoderConfig:
     style: str = "gpt2"
     sparse_qkv: bool = False
     qkv_modules: int = 0
+    qkv_output: str = "none"
     sparse_ffn: bool = False
     ffn_n: int = 32
     ffn_d_lowrank: int = 64
@@ -65,6 +68,8 @@ class DecoderConfig:
             raise LayoutError(f"DecoderConfig.style: got {self.style!r}; expected one of {STYLES}")
         if self.d_model % self.n_heads:
             raise LayoutError(f"DecoderConfig: n_heads={self.n_heads} must divide d_model={self.d_model}")
+        if self.qkv_output not in QKV_OUTPUTS:
+            raise LayoutError(f"DecoderConfig.qkv_output: got {self.qkv_output!r}; expected one of {QKV_OUTPUTS}")
         if self.sparse_qkv and self.qkv_modules == 0:
             self.qkv_modules = max(self.d_model // 64, self.n_heads)
 
@@ -143,7 +148,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class Attention(nn.Module):
-    """Causal self-attention with dense or sparse (multiplicative + conv) Q/K/V and a dense output."""
+    """Causal self-attention with dense or sparse (multiplicative + conv) Q/K/V. The output projection is
+    dense, except with sparse QKV, where cfg.qkv_output chooses it (none, multiplicative or dense)."""
 
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
@@ -155,7 +161,11 @@ class Attention(nn.Module):
             self.q_proj = nn.Linear(d, d, bias=cfg.bias)
             self.k_proj = nn.Linear(d, d, bias=cfg.bias)
             self.v_proj = nn.Linear(d, d, bias=cfg.bias)
-        self.o_proj = nn.Linear(d, d, bias=cfg.bias)
+        self.o_proj: nn.Module = nn.Linear(d, d, bias=cfg.bias)
+        if cfg.sparse_qkv and cfg.qkv_output == "mult":
+            self.o_proj = MultiplicativeDense(d, d, cfg.qkv_modules, bias=cfg.bias)
+        elif cfg.sparse_qkv and cfg.qkv_output == "none":
+            self.o_proj = nn.Identity()
         self.sparse_qkv = cfg.sparse_qkv
 
     def _project(self, x: torch.Tensor, conv_cache: Optional[torch.Tensor]):
@@ -238,8 +248,11 @@ class CausalLM(nn.Module):
     def _init_weights(self) -> None:
         """GPT-2 init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 n_layers)."""
         std = 0.02
+        own_init = (".c1", ".c2", "qkv.d", "qkv.e", "qkv.bias", "o_proj.d", "o_proj.e")  # controller, multiplicative
         for name, p in self.named_parameters():
-            if p.dim() == 2 and not name.endswith((".c1", ".c2", "qkv.d", "qkv.e")):
+            if name.endswith(own_init) or (p.dim() == 2 and name.endswith("o_proj.bias")):
+                continue
+            if p.dim() == 2:
                 scale = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o_proj.weight", "down.weight",
                                                                                   "w_out_t")) else std
                 nn.init.normal_(p, 0.0, scale)

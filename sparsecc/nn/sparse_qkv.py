@@ -34,9 +34,14 @@ from torch import nn
 
 from sparsecc.errors import LayoutError
 
-__all__ = ["SparseQKV", "multiplicative_dense"]
+__all__ = ["MultiplicativeDense", "QKV_OUTPUTS", "SparseQKV", "multiplicative_dense"]
 
 CONTEXT = 2  # previous positions seen by the sequence convolutions (kernel 3 along positions)
+
+# What follows the attention of a sparse QKV layer (trax `MultiplicativeConvCausalAttention(output_layer_type)`):
+# "none" (trax's default, used by its sparse C4 config: the heads go straight to the residual),
+# "mult" (a `MultiplicativeDense`), "dense" (a d_model x d_model Linear, like a standard Transformer).
+QKV_OUTPUTS = ("none", "mult", "dense")
 
 
 def multiplicative_dense(x: torch.Tensor, d: torch.Tensor, e: torch.Tensor,
@@ -44,6 +49,27 @@ def multiplicative_dense(x: torch.Tensor, d: torch.Tensor, e: torch.Tensor,
     """y[..., s, m] = sum_i x[..., i] d[s, i] e[i, m] (+ bias[s, m]); x (..., d_model) -> (..., S, M)."""
     y = (x.unsqueeze(-2) * d) @ e  # (..., S, d_model) @ (d_model, M)
     return y if bias is None else y + bias
+
+
+class MultiplicativeDense(nn.Module):
+    """trax's FactoredDense: a Dense-like (..., d_in) -> (..., d_out) layer with about S times fewer weights.
+
+    y[..., s, m] = sum_i x_i D[s, i] E[i, m] + bias[s, m], flattened to d_out = S * M; D (S, d_in) ~ N(0, 0.5).
+    """
+
+    def __init__(self, d_in: int, d_out: int, n_modules: int, bias: bool = True) -> None:
+        super().__init__()
+        if d_out % n_modules:
+            raise LayoutError(f"MultiplicativeDense: n_modules={n_modules} must divide d_out={d_out}")
+        self.d = nn.Parameter(torch.randn(n_modules, d_in) * 0.5)
+        self.e = nn.Parameter(torch.randn(d_in, d_out // n_modules) / math.sqrt(d_in))
+        self.bias = nn.Parameter(torch.zeros(n_modules, d_out // n_modules)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return multiplicative_dense(x, self.d, self.e, self.bias).flatten(-2)
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.d.shape[1]}, d_out={self.d.shape[0] * self.e.shape[1]}, modules S={self.d.shape[0]}"
 
 
 class SparseQKV(nn.Module):
