@@ -104,6 +104,20 @@ def test_decode_equals_full_forward_each_qkv_output(qkv_output):
     torch.testing.assert_close(out.logits, model(out.tokens[:-1][None])[0], rtol=0, atol=1e-4)
 
 
+def test_sparse_loss_layer():
+    """sparse_loss=S: a multiplicative vocabulary projection (S * d + d * V / S weights, untied); decoding
+    still equals the full forward; S must divide the vocabulary."""
+    dense = tiny(sparse_qkv=True)
+    cfg = DecoderConfig(**{**dense.cfg.__dict__, "sparse_loss": 4})
+    model = CausalLM(cfg).eval()
+    assert isinstance(model.lm_head, MultiplicativeDense)
+    assert count_parameters(model) - count_parameters(dense) == 4 * 32 + 32 * 16  # the tied head had none
+    out = decode_tokens(model, torch.randint(0, 64, (3,)), n_new=5)
+    torch.testing.assert_close(out.logits, model(out.tokens[:-1][None])[0], rtol=0, atol=1e-4)
+    with pytest.raises(LayoutError, match="sparse_loss: got 5 modules for vocab_size=64"):
+        DecoderConfig(vocab_size=64, sparse_loss=5)
+
+
 def test_conv_cache_holds_last_two_positions():
     model = tiny("llama", sparse_qkv=True)
     ids = torch.randint(0, 64, (1, 6))

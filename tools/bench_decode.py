@@ -14,6 +14,8 @@ timed tokens. The four variants are built first, then the harness runs
 --repeats times per variant, interleaved (dense, sparse FF, ..., dense, ...)
 so that load drift on a shared machine hits every variant alike; the figure is
 the median over all timed tokens. One intra-op thread by default (--threads).
+--sparse-loss S adds a fifth row: +both with the paper's sparse loss layer (a
+multiplicative vocabulary projection with S modules).
 
 Example:
     python tools/bench_decode.py --out /tmp/decode.md          # 24 layers
@@ -44,12 +46,13 @@ VARIANTS = (("dense", False, False), ("+sparse FF", True, False), ("+sparse QKV"
             ("+both", True, True))
 
 
-def build(args: argparse.Namespace, sparse_ffn: bool, sparse_qkv: bool):
+def build(args: argparse.Namespace, sparse_ffn: bool, sparse_qkv: bool, sparse_loss: int = 0):
     """The compiled decode step of one variant and its parameter count."""
     torch.manual_seed(0)
     cfg = DecoderConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
                         d_ff=args.d_ff, max_len=WARMUP + TIMED, style=args.style, sparse_qkv=sparse_qkv,
-                        qkv_modules=args.modules if sparse_qkv else 0, qkv_output=args.qkv_output)
+                        qkv_modules=args.modules if sparse_qkv else 0, qkv_output=args.qkv_output,
+                        sparse_loss=sparse_loss)
     with torch.no_grad():
         model = CausalLM(cfg).eval()
     recipe = sparsecc.Recipe.dense()
@@ -79,6 +82,8 @@ def main() -> None:
     p.add_argument("--modules", type=int, default=16, help="sparse QKV modules S (paper: 16 at d_model 1024)")
     p.add_argument("--qkv-output", choices=QKV_OUTPUTS, default="none",
                    help="sparse QKV attention's output layer (default none, as trax releases it)")
+    p.add_argument("--sparse-loss", type=int, default=0, metavar="S",
+                   help="also time +both with the sparse loss layer (multiplicative vocabulary projection, S modules)")
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--style", choices=("gpt2", "llama"), default="gpt2")
     p.add_argument("--n", type=int, default=32)
@@ -97,10 +102,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    variants = [(name, ffn, qkv, 0) for name, ffn, qkv in VARIANTS]
+    if args.sparse_loss:
+        variants.append((f"+both +sparse loss (S={args.sparse_loss})", True, True, args.sparse_loss))
     built = {}
-    for name, sparse_ffn, sparse_qkv in VARIANTS:
+    for name, sparse_ffn, sparse_qkv, sparse_loss in variants:
         start = time.perf_counter()
-        built[name] = build(args, sparse_ffn, sparse_qkv)
+        built[name] = build(args, sparse_ffn, sparse_qkv, sparse_loss)
         gc.collect()
         print(f"built {name} ({built[name][1] / 1e6:.1f}M parameters) in {time.perf_counter() - start:.0f}s",
               flush=True)

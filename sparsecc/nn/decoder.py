@@ -5,7 +5,8 @@ Two styles, chosen by `DecoderConfig.style`:
   "llama"  RMSNorm, rotary positions, no biases, SwiGLU FFN silu(gate(x)) * up(x) -> down.
 Options: `sparse_qkv` (Scaling Transformers' multiplicative layer + convolutions
 instead of dense Q/K/V, see `sparse_qkv.py`; `qkv_output` picks what follows its
-attention: nothing as released, a multiplicative layer, or a dense projection) and `sparse_ffn` (each FFN is a
+attention: nothing as released, a multiplicative layer, or a dense projection),
+`sparse_loss` (the paper's sparse loss layer: a multiplicative vocabulary projection) and `sparse_ffn` (each FFN is a
 `sparsecc.training.controller.SparseFFN`: the controller's masked dense product
 in training, `sparsecc::sparse_ffn` at eval). Dense FFNs are written as plain
 nn.Linear -> activation -> nn.Linear so sparsecc's region finder sees them.
@@ -44,7 +45,9 @@ STYLES = ("gpt2", "llama")
 @dataclass
 class DecoderConfig:
     """Shape and options of `CausalLM`. qkv_modules = S for sparse QKV (0: d_model // 64, at least n_heads);
-    qkv_output: the sparse QKV attention's output layer, one of QKV_OUTPUTS ("none" as trax releases it)."""
+    qkv_output: the sparse QKV attention's output layer, one of QKV_OUTPUTS ("none" as trax releases it).
+    sparse_loss = S > 0: the vocabulary projection is a `MultiplicativeDense` with S modules (the paper's
+    sparse loss layer; S must divide vocab_size; the embedding is then not tied to it)."""
 
     vocab_size: int = 256
     d_model: int = 128
@@ -59,6 +62,7 @@ class DecoderConfig:
     sparse_ffn: bool = False
     ffn_n: int = 32
     ffn_d_lowrank: int = 64
+    sparse_loss: int = 0
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
@@ -70,6 +74,9 @@ class DecoderConfig:
             raise LayoutError(f"DecoderConfig: n_heads={self.n_heads} must divide d_model={self.d_model}")
         if self.qkv_output not in QKV_OUTPUTS:
             raise LayoutError(f"DecoderConfig.qkv_output: got {self.qkv_output!r}; expected one of {QKV_OUTPUTS}")
+        if self.sparse_loss < 0 or (self.sparse_loss and self.vocab_size % self.sparse_loss):
+            raise LayoutError(f"DecoderConfig.sparse_loss: got {self.sparse_loss} modules for vocab_size="
+                              f"{self.vocab_size}; expected 0 (dense) or a divisor of vocab_size")
         if self.sparse_qkv and self.qkv_modules == 0:
             self.qkv_modules = max(self.d_model // 64, self.n_heads)
 
@@ -234,7 +241,9 @@ class CausalLM(nn.Module):
         self.pos_embed = nn.Embedding(cfg.max_len, cfg.d_model) if cfg.style == "gpt2" else None
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = _norm(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head: nn.Module = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.sparse_loss:
+            self.lm_head = MultiplicativeDense(cfg.d_model, cfg.vocab_size, cfg.sparse_loss, bias=False)
         if cfg.style == "llama":
             half = cfg.head_dim // 2
             inv = cfg.rope_theta ** (-torch.arange(half, dtype=torch.float64) / half)
@@ -242,13 +251,14 @@ class CausalLM(nn.Module):
             self.register_buffer("rope_cos", angles.cos().float(), persistent=False)
             self.register_buffer("rope_sin", angles.sin().float(), persistent=False)
         self._init_weights()
-        if cfg.tie_embeddings:
+        if cfg.tie_embeddings and not cfg.sparse_loss:
             self.lm_head.weight = self.embed.weight
 
     def _init_weights(self) -> None:
         """GPT-2 init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 n_layers)."""
         std = 0.02
-        own_init = (".c1", ".c2", "qkv.d", "qkv.e", "qkv.bias", "o_proj.d", "o_proj.e")  # controller, multiplicative
+        own_init = (".c1", ".c2", "qkv.d", "qkv.e", "qkv.bias", "o_proj.d", "o_proj.e",  # controller, multiplicative
+                    "lm_head.d", "lm_head.e")
         for name, p in self.named_parameters():
             if name.endswith(own_init) or (p.dim() == 2 and name.endswith("o_proj.bias")):
                 continue
