@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import shutil
 from typing import Optional
 
 import pytest
@@ -13,7 +16,24 @@ from hypothesis import given, settings, strategies as st
 import sparsecc.ops.block_sparse_attention as bsa
 from sparsecc.errors import LayoutError
 from sparsecc.layouts.indexing import block_mask_to_ell
+from sparsecc.ops import native
 from sparsecc.ops.block_sparse_attention import block_sparse_attention, block_sparse_attention_op
+
+PATHS = ["native", "pytorch"]  # the fp32 forward: C kernel (when it builds) or the chunked flash path
+
+
+@contextlib.contextmanager
+def forward_path(path: str):
+    """Run the block with the native kernels on ("native") or off ("pytorch", SPARSECC_NATIVE=0)."""
+    before = os.environ.get("SPARSECC_NATIVE")
+    os.environ["SPARSECC_NATIVE"] = "1" if path == "native" else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["SPARSECC_NATIVE"]
+        else:
+            os.environ["SPARSECC_NATIVE"] = before
 
 
 def reference(q, k, v, block_mask, b: int, scale: float, causal: bool, kpm: Optional[torch.Tensor]):
@@ -72,16 +92,51 @@ def check_against_reference(q, k, v, block_mask, b, causal, kpm, scale=None, ato
        density=st.floats(0.0, 1.0), causal=st.booleans(), padding=st.booleans(), seed=st.integers(0, 2**16))
 def test_random_layouts_match_dense_reference(B, Hkv, G, L, S, D, b, density, causal, padding, seed):
     case = make_case(B, Hkv * G, Hkv, L, S, D, b, density, causal, padding, seed)
-    check_against_reference(*case[:4], b, causal, case[4])
+    for path in PATHS:
+        with forward_path(path):
+            check_against_reference(*case[:4], b, causal, case[4])
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("padding", [False, True])
 @pytest.mark.parametrize("L,S,H,Hkv", [(64, 64, 4, 4), (50, 50, 4, 2), (37, 90, 6, 2), (90, 37, 3, 1)])
-def test_cases(causal, padding, L, S, H, Hkv):
+def test_cases(causal, padding, L, S, H, Hkv, path):
     """Causal, key padding, GQA, L not a multiple of the block, cross attention (L != S)."""
     q, k, v, bm, kpm = make_case(2, H, Hkv, L, S, 16, 16, 0.4, causal, padding, seed=L + S)
-    check_against_reference(q, k, v, bm, 16, causal, kpm, scale=0.3)
+    with forward_path(path):
+        check_against_reference(q, k, v, bm, 16, causal, kpm, scale=0.3)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")
+def test_native_forward_runs_and_equals_pytorch_path():
+    """fp32 forward runs the C kernel (BLAS on the blocks in place) and equals the chunked flash path,
+    logsumexp included (-inf on rows with no allowed key), with runs of consecutive blocks, a partial
+    last block, causal + padding, GQA, and a query block that keeps nothing."""
+    B, H, Hkv, L, D, b = 2, 6, 3, 200, 16, 32
+    nq = -(-L // b)
+    bm = torch.zeros(nq, nq, dtype=torch.bool)
+    bm[:, :3] = True  # a run of 3 consecutive blocks in every row
+    bm[4, 5:] = True  # a run ending in the partial last block
+    bm[2] = False  # a query block with no kept key block
+    kpm = torch.rand(B, L, generator=torch.Generator().manual_seed(1)) < 0.8
+    kpm[1, :100] = False  # batch 1: the first rows' keys are all padding
+    q, k, v = (torch.randn(B, h, L, D, generator=torch.Generator().manual_seed(i)) for i, h in
+               enumerate((H, Hkv, Hkv)))
+    idx, cnt = block_mask_to_ell(bm)
+    args = (q, k, v, idx, cnt, b, 0.25, True, kpm)
+    assert bsa._native_kernel() is not None and native.blas_sgemm() is not None
+    with forward_path("native"):
+        assert bsa._forward_native(*args) is not None  # the C kernel applies here
+        out, lse = block_sparse_attention_op(*args)
+    with forward_path("pytorch"):
+        assert bsa._forward_native(*args) is None
+        ref_out, ref_lse = block_sparse_attention_op(*args)
+    torch.testing.assert_close(out, ref_out, atol=2e-6, rtol=1e-5)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)) and bool(torch.isinf(lse[:, :, 2 * b:3 * b]).all())
+    finite = ~torch.isinf(ref_lse)
+    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=2e-6, rtol=1e-6)
+    assert bool((out[:, :, 2 * b:3 * b] == 0).all())
 
 
 @pytest.mark.parametrize("workers,chunk", [(1, 1 << 18), (0, 1), (1, 1), (2, 1 << 12)])

@@ -6,7 +6,11 @@ dense softmax attention whose scores are -inf outside the expanded block mask, o
 triangle (key j > query i, absolute positions) and at padded keys; a row with no allowed key
 outputs 0 and gets zero gradients.
 
-How the CPU kernel works (work is proportional to the kept blocks, no L x S tensor exists):
+How the CPU kernel works (work is proportional to the kept blocks, no L x S tensor exists).
+fp32 forward runs the native kernel (`native/block_sparse_attention.c`) when it can be built: one
+task per (batch item, head, query block), scores and P @ V by BLAS calls on the kept K/V blocks
+where they lie (a run of consecutive blocks is one call), an exact softmax over the row in between.
+Otherwise, and for backward and other dtypes:
 1. Plan: drop padding entries, duplicates and (causal) blocks above the diagonal, then bucket the
    query blocks by their number of kept key blocks m, so no padded block is ever computed.
 2. For a chunk of n query blocks of one bucket, gather their kept K and V blocks once, as
@@ -24,9 +28,11 @@ How the CPU kernel works (work is proportional to the kept blocks, no L x S tens
 
 from __future__ import annotations
 
+import ctypes
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -34,6 +40,7 @@ from torch import Tensor
 
 from sparsecc.errors import LayoutError
 from sparsecc.layouts.indexing import block_mask_to_ell, crop_ell
+from sparsecc.ops import native
 
 _flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
@@ -130,14 +137,10 @@ class _Chunk(NamedTuple):
     empty_rows: Optional[Tensor]  # bool [1 or B, 1 or n, G*b]: rows with no allowed key, None if none
 
 
-def _plan(kv_indices: Tensor, kv_counts: Tensor, B: int, H: int, kv_heads: int, L: int, S: int, D: int,
-          b: int, causal: bool, key_padding_mask: Optional[Tensor], dtype: torch.dtype) -> list[_Chunk]:
-    """Bucket the query blocks by kept-block count and cut the buckets into chunks.
-
-    Padding entries, duplicates and (causal) blocks above the diagonal are dropped first, so each
-    chunk is a dense batch of equal-sized problems. Each chunk gets the element mask it needs.
-    """
-    nq, nk, g = -(-L // b), -(-S // b), H // kv_heads
+def _clean_layout(kv_indices: Tensor, kv_counts: Tensor, nq: int, nk: int, S: int, b: int,
+                  causal: bool) -> tuple[Tensor, Tensor]:
+    """The ELL layout with padding entries, duplicates and (causal) blocks above the diagonal dropped,
+    each row's key blocks ascending. Raises LayoutError for indices outside [0, nk)."""
     idx, cnt = kv_indices.long().cpu(), kv_counts.long().cpu()
     width = idx.shape[1]
     valid = torch.arange(width).unsqueeze(0) < cnt.unsqueeze(1)
@@ -149,7 +152,18 @@ def _plan(kv_indices: Tensor, kv_counts: Tensor, B: int, H: int, kv_heads: int, 
         valid &= idx <= rows
     keep = torch.zeros(nq, nk, dtype=torch.bool)
     keep[rows[valid], idx[valid]] = True
-    idx, cnt = block_mask_to_ell(keep)
+    return block_mask_to_ell(keep)
+
+
+def _plan(kv_indices: Tensor, kv_counts: Tensor, B: int, H: int, kv_heads: int, L: int, S: int, D: int,
+          b: int, causal: bool, key_padding_mask: Optional[Tensor], dtype: torch.dtype) -> list[_Chunk]:
+    """Bucket the query blocks by kept-block count and cut the buckets into chunks.
+
+    The layout is cleaned first (`_clean_layout`), so each chunk is a dense batch of equal-sized
+    problems. Each chunk gets the element mask it needs.
+    """
+    nq, nk, g = -(-L // b), -(-S // b), H // kv_heads
+    idx, cnt = _clean_layout(kv_indices, kv_counts, nq, nk, S, b, causal)
 
     kpm = None
     if key_padding_mask is not None:  # keys past S are padding too
@@ -229,12 +243,48 @@ def _blocked_kv(x: Tensor, b: int, nk: int) -> Tensor:
     return x.reshape(B * K * nk, b * D)
 
 
+@lru_cache(maxsize=None)
+def _native_kernel():
+    lib = native.load("block_sparse_attention")
+    if lib is None:
+        return None
+    fn = lib.sparsecc_bsa_forward_f32
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [i64] * 7 + [ptr] * 5 + [i64, ptr, ctypes.c_float, ctypes.c_int, ctypes.c_int, ptr, ptr, ptr]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _forward_native(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, b: int,
+                    scale: float, causal: bool, key_padding_mask: Optional[Tensor]
+                    ) -> Optional[tuple[Tensor, Tensor]]:
+    """The forward through the C kernel, or None when it does not apply (not fp32) or is unavailable."""
+    if not native.enabled() or q.dtype != torch.float32:
+        return None
+    kernel, sgemm = _native_kernel(), native.blas_sgemm()
+    if kernel is None or sgemm is None:
+        return None
+    B, H, L, D = q.shape
+    kvh, S = k.shape[1], k.shape[2]
+    idx, cnt = _clean_layout(kv_indices, kv_counts, -(-L // b), -(-S // b), S, b, causal)
+    q, k, v, idx = q.contiguous(), k.contiguous(), v.contiguous(), idx.contiguous()
+    kpm = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
+    out, lse = torch.empty_like(q), torch.empty(B, H, L)
+    status = kernel(B, H, kvh, L, S, D, b, q.data_ptr(), k.data_ptr(), v.data_ptr(), idx.data_ptr(),
+                    cnt.data_ptr(), idx.shape[1], None if kpm is None else kpm.data_ptr(), scale, int(causal),
+                    torch.get_num_threads(), sgemm, out.data_ptr(), lse.data_ptr())
+    return (out, lse) if status == 0 else None
+
+
 def _forward_cpu(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, b: int,
                  scale: float, causal: bool, key_padding_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     B, H, L, D = q.shape
     kvh, S = k.shape[1], k.shape[2]
     g, nq, nk = H // kvh, -(-L // b), -(-S // b)
     kv_indices, kv_counts = crop_ell(kv_indices, kv_counts, nq, nk)
+    result = _forward_native(q, k, v, kv_indices, kv_counts, b, scale, causal, key_padding_mask)
+    if result is not None:
+        return result
     chunks = _plan(kv_indices, kv_counts, B, H, kvh, L, S, D, b, causal, key_padding_mask, q.dtype)
     qb, kb, vb = _blocked_q(q, b, nq, kvh), _blocked_kv(k, b, nk), _blocked_kv(v, b, nk)
     out = torch.zeros(B * kvh * nq, g * b * D, dtype=q.dtype)

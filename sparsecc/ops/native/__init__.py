@@ -7,6 +7,9 @@ PyTorch headers) for this machine's CPU (`-march=native`), cached under
 flags, the compiler and the CPU, and loaded with ctypes. The ops call it only
 for the shapes and dtypes it handles and keep their PyTorch path otherwise.
 
+Kernels that multiply small matrices call the BLAS inside PyTorch (`blas_sgemm`: the Fortran
+`sgemm_` that libtorch_cpu exports, MKL on x86 wheels), passed to them as a function pointer.
+
 If no compiler is found or the build fails, `load` logs one warning and returns
 None, and the ops run their PyTorch path (same results, slower). Set
 `SPARSECC_NATIVE=0` to never build or use the kernels.
@@ -26,7 +29,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["cache_dir", "enabled", "load"]
+__all__ = ["blas_sgemm", "cache_dir", "enabled", "load"]
 
 log = logging.getLogger("sparsecc.ops.native")
 
@@ -118,3 +121,19 @@ def load(name: str) -> Optional[ctypes.CDLL]:
     except OSError as exc:
         log.warning("sparsecc: loading %s failed (%s); using the slower PyTorch path", target, exc)
         return None
+
+
+@lru_cache(maxsize=None)
+def blas_sgemm() -> Optional[int]:
+    """Address of the Fortran-interface `sgemm_` in PyTorch's CPU library (its MKL / OpenBLAS), or None
+    when this build does not export one (the kernels that need it then leave the op on its PyTorch path)."""
+    import torch  # noqa: PLC0415 (this module is imported by the ops, after torch)
+
+    lib_dir = Path(torch.__file__).resolve().parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        if (lib_dir / name).exists():
+            try:
+                return ctypes.cast(ctypes.CDLL(str(lib_dir / name)).sgemm_, ctypes.c_void_p).value
+            except (OSError, AttributeError):
+                return None
+    return None

@@ -1,0 +1,152 @@
+/* Block-sparse attention forward, fp32, reading the kept K/V blocks in place.
+ *
+ * One task per (batch item, head, query block); OpenMP hands them out dynamically. A task:
+ *   1. scores S = scale * Q_blk K_sel^T, one BLAS sgemm per run of consecutive kept key blocks
+ *      (the keys of a run are contiguous rows of K, so nothing is gathered or copied);
+ *   2. -inf at keys past the causal diagonal and at padded keys;
+ *   3. an exact softmax over the row (all kept keys of the row are in S at once), logsumexp;
+ *   4. O = P V_sel, one sgemm per run accumulating into the output rows, then O /= row sums.
+ * Rows with no allowed key get O = 0 and logsumexp = -inf.
+ *
+ * The layout comes cleaned by the caller: per query block, ascending unique key blocks, none
+ * entirely above the diagonal when causal. BLAS is the Fortran `sgemm_` that PyTorch's CPU
+ * library exports (its MKL), passed in as a pointer, so this file needs no headers or link flags.
+ * Plain C99 (+ optional OpenMP: libgomp.so.1 by soname resolves to the copy PyTorch loaded).
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef void (*sgemm_fn)(const char *transa, const char *transb, const int *m, const int *n, const int *k,
+                         const float *alpha, const float *a, const int *lda, const float *b, const int *ldb,
+                         const float *beta, float *c, const int *ldc);
+
+/* exp(x) for x <= 0 (x - row max), relative error ~2e-7; exactly 0 below -87 and for -inf.
+ * Branch-free so that the softmax loop vectorises (libm's expf does not without -ffast-math). */
+static inline float exp_nonpositive(float x) {
+    const float t = (x < -87.f ? -87.f : x) * 1.44269504088896341f; /* log2(e) */
+    const float i = rintf(t), f = t - i;                             /* f in [-0.5, 0.5] */
+    float p = 1.535336188319500e-4f;                                 /* 2^f, Cephes exp2f */
+    p = p * f + 1.339887440266574e-3f;
+    p = p * f + 9.618437357674640e-3f;
+    p = p * f + 5.550332471162809e-2f;
+    p = p * f + 2.402264791363012e-1f;
+    p = p * f + 6.931472028550421e-1f;
+    p = p * f + 1.f;
+    union { int32_t i; float f; } scale = {.i = ((int32_t)i + 127) << 23};
+    return x < -87.f ? 0.f : p * scale.f;
+}
+
+/* Softmax of each of `rows` rows of s (row stride ld, n entries) in place; lse[i] = logsumexp
+ * (-inf for a row with no finite score, whose probabilities become 0); inv[i] = 1 / sum (0 then). */
+static void softmax_rows(float *s, int64_t rows, int64_t n, int64_t ld, float *lse, float *inv) {
+    for (int64_t i = 0; i < rows; ++i) {
+        float *row = s + i * ld;
+        float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+        for (int64_t t = 0; t < n; ++t) mx = row[t] > mx ? row[t] : mx;
+        if (mx == -INFINITY) {
+            memset(row, 0, (size_t)n * sizeof(float));
+            lse[i] = -INFINITY;
+            inv[i] = 0.f;
+            continue;
+        }
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < n; ++t) {
+            const float e = exp_nonpositive(row[t] - mx);
+            row[t] = e;
+            sum += e;
+        }
+        lse[i] = mx + logf(sum);
+        inv[i] = 1.f / sum;
+    }
+}
+
+/* q (B, H, L, D), k and v (B, Hkv, S, D), out (B, H, L, D), lse (B, H, L): contiguous fp32.
+ * kv_idx [nq, width] / kv_cnt [nq] int64: the cleaned layout. kpm: NULL or (B, S) bytes, 1 = a
+ * real key. Returns 0, or -1 when scratch memory could not be allocated (out is then incomplete). */
+int sparsecc_bsa_forward_f32(int64_t B, int64_t H, int64_t Hkv, int64_t L, int64_t S, int64_t D, int64_t bs,
+                             const float *q, const float *k, const float *v, const int64_t *kv_idx,
+                             const int64_t *kv_cnt, int64_t width, const uint8_t *kpm, float scale, int causal,
+                             int threads, void *sgemm_ptr, float *out, float *lse) {
+    const sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
+    const int64_t nq = (L + bs - 1) / bs, group = H / Hkv, tasks = B * H * nq;
+    const int ld = (int)D;
+    const float one = 1.f, zero = 0.f;
+    int failed = 0;
+    if (threads < 1) threads = 1;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        float *s = malloc(sizeof(float) * (size_t)(bs * (width > 0 ? width : 1) * bs + 2 * bs));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < tasks; ++task) {
+            if (s == NULL) {
+                failed = 1;
+                continue;
+            }
+            const int64_t qb = task % nq, bh = task / nq, bi = bh / H, h = bh % H;
+            const int64_t q0 = qb * bs, rows = L - q0 < bs ? L - q0 : bs;
+            const float *qp = q + (bh * L + q0) * D;
+            const float *kp = k + (bi * Hkv + h / group) * S * D, *vp = v + (bi * Hkv + h / group) * S * D;
+            const uint8_t *keep = kpm ? kpm + bi * S : NULL;
+            const int64_t *blocks = kv_idx + qb * width, m = kv_cnt[qb];
+            float *op = out + (bh * L + q0) * D, *lp = lse + bh * L + q0;
+            int64_t cols = 0;
+            for (int64_t j = 0; j < m; ++j) cols += S - blocks[j] * bs < bs ? S - blocks[j] * bs : bs;
+            if (cols == 0) {
+                memset(op, 0, (size_t)(rows * D) * sizeof(float));
+                for (int64_t i = 0; i < rows; ++i) lp[i] = -INFINITY;
+                continue;
+            }
+            float *inv = s + bs * width * bs;
+            const int ldc = (int)cols, nrows = (int)rows;
+            int64_t off = 0;
+            for (int64_t j = 0; j < m;) { /* scores, one sgemm per run of consecutive blocks */
+                int64_t run = 1;
+                while (j + run < m && blocks[j + run] == blocks[j] + run) ++run;
+                const int64_t k0 = blocks[j] * bs, c = S - k0 < run * bs ? S - k0 : run * bs;
+                const int nc = (int)c;
+                /* column-major: S^T (keys x rows) = K_run (D x keys)^T Q^T (D x rows) */
+                sgemm("T", "N", &nc, &nrows, &ld, &scale, kp + k0 * D, &ld, qp, &ld, &zero, s + off, &ldc);
+                const int diagonal = causal && k0 + c - 1 > q0;
+                if (diagonal || keep) {
+                    for (int64_t i = 0; i < rows; ++i) {
+                        float *row = s + i * cols + off;
+                        for (int64_t t = 0; t < c; ++t)
+                            if ((diagonal && k0 + t > q0 + i) || (keep && !keep[k0 + t])) row[t] = -INFINITY;
+                    }
+                }
+                off += c;
+                j += run;
+            }
+            softmax_rows(s, rows, cols, cols, lp, inv);
+            off = 0;
+            for (int64_t j = 0; j < m;) { /* O = P V, accumulated run by run */
+                int64_t run = 1;
+                while (j + run < m && blocks[j + run] == blocks[j] + run) ++run;
+                const int64_t k0 = blocks[j] * bs, c = S - k0 < run * bs ? S - k0 : run * bs;
+                const int nc = (int)c;
+                /* column-major: O^T (D x rows) (+)= V_run^T (D x keys) P^T (keys x rows) */
+                sgemm("N", "N", &ld, &nrows, &nc, &one, vp + k0 * D, &ld, s + off, &ldc, off ? &one : &zero, op,
+                      &ld);
+                off += c;
+                j += run;
+            }
+            for (int64_t i = 0; i < rows; ++i) {
+                float *row = op + i * D;
+                const float w = inv[i];
+                if (w == 0.f) {
+                    memset(row, 0, (size_t)D * sizeof(float));
+                    continue;
+                }
+#pragma omp simd
+                for (int64_t d = 0; d < D; ++d) row[d] *= w;
+            }
+        }
+        free(s);
+    }
+    return failed ? -1 : 0;
+}
