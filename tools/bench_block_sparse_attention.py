@@ -8,6 +8,8 @@ mask_mod). Forward and forward+backward (Flex's backward is not implemented on C
 The candidates are timed round-robin (so a busy machine slows all of them alike); the table gives
 medians after warm-up, and Flex's compile time separately.
 
+Our fp32 forward runs the native kernel when it builds; `SPARSECC_NATIVE=0` times the PyTorch path.
+
     python tools/bench_block_sparse_attention.py [--quick] [--repeats 5] [--out results.md]
 """
 
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsecc.layouts.indexing import block_mask_to_ell
-from sparsecc.ops.block_sparse_attention import block_sparse_attention
+from sparsecc.ops.block_sparse_attention import _forward_native, block_sparse_attention
 
 try:
     from tqdm import tqdm
@@ -124,6 +126,15 @@ def machine_line() -> str:
             f"threads), Python {platform.python_version()}, {platform.system()}; load average {load:.2f} at start")
 
 
+def our_forward_path() -> str:
+    """Which implementation our fp32 forward ran: the native kernel or the PyTorch path (SPARSECC_NATIVE=0)."""
+    q = torch.zeros(1, 1, BLOCK, D)
+    idx, cnt = block_mask_to_ell(torch.ones(1, 1, dtype=torch.bool))
+    native = _forward_native(q, q, q, idx, cnt, BLOCK, 1.0, False, None) is not None
+    return ("Our forward: the native kernel (sparsecc/ops/native/block_sparse_attention.c)." if native else
+            "Our forward: the PyTorch path (gathered blocks through the fused flash kernel).")
+
+
 def fmt_ms(t: Optional[float]) -> str:
     return "n/a" if t is None else f"{t * 1e3:.1f}"
 
@@ -148,7 +159,7 @@ def table(rows: list[dict], repeats: int) -> str:
             f"| {'n/a' if g('flex_compile') is None else format(g('flex_compile'), '.1f')} "
             f"| {'n/a' if g('max_diff_vs_flex') is None else format(g('max_diff_vs_flex'), '.1e')} |")
     lines += ["", f"Median of {repeats} round-robin runs after warm-up; B=1, H={H}, D={D}, block {BLOCK}, fp32. "
-              "Flex backward raises NotImplementedError on CPU.", machine_line()]
+              "Flex backward raises NotImplementedError on CPU. " + our_forward_path(), machine_line()]
     return "\n".join(lines)
 
 
