@@ -109,10 +109,11 @@ def test_cases(causal, padding, L, S, H, Hkv, path):
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")
-def test_native_forward_runs_and_equals_pytorch_path():
-    """fp32 forward runs the C kernel (BLAS on the blocks in place) and equals the chunked flash path,
-    logsumexp included (-inf on rows with no allowed key), with runs of consecutive blocks, a partial
-    last block, causal + padding, GQA, and a query block that keeps nothing."""
+def test_native_kernels_run_and_equal_pytorch_path():
+    """fp32 forward and backward run the C kernels (BLAS on the blocks in place) and equal the chunked
+    flash path, logsumexp and gradients included (-inf / zero on rows with no allowed key), with runs
+    of consecutive blocks, a partial last block, causal + padding, GQA, and a query block that keeps
+    nothing."""
     B, H, Hkv, L, D, b = 2, 6, 3, 200, 16, 32
     nq = -(-L // b)
     bm = torch.zeros(nq, nq, dtype=torch.bool)
@@ -125,13 +126,22 @@ def test_native_forward_runs_and_equals_pytorch_path():
                enumerate((H, Hkv, Hkv)))
     idx, cnt = block_mask_to_ell(bm)
     args = (q, k, v, idx, cnt, b, 0.25, True, kpm)
-    assert bsa._native_kernel() is not None and native.blas_sgemm() is not None
-    with forward_path("native"):
-        assert bsa._forward_native(*args) is not None  # the C kernel applies here
-        out, lse = block_sparse_attention_op(*args)
-    with forward_path("pytorch"):
-        assert bsa._forward_native(*args) is None
-        ref_out, ref_lse = block_sparse_attention_op(*args)
+    assert bsa._native_kernels() is not None and native.blas_sgemm() is not None
+    grad = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(7))
+    results = {}
+    for path in PATHS:
+        with forward_path(path):
+            assert (bsa._forward_native(*args) is not None) == (path == "native")  # which kernel runs
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            out, lse = block_sparse_attention_op(*leaves, *args[3:])
+            backward_args = (grad, *args[:3], out.detach(), lse, *args[3:])
+            assert (bsa._backward_native(*backward_args) is not None) == (path == "native")
+            out.backward(grad)
+            results[path] = (out.detach(), lse, [t.grad for t in leaves])
+    (out, lse, grads), (ref_out, ref_lse, ref_grads) = results["native"], results["pytorch"]
+    for got, expected in zip(grads, ref_grads):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert bool((grads[0][:, :, 2 * b:3 * b] == 0).all())  # no kept block: no gradient
     torch.testing.assert_close(out, ref_out, atol=2e-6, rtol=1e-5)
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)) and bool(torch.isinf(lse[:, :, 2 * b:3 * b]).all())
     finite = ~torch.isinf(ref_lse)

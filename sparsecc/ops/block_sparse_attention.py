@@ -7,10 +7,11 @@ triangle (key j > query i, absolute positions) and at padded keys; a row with no
 outputs 0 and gets zero gradients.
 
 How the CPU kernel works (work is proportional to the kept blocks, no L x S tensor exists).
-fp32 forward runs the native kernel (`native/block_sparse_attention.c`) when it can be built: one
-task per (batch item, head, query block), scores and P @ V by BLAS calls on the kept K/V blocks
-where they lie (a run of consecutive blocks is one call), an exact softmax over the row in between.
-Otherwise, and for backward and other dtypes:
+fp32 runs the native kernels (`native/block_sparse_attention.c`) when they can be built: forward
+one task per (batch item, head, query block), scores and P @ V by BLAS calls on the kept K/V
+blocks where they lie (a run of consecutive blocks is one call), an exact softmax over the row in
+between; backward one task per (batch item, kv head), recomputing P from the saved logsumexp.
+Otherwise (other dtypes, no compiler, SPARSECC_NATIVE=0):
 1. Plan: drop padding entries, duplicates and (causal) blocks above the diagonal, then bucket the
    query blocks by their number of kept key blocks m, so no padded block is ever computed.
 2. For a chunk of n query blocks of one bucket, gather their kept K and V blocks once, as
@@ -244,25 +245,34 @@ def _blocked_kv(x: Tensor, b: int, nk: int) -> Tensor:
 
 
 @lru_cache(maxsize=None)
-def _native_kernel():
+def _native_kernels() -> Optional[tuple[Callable, Callable]]:
+    """(forward, backward) C functions, or None when the kernel cannot be built."""
     lib = native.load("block_sparse_attention")
     if lib is None:
         return None
-    fn = lib.sparsecc_bsa_forward_f32
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [i64] * 7 + [ptr] * 5 + [i64, ptr, ctypes.c_float, ctypes.c_int, ctypes.c_int, ptr, ptr, ptr]
-    fn.restype = ctypes.c_int
-    return fn
+    i64, ptr, tail = ctypes.c_int64, ctypes.c_void_p, [ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    fwd, bwd = lib.sparsecc_bsa_forward_f32, lib.sparsecc_bsa_backward_f32
+    fwd.argtypes = [i64] * 7 + [ptr] * 5 + [i64, ptr] + tail + [ptr, ptr]
+    bwd.argtypes = [i64] * 7 + [ptr] * 8 + [i64, ptr] + tail + [ptr, ptr, ptr]
+    fwd.restype = bwd.restype = ctypes.c_int
+    return fwd, bwd
+
+
+def _native_ready(q: Tensor) -> bool:
+    """The C kernels apply: fp32, native kernels enabled and built, PyTorch's sgemm_ found."""
+    return (q.dtype == torch.float32 and native.enabled() and _native_kernels() is not None
+            and native.blas_sgemm() is not None)
+
+
+def _ptr(t: Optional[Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
 
 
 def _forward_native(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, b: int,
                     scale: float, causal: bool, key_padding_mask: Optional[Tensor]
                     ) -> Optional[tuple[Tensor, Tensor]]:
     """The forward through the C kernel, or None when it does not apply (not fp32) or is unavailable."""
-    if not native.enabled() or q.dtype != torch.float32:
-        return None
-    kernel, sgemm = _native_kernel(), native.blas_sgemm()
-    if kernel is None or sgemm is None:
+    if not _native_ready(q):
         return None
     B, H, L, D = q.shape
     kvh, S = k.shape[1], k.shape[2]
@@ -270,10 +280,29 @@ def _forward_native(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_coun
     q, k, v, idx = q.contiguous(), k.contiguous(), v.contiguous(), idx.contiguous()
     kpm = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
     out, lse = torch.empty_like(q), torch.empty(B, H, L)
-    status = kernel(B, H, kvh, L, S, D, b, q.data_ptr(), k.data_ptr(), v.data_ptr(), idx.data_ptr(),
-                    cnt.data_ptr(), idx.shape[1], None if kpm is None else kpm.data_ptr(), scale, int(causal),
-                    torch.get_num_threads(), sgemm, out.data_ptr(), lse.data_ptr())
+    status = _native_kernels()[0](B, H, kvh, L, S, D, b, *map(_ptr, (q, k, v, idx, cnt)), idx.shape[1], _ptr(kpm),
+                                  scale, int(causal), torch.get_num_threads(), native.blas_sgemm(),
+                                  out.data_ptr(), lse.data_ptr())
     return (out, lse) if status == 0 else None
+
+
+def _backward_native(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                     kv_indices: Tensor, kv_counts: Tensor, b: int, scale: float, causal: bool,
+                     key_padding_mask: Optional[Tensor]) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+    """(dq, dk, dv) through the C kernel (parallel over batch x kv heads), or None when it does not apply."""
+    if not _native_ready(q) or lse.dtype != torch.float32:
+        return None
+    B, H, L, D = q.shape
+    kvh, S = k.shape[1], k.shape[2]
+    idx, cnt = _clean_layout(kv_indices, kv_counts, -(-L // b), -(-S // b), S, b, causal)
+    q, k, v, out, lse, idx = (t.contiguous() for t in (q, k, v, out, lse, idx))
+    grad_out = grad_out.to(q.dtype).contiguous()
+    kpm = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    status = _native_kernels()[1](B, H, kvh, L, S, D, b, *map(_ptr, (q, k, v, out, grad_out, lse, idx, cnt)),
+                                  idx.shape[1], _ptr(kpm), scale, int(causal), torch.get_num_threads(),
+                                  native.blas_sgemm(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr())
+    return (dq, dk, dv) if status == 0 else None
 
 
 def _forward_cpu(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, b: int,
@@ -314,6 +343,10 @@ def _backward_cpu(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     kvh, S = k.shape[1], k.shape[2]
     g, nq, nk = H // kvh, -(-L // b), -(-S // b)
     kv_indices, kv_counts = crop_ell(kv_indices, kv_counts, nq, nk)
+    result = _backward_native(grad_out, q, k, v, out, lse, kv_indices, kv_counts, b, scale, causal,
+                              key_padding_mask)
+    if result is not None:
+        return result
     chunks = _plan(kv_indices, kv_counts, B, H, kvh, L, S, D, b, causal, key_padding_mask, q.dtype)
     qb, kb, vb = _blocked_q(q, b, nq, kvh), _blocked_kv(k, b, nk), _blocked_kv(v, b, nk)
     dob, ob = _blocked_q(grad_out.to(q.dtype), b, nq, kvh), _blocked_q(out, b, nq, kvh)

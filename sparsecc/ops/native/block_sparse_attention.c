@@ -150,3 +150,112 @@ int sparsecc_bsa_forward_f32(int64_t B, int64_t H, int64_t Hkv, int64_t L, int64
     }
     return failed ? -1 : 0;
 }
+
+/* Backward of the above, given its out and logsumexp: dq, dk, dv (contiguous fp32, zero on entry).
+ * One task per (batch item, kv head): it owns that head's dk / dv rows (no races, deterministic)
+ * and runs every query head of its group and every query block:
+ *   S = scale Q K^T, P = exp(S - lse) (0 where masked or for a row with lse = -inf),
+ *   dP = dO V^T, dS = P (dP - rowsum(dO * O)),
+ *   dQ = scale dS K,  dK += scale dS^T Q,  dV += P^T dO,
+ * each product one sgemm per run of consecutive kept blocks. Returns 0, or -1 when scratch
+ * memory could not be allocated. */
+int sparsecc_bsa_backward_f32(int64_t B, int64_t H, int64_t Hkv, int64_t L, int64_t S, int64_t D, int64_t bs,
+                              const float *q, const float *k, const float *v, const float *o, const float *dout,
+                              const float *lse, const int64_t *kv_idx, const int64_t *kv_cnt, int64_t width,
+                              const uint8_t *kpm, float scale, int causal, int threads, void *sgemm_ptr,
+                              float *dq, float *dk, float *dv) {
+    const sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
+    const int64_t nq = (L + bs - 1) / bs, group = H / Hkv, tasks = B * Hkv;
+    const int ld = (int)D;
+    const float one = 1.f, zero = 0.f;
+    int failed = 0;
+    if (threads < 1) threads = 1;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        const size_t area = (size_t)(bs * (width > 0 ? width : 1) * bs);
+        float *p = malloc(sizeof(float) * (2 * area + bs)), *ds = p ? p + area : NULL, *delta = p ? p + 2 * area : NULL;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < tasks; ++task) {
+            if (p == NULL) {
+                failed = 1;
+                continue;
+            }
+            const int64_t bi = task / Hkv, kvh = task % Hkv;
+            const float *kp = k + (bi * Hkv + kvh) * S * D, *vp = v + (bi * Hkv + kvh) * S * D;
+            float *dkp = dk + (bi * Hkv + kvh) * S * D, *dvp = dv + (bi * Hkv + kvh) * S * D;
+            const uint8_t *keep = kpm ? kpm + bi * S : NULL;
+            for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
+                const int64_t bh = bi * H + h;
+                for (int64_t qb = 0; qb < nq; ++qb) {
+                    const int64_t q0 = qb * bs, rows = L - q0 < bs ? L - q0 : bs;
+                    const int64_t *blocks = kv_idx + qb * width, m = kv_cnt[qb];
+                    int64_t cols = 0;
+                    for (int64_t j = 0; j < m; ++j) cols += S - blocks[j] * bs < bs ? S - blocks[j] * bs : bs;
+                    if (cols == 0) continue;
+                    const float *qp = q + (bh * L + q0) * D, *op = o + (bh * L + q0) * D;
+                    const float *dop = dout + (bh * L + q0) * D, *lp = lse + bh * L + q0;
+                    float *dqp = dq + (bh * L + q0) * D;
+                    const int ldc = (int)cols, nrows = (int)rows;
+                    for (int64_t i = 0; i < rows; ++i) {
+                        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+                        for (int64_t d = 0; d < D; ++d) acc += dop[i * D + d] * op[i * D + d];
+                        delta[i] = acc;
+                    }
+                    int64_t off = 0;
+                    for (int64_t j = 0; j < m;) { /* S and dP = dO V^T, run by run */
+                        int64_t run = 1;
+                        while (j + run < m && blocks[j + run] == blocks[j] + run) ++run;
+                        const int64_t k0 = blocks[j] * bs, c = S - k0 < run * bs ? S - k0 : run * bs;
+                        const int nc = (int)c;
+                        sgemm("T", "N", &nc, &nrows, &ld, &scale, kp + k0 * D, &ld, qp, &ld, &zero, p + off, &ldc);
+                        sgemm("T", "N", &nc, &nrows, &ld, &one, vp + k0 * D, &ld, dop, &ld, &zero, ds + off, &ldc);
+                        const int diagonal = causal && k0 + c - 1 > q0;
+                        if (diagonal || keep) {
+                            for (int64_t i = 0; i < rows; ++i) {
+                                float *row = p + i * cols + off;
+                                for (int64_t t = 0; t < c; ++t)
+                                    if ((diagonal && k0 + t > q0 + i) || (keep && !keep[k0 + t])) row[t] = -INFINITY;
+                            }
+                        }
+                        off += c;
+                        j += run;
+                    }
+                    for (int64_t i = 0; i < rows; ++i) { /* P and dS, in place */
+                        float *pr = p + i * cols, *dr = ds + i * cols;
+                        if (lp[i] == -INFINITY) {
+                            memset(pr, 0, (size_t)cols * sizeof(float));
+                            memset(dr, 0, (size_t)cols * sizeof(float));
+                            continue;
+                        }
+                        const float l = lp[i], di = delta[i];
+#pragma omp simd
+                        for (int64_t t = 0; t < cols; ++t) {
+                            const float e = exp_nonpositive(pr[t] - l);
+                            pr[t] = e;
+                            dr[t] = e * (dr[t] - di);
+                        }
+                    }
+                    off = 0;
+                    for (int64_t j = 0; j < m;) { /* dQ, dK, dV, run by run */
+                        int64_t run = 1;
+                        while (j + run < m && blocks[j + run] == blocks[j] + run) ++run;
+                        const int64_t k0 = blocks[j] * bs, c = S - k0 < run * bs ? S - k0 : run * bs;
+                        const int nc = (int)c;
+                        /* dQ^T (D x rows) (+)= K_run^T (D x keys) dS^T (keys x rows) */
+                        sgemm("N", "N", &ld, &nrows, &nc, &scale, kp + k0 * D, &ld, ds + off, &ldc, off ? &one : &zero,
+                              dqp, &ld);
+                        /* dK_run^T (D x keys) += Q^T (D x rows) dS (rows x keys) */
+                        sgemm("N", "T", &ld, &nc, &nrows, &scale, qp, &ld, ds + off, &ldc, &one, dkp + k0 * D, &ld);
+                        /* dV_run^T (D x keys) += dO^T (D x rows) P (rows x keys) */
+                        sgemm("N", "T", &ld, &nc, &nrows, &one, dop, &ld, p + off, &ldc, &one, dvp + k0 * D, &ld);
+                        off += c;
+                        j += run;
+                    }
+                }
+            }
+        }
+        free(p);
+    }
+    return failed ? -1 : 0;
+}
