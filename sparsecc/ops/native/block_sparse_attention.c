@@ -39,6 +39,30 @@ static inline float exp_nonpositive(float x) {
     return x < -87.f ? 0.f : p * scale.f;
 }
 
+/* The run of consecutive kept blocks starting at entry j of a row's ascending blocks: returns its
+ * length in blocks; *k0 = its first key, *c = its number of keys (the last block may be partial). */
+static inline int64_t block_run(const int64_t *blocks, int64_t j, int64_t m, int64_t bs, int64_t S, int64_t *k0,
+                                int64_t *c) {
+    int64_t run = 1;
+    while (j + run < m && blocks[j + run] == blocks[j] + run) ++run;
+    *k0 = blocks[j] * bs;
+    *c = S - *k0 < run * bs ? S - *k0 : run * bs;
+    return run;
+}
+
+/* -inf in the scores s (rows x c, row stride ld) of keys k0.. for queries q0..: keys after the query
+ * (causal) and padded keys (keep[key] == 0, keep may be NULL). */
+static void mask_run(float *s, int64_t rows, int64_t c, int64_t ld, int64_t q0, int64_t k0, int causal,
+                     const uint8_t *keep) {
+    const int diagonal = causal && k0 + c - 1 > q0;
+    if (!diagonal && !keep) return;
+    for (int64_t i = 0; i < rows; ++i) {
+        float *row = s + i * ld;
+        for (int64_t t = 0; t < c; ++t)
+            if ((diagonal && k0 + t > q0 + i) || (keep && !keep[k0 + t])) row[t] = -INFINITY;
+    }
+}
+
 /* Softmax of each of `rows` rows of s (row stride ld, n entries) in place; lse[i] = logsumexp
  * (-inf for a row with no finite score, whose probabilities become 0); inv[i] = 1 / sum (0 then). */
 static void softmax_rows(float *s, int64_t rows, int64_t n, int64_t ld, float *lse, float *inv) {
@@ -104,36 +128,21 @@ int sparsecc_bsa_forward_f32(int64_t B, int64_t H, int64_t Hkv, int64_t L, int64
             float *inv = s + bs * width * bs;
             const int ldc = (int)cols, nrows = (int)rows;
             int64_t off = 0;
-            for (int64_t j = 0; j < m;) { /* scores, one sgemm per run of consecutive blocks */
-                int64_t run = 1;
-                while (j + run < m && blocks[j + run] == blocks[j] + run) ++run;
-                const int64_t k0 = blocks[j] * bs, c = S - k0 < run * bs ? S - k0 : run * bs;
+            for (int64_t j = 0, k0, c; j < m; off += c) { /* scores, one sgemm per run of consecutive blocks */
+                j += block_run(blocks, j, m, bs, S, &k0, &c);
                 const int nc = (int)c;
                 /* column-major: S^T (keys x rows) = K_run (D x keys)^T Q^T (D x rows) */
                 sgemm("T", "N", &nc, &nrows, &ld, &scale, kp + k0 * D, &ld, qp, &ld, &zero, s + off, &ldc);
-                const int diagonal = causal && k0 + c - 1 > q0;
-                if (diagonal || keep) {
-                    for (int64_t i = 0; i < rows; ++i) {
-                        float *row = s + i * cols + off;
-                        for (int64_t t = 0; t < c; ++t)
-                            if ((diagonal && k0 + t > q0 + i) || (keep && !keep[k0 + t])) row[t] = -INFINITY;
-                    }
-                }
-                off += c;
-                j += run;
+                mask_run(s + off, rows, c, cols, q0, k0, causal, keep);
             }
             softmax_rows(s, rows, cols, cols, lp, inv);
             off = 0;
-            for (int64_t j = 0; j < m;) { /* O = P V, accumulated run by run */
-                int64_t run = 1;
-                while (j + run < m && blocks[j + run] == blocks[j] + run) ++run;
-                const int64_t k0 = blocks[j] * bs, c = S - k0 < run * bs ? S - k0 : run * bs;
+            for (int64_t j = 0, k0, c; j < m; off += c) { /* O = P V, accumulated run by run */
+                j += block_run(blocks, j, m, bs, S, &k0, &c);
                 const int nc = (int)c;
                 /* column-major: O^T (D x rows) (+)= V_run^T (D x keys) P^T (keys x rows) */
                 sgemm("N", "N", &ld, &nrows, &nc, &one, vp + k0 * D, &ld, s + off, &ldc, off ? &one : &zero, op,
                       &ld);
-                off += c;
-                j += run;
             }
             for (int64_t i = 0; i < rows; ++i) {
                 float *row = op + i * D;
@@ -203,23 +212,12 @@ int sparsecc_bsa_backward_f32(int64_t B, int64_t H, int64_t Hkv, int64_t L, int6
                         delta[i] = acc;
                     }
                     int64_t off = 0;
-                    for (int64_t j = 0; j < m;) { /* S and dP = dO V^T, run by run */
-                        int64_t run = 1;
-                        while (j + run < m && blocks[j + run] == blocks[j] + run) ++run;
-                        const int64_t k0 = blocks[j] * bs, c = S - k0 < run * bs ? S - k0 : run * bs;
+                    for (int64_t j = 0, k0, c; j < m; off += c) { /* S and dP = dO V^T, run by run */
+                        j += block_run(blocks, j, m, bs, S, &k0, &c);
                         const int nc = (int)c;
                         sgemm("T", "N", &nc, &nrows, &ld, &scale, kp + k0 * D, &ld, qp, &ld, &zero, p + off, &ldc);
                         sgemm("T", "N", &nc, &nrows, &ld, &one, vp + k0 * D, &ld, dop, &ld, &zero, ds + off, &ldc);
-                        const int diagonal = causal && k0 + c - 1 > q0;
-                        if (diagonal || keep) {
-                            for (int64_t i = 0; i < rows; ++i) {
-                                float *row = p + i * cols + off;
-                                for (int64_t t = 0; t < c; ++t)
-                                    if ((diagonal && k0 + t > q0 + i) || (keep && !keep[k0 + t])) row[t] = -INFINITY;
-                            }
-                        }
-                        off += c;
-                        j += run;
+                        mask_run(p + off, rows, c, cols, q0, k0, causal, keep);
                     }
                     for (int64_t i = 0; i < rows; ++i) { /* P and dS, in place */
                         float *pr = p + i * cols, *dr = ds + i * cols;
@@ -237,10 +235,8 @@ int sparsecc_bsa_backward_f32(int64_t B, int64_t H, int64_t Hkv, int64_t L, int6
                         }
                     }
                     off = 0;
-                    for (int64_t j = 0; j < m;) { /* dQ, dK, dV, run by run */
-                        int64_t run = 1;
-                        while (j + run < m && blocks[j + run] == blocks[j] + run) ++run;
-                        const int64_t k0 = blocks[j] * bs, c = S - k0 < run * bs ? S - k0 : run * bs;
+                    for (int64_t j = 0, k0, c; j < m; off += c) { /* dQ, dK, dV, run by run */
+                        j += block_run(blocks, j, m, bs, S, &k0, &c);
                         const int nc = (int)c;
                         /* dQ^T (D x rows) (+)= K_run^T (D x keys) dS^T (keys x rows) */
                         sgemm("N", "N", &ld, &nrows, &nc, &scale, kp + k0 * D, &ld, ds + off, &ldc, off ? &one : &zero,
@@ -249,8 +245,6 @@ int sparsecc_bsa_backward_f32(int64_t B, int64_t H, int64_t Hkv, int64_t L, int6
                         sgemm("N", "T", &ld, &nc, &nrows, &scale, qp, &ld, ds + off, &ldc, &one, dkp + k0 * D, &ld);
                         /* dV_run^T (D x keys) += dO^T (D x rows) P (rows x keys) */
                         sgemm("N", "T", &ld, &nc, &nrows, &one, dop, &ld, p + off, &ldc, &one, dvp + k0 * D, &ld);
-                        off += c;
-                        j += run;
                     }
                 }
             }
