@@ -277,7 +277,8 @@ def main() -> None:
         f"{args.style} style, d_model {args.d_model}, {args.layers} layers, {args.heads} heads, context {args.seq}; "
         f"{steps} steps of batch {args.batch} for every model (AdamW lr {args.lr}, cosine, seed {args.seed}); "
         f"sparse FF N={args.n}, d_lowrank={args.d_lowrank} (trained with the controller's Gumbel / "
-        f"straight-through-w.p.-{args.st_prob:g} mask, evaluated with arg-max via `sparsecc::sparse_ffn`); sparse QKV S={s}, "
+        f"straight-through-w.p.-{args.st_prob:g} mask, evaluated with arg-max via `sparsecc::sparse_ffn`); "
+        f"sparse QKV S={s}, "
         f"output layer {args.qkv_output!r}. "
         "Parameter counts matched through d_ff.",
         "",
