@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import shutil
 from typing import Optional
 
@@ -19,21 +18,16 @@ from sparsecc.layouts.indexing import block_mask_to_ell
 from sparsecc.ops import native
 from sparsecc.ops.block_sparse_attention import block_sparse_attention, block_sparse_attention_op
 
-PATHS = ["native", "pytorch"]  # the fp32 forward: C kernel (when it builds) or the chunked flash path
+PATHS = ["native", "pytorch"]  # fp32 forward and backward: the C kernels (when they build) or the flash path
 
 
 @contextlib.contextmanager
-def forward_path(path: str):
-    """Run the block with the native kernels on ("native") or off ("pytorch", SPARSECC_NATIVE=0)."""
-    before = os.environ.get("SPARSECC_NATIVE")
-    os.environ["SPARSECC_NATIVE"] = "1" if path == "native" else "0"
-    try:
+def kernel_path(path: str):
+    """Run the block with the native kernels on ("native") or off ("pytorch", SPARSECC_NATIVE=0).
+    (A context manager, not the monkeypatch fixture: hypothesis tests cannot take function fixtures.)"""
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("SPARSECC_NATIVE", "1" if path == "native" else "0")
         yield
-    finally:
-        if before is None:
-            del os.environ["SPARSECC_NATIVE"]
-        else:
-            os.environ["SPARSECC_NATIVE"] = before
 
 
 def reference(q, k, v, block_mask, b: int, scale: float, causal: bool, kpm: Optional[torch.Tensor]):
@@ -93,7 +87,7 @@ def check_against_reference(q, k, v, block_mask, b, causal, kpm, scale=None, ato
 def test_random_layouts_match_dense_reference(B, Hkv, G, L, S, D, b, density, causal, padding, seed):
     case = make_case(B, Hkv * G, Hkv, L, S, D, b, density, causal, padding, seed)
     for path in PATHS:
-        with forward_path(path):
+        with kernel_path(path):
             check_against_reference(*case[:4], b, causal, case[4])
 
 
@@ -104,7 +98,7 @@ def test_random_layouts_match_dense_reference(B, Hkv, G, L, S, D, b, density, ca
 def test_cases(causal, padding, L, S, H, Hkv, path):
     """Causal, key padding, GQA, L not a multiple of the block, cross attention (L != S)."""
     q, k, v, bm, kpm = make_case(2, H, Hkv, L, S, 16, 16, 0.4, causal, padding, seed=L + S)
-    with forward_path(path):
+    with kernel_path(path):
         check_against_reference(q, k, v, bm, 16, causal, kpm, scale=0.3)
 
 
@@ -130,7 +124,7 @@ def test_native_kernels_run_and_equal_pytorch_path():
     grad = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(7))
     results = {}
     for path in PATHS:
-        with forward_path(path):
+        with kernel_path(path):
             assert (bsa._forward_native(*args) is not None) == (path == "native")  # which kernel runs
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
             out, lse = block_sparse_attention_op(*leaves, *args[3:])

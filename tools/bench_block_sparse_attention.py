@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsecc.layouts.indexing import block_mask_to_ell
-from sparsecc.ops.block_sparse_attention import _forward_native, block_sparse_attention
+from sparsecc.ops.block_sparse_attention import _native_ready, block_sparse_attention
 
 try:
     from tqdm import tqdm
@@ -128,9 +128,7 @@ def machine_line() -> str:
 
 def our_forward_path() -> str:
     """Which implementation our fp32 forward ran: the native kernel or the PyTorch path (SPARSECC_NATIVE=0)."""
-    q = torch.zeros(1, 1, BLOCK, D)
-    idx, cnt = block_mask_to_ell(torch.ones(1, 1, dtype=torch.bool))
-    native = _forward_native(q, q, q, idx, cnt, BLOCK, 1.0, False, None) is not None
+    native = _native_ready(torch.zeros(1))
     return ("Our forward: the native kernel (sparsecc/ops/native/block_sparse_attention.c)." if native else
             "Our forward: the PyTorch path (gathered blocks through the fused flash kernel).")
 

@@ -268,6 +268,14 @@ def _ptr(t: Optional[Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
+def _native_layout(kv_indices: Tensor, kv_counts: Tensor, L: int, S: int, b: int, causal: bool,
+                   key_padding_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The kernels' inputs besides the tensors: the cleaned ELL layout and the padding mask as bytes."""
+    idx, cnt = _clean_layout(kv_indices, kv_counts, -(-L // b), -(-S // b), S, b, causal)
+    kpm = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
+    return idx.contiguous(), cnt.contiguous(), kpm
+
+
 def _forward_native(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, b: int,
                     scale: float, causal: bool, key_padding_mask: Optional[Tensor]
                     ) -> Optional[tuple[Tensor, Tensor]]:
@@ -276,9 +284,8 @@ def _forward_native(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_coun
         return None
     B, H, L, D = q.shape
     kvh, S = k.shape[1], k.shape[2]
-    idx, cnt = _clean_layout(kv_indices, kv_counts, -(-L // b), -(-S // b), S, b, causal)
-    q, k, v, idx = q.contiguous(), k.contiguous(), v.contiguous(), idx.contiguous()
-    kpm = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
+    idx, cnt, kpm = _native_layout(kv_indices, kv_counts, L, S, b, causal, key_padding_mask)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out, lse = torch.empty_like(q), torch.empty(B, H, L)
     status = _native_kernels()[0](B, H, kvh, L, S, D, b, *map(_ptr, (q, k, v, idx, cnt)), idx.shape[1], _ptr(kpm),
                                   scale, int(causal), torch.get_num_threads(), native.blas_sgemm(),
@@ -290,14 +297,13 @@ def _backward_native(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
                      kv_indices: Tensor, kv_counts: Tensor, b: int, scale: float, causal: bool,
                      key_padding_mask: Optional[Tensor]) -> Optional[tuple[Tensor, Tensor, Tensor]]:
     """(dq, dk, dv) through the C kernel (parallel over batch x kv heads), or None when it does not apply."""
-    if not _native_ready(q) or lse.dtype != torch.float32:
+    if not _native_ready(q):  # fp32 q: the forward's lse is fp32 too
         return None
     B, H, L, D = q.shape
     kvh, S = k.shape[1], k.shape[2]
-    idx, cnt = _clean_layout(kv_indices, kv_counts, -(-L // b), -(-S // b), S, b, causal)
-    q, k, v, out, lse, idx = (t.contiguous() for t in (q, k, v, out, lse, idx))
+    idx, cnt, kpm = _native_layout(kv_indices, kv_counts, L, S, b, causal, key_padding_mask)
+    q, k, v, out, lse = (t.contiguous() for t in (q, k, v, out, lse))
     grad_out = grad_out.to(q.dtype).contiguous()
-    kpm = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     status = _native_kernels()[1](B, H, kvh, L, S, D, b, *map(_ptr, (q, k, v, out, grad_out, lse, idx, cnt)),
                                   idx.shape[1], _ptr(kpm), scale, int(causal), torch.get_num_threads(),
