@@ -14,7 +14,8 @@ from sparsecc.ops.sparse_ffn import (
     pack_sparse_ffn_weights,
     sparse_ffn_reference,
 )
-from sparsecc.training.controller import SparseFFN, SparseFFNController, init_controller_from_activations
+from sparsecc.training.controller import (SparseFFN, SparseFFNController, anneal_dense_mix,
+                                         init_controller_from_activations)
 
 D_MODEL, D_FF, N, R = 16, 64, 8, 4
 OP = torch.ops.sparsecc.sparse_ffn
@@ -183,6 +184,40 @@ def test_st_probability_is_one_draw_per_batch():
         ctrl(torch.randn(5, D_MODEL))
         modes.append(ctrl.last_mode == "straight_through")
     assert 0.22 < sum(modes) / len(modes) < 0.38
+
+
+def test_dense_to_sparse_warmup():
+    w = make_weights()
+    module = SparseFFN(w["w_in"], w["b_in"], w["w_out_t"].detach().t(), w["b_out"], n=N, d_lowrank=R,
+                       activation="gelu")
+    model = torch.nn.Sequential(module, torch.nn.Linear(D_MODEL, D_MODEL))
+    x = torch.randn(4, 3, D_MODEL)
+    dense = module.dense_hidden(x) @ module.w_out_t + module.b_out
+    # Schedule: 1 at step 0, linear, 0 from the last warm-up step on; 0 warm-up steps = the paper's training.
+    assert anneal_dense_mix(model, 0, 10) == 1 and module.controller.dense_mix == 1.0
+    module.train()
+    torch.testing.assert_close(module(x), dense, atol=1e-6, rtol=1e-6)  # all units on: the dense FFN
+    anneal_dense_mix(model, 5, 10)
+    assert module.controller.dense_mix == 0.5
+    module.controller.st_prob = 1.0  # straight-through: forward mask 0.5 + 0.5 * one-hot
+    blocks = module.controller(x).view(4, 3, -1, N)
+    assert torch.equal((blocks == 1.0).sum(-1), torch.ones(4, 3, D_FF // N, dtype=torch.long))
+    assert torch.equal((blocks == 0.5).sum(-1), torch.full((4, 3, D_FF // N), N - 1))
+    for step in (10, 11, 500):
+        anneal_dense_mix(model, step, 10)
+        assert module.controller.dense_mix == 0.0
+    anneal_dense_mix(model, 3, 0)
+    assert module.controller.dense_mix == 0.0
+    # Eval ignores the warm-up: arg-max mask through the sparse op.
+    anneal_dense_mix(model, 0, 10)
+    module.eval()
+    c = module.controller
+    expected = sparse_ffn_reference(x, module.w_in, module.b_in, module.w_out_t.t(), module.b_out, c.c1, c.c2,
+                                    c.bias, N, "gelu")
+    torch.testing.assert_close(module(x), expected, atol=1e-5, rtol=1e-5)
+    assert anneal_dense_mix(torch.nn.Linear(2, 2), 0, 10) == 0
+    with pytest.raises(ValueError, match="warmup_steps=-1"):
+        anneal_dense_mix(model, 0, -1)
 
 
 def test_sparse_ffn_module_train_and_eval():

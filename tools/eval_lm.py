@@ -8,7 +8,9 @@ out) and compared by validation perplexity per byte:
   dense            dense Q/K/V, dense FFN
   sparse FF        FFN = SparseFFN (controller N, d_lowrank): trained with the controller's training
                    behaviour (per-block softmax mask, or w.p. 0.3 the straight-through Gumbel one-hot),
-                   evaluated with the arg-max controller through `sparsecc::sparse_ffn`
+                   after a dense-to-sparse warm-up over the first --dense-warmup of the steps
+                   (`anneal_dense_mix`; 0 trains as the paper does from step 0), evaluated with the
+                   arg-max controller through `sparsecc::sparse_ffn`
   sparse FF + QKV  the same, plus sparse QKV (S modules)
 
 Equal parameter count: every model has the dense model's d_model, layers and
@@ -48,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line, write_atomic  # noqa: E402
 from sparsecc.data import stdlib_paragraphs  # noqa: E402
 from sparsecc.nn import QKV_OUTPUTS, CausalLM, DecoderConfig, count_parameters  # noqa: E402
-from sparsecc.training.controller import SparseFFNController  # noqa: E402
+from sparsecc.training.controller import SparseFFNController, anneal_dense_mix  # noqa: E402
 
 
 _SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3", "ensurepip", "venv",
@@ -198,6 +200,7 @@ def train(cfg: DecoderConfig, steps: int, train_data: torch.Tensor, val: torch.T
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, args.lr, args.warmup)
+        anneal_dense_mix(model, step, round(args.dense_warmup * steps))
         loss = train_step(model, opt, *next(data))
         if step % max(1, steps // 10) == 0 or step == steps - 1:
             print(f"  step {step:5d}/{steps} loss {loss:.3f} ({time.perf_counter() - start:.0f}s)", flush=True)
@@ -219,6 +222,9 @@ def main() -> None:
     p.add_argument("--d-lowrank", type=int, default=64)
     p.add_argument("--st-prob", type=float, default=0.3,
                    help="controller training: probability of the straight-through one-hot per batch (paper 0.3)")
+    p.add_argument("--dense-warmup", type=float, default=0.5,
+                   help="fraction of the steps over which sparse FF training anneals from all units on to the "
+                        "paper's mask (0: the paper's training from step 0)")
     p.add_argument("--variants", default="dense,ff,ffqkv",
                    help="comma list of the models to train: dense, ff (sparse FF), ffqkv (sparse FF + QKV)")
     p.add_argument("--modules", type=int, default=0, help="sparse QKV modules S (0: d_model // 64)")
@@ -277,7 +283,8 @@ def main() -> None:
         f"{args.style} style, d_model {args.d_model}, {args.layers} layers, {args.heads} heads, context {args.seq}; "
         f"{steps} steps of batch {args.batch} for every model (AdamW lr {args.lr}, cosine, seed {args.seed}); "
         f"sparse FF N={args.n}, d_lowrank={args.d_lowrank} (trained with the controller's Gumbel / "
-        f"straight-through-w.p.-{args.st_prob:g} mask, evaluated with arg-max via `sparsecc::sparse_ffn`); "
+        f"straight-through-w.p.-{args.st_prob:g} mask after a dense-to-sparse warm-up over "
+        f"{args.dense_warmup:.0%} of the steps, evaluated with arg-max via `sparsecc::sparse_ffn`); "
         f"sparse QKV S={s}, "
         f"output layer {args.qkv_output!r}. "
         "Parameter counts matched through d_ff.",

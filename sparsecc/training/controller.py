@@ -8,6 +8,14 @@ log-softmax, then for the whole batch one random draw: with probability
 temperature * Gumbel) (forward one-hot, backward softmax gradient), otherwise
 the soft softmax mask.
 
+Dense-to-sparse warm-up (ours, not in the paper): training a small model from
+scratch with the paper's mask from step 0 can stall, because with 1/N of the
+units active the FFN is too weak for the model to learn to use context (see
+BENCHMARKS.md, "Scaling Transformers: quality"). `dense_mix` blends the
+training mask with all units on, mask = dense_mix + (1 - dense_mix) * mask;
+`anneal_dense_mix` lowers it linearly from 1 to 0 over the warm-up steps, after
+which training is exactly the paper's. Eval always uses the arg-max mask.
+
 `SparseFFN` holds copies of dense FFN weights plus a controller: training runs
 the dense product with the controller's mask (so the controller learns),
 eval runs `torch.ops.sparsecc.sparse_ffn`, which reads only the chosen units.
@@ -31,7 +39,8 @@ from sparsecc.errors import LayoutError, UnsupportedError
 from sparsecc.ops.sparse_ffn import ACTIVATIONS, activation_fn, controller_logits
 from sparsecc.ops.sparse_ffn import sparse_ffn as _sparse_ffn_op  # noqa: F401  (registers the op)
 
-__all__ = ["ControllerInit", "SparseFFN", "SparseFFNController", "init_controller_from_activations"]
+__all__ = ["ControllerInit", "SparseFFN", "SparseFFNController", "anneal_dense_mix",
+           "init_controller_from_activations"]
 
 log = logging.getLogger("sparsecc.training.controller")
 
@@ -41,7 +50,8 @@ class SparseFFNController(nn.Module):
 
     Parameters: c1 (d_model, d_lowrank), c2 (d_lowrank, d_ff), bias (d_ff).
     `forward(x)` returns a mask (..., d_ff): one-hot per block at eval; in
-    training straight-through one-hot (probability st_prob) or softmax.
+    training straight-through one-hot (probability st_prob) or softmax, blended
+    with all-ones by `dense_mix` (0: the paper's training; see the module doc).
     """
 
     def __init__(self, d_model: int, d_ff: int, n: int = 32, d_lowrank: int = 64, *,
@@ -51,6 +61,7 @@ class SparseFFNController(nn.Module):
             raise LayoutError(f"SparseFFNController: block size n={n} must divide d_ff={d_ff}; pick a divisor")
         self.d_model, self.d_ff, self.n, self.d_lowrank = d_model, d_ff, n, d_lowrank
         self.temperature, self.st_prob = temperature, st_prob
+        self.dense_mix = 0.0  # training only: weight of the all-units mask (dense-to-sparse warm-up)
         self.c1 = nn.Parameter(torch.randn(d_model, d_lowrank) / math.sqrt(d_model))
         self.c2 = nn.Parameter(torch.randn(d_lowrank, d_ff) / math.sqrt(d_lowrank))
         self.bias = nn.Parameter(torch.zeros(d_ff))
@@ -83,7 +94,25 @@ class SparseFFNController(nn.Module):
             else:
                 self.last_mode = "soft"
                 mask = soft
+            if self.dense_mix:
+                mask = self.dense_mix + (1.0 - self.dense_mix) * mask
         return mask.reshape(*x.shape[:-1], self.d_ff)
+
+
+def anneal_dense_mix(model: nn.Module, step: int, warmup_steps: int) -> int:
+    """Set every `SparseFFNController` in `model` to dense_mix = max(0, 1 - step / warmup_steps).
+
+    Call once per training step (step counts from 0): the FFNs start dense and
+    reach the paper's sparse training at `warmup_steps` (0 disables the warm-up).
+    Returns how many controllers were set, so a caller can tell a model without any.
+    """
+    if warmup_steps < 0 or step < 0:
+        raise ValueError(f"anneal_dense_mix: step={step} and warmup_steps={warmup_steps} must be >= 0")
+    mix = max(0.0, 1.0 - step / warmup_steps) if warmup_steps else 0.0
+    controllers = [m for m in model.modules() if isinstance(m, SparseFFNController)]
+    for c in controllers:
+        c.dense_mix = mix
+    return len(controllers)
 
 
 class SparseFFN(nn.Module):
