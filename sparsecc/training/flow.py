@@ -218,7 +218,8 @@ def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Opti
     training batches (`calibrate_keep`; threshold gates only).
     hard_final: (threshold gates, not as released) calibrate at the start of the final phase, then
     freeze the gates and train the weights on their hard decisions, so the weights adapt to the
-    tokens inference will keep; as released, the soft gates drift open once the penalty is off.
+    tokens inference will keep; as released, the soft gates drift open once the penalty is off
+    (the longer the run, the further: prefer hard_final past a few hundred steps).
     Returns the model (in eval mode: the gather / scatter graph) and the per-step history.
     """
     gates: FlowGates = sm.flow_gates
