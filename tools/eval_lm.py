@@ -244,6 +244,8 @@ def main() -> None:
     if args.quick:
         args.d_model, args.layers, args.d_ff, args.steps, args.seq, args.eval_tokens = 64, 2, 256, 40, 64, 8192
         args.warmup = 5
+    if not 0.0 <= args.dense_warmup <= 1.0:
+        p.error(f"--dense-warmup: got {args.dense_warmup}; expected a fraction of the steps in [0, 1]")
     if args.threads:
         torch.set_num_threads(args.threads)
 
