@@ -428,3 +428,18 @@ def test_save_layout_png(tmp_path):
     save_layout_png(s, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["layouts.png"]
+
+
+def test_layout_at_density_bigbird_warns_when_its_structure_does_not_fit():
+    # 16 x 16 blocks: window 3 + one global block already keeps 74 of 256 tiles (0.29), so at
+    # density 0.083 only the block diagonal is left (the ListOps L=512, block 32 case).
+    with pytest.warns(UserWarning, match="no longer BigBird"):
+        lay = layout_at_density("bigbird", 512, 32, 0.083)
+    assert (lay.meta["window"], lay.meta["global_blocks"]) == (1, 0)
+    assert lay.mask.equal(torch.eye(16, dtype=torch.bool))
+    # At block 8 (64 x 64 blocks) the same density keeps window 3 and a global block, silently.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lay = layout_at_density("bigbird", 512, 8, 0.083)
+    assert lay.meta["window"] == 3 and lay.meta["global_blocks"] >= 1
+    assert abs(lay.density - 0.083) <= 0.5 / 64

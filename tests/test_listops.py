@@ -130,7 +130,7 @@ def test_sparse_padding_modes_agree_and_layouts_crop_to_shorter_batches():
     torch.manual_seed(0)
     ids, labels, lengths = _batch(n=4, seq_len=256, seed=5)
     model = ListOpsTransformer(max_len=256, dropout=0.0)
-    layout = layout_at_density("bigbird", 256, 32, 0.4)
+    layout = layout_at_density("bigbird", 256, 32, 0.55)  # window 3 + a global block on 8 x 8 blocks
     layouts = LayoutSet((n, layout.with_name(n)) for n in model.attention_names())
     model.set_layouts(layouts, sparse_padding="mask")
     mask_logits, mask_grads = _run(model, ids, labels)
@@ -171,3 +171,22 @@ def test_attention_maps_and_spion_cf_layouts():
     model.set_layouts(layouts)
     assert set(model.layouts) == set(maps)
     assert model(ids).shape == (3, 10)
+
+
+def test_eval_listops_bigbird_keeps_its_structure_at_spion_densities(monkeypatch):
+    # tools/eval_listops.py picks a finer BigBird block where window 3 + a global block do not fit.
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "tools" / "eval_listops.py"
+    spec = importlib.util.spec_from_file_location("eval_listops_under_test", path)
+    tool = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, tool)  # its dataclasses look their module up there
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the tool prepends tools/ and the repo root
+    spec.loader.exec_module(tool)
+    assert tool.bigbird_block_for(512, 32, 0.083) == 8    # 16 x 16 blocks: only the diagonal fits
+    assert tool.bigbird_block_for(2048, 64, 0.05) == 16   # the paper's ListOps setting, ~5 %
+    assert tool.bigbird_block_for(512, 32, 0.4) == 32     # fits at the requested block already
+    lay = layout_at_density("bigbird", 512, tool.bigbird_block_for(512, 32, 0.083), 0.083)
+    assert lay.meta["window"] == 3 and lay.meta["global_blocks"] == 1

@@ -17,7 +17,10 @@ Variants, all for the same number of optimizer steps S on the same batch sequenc
   spion_c   the same dense warm-up (shared: the dense warm-up is computed once and the run is
             branched at the switch), layouts from `spion_c` at SPION-CF's mean density.
   bigbird   block-sparse from step 0, one BigBird layout (window + global + random blocks) at
-            SPION-CF's mean density for every layer.
+            SPION-CF's mean density (or --bigbird-density) for every layer. Where window 3 and a
+            global block do not fit that density at --block (short sequences: 8 % of 16 x 16
+            blocks leaves only the diagonal), BigBird uses the largest finer block at which they
+            do (--bigbird-block to choose), so the baseline keeps BigBird's structure.
 The dense variant is also branched from the shared warm-up (it is its own first W steps), so
 the dense, SPION-CF and SPION-C runs are identical up to the switch.
 
@@ -46,6 +49,7 @@ import os
 import shlex
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -57,6 +61,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import machine_line, write_atomic  # noqa: E402
 
 from sparsecc.data_listops import LRA_MAX_LEN, LRA_MIN_LEN, ListOpsTransformer, listops_dataset  # noqa: E402
+from sparsecc.errors import LayoutError  # noqa: E402
 from sparsecc.layouts import (  # noqa: E402
     LayoutSet,
     SwitchCriterion,
@@ -199,7 +204,10 @@ def estimate_step_seconds(args, batches: Batches) -> tuple[float, float]:
     out = []
     for layouts in (None, "sparse"):
         if layouts:
-            lay = layout_at_density("bigbird", args.seq_len, args.block, min(1.0, max(0.08, 3.0 / (args.seq_len // args.block))))
+            with warnings.catch_warnings():  # a timing probe: its layout's shape does not matter
+                warnings.simplefilter("ignore")
+                lay = layout_at_density("bigbird", args.seq_len, args.block,
+                                        min(1.0, max(0.08, 3.0 / (args.seq_len // args.block))))
             probe.model.set_layouts(LayoutSet((n, lay.with_name(n)) for n in probe.model.attention_names()))
         times = []
         for i, s in enumerate(steps):
@@ -300,6 +308,12 @@ def parse_args(argv=None):
     p.add_argument("--switch-threshold", type=float, default=15.0, help="SwitchCriterion threshold in %%")
     p.add_argument("--check-every", type=int, default=None, help="steps between switch checks (default steps/20)")
     p.add_argument("--max-dense-frac", type=float, default=0.3, help="force the switch after this fraction of steps")
+    p.add_argument("--bigbird-block", type=int, default=None,
+                   help="BigBird's block size (default: the largest of block, block/2, ... at which window 3 + a "
+                        "global block fit the target density)")
+    p.add_argument("--bigbird-density", type=float, default=None,
+                   help="BigBird's target density (default: SPION-CF's mean density; set it to rerun BigBird alone "
+                        "at the density of an earlier SPION-CF run)")
     p.add_argument("--calib-batches", type=int, default=2, help="batches for the attention maps")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS}")
     p.add_argument("--engine", choices=("auto", "compile", "direct"), default="auto",
@@ -341,7 +355,30 @@ def parse_args(argv=None):
     return args
 
 
-def compiled_layouts(model: ListOpsTransformer, calib: list, args, method: str, info: dict, **spion_kw) -> LayoutSet:
+def bigbird_block_for(seq_len: int, block: int, density: float) -> int:
+    """The largest block size (block, block/2, ... down to 4) at which BigBird keeps its structure.
+
+    At SPION's densities on short sequences (e.g. 8 % of 16 x 16 blocks) a BigBird layout with
+    window 3 and a global block does not fit, and `layout_at_density` falls back to the bare block
+    diagonal: a local-attention baseline, not BigBird. Finer blocks keep window + global + random.
+    """
+    b = block
+    while b >= 4:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            try:
+                layout_at_density("bigbird", seq_len, b, density)
+                return b
+            except (UserWarning, LayoutError):
+                pass
+        if b % 2:
+            break
+        b //= 2
+    return block
+
+
+def compiled_layouts(model: ListOpsTransformer, calib: list, args, method: str, info: dict, block: int | None = None,
+                     **spion_kw) -> LayoutSet:
     """Layouts through sparsecc.compile(model, ..., recipe=Recipe(attention=Spion(...)), calibration=calib).
 
     Also checks the compiled (rewritten) model against the model's direct block-sparse path with the
@@ -351,7 +388,7 @@ def compiled_layouts(model: ListOpsTransformer, calib: list, args, method: str, 
 
     src = copy.deepcopy(model).eval()
     src.set_layouts(None)
-    recipe = sparsecc.Recipe(attention=sparsecc.Spion(method=method, block=args.block, **spion_kw), ffn=None)
+    recipe = sparsecc.Recipe(attention=sparsecc.Spion(method=method, block=block or args.block, **spion_kw), ffn=None)
     t = time.perf_counter()
     sm = sparsecc.compile(src, (calib[0],), recipe=recipe, calibration=[(b,) for b in calib])
     seconds = time.perf_counter() - t
@@ -493,12 +530,19 @@ def main(argv=None) -> int:
             density = LayoutSet((nm, spion_cf(A, block_size=args.block, quantile=args.quantile, name=nm))
                                 for nm, A in maps.items()).mean_density()
             info["notes"].append("BigBird density taken from SPION-CF layouts of the untrained model.")
+        if args.bigbird_density is not None:
+            density = args.bigbird_density
+        bb_block = args.bigbird_block or bigbird_block_for(args.seq_len, args.block, density)
         if args.engine == "compile":
             layouts["bigbird"] = compiled_layouts(new_run("BigBird", args).model, calib, args, "bigbird", info,
-                                                  density=density, seed=args.seed)
+                                                  block=bb_block, density=density, seed=args.seed)
         else:
-            bb = layout_at_density("bigbird", args.seq_len, args.block, density)
+            bb = layout_at_density("bigbird", args.seq_len, bb_block, density)
             layouts["bigbird"] = LayoutSet((nm, bb.with_name(nm)) for nm in ListOpsTransformer().attention_names())
+        first = next(iter(layouts["bigbird"].values()))
+        info["notes"].append(
+            f"BigBird layout: {first.name} at block {bb_block} (target density {density:.3f}"
+            f"{', --bigbird-density' if args.bigbird_density is not None else ''}), the same for every layer.")
 
     os.makedirs(args.png_dir, exist_ok=True)
     for name, ls in layouts.items():

@@ -12,6 +12,7 @@ comparisons at equal cost.
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
@@ -110,6 +111,11 @@ def bigbird(
     return BlockLayout(mask, block_size, causal, f"bigbird(w={window},g={global_blocks},r={random_blocks})", meta)
 
 
+def _bigbird_min_density(n: int, causal: bool) -> float:
+    """Density of the smallest layout with BigBird's structure: window 3 and one global block."""
+    return int(_bigbird_base(n, 3, 1, causal).sum()) / (n * n)
+
+
 def _density_range(n: int, causal: bool) -> tuple[float, float]:
     return 1.0 / n, int(_allowed(n, causal).sum()) / (n * n)
 
@@ -155,6 +161,8 @@ def layout_at_density(
     - "bigbird": random_blocks per row chosen for the nearest density, trying (window,
       global_blocks) = (3, 2), (3, 1), (1, 1), (1, 0) in this order and taking the first that
       comes within half a block per row (0.5 / n) of the target, else the nearest overall.
+      Below the density of window 3 + one global block the result is no longer BigBird-shaped,
+      and a UserWarning says so (use a smaller block_size there).
     - "random": exact up to rounding to whole tiles.
     Ties go to the smaller parameter. meta["density_target"] records the request.
     """
@@ -196,6 +204,14 @@ def layout_at_density(
                 best = (err, window, g, r)
         assert best is not None
         _, window, g, r = best
+        if window < 3 or g < 1:
+            warnings.warn(
+                f"bigbird at density {density:.4f} on {n}x{n} blocks of {block_size} cannot keep its window of 3 "
+                f"blocks and a global block (it would need density >= {_bigbird_min_density(n, causal):.4f}); "
+                f"falling back to window {window}, {g} global and {r} random blocks per row, which is no longer "
+                "BigBird's structure. Use a smaller block_size for a BigBird layout at this density.",
+                stacklevel=2,
+            )
         layout = bigbird(seq_len, block_size, window, g, r, seed, causal)
     else:
         raise LayoutError(f"unknown layout kind {kind!r}; use 'local', 'strided', 'bigbird' or 'random'")
