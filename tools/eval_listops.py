@@ -539,9 +539,10 @@ def main(argv=None) -> int:
         else:
             bb = layout_at_density("bigbird", args.seq_len, bb_block, density)
             layouts["bigbird"] = LayoutSet((nm, bb.with_name(nm)) for nm in ListOpsTransformer().attention_names())
-        first = next(iter(layouts["bigbird"].values()))
+        m = next(iter(layouts["bigbird"].values())).meta
         info["notes"].append(
-            f"BigBird layout: {first.name} at block {bb_block} (target density {density:.3f}"
+            f"BigBird layout: window {m['window']}, {m['global_blocks']} global and {m['random_blocks']} random "
+            f"blocks per row, block {bb_block} (target density {density:.3f}"
             f"{', --bigbird-density' if args.bigbird_density is not None else ''}), the same for every layer.")
 
     os.makedirs(args.png_dir, exist_ok=True)
