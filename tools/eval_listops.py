@@ -345,6 +345,10 @@ def parse_args(argv=None):
     bad = [v for v in args.variants if v not in VARIANTS]
     if bad:
         p.error(f"unknown variants {bad}; choose from {VARIANTS}")
+    if args.bigbird_density is not None and not 0.0 < args.bigbird_density <= 1.0:
+        p.error(f"--bigbird-density {args.bigbird_density} must be in (0, 1]")
+    if args.bigbird_block is not None and args.bigbird_block < 1:
+        p.error(f"--bigbird-block {args.bigbird_block} must be a positive int")
     if args.max_len > args.seq_len:
         p.error(f"--max-len {args.max_len} exceeds --seq-len {args.seq_len}")
     if args.engine == "auto":
@@ -524,31 +528,30 @@ def main(argv=None) -> int:
         density = None
 
     if "bigbird" in args.variants:
-        if density is None:  # bigbird alone: calibrate a SPION-CF density on an untrained model
+        bb_density = args.bigbird_density if args.bigbird_density is not None else density
+        if bb_density is None:  # bigbird alone: calibrate a SPION-CF density on an untrained model
             probe = new_run("probe", args)
             maps = probe.model.attention_maps(calib)
-            density = LayoutSet((nm, spion_cf(A, block_size=args.block, quantile=args.quantile, name=nm))
-                                for nm, A in maps.items()).mean_density()
+            bb_density = LayoutSet((nm, spion_cf(A, block_size=args.block, quantile=args.quantile, name=nm))
+                                   for nm, A in maps.items()).mean_density()
             info["notes"].append("BigBird density taken from SPION-CF layouts of the untrained model.")
-        if args.bigbird_density is not None:
-            density = args.bigbird_density
-        bb_block = args.bigbird_block or bigbird_block_for(args.seq_len, args.block, density)
+        bb_block = args.bigbird_block or bigbird_block_for(args.seq_len, args.block, bb_density)
         if args.engine == "compile":
             layouts["bigbird"] = compiled_layouts(new_run("BigBird", args).model, calib, args, "bigbird", info,
-                                                  block=bb_block, density=density, seed=args.seed)
+                                                  block=bb_block, density=bb_density, seed=args.seed)
         else:
-            bb = layout_at_density("bigbird", args.seq_len, bb_block, density)
+            bb = layout_at_density("bigbird", args.seq_len, bb_block, bb_density)
             layouts["bigbird"] = LayoutSet((nm, bb.with_name(nm)) for nm in ListOpsTransformer().attention_names())
         m = next(iter(layouts["bigbird"].values())).meta
         info["notes"].append(
             f"BigBird layout: window {m['window']}, {m['global_blocks']} global and {m['random_blocks']} random "
-            f"blocks per row, block {bb_block} (target density {density:.3f}"
+            f"blocks per row, block {bb_block} (target density {bb_density:.3f}"
             f"{', --bigbird-density' if args.bigbird_density is not None else ''}), the same for every layer.")
 
     os.makedirs(args.png_dir, exist_ok=True)
     for name, ls in layouts.items():
         path = os.path.join(args.png_dir, f"{name}.png")
-        save_layout_png(ls, path, title=f"ListOps {name} (L={args.seq_len}, block {args.block})")
+        save_layout_png(ls, path, title=f"ListOps {name} (L={args.seq_len}, block {next(iter(ls.values())).block_size})")
         ls.save_dir(os.path.join(args.png_dir, name))
     if layouts:
         info["notes"].append(f"Layout PNGs and LayoutSet directories: {args.png_dir}/")
