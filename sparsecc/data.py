@@ -6,9 +6,14 @@ for calibration and held-out evaluation.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import inspect
+import io
 import re
+import sys
+import warnings
 
 MODULES = ("json", "os", "os.path", "collections", "itertools", "functools", "textwrap", "string", "re",
            "pathlib", "shutil", "subprocess", "argparse", "logging", "datetime", "calendar", "heapq",
@@ -36,21 +41,71 @@ def _docstrings():
                 yield inspect.getdoc(obj) or ""
 
 
-def stdlib_paragraphs(min_words: int = 8) -> list[str]:
-    """Docstring paragraphs of prose (code examples and signatures left out), in a fixed order."""
-    out, seen = [], set()
-    for doc in _docstrings():
-        for para in re.split(r"\n\s*\n", doc):
-            text = " ".join(para.split())
-            words = text.split()
-            if len(words) < min_words or text in seen or ">>>" in text or text.count("(") > 3:
-                continue
-            letters = sum(c.isalpha() or c == " " for c in text)
-            if letters < 0.85 * len(text):
-                continue
-            seen.add(text)
+def _prose(doc: str, min_words: int = 8) -> list[str]:
+    """Prose paragraphs of a docstring: code examples, signatures and symbol-heavy text left out."""
+    out = []
+    for para in re.split(r"\n\s*\n", doc):
+        text = " ".join(para.split())
+        if (len(text.split()) >= min_words and ">>>" not in text and text.count("(") <= 3
+                and sum(c.isalpha() or c == " " for c in text) >= 0.85 * len(text)):
             out.append(text)
     return out
+
+
+def stdlib_paragraphs(min_words: int = 8) -> list[str]:
+    """Docstring paragraphs of prose of `MODULES` (module, public functions and classes), in a fixed order."""
+    out, seen = [], set()
+    for doc in _docstrings():
+        for text in _prose(doc, min_words):
+            if text not in seen:
+                seen.add(text)
+                out.append(text)
+    return out
+
+
+_SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3", "ensurepip", "venv",
+         "pydoc_data", "test"}  # side effects on import, GUI, or test data
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_corpus() -> tuple[str, ...]:
+    paras = stdlib_paragraphs()
+    seen = set(paras)
+    for name in sorted(sys.stdlib_module_names):
+        if name.startswith("_") or name in _SKIP:
+            continue
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                    warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                module = importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - missing on this platform
+            continue
+        docs = [inspect.getdoc(module) or ""]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for attr in sorted(vars(module)):
+                obj = getattr(module, attr, None)
+                if attr.startswith("_") or getattr(obj, "__module__", "") != name:
+                    continue
+                if inspect.isfunction(obj) or inspect.isclass(obj):
+                    docs.append(inspect.getdoc(obj) or "")
+                if inspect.isclass(obj):
+                    docs += [inspect.getdoc(getattr(obj, m)) or "" for m in sorted(vars(obj))
+                             if not m.startswith("_") and inspect.isfunction(getattr(obj, m, None))]
+        for doc in docs:
+            for text in _prose(doc):
+                if text not in seen:
+                    seen.add(text)
+                    paras.append(text)
+    return tuple(paras)
+
+
+def stdlib_corpus() -> list[str]:
+    """`stdlib_paragraphs()` followed by the other prose paragraphs of every importable standard-library
+    module (module, public functions, classes and their methods; sorted by module name): about twice
+    the curated set, deterministic for a Python version. Imports those modules (once per process)."""
+    return list(_stdlib_corpus())
 
 
 def stdlib_sentences(n: int = 64, offset: int = 0) -> list[str]:

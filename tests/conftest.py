@@ -17,3 +17,21 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, tor
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def load_tool(monkeypatch):
+    """load_tool("eval_listops") -> the module tools/eval_listops.py, imported for this test only."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    def load(name: str):
+        path = pathlib.Path(__file__).resolve().parent.parent / "tools" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"{name}_under_test", path)
+        tool = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, spec.name, tool)  # dataclasses look their module up there
+        monkeypatch.setattr(sys, "path", list(sys.path))  # tools prepend tools/ and the repo root
+        spec.loader.exec_module(tool)
+        return tool
+    return load

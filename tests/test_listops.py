@@ -173,18 +173,9 @@ def test_attention_maps_and_spion_cf_layouts():
     assert model(ids).shape == (3, 10)
 
 
-def test_eval_listops_bigbird_keeps_its_structure_at_spion_densities(monkeypatch):
+def test_eval_listops_bigbird_keeps_its_structure_at_spion_densities(load_tool):
     # tools/eval_listops.py picks a finer BigBird block where window 3 + a global block do not fit.
-    import importlib.util
-    import pathlib
-    import sys
-
-    path = pathlib.Path(__file__).resolve().parent.parent / "tools" / "eval_listops.py"
-    spec = importlib.util.spec_from_file_location("eval_listops_under_test", path)
-    tool = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, tool)  # its dataclasses look their module up there
-    monkeypatch.setattr(sys, "path", list(sys.path))  # the tool prepends tools/ and the repo root
-    spec.loader.exec_module(tool)
+    tool = load_tool("eval_listops")
     assert tool.bigbird_block_for(512, 32, 0.083) == 8    # 16 x 16 blocks: only the diagonal fits
     assert tool.bigbird_block_for(2048, 64, 0.05) == 16   # the paper's ListOps setting, ~5 %
     assert tool.bigbird_block_for(512, 32, 0.4) == 32     # fits at the requested block already

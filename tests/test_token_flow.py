@@ -299,3 +299,52 @@ def test_onnx_runtime_matches_pytorch():
             got = _hidden(sm(ids))
             assert (ref - got).abs().max() <= 1e-4
             assert (ref - _hidden(_run(model, (ids,)))).abs().max() > 1e-3  # tokens were skipped
+
+
+def test_minilm_benchmark_never_trains_on_its_held_out_text(load_tool):
+    # tools/bench_flow_minilm.py: the held-out paragraphs are the same with either training corpus,
+    # none of them is trained on, and the stdlib corpus adds only new paragraphs.
+    from sparsecc.data import stdlib_corpus, stdlib_paragraphs
+    tool = load_tool("bench_flow_minilm")
+    curated, corpus = stdlib_paragraphs(), stdlib_corpus()
+    assert corpus[:len(curated)] == curated and len(set(corpus)) == len(corpus)
+    assert len(corpus) > 1.5 * len(curated)
+    train_c, held_c = tool.split_paragraphs(corpus="curated")
+    train_s, held_s = tool.split_paragraphs(corpus="stdlib")
+    assert held_c == held_s and len(held_c) == len(curated) - int(0.7 * len(curated))
+    assert sorted(train_c + held_c) == sorted(curated)
+    assert not set(held_s) & set(train_s)
+    assert len(train_s) == len(train_c) + len(corpus) - len(curated)
+
+
+def test_keep_threshold_hand_computed():
+    from sparsecc.training.flow_gates import keep_threshold
+    logits = torch.tensor([[9.0, 1.0, 4.0, 3.0, 2.0, -5.0]])
+    valid = torch.tensor([[True, True, True, True, True, False]])
+    pinned = torch.tensor([[True, False, False, False, False, False]])
+    # keep 0.6 of 5 valid = 3 tokens: the pinned one and 2 of the 4 free (4.0, 3.0): threshold the median 2.5
+    assert keep_threshold(logits, valid, pinned, 0.6) == pytest.approx(2.5)
+    assert keep_threshold(logits, valid, pinned, 1.0) == pytest.approx(0.0)  # every free token: min - 1
+    assert keep_threshold(logits, valid, pinned, 0.2) == pytest.approx(5.0)  # the pinned one is enough: max + 1
+    assert keep_threshold(logits, valid & ~valid, pinned, 0.5) == 0.0  # nothing valid
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.0])
+def test_hard_training_tracks_the_kept_fraction(rate):
+    # content scores move while the weights train: track_keep moves the threshold back to the target
+    from sparsecc.training.flow_gates import FlowGates
+    gates = FlowGates(sparsecc.TokenFlow(gate="content", keep=0.25), [(0, 4)], [4]).train()
+    with torch.no_grad():
+        gates.scorers[0].weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+        gates.scorers[0].bias.zero_()
+    gates.hard_training, gates.track_keep = True, rate
+    h = torch.zeros(2, 8, 4)
+    h[:, :, 0] = torch.arange(8.0)  # scores 0..7: every free token but position 0 has logit > 0
+    first = gates(h, h, None, segment=0, mode="gate")
+    assert float(first.sum()) == 2 * 8  # 1..7 kept (> 0) and the pinned position 0
+    second = gates(h, h, None, segment=0, mode="gate")
+    if rate == 0.0:
+        assert float(gates.shift[0]) == 0.0 and torch.equal(first, second)
+    else:  # 2 of 8 per row: the pinned CLS and 1/7 of the free scores 1..7 (quantile 6/7: 6 + 1/7)
+        assert float(gates.shift[0]) == pytest.approx(-(6 + 1 / 7))
+        assert second[:, 0].all() and second[:, 7].all() and float(second.sum()) == 4

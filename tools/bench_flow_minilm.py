@@ -7,7 +7,8 @@ No labels are available offline, so every variant is trained by distillation to 
 token states and mean-pooled sentence embeddings (sparsecc.training.flow.fit_flow: the flowed
 model's weights at 2e-5, its gates at 0.1, sparsity penalty and mixture balance, last 10 % of the
 steps without them, thresholds calibrated to the target on the training batches) on standard-library
-docstrings; a fixed random 70 / 30 split of the paragraphs keeps held-out text for evaluation.
+docstrings; a fixed random 70 / 30 split of the curated modules' paragraphs keeps held-out text for
+evaluation; with --corpus stdlib the other modules' docstrings add training text.
 Training batches mix natural paragraphs (padded, up to 128 tokens) and packed text of the benchmark
 lengths. Variants, all at the same target kept fraction and training budget:
 
@@ -60,13 +61,19 @@ def _pooled(hidden, mask):
 
 
 # ------------------------------------------------------------------ data
-def split_paragraphs(seed: int = 0, train_fraction: float = 0.7):
-    from sparsecc.data import stdlib_paragraphs
+def split_paragraphs(seed: int = 0, train_fraction: float = 0.7, corpus: str = "curated"):
+    """(train, held-out) paragraphs: a fixed random split of `stdlib_paragraphs()`; with corpus="stdlib"
+    the training part also gets every other paragraph of `stdlib_corpus()` (the held-out part is the
+    same either way, and none of its paragraphs is trained on)."""
+    from sparsecc.data import stdlib_corpus, stdlib_paragraphs
     paras = stdlib_paragraphs()
     order = list(range(len(paras)))
     random.Random(seed).shuffle(order)
     cut = int(train_fraction * len(order))
-    return [paras[i] for i in order[:cut]], [paras[i] for i in order[cut:]]
+    train, held = [paras[i] for i in order[:cut]], [paras[i] for i in order[cut:]]
+    if corpus == "stdlib":
+        train += stdlib_corpus()[len(paras):]
+    return train, held
 
 
 def natural_batches(tokenizer, texts, batch, max_length=128):
@@ -182,6 +189,15 @@ def main() -> None:
     parser.add_argument("--gate-lr", type=float, default=0.1, help="gates' learning rate (released: 0.1)")
     parser.add_argument("--hard-final", action="store_true",
                         help="train the final phase on the calibrated hard decisions (fit_flow hard_final)")
+    parser.add_argument("--final-fraction", type=float, default=0.1,
+                        help="fraction of the steps in the final, penalty-free phase (released: 0.1)")
+    parser.add_argument("--token-weight", type=float, default=0.5,
+                        help="weight of the token-state cosine next to the sentence-embedding cosine in the "
+                             "distillation loss (embedding_distill)")
+    parser.add_argument("--corpus", choices=["curated", "stdlib"], default="curated",
+                        help="training text: every stdlib module's docstrings (stdlib_corpus) or only the curated "
+                             "modules' (stdlib_paragraphs); the held-out text is the same")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
@@ -191,6 +207,10 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="replace the SparseFlow section of BENCHMARKS.md")
     parser.add_argument("--out", help="also write the section to this file")
     args = parser.parse_args()
+    if not 0.0 <= args.final_fraction < 1.0:
+        parser.error(f"--final-fraction must be in [0, 1), got {args.final_fraction}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
 
@@ -205,7 +225,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval()
     d, f = model.config.hidden_size, model.config.intermediate_size
-    train_text, held_text = split_paragraphs()
+    train_text, held_text = split_paragraphs(corpus=args.corpus)
 
     # training mix: natural paragraphs, and packed text of every benchmark length (positions up to max L)
     train = natural_batches(tokenizer, train_text, args.train_batch)
@@ -230,8 +250,9 @@ def main() -> None:
         sm = sparsecc.compile(model, example, recipe=sparsecc.Recipe(flow=cfg), check=False)
         t0 = time.time()
         fit_flow(sm, train, teacher=model, steps=args.steps, progress=True, lr=args.lr, gate_lr=args.gate_lr,
-                 hard_final=args.hard_final,
-                 distill=lambda s, t, b: embedding_distill(_hidden(s), _hidden(t), b["attention_mask"], 0.5))
+                 hard_final=args.hard_final, final_fraction=args.final_fraction,
+                 distill=lambda s, t, b: embedding_distill(_hidden(s), _hidden(t), b["attention_mask"],
+                                                           args.token_weight))
         train_s = time.time() - t0
         cos = torch.nn.functional.cosine_similarity(ref_c, embed(sm, eval_batches), dim=-1)
         ov = overlap_at_10(ref_q, ref_c, embed(sm, query_batches), embed(sm, eval_batches))
@@ -247,7 +268,7 @@ def main() -> None:
         lat_rows.append((L, t))
         print(f"L={L}: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in t.items()), flush=True)
 
-    text = render(args, rows, lat_rows, machine_line(), time.time() - started)
+    text = render(args, rows, lat_rows, machine_line(), time.time() - started, train_text)
     print(text)
     if args.out:
         write_atomic(args.out, text + "\n")
@@ -256,11 +277,14 @@ def main() -> None:
                       text)
 
 
-def render(args, rows, lat_rows, machine: str, seconds: float) -> str:
+def render(args, rows, lat_rows, machine: str, seconds: float, train_text: list) -> str:
     cmd = "python tools/bench_flow_minilm.py " + " ".join(sys.argv[1:])
     lines = [HEADER, "", f"Command: `{cmd.strip()}` ({seconds / 60:.0f} min in all).", "",
              f"all-MiniLM-L6-v2 (pretrained), target keep {args.keep}, {args.steps} distillation steps per variant "
-             f"(model lr {args.lr:g}, gate lr {args.gate_lr:g}{', hard final phase' if args.hard_final else ''}). "
+             f"on {len(train_text)} training paragraphs ({args.corpus}) "
+             f"(model lr {args.lr:g}, gate lr {args.gate_lr:g}, token weight {args.token_weight:g}, "
+             f"final phase {args.final_fraction:g} of the steps"
+             f"{', on hard decisions' if args.hard_final else ''}). "
              "Held-out text: "
              f"{args.eval_paragraphs} paragraphs (cosine, FLOPs), {args.queries} queries (first half of a paragraph) "
              "against them (top-10 overlap).", "",

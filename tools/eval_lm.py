@@ -2,7 +2,7 @@
 
 Three decoder LMs (`sparsecc.nn.CausalLM`, vocabulary 256 bytes) are trained
 from scratch on real English text (standard-library docstrings,
-`sparsecc.data.stdlib_paragraphs`; the last --val-fraction of the text is held
+`sparsecc.data.stdlib_corpus`; the last --val-fraction of the text is held
 out) and compared by validation perplexity per byte:
 
   dense            dense Q/K/V, dense FFN
@@ -29,16 +29,10 @@ Example:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import importlib
-import inspect
-import io
 import math
-import re
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -48,65 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine_line, write_atomic  # noqa: E402
-from sparsecc.data import stdlib_paragraphs  # noqa: E402
+from sparsecc.data import stdlib_corpus  # noqa: E402
 from sparsecc.nn import QKV_OUTPUTS, CausalLM, DecoderConfig, count_parameters  # noqa: E402
 from sparsecc.training.controller import SparseFFNController, anneal_dense_mix  # noqa: E402
 
 
-_SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3", "ensurepip", "venv",
-         "pydoc_data", "test"}  # side effects on import, GUI, or test data
-
-
-def _paragraphs(doc: str) -> list[str]:
-    """Prose paragraphs of a docstring, with `stdlib_paragraphs`' filters."""
-    out = []
-    for para in re.split(r"\n\s*\n", doc):
-        text = " ".join(para.split())
-        if (len(text.split()) >= 8 and ">>>" not in text and text.count("(") <= 3
-                and sum(c.isalpha() or c == " " for c in text) >= 0.85 * len(text)):
-            out.append(text)
-    return out
-
-
-def corpus() -> list[str]:
-    """`stdlib_paragraphs()` followed by the other prose paragraphs of every importable standard-library
-    module (module, public functions, classes and their methods; sorted by module name): ~0.47 MB,
-    twice the curated set, deterministic for a Python version."""
-    paras = stdlib_paragraphs()
-    seen = set(paras)
-    for name in sorted(sys.stdlib_module_names):
-        if name.startswith("_") or name in _SKIP:
-            continue
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
-                    warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                module = importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - missing on this platform
-            continue
-        docs = [inspect.getdoc(module) or ""]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for attr in sorted(vars(module)):
-                obj = getattr(module, attr, None)
-                if attr.startswith("_") or getattr(obj, "__module__", "") != name:
-                    continue
-                if inspect.isfunction(obj) or inspect.isclass(obj):
-                    docs.append(inspect.getdoc(obj) or "")
-                if inspect.isclass(obj):
-                    docs += [inspect.getdoc(getattr(obj, m)) or "" for m in sorted(vars(obj))
-                             if not m.startswith("_") and inspect.isfunction(getattr(obj, m, None))]
-        for doc in docs:
-            for text in _paragraphs(doc):
-                if text not in seen:
-                    seen.add(text)
-                    paras.append(text)
-    return paras
-
-
 def load_bytes(val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, validation) byte tensors: the corpus joined by newlines, the last val_fraction held out."""
-    data = torch.frombuffer(bytearray("\n".join(corpus()).encode()), dtype=torch.uint8)
+    data = torch.frombuffer(bytearray("\n".join(stdlib_corpus()).encode()), dtype=torch.uint8)
     cut = int(len(data) * (1 - val_fraction))
     return data[:cut].long(), data[cut:].long()
 

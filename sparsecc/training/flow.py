@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from sparsecc.capture import normalize_inputs
-from sparsecc.training.flow_gates import FlowGates
+from sparsecc.training.flow_gates import FlowGates, keep_threshold
 
 log = logging.getLogger("sparsecc.training.flow")
 
@@ -167,17 +167,7 @@ def calibrate_keep(sm: nn.Module, batches: Iterable[Any], keep: Optional[float] 
             pinned = torch.cat([torch.zeros_like(lg, dtype=torch.bool).index_fill_(1, torch.tensor([0]),
                                                                                  gates.pin_first).flatten()
                                 for lg, _ in rows]) & valid
-            free = logits[valid & ~pinned]
-            if free.numel() == 0:
-                continue
-            want = (keep * int(valid.sum()) - int(pinned.sum())) / free.numel()
-            want = min(max(want, 0.0), 1.0)
-            if want >= 1.0:
-                threshold = float(free.min()) - 1.0
-            elif want <= 0.0:
-                threshold = float(free.max()) + 1.0
-            else:
-                threshold = float(torch.quantile(free.double(), 1.0 - want))
+            threshold = keep_threshold(logits, valid, pinned, keep)
             gates.shift[seg] -= threshold
             shifts[seg] = float(gates.shift[seg])
     finally:
@@ -207,7 +197,7 @@ def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Opti
              inputs_of: Callable[[Any], Any] = lambda batch: batch, lr: float = 2e-5, gate_lr: float = 0.1,
              penalty: float = 1.0, balance: float = 0.1, final_fraction: float = 0.1, weight_decay: float = 0.0,
              train_model: bool = True, teacher_cache: bool = True, calibrate: bool = True,
-             hard_final: bool = False, progress: bool = True) -> FlowFitResult:
+             hard_final: bool = False, track_keep: float = 0.1, progress: bool = True) -> FlowFitResult:
     """Train the gates (and, with train_model, the weights) of a token-flow `FlowSparseModel` in place.
 
     batches: an iterable (cycled) of batches; inputs_of(batch) -> the model inputs (a dict of keyword
@@ -220,6 +210,9 @@ def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Opti
     freeze the gates and train the weights on their hard decisions, so the weights adapt to the
     tokens inference will keep; as released, the soft gates drift open once the penalty is off
     (the longer the run, the further: prefer hard_final past a few hundred steps).
+    track_keep: in the hard final phase, each step moves every threshold this fraction of the way to
+    the one that keeps the target on the batch: content scores move as the weights train, and with
+    frozen thresholds the kept fraction drifts away from the target (0 freezes them).
     Returns the model (in eval mode: the gather / scatter graph) and the per-step history.
     """
     gates: FlowGates = sm.flow_gates
@@ -254,6 +247,7 @@ def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Opti
                 calibrate_keep(sm, seen, inputs_of=inputs_of)
                 sm.train()
                 gates.hard_training = True
+                gates.track_keep = track_keep
                 opt.param_groups[0]["lr"] = 0.0  # the gates stay as calibrated; the weights adapt to them
             batch = next(stream)
             if len(seen) < 64 and all(b is not batch for b in seen):
@@ -298,6 +292,7 @@ def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Opti
         gates.last_gates.clear()
         gates.last_mix.clear()
         gates.hard_training = False
+        gates.track_keep = 0.0
         sm.eval()
     if calibrate:
         result.shifts = calibrate_keep(sm, seen, inputs_of=inputs_of)

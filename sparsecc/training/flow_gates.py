@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FlowGates", "gumbel_sigmoid", "hard_straight_through"]
+__all__ = ["FlowGates", "gumbel_sigmoid", "hard_straight_through", "keep_threshold"]
 
 
 def gumbel_sigmoid(logits: Tensor, temperature: float = 0.33, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -47,6 +47,20 @@ def gumbel_sigmoid(logits: Tensor, temperature: float = 0.33, generator: Optiona
 def hard_straight_through(hard: Tensor, soft: Tensor) -> Tensor:
     """Forward `hard` (0/1), backward the gradient of `soft`."""
     return hard.to(soft.dtype) + soft - soft.detach()
+
+
+def keep_threshold(logits: Tensor, valid: Tensor, pinned: Tensor, keep: float) -> float:
+    """The logit threshold above which `keep` of the valid tokens are kept, counting the pinned ones
+    (kept anyway) towards it. All arguments of one shape; valid / pinned bool. 0.0 when nothing is free."""
+    free = logits[valid & ~pinned]
+    if free.numel() == 0:
+        return 0.0
+    want = (keep * int(valid.sum()) - int((pinned & valid).sum())) / free.numel()
+    if want >= 1.0:
+        return float(free.min()) - 1.0
+    if want <= 0.0:
+        return float(free.max()) + 1.0
+    return float(torch.quantile(free.double(), 1.0 - want))
 
 
 def _rank_desc(scores: Tensor) -> Tensor:
@@ -102,6 +116,10 @@ class FlowGates(nn.Module):
         self.last_mix: dict = {}  # stack -> mixture weights [B, n_mix] of the last "gate" forward
         self.recording = False  # when True, "keep" forwards store (kept, valid, all) counts in `kept_counts`
         self.hard_training = False  # when True, training "gate" forwards use the hard decision (straight-through)
+        # with hard_training (threshold gates): each training forward moves the segment's shift this fraction of
+        # the way to the threshold that keeps `keep_target` of the batch, so the kept fraction stays on target
+        # while the weights (and so content scores) change; 0 leaves the shifts alone
+        self.track_keep = 0.0
         self.kept_counts: dict = {}
 
     # ------------------------------------------------------------------ logits
@@ -161,6 +179,8 @@ class FlowGates(nn.Module):
         soft = torch.sigmoid(logits / self.temperature)
         if self.select == "topk" or not self.training or self.hard_training:
             gates = hard_straight_through(self._decide(logits, valid), soft)
+            if self.training and self.hard_training and self.track_keep > 0 and self.select == "threshold":
+                self._track(logits.detach(), valid, segment)
         else:
             gates = gumbel_sigmoid(logits, self.temperature)
             if self.pin_first:
@@ -171,6 +191,13 @@ class FlowGates(nn.Module):
         if mix is not None:
             self.last_mix[self.stacks[segment]] = mix
         return gates
+
+    def _track(self, logits: Tensor, valid: Optional[Tensor], segment: int) -> None:
+        valid_ = torch.ones_like(logits, dtype=torch.bool) if valid is None else valid
+        pinned = torch.zeros_like(valid_)
+        pinned[:, 0] = self.pin_first
+        with torch.no_grad():
+            self.shift[segment] -= self.track_keep * keep_threshold(logits, valid_, pinned, self.keep_target)
 
     def extra_repr(self) -> str:
         return (f"gate={self.kind}, segments={self.n_segments}, select={self.select}, keep={self.keep_target}, "
