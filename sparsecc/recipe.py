@@ -244,7 +244,9 @@ class TokenFlow:
     gate: "released" (the authors' per-position logit tables mixed by a router over the mean input
     embedding), "content" (a linear score of each token's hidden state; the choice for causal
     decoders), or "random" (a fixed random table: a baseline).
-    keep: target kept fraction (sparsity-penalty target in training; the capacity of select="topk").
+    keep: target kept fraction (sparsity-penalty target in training; the capacity of select="topk"):
+    one number for every flowed block, or one per block in model order (e.g. (0.3, 0.4, 0.4, 0.5, 0.6,
+    0.8): same mean, same FLOPs with kv="all", more tokens through the later layers).
     scope: "layer" (attention and FFN of a layer share one gate, as released) or "ffn" (FFN only).
     kv: "all" (kept tokens attend to every token's keys and values, as released) or "kept".
     select: "threshold" (gate > 0.5) or "topk" (the ceil(keep * tokens) best of each example).
@@ -253,7 +255,7 @@ class TokenFlow:
 
     kind: typing.ClassVar[str] = "token_flow"
     gate: str = "released"
-    keep: float = 0.5
+    keep: typing.Union[float, tuple[float, ...]] = 0.5
     scope: str = "layer"
     kv: str = "all"
     select: str = "threshold"
@@ -268,8 +270,13 @@ class TokenFlow:
         for name, allowed in FLOW_CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise RecipeError(f"recipe.flow.{name}: got {getattr(self, name)!r}; allowed: {list(allowed)}")
-        if not (isinstance(self.keep, (int, float)) and 0.0 < self.keep <= 1.0):
-            raise RecipeError(f"recipe.flow.keep: got {self.keep!r}; expected 0 < keep <= 1 (e.g. 0.5)")
+        keeps = self.keep if isinstance(self.keep, (tuple, list)) else (self.keep,)
+        if not keeps or not all(isinstance(k, (int, float)) and not isinstance(k, bool) and 0.0 < k <= 1.0
+                                for k in keeps):
+            raise RecipeError(f"recipe.flow.keep: got {self.keep!r}; expected 0 < keep <= 1 (e.g. 0.5), or a list of "
+                              "such numbers, one per flowed block")
+        if isinstance(self.keep, list):
+            object.__setattr__(self, "keep", tuple(self.keep))  # hashable, like the rest of the frozen config
         if not (isinstance(self.n_mix, int) and self.n_mix >= 1):
             raise RecipeError(f"recipe.flow.n_mix: got {self.n_mix!r}; expected an int >= 1 (released: 3)")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):

@@ -226,6 +226,10 @@ def test_recipe_file_and_validation(tmp_path):
         sparsecc.TokenFlow(keep=1.5)
     with pytest.raises(RecipeError, match=r"recipe.flow.kv: got 'none'"):
         sparsecc.Recipe.from_dict({"flow": {"kind": "token_flow", "kv": "none"}})
+    (tmp_path / "p.toml").write_text('[flow]\nkind = "token_flow"\nkeep = [0.25, 0.75]\n')  # one per block
+    assert sparsecc.Recipe.load(str(tmp_path / "p.toml")).flow == sparsecc.TokenFlow(keep=(0.25, 0.75))
+    with pytest.raises(RecipeError, match=r"recipe.flow.keep: got 'half' \(str\)"):
+        sparsecc.Recipe.from_dict({"flow": {"kind": "token_flow", "keep": "half"}})
 
 
 def test_training_graph_soft_gates_and_user_model_untouched():
@@ -348,3 +352,34 @@ def test_hard_training_tracks_the_kept_fraction(rate):
     else:  # 2 of 8 per row: the pinned CLS and 1/7 of the free scores 1..7 (quantile 6/7: 6 + 1/7)
         assert float(gates.shift[0]) == pytest.approx(-(6 + 1 / 7))
         assert second[:, 0].all() and second[:, 7].all() and float(second.sum()) == 4
+
+
+def test_keep_per_layer():
+    # one target per flowed block: the penalty, the calibration and top-k capacities use each block's own
+    from sparsecc.training.flow import fit_flow, sparsity_penalty
+    model, inputs = T.bert()
+    n = len(sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(flow=sparsecc.TokenFlow())).flow_gates.keep_targets)
+    keeps = [0.25 + 0.5 * i / max(n - 1, 1) for i in range(n)]  # 0.25 ... 0.75
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(0, T.VOCAB, (4, 16), generator=g),
+                "attention_mask": torch.ones(4, 16, dtype=torch.long)} for _ in range(3)]
+    for select in ("threshold", "topk"):
+        recipe = sparsecc.Recipe(flow=sparsecc.TokenFlow(gate="content", keep=list(keeps), select=select))
+        sm = sparsecc.compile(model, inputs, recipe=recipe)
+        assert sm.flow_gates.keep_targets == keeps and sm.flow_gates.keep_target == pytest.approx(0.5)
+        fit_flow(sm, batches, teacher=model, steps=4, progress=False)
+        fractions = sm.measure_flow(batches)
+        for (seg, got), want in zip(sorted(fractions.items()), keeps):
+            # threshold: calibrated on these batches (ties aside); top-k: ceil(keep * 16) of 16 per example
+            assert got == pytest.approx(math.ceil(want * 16) / 16 if select == "topk" else want, abs=1 / 16)
+    gates = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(flow=sparsecc.TokenFlow(keep=keeps))).flow_gates
+    gates.last_gates = {s: (torch.full((2, 8), k), None) for s, k in enumerate(keeps)}
+    assert float(sparsity_penalty(gates)) == pytest.approx(0.0, abs=1e-12)  # every block at its own target
+    gates.last_gates = {s: (torch.full((2, 8), 0.5), None) for s in range(n)}
+    want = sum((s + 1) * (0.5 - k) ** 2 for s, k in enumerate(keeps))  # one stack: layer numbers 1..n
+    assert float(sparsity_penalty(gates)) == pytest.approx(want)
+    assert float(sparsity_penalty(gates, target=0.5)) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(RecipeError, match=rf"recipe.flow.keep: got {n + 1} kept fractions .* has {n} flowed blocks"):
+        sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(flow=sparsecc.TokenFlow(keep=[0.5] * (n + 1))))
+    with pytest.raises(RecipeError, match=r"recipe.flow.keep: got \[0.5, 1.5\]"):
+        sparsecc.TokenFlow(keep=[0.5, 1.5])

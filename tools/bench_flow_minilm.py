@@ -148,9 +148,10 @@ def flops(sm, batches, cfg, d: int, f: int, n_mix: int = 3) -> dict:
         n = valid.sum(1).double()
         for seg, k in sorted(keep.items()):
             kk = (k & valid).sum(1).double()
+            target = cfg.keep[seg] if isinstance(cfg.keep, tuple) else cfg.keep
             for ni, ki in zip(n.tolist(), kk.tolist()):
                 dl, fl = layer_flops(ni, ki, d, f, cfg.kv)
-                _, lim = layer_flops(ni, cfg.keep * ni, d, f, cfg.kv)
+                _, lim = layer_flops(ni, target * ni, d, f, cfg.kv)
                 gate = 2 * ni * d if cfg.gate == "content" else (2 * ni * n_mix + ni * d if cfg.gate == "released" else 0)
                 dense, flowed, limit = dense + dl, flowed + fl + gate, limit + lim
             kk_sum, n_sum = kept_per_layer.get(seg, (0.0, 0.0))
@@ -182,7 +183,8 @@ def latency(models: dict, inputs: dict, repeats: int) -> dict:
 # ------------------------------------------------------------------ main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--keep", type=float, default=0.5)
+    parser.add_argument("--keep", type=float, nargs="+", default=[0.5],
+                        help="target kept fraction: one for every layer, or one per layer (e.g. 0.3 0.4 0.4 0.5 0.6 0.8)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--train-batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-5, help="model weights' learning rate (released: 2e-5)")
@@ -245,7 +247,7 @@ def main() -> None:
     rows, lat_rows, models = [], [], {"dense (Hugging Face, eager)": model}
     for key in args.variants:
         label, kw = VARIANTS[key]
-        cfg = sparsecc.TokenFlow(keep=args.keep, **kw)
+        cfg = sparsecc.TokenFlow(keep=args.keep[0] if len(args.keep) == 1 else tuple(args.keep), **kw)
         torch.manual_seed(0)
         sm = sparsecc.compile(model, example, recipe=sparsecc.Recipe(flow=cfg), check=False)
         t0 = time.time()
@@ -280,7 +282,8 @@ def main() -> None:
 def render(args, rows, lat_rows, machine: str, seconds: float, train_text: list) -> str:
     cmd = "python tools/bench_flow_minilm.py " + " ".join(sys.argv[1:])
     lines = [HEADER, "", f"Command: `{cmd.strip()}` ({seconds / 60:.0f} min in all).", "",
-             f"all-MiniLM-L6-v2 (pretrained), target keep {args.keep}, {args.steps} distillation steps per variant "
+             f"all-MiniLM-L6-v2 (pretrained), target keep {' / '.join(f'{k:g}' for k in args.keep)}, "
+             f"{args.steps} distillation steps per variant "
              f"on {len(train_text)} training paragraphs ({args.corpus}) "
              f"(model lr {args.lr:g}, gate lr {args.gate_lr:g}, token weight {args.token_weight:g}, "
              f"final phase {args.final_fraction:g} of the steps"

@@ -58,13 +58,14 @@ def kept_fractions(gates: FlowGates) -> dict:
 
 
 def sparsity_penalty(gates: FlowGates, target: Optional[float] = None) -> Tensor:
-    """sum over layers (layer + 1) * (kept fraction - target)^2 (as released); 0 for top-k gates (fixed budget)."""
-    target = gates.keep_target if target is None else target
+    """sum over layers (layer + 1) * (kept fraction - target)^2 (as released); 0 for top-k gates (fixed budget).
+    target: one for every segment (default: each segment's own, `TokenFlow.keep`)."""
     fractions = kept_fractions(gates)
     if not fractions or gates.select == "topk":
         return torch.zeros(())
     weights = _layer_weights(gates)
-    return sum(weights[s] * (f - target) ** 2 for s, f in fractions.items())
+    targets = gates.keep_targets if target is None else [target] * gates.n_segments
+    return sum(weights[s] * (f - targets[s]) ** 2 for s, f in fractions.items())
 
 
 def balance_loss(gates: FlowGates) -> Tensor:
@@ -136,7 +137,7 @@ class FlowFitResult:
 
 def calibrate_keep(sm: nn.Module, batches: Iterable[Any], keep: Optional[float] = None,
                    inputs_of: Callable[[Any], Any] = lambda batch: batch) -> dict:
-    """Set each segment's logit shift so the HARD decisions keep `keep` (default: the recipe's) of the
+    """Set each segment's logit shift so the HARD decisions keep `keep` (default: each segment's target) of the
     non-padding tokens of `batches`, layer after layer (a layer's shift changes the next one's inputs).
 
     Soft training matches the MEAN gate to the target; hard thresholding at 0.5 keeps the tokens
@@ -146,7 +147,7 @@ def calibrate_keep(sm: nn.Module, batches: Iterable[Any], keep: Optional[float] 
     gates: FlowGates = sm.flow_gates
     if gates.select != "threshold":
         return {}
-    keep = gates.keep_target if keep is None else keep
+    keeps = gates.keep_targets if keep is None else [keep] * gates.n_segments
     batches = list(batches)
     was_training = sm.training
     sm.eval()
@@ -167,7 +168,7 @@ def calibrate_keep(sm: nn.Module, batches: Iterable[Any], keep: Optional[float] 
             pinned = torch.cat([torch.zeros_like(lg, dtype=torch.bool).index_fill_(1, torch.tensor([0]),
                                                                                  gates.pin_first).flatten()
                                 for lg, _ in rows]) & valid
-            threshold = keep_threshold(logits, valid, pinned, keep)
+            threshold = keep_threshold(logits, valid, pinned, keeps[seg])
             gates.shift[seg] -= threshold
             shifts[seg] = float(gates.shift[seg])
     finally:

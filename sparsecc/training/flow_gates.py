@@ -33,6 +33,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from sparsecc.errors import RecipeError
+
 __all__ = ["FlowGates", "gumbel_sigmoid", "hard_straight_through", "keep_threshold"]
 
 
@@ -91,7 +93,13 @@ class FlowGates(nn.Module):
         self.n_segments = len(segments)
         self.stacks = [s for s, _ in segments]
         self.temperature = float(cfg.temperature)
-        self.keep_target = float(cfg.keep)
+        per_segment = isinstance(cfg.keep, (tuple, list))
+        keeps = [float(k) for k in cfg.keep] if per_segment else [float(cfg.keep)] * len(segments)
+        if len(keeps) != len(segments):
+            raise RecipeError(f"recipe.flow.keep: got {len(keeps)} kept fractions {list(cfg.keep)}; this model has "
+                              f"{len(segments)} flowed blocks: give one number, or {len(segments)} in model order")
+        self.keep_targets = keeps  # per segment
+        self.keep_target = sum(keeps) / len(keeps) if keeps else float(cfg.keep)  # mean over segments
         self.select = cfg.select
         self.pin_first = bool(cfg.pin_first)
         self.max_positions = int(cfg.max_positions)
@@ -117,7 +125,7 @@ class FlowGates(nn.Module):
         self.recording = False  # when True, "keep" forwards store (kept, valid, all) counts in `kept_counts`
         self.hard_training = False  # when True, training "gate" forwards use the hard decision (straight-through)
         # with hard_training (threshold gates): each training forward moves the segment's shift this fraction of
-        # the way to the threshold that keeps `keep_target` of the batch, so the kept fraction stays on target
+        # the way to the threshold that keeps the segment's target of the batch, so the kept fraction stays on target
         # while the weights (and so content scores) change; 0 leaves the shifts alone
         self.track_keep = 0.0
         self.kept_counts: dict = {}
@@ -146,7 +154,7 @@ class FlowGates(nn.Module):
             return self.scorers[segment](h).squeeze(-1) + shift, None
         return self.table[segment, :L].unsqueeze(0).expand(h.shape[0], L).to(h.dtype) + shift, None
 
-    def _decide(self, logits: Tensor, valid: Optional[Tensor]) -> Tensor:
+    def _decide(self, logits: Tensor, valid: Optional[Tensor], segment: int) -> Tensor:
         """The hard decision [B, L] bool: threshold or top-k, padding never, position 0 if pinned."""
         B, L = logits.shape
         valid_ = torch.ones(B, L, dtype=torch.bool, device=logits.device) if valid is None else valid
@@ -157,7 +165,7 @@ class FlowGates(nn.Module):
             if self.pin_first:
                 scores = torch.cat([torch.full_like(scores[:, :1], float("inf")), scores[:, 1:]], dim=1)
             n_valid = valid_.sum(1)
-            budget = torch.ceil(n_valid.to(torch.float64) * self.keep_target).to(torch.int64)
+            budget = torch.ceil(n_valid.to(torch.float64) * self.keep_targets[segment]).to(torch.int64)
             keep = _rank_desc(scores) < budget.unsqueeze(1)
         if self.pin_first:
             keep = torch.cat([torch.ones_like(keep[:, :1]), keep[:, 1:]], dim=1)
@@ -169,7 +177,7 @@ class FlowGates(nn.Module):
         if mode == "keep":
             if self.capture is not None:
                 self.capture.setdefault(segment, []).append((logits.detach(), valid))
-            keep = self._decide(logits, valid)
+            keep = self._decide(logits, valid, segment)
             if self.recording:
                 n_valid = keep.new_full((), keep.numel(), dtype=torch.int64) if valid is None else valid.sum()
                 self.kept_counts[segment] = (keep.sum().detach(), n_valid.detach(), keep.numel())
@@ -178,7 +186,7 @@ class FlowGates(nn.Module):
             raise ValueError(f"FlowGates mode must be 'keep' or 'gate', got {mode!r}")
         soft = torch.sigmoid(logits / self.temperature)
         if self.select == "topk" or not self.training or self.hard_training:
-            gates = hard_straight_through(self._decide(logits, valid), soft)
+            gates = hard_straight_through(self._decide(logits, valid, segment), soft)
             if self.training and self.hard_training and self.track_keep > 0 and self.select == "threshold":
                 self._track(logits.detach(), valid, segment)
         else:
@@ -197,9 +205,11 @@ class FlowGates(nn.Module):
         pinned = torch.zeros_like(valid_)
         pinned[:, 0] = self.pin_first
         with torch.no_grad():
-            self.shift[segment] -= self.track_keep * keep_threshold(logits, valid_, pinned, self.keep_target)
+            target = self.keep_targets[segment]
+            self.shift[segment] -= self.track_keep * keep_threshold(logits, valid_, pinned, target)
 
     def extra_repr(self) -> str:
-        return (f"gate={self.kind}, segments={self.n_segments}, select={self.select}, keep={self.keep_target}, "
+        return (f"gate={self.kind}, segments={self.n_segments}, select={self.select}, "
+                f"keep={self.keep_targets if len(set(self.keep_targets)) > 1 else self.keep_target}, "
                 f"temperature={self.temperature}, pin_first={self.pin_first}")
 
