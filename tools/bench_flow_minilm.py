@@ -184,13 +184,17 @@ def latency(models: dict, inputs: dict, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", type=float, nargs="+", default=[0.5],
-                        help="target kept fraction: one for every layer, or one per layer (e.g. 0.3 0.4 0.4 0.5 0.6 0.8)")
+                        help="target kept fraction: one for every layer, or one per layer "
+                             "(e.g. 0.3 0.4 0.4 0.5 0.6 0.8)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--train-batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-5, help="model weights' learning rate (released: 2e-5)")
     parser.add_argument("--gate-lr", type=float, default=0.1, help="gates' learning rate (released: 0.1)")
     parser.add_argument("--hard-final", action="store_true",
                         help="train the final phase on the calibrated hard decisions (fit_flow hard_final)")
+    parser.add_argument("--track-keep", type=float, default=0.1,
+                        help="with --hard-final: how far each step moves the thresholds to the target (fit_flow "
+                             "track_keep; 0 fixes them, as before 2026-12-03)")
     parser.add_argument("--final-fraction", type=float, default=0.1,
                         help="fraction of the steps in the final, penalty-free phase (released: 0.1)")
     parser.add_argument("--token-weight", type=float, default=0.5,
@@ -252,7 +256,7 @@ def main() -> None:
         sm = sparsecc.compile(model, example, recipe=sparsecc.Recipe(flow=cfg), check=False)
         t0 = time.time()
         fit_flow(sm, train, teacher=model, steps=args.steps, progress=True, lr=args.lr, gate_lr=args.gate_lr,
-                 hard_final=args.hard_final, final_fraction=args.final_fraction,
+                 hard_final=args.hard_final, final_fraction=args.final_fraction, track_keep=args.track_keep,
                  distill=lambda s, t, b: embedding_distill(_hidden(s), _hidden(t), b["attention_mask"],
                                                            args.token_weight))
         train_s = time.time() - t0
@@ -287,7 +291,7 @@ def render(args, rows, lat_rows, machine: str, seconds: float, train_text: list)
              f"on {len(train_text)} training paragraphs ({args.corpus}) "
              f"(model lr {args.lr:g}, gate lr {args.gate_lr:g}, token weight {args.token_weight:g}, "
              f"final phase {args.final_fraction:g} of the steps"
-             f"{', on hard decisions' if args.hard_final else ''}). "
+             f"{f', on hard decisions, track_keep {args.track_keep:g}' if args.hard_final else ''}). "
              "Held-out text: "
              f"{args.eval_paragraphs} paragraphs (cosine, FLOPs), {args.queries} queries (first half of a paragraph) "
              "against them (top-10 overlap).", "",
