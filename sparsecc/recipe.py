@@ -233,6 +233,7 @@ FLOW_CHOICES = {
     "scope": ("layer", "ffn"),
     "kv": ("all", "kept"),
     "select": ("threshold", "topk"),
+    "layout": ("packed", "padded"),
 }
 
 
@@ -251,6 +252,9 @@ class TokenFlow:
     kv: "all" (kept tokens attend to every token's keys and values, as released) or "kept".
     select: "threshold" (gate > 0.5) or "topk" (the ceil(keep * tokens) best of each example).
     pin_first: always keep position 0 (CLS). init: initial gate logit (3.0 opens every gate).
+    layout: "packed" (a block's per-token tail - output projection, norms, FFN - runs on the kept
+    tokens of the whole batch one after another, so no work on the padding of examples that keep
+    fewer than the most) or "padded" (every op on [batch, most kept, features]).
     """
 
     kind: typing.ClassVar[str] = "token_flow"
@@ -260,6 +264,7 @@ class TokenFlow:
     kv: str = "all"
     select: str = "threshold"
     pin_first: bool = True
+    layout: str = "packed"
     n_mix: int = 3
     temperature: float = 0.33
     init: float = 3.0

@@ -11,6 +11,7 @@ import sparsecc
 from sparsecc import testing as T
 from sparsecc.capture import normalize_inputs
 from sparsecc.errors import RecipeError, UnsupportedError
+from sparsecc.ops.token_flow_helpers import scatter_packed
 
 warnings.filterwarnings("ignore")
 
@@ -75,7 +76,7 @@ def _hard_reference(sm, inputs):
 ])
 def test_open_gates_equal_dense(factory, flow):
     model, inputs, sm = _shared(factory, **flow)
-    assert any(n.target is torch.ops.sparsecc.flow_scatter.default for n in sm.graph_module.graph.nodes)
+    assert any(n.target in (torch.ops.sparsecc.flow_scatter.default, scatter_packed) for n in sm.graph_module.graph.nodes)
     with torch.no_grad():
         ref, out = _hidden(_run(model, inputs)), _hidden(_run(sm, inputs))
     mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
@@ -134,6 +135,35 @@ def test_gathered_graph_matches_hard_dense_graph(factory, flow):
     with torch.no_grad():
         dense = _hidden(_run(model, inputs))
     assert (dense - _hidden(out)).abs().max() > 1e-3  # skipping tokens does change the function
+
+
+@pytest.mark.parametrize("factory,flow", [
+    (T.bert, {}),  # post-LN encoder, a padded example
+    (T.gpt2, {}),  # Conv1D: the tail flattens the tokens around its matmuls
+    (T.llama, {"kv": "kept"}),
+    (T.t5, {}),  # encoder-decoder, cross attention
+])
+def test_packed_tail_equals_padded_layout(factory, flow):
+    """layout="packed" runs each block's row-wise tail on the batch's kept tokens [1, N, D]: same outputs as
+    the padded [B, K, D] layout, on a batch whose examples keep different numbers of tokens."""
+    model, inputs, packed = _compile(factory, gate="content", **flow)
+    _, _, padded = _compile(factory, gate="content", layout="padded", **flow)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for scorer in packed.flow_gates.scorers:  # content scores that keep about half, differently per example
+            scorer.weight.copy_(torch.randn(scorer.weight.shape, generator=g))
+            scorer.bias.zero_()
+    padded.load_state_dict(packed.state_dict())
+    n_segments = len(packed.kept_fractions())
+    assert sum(n.target is scatter_packed for n in packed.graph_module.graph.nodes) == n_segments
+    assert not any(n.target is scatter_packed for n in padded.graph_module.graph.nodes)
+    counts = [k.sum(1) for k in _decisions(packed, inputs).values()]
+    assert any(len(set(c.tolist())) > 1 for c in counts)  # examples keep different numbers: padding slots
+    with torch.no_grad():
+        a, b = _hidden(_run(packed, inputs)), _hidden(_run(padded, inputs))
+        dense = _hidden(_run(model, inputs))
+    assert (a - b).abs().max() <= 1e-5
+    assert (a - dense).abs().max() > 1e-3  # tokens were skipped
 
 
 def test_other_sequence_length_and_batch():

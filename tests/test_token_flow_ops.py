@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from sparsecc.ops import token_flow as tf
+from sparsecc.ops.token_flow_helpers import gather_packed, pack_slots, packed_route, scatter_packed
 
 route = torch.ops.sparsecc.flow_route.default
 gather = torch.ops.sparsecc.flow_gather.default
@@ -51,6 +52,29 @@ def test_gather_scatter_hand_computed():
     expect[1, 4] -= 1.0
     assert torch.equal(out, expect)
     assert torch.equal(x, torch.arange(3 * 6 * 2, dtype=torch.float32).view(3, 6, 2))  # x not mutated
+
+
+def test_packed_layout_hand_computed():
+    """The packed layout: kept tokens of the whole batch one after another (example-major, ascending)."""
+    x = torch.arange(3 * 6 * 2, dtype=torch.float32).view(3, 6, 2)
+    index, counts = route(_keep())  # [[0, 2, 3], [4, 0, 0], [0, 0, 0]], counts [3, 1, 0]
+    slots, rows, n = packed_route(index, counts, x)
+    assert n.tolist() == [4]
+    assert slots.tolist() == [[0, 1, 2, 3]]  # valid slots of the padded [3, 3] layout, flat
+    assert rows.tolist() == [[0, 2, 3, 6 + 4]]  # b * L + position
+    packed = gather_packed(x, rows, n)
+    assert packed.tolist() == [[x[0, 0].tolist(), x[0, 2].tolist(), x[0, 3].tolist(), x[1, 4].tolist()]]
+    assert torch.equal(pack_slots(gather(x, index, counts), slots, n), packed)  # padded -> packed: same rows
+    out = scatter_packed(x, -packed, rows, n, False)
+    expect = x.clone()
+    expect[0, [0, 2, 3]] *= -1
+    expect[1, 4] *= -1
+    assert torch.equal(out, expect)
+    assert torch.equal(scatter_packed(x, -packed, rows, n, True), x.clone().index_put_(
+        (torch.tensor([0, 0, 0, 1]), torch.tensor([0, 2, 3, 4])), torch.zeros(4, 2)))
+    slots, rows, n = packed_route(*route(torch.zeros(2, 4, dtype=torch.bool)), x[:2])
+    assert n.tolist() == [0] and slots.shape == (1, 1)  # nothing kept: one padding slot, never written
+    assert torch.equal(scatter_packed(x[:2], torch.full((1, 1, 2), float("nan")), rows, n, False), x[:2])
 
 
 @pytest.mark.parametrize("accumulate", [False, True])

@@ -36,6 +36,7 @@ import statistics
 import sys
 import time
 import warnings
+from dataclasses import replace
 
 import torch
 
@@ -204,6 +205,9 @@ def main() -> None:
                         help="training text: every stdlib module's docstrings (stdlib_corpus) or only the curated "
                              "modules' (stdlib_paragraphs); the held-out text is the same")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--layouts", nargs="+", choices=["packed", "padded"], default=["packed"],
+                        help="TokenFlow layout(s) timed: the first is trained; each other one is the same trained "
+                             "model compiled with that layout (its latency rows say so)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
@@ -251,7 +255,8 @@ def main() -> None:
     rows, lat_rows, models = [], [], {"dense (Hugging Face, eager)": model}
     for key in args.variants:
         label, kw = VARIANTS[key]
-        cfg = sparsecc.TokenFlow(keep=args.keep[0] if len(args.keep) == 1 else tuple(args.keep), **kw)
+        cfg = sparsecc.TokenFlow(keep=args.keep[0] if len(args.keep) == 1 else tuple(args.keep),
+                                 layout=args.layouts[0], **kw)
         torch.manual_seed(0)
         sm = sparsecc.compile(model, example, recipe=sparsecc.Recipe(flow=cfg), check=False)
         t0 = time.time()
@@ -269,6 +274,12 @@ def main() -> None:
               f"{[round(k, 3) for k in fl['kept']]}, FLOPs {fl['flowed'] / fl['dense']:.3f} of dense "
               f"(limit {fl['limit'] / fl['dense']:.3f}), trained {train_s:.0f} s", flush=True)
         models[key] = sm
+        for layout in args.layouts[1:]:  # the same trained weights and gates, another inference layout
+            twin = sparsecc.compile(model, example, recipe=sparsecc.Recipe(flow=replace(cfg, layout=layout)),
+                                    check=False)
+            twin.load_state_dict(sm.state_dict())
+            twin.eval()
+            models[f"{key} ({layout} layout)"] = twin
     for L in args.lengths:
         t = latency(models, latency_inputs[L], args.repeats)
         lat_rows.append((L, t))
@@ -311,9 +322,10 @@ def render(args, rows, lat_rows, machine: str, seconds: float, train_text: list)
         base = t["dense (Hugging Face, eager)"]
         lines.append(f"| {L} | dense (Hugging Face, eager) | {base * 1e3:.0f} ms | 1.00x | 1.00 | - | 1.00 |")
         for key, sec in t.items():
-            if key not in by_key:
+            variant = key.split(" (")[0]  # "content (padded layout)": the content variant's FLOPs
+            if variant not in by_key:
                 continue
-            fl = by_key[key][4][L]
+            fl = by_key[variant][4][L]
             ratio = fl["dense"] / fl["flowed"]
             lines.append(f"| {L} | {key} | {sec * 1e3:.0f} ms | {base / sec:.2f}x | {ratio:.2f} | "
                          f"{base / sec / ratio:.2f} | {statistics.mean(fl['kept']):.3f} |")

@@ -13,6 +13,10 @@ become ordinary aten ops (and standard ONNX ops) around `sparsecc::flow_*`.
 - `valid_tokens(mask, h)`: [B, L] non-padding tokens, read from an attention mask.
 - `flow_mix(h, out, gates)`: the soft training update h + g * (out - h).
 - `soft_key_mask(...)`: kv="kept" in training: log(g) of each key added to the mask.
+- `packed_route(index, counts, h)`, `pack_slots(...)`, `gather_packed(...)`, `scatter_packed(...)`:
+  the PACKED layout of a segment's per-token tail (layout="packed"): the valid slots of every
+  example one after another as [1, N, D] (N = the batch's kept tokens), so row-wise ops (linear,
+  norms, FFN, residual adds) do no work on padding slots. All on the `sparsecc::flow_*` ops.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from torch import Tensor
 
 import sparsecc.ops.token_flow  # noqa: F401  (registers the ops)
 
-__all__ = ["gather_tokens", "flow_attention_mask", "valid_tokens", "flow_mix", "soft_key_mask"]
+__all__ = ["gather_tokens", "flow_attention_mask", "valid_tokens", "flow_mix", "soft_key_mask", "packed_route",
+           "pack_slots", "gather_packed", "scatter_packed"]
 
 
 def gather_tokens(t: Tensor, index: Tensor, counts: Tensor, dim: int) -> Tensor:
@@ -126,3 +131,42 @@ def soft_key_mask(mask: Optional[Tensor], q: Tensor, k: Tensor, gates: Tensor, c
         keep = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
         m = m.masked_fill(~keep, _neg(q.dtype))
     return m
+
+
+# ------------------------------------------------------------------ packed layout
+def packed_route(index: Tensor, counts: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The batch's kept tokens one after another: (slots [1, N], rows [1, N], n [1]).
+
+    slots: flat numbers of the valid slots of the padded [B, K] layout; rows: the same tokens as flat
+    row numbers of the [B * L] token stream (b * L + position), example-major and ascending, so a
+    `flow_route` index of the flattened batch; n: [N] (N = sum of counts; N = 0 leaves one padding slot).
+    """
+    B, K = index.shape
+    L = h.shape[1]  # h: the segment's input stream [B, L, D]
+    slot_valid = torch.arange(K, device=index.device).unsqueeze(0) < counts.unsqueeze(1)
+    slots, n = torch.ops.sparsecc.flow_route(slot_valid.reshape(1, B * K))
+    flat = index + torch.arange(B, device=index.device).unsqueeze(1) * L
+    rows = flat.reshape(B * K)[slots.reshape(-1)].reshape(slots.shape)  # same N as `slots`
+    return slots, rows, n
+
+
+def pack_slots(x: Tensor, slots: Tensor, n: Tensor) -> Tensor:
+    """[B, K, ...] padded rows -> [1, N, ...] packed rows (the valid slots only)."""
+    B, K = x.shape[0], x.shape[1]
+    flat = x.reshape(1, B * K, -1)
+    return torch.ops.sparsecc.flow_gather(flat.contiguous(), slots, n).reshape(1, slots.shape[1], *x.shape[2:])
+
+
+def gather_packed(x: Tensor, rows: Tensor, n: Tensor) -> Tensor:
+    """[B, L, ...] token rows -> [1, N, ...]: the kept tokens of every example, packed."""
+    B, L = x.shape[0], x.shape[1]
+    flat = x.reshape(1, B * L, -1)
+    return torch.ops.sparsecc.flow_gather(flat.contiguous(), rows, n).reshape(1, rows.shape[1], *x.shape[2:])
+
+
+def scatter_packed(x: Tensor, packed: Tensor, rows: Tensor, n: Tensor, accumulate: bool) -> Tensor:
+    """`flow_scatter` of packed rows [1, N, D] into x [B, L, D] (a new tensor; skipped rows = x)."""
+    B, L, D = x.shape
+    out = torch.ops.sparsecc.flow_scatter(x.reshape(1, B * L, D).contiguous(), packed.reshape(1, -1, D), rows, n,
+                                          accumulate)
+    return out.reshape(B, L, D)

@@ -17,6 +17,9 @@ builds two graphs that share every parameter:
           dim; is_causal rebuilt by position; shape arguments use K ...
       h_out         = sparsecc::flow_scatter(h, rows, index, counts, accumulate)
 
+  With layout="packed" (the default) the segment's row-wise tail (output projection, norms, FFN,
+  residual adds) then runs on the batch's kept tokens packed one after another, [1, N, D], not on
+  the padded [B, K, D] (see sparsecc.passes.token_flow_packed).
   (accumulate=True when the segment ends with `h + sublayer(...)`: the pre-LN residual add
   is fused into the scatter.)
 - the TRAINING graph (`FlowPlan.train_graph`): the dense graph with the soft update
@@ -47,6 +50,7 @@ from sparsecc.graph.fx_utils import SDPA, aten, fake, hint, is_call, new_call
 from sparsecc.ops.token_flow_helpers import (flow_attention_mask, flow_mix, gather_tokens, soft_key_mask,
                                              valid_tokens)
 from sparsecc.passes.manager import PassContext
+from sparsecc.passes.token_flow_packed import pack_tail
 from sparsecc.recipe import TokenFlow
 from sparsecc.training.flow_gates import FlowGates
 
@@ -66,6 +70,7 @@ class FlowPlan:
     notes: list = field(default_factory=list)
     train_graph: Optional[fx.GraphModule] = None
     kept: dict = field(default_factory=dict)  # segment index -> kept fraction of valid tokens (last measure)
+    packed: set = field(default_factory=set)  # segments whose per-token tail runs packed (layout="packed")
 
     @property
     def starts_open(self) -> bool:
@@ -215,6 +220,11 @@ class _SegmentRewrite:
         members = self.members
         out.replace_all_uses_with(scatter, delete_user_cb=lambda u: u is not scatter and u not in members)
         self._fix_outside_sym_sizes()
+        if self.plan.cfg.layout == "packed":
+            packed = pack_tail(graph, self.members, self.gathered_cache, self.batch, self.L, h_in, scatter, self.K)
+            if packed is not None:
+                self.plan.packed.add(seg.index)
+                return packed
         return scatter
 
     # -- arguments
@@ -330,6 +340,7 @@ def check_rewrite(gm: fx.GraphModule, plan: FlowPlan) -> None:
     """Rewrite a copy of the graph, so an unsupported model fails before the real graph is touched."""
     copy_gm, val_map = _copy(gm, plan)
     rewrite_inference(copy_gm, plan, val_map)
+    plan.packed.clear()
 
 
 def rewrite_inference(gm: fx.GraphModule, plan: FlowPlan, node_map: Optional[dict] = None) -> list[str]:
@@ -342,7 +353,8 @@ def rewrite_inference(gm: fx.GraphModule, plan: FlowPlan, node_map: Optional[dic
         out = nm(seg.output)
         scatter = _SegmentRewrite(gm, plan, seg, h_in, x0, valid, out, nm(seg.mask)).run()
         replaced[out] = scatter
-        changes.append(f"token_flow:{seg.name} ({', '.join(r.kind for r in seg.regions)}, kv={plan.cfg.kv})")
+        layout = "packed tail" if seg.index in plan.packed else "padded"
+        changes.append(f"token_flow:{seg.name} ({', '.join(r.kind for r in seg.regions)}, kv={plan.cfg.kv}, {layout})")
     return changes
 
 
