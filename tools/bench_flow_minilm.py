@@ -23,7 +23,9 @@ next to the limit of each semantics at exactly `keep`), cosine of the sentence e
 dense model, top-10 nearest-neighbour overlap with the dense model on a retrieval set (queries: the
 first half of held-out paragraphs; corpus: held-out paragraphs), and CPU latency at batch 8 for
 packed held-out text of each length (PyTorch eager, dense Hugging Face model vs the flowed
-SparseModel, measured round-robin in one process).
+SparseModel, measured round-robin in one process). `--layouts packed padded` also times the same
+trained model compiled with TokenFlow(layout="padded"), so the two inference layouts are compared
+on identical gates and weights.
 """
 
 from __future__ import annotations
@@ -181,6 +183,32 @@ def latency(models: dict, inputs: dict, repeats: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+class _WithHiddenStates(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **kw):
+        return self.model(**kw, output_hidden_states=True)
+
+
+def layer_distillation(sm, model, distill, weight: float):
+    """(teacher, distill) adding `weight` x the mean token-state cosine loss at the input of every flowed layer but
+    the first: the student's states are read off the gate module (it gets each segment's input stream)."""
+    from sparsecc.training.flow import hidden_distill
+    states: dict = {}
+
+    def hook(module, args, kwargs, out):
+        states[kwargs["segment"]] = args[0]
+    sm.flow_gates.register_forward_hook(hook, with_kwargs=True)
+
+    def layered(s, t, b):
+        layers = [hidden_distill(states[i], t.hidden_states[i], b["attention_mask"]) for i in sorted(states) if i > 0]
+        states.clear()
+        return distill(s, t, b) + weight * sum(layers) / max(1, len(layers))
+    return _WithHiddenStates(model), layered
+
+
 # ------------------------------------------------------------------ main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -201,6 +229,9 @@ def main() -> None:
     parser.add_argument("--token-weight", type=float, default=0.5,
                         help="weight of the token-state cosine next to the sentence-embedding cosine in the "
                              "distillation loss (embedding_distill)")
+    parser.add_argument("--layer-weight", type=float, default=0.0,
+                        help="weight of a layer-wise term: token-state cosine to the dense model's state entering "
+                             "each flowed layer but the first (0: off)")
     parser.add_argument("--corpus", choices=["curated", "stdlib"], default="curated",
                         help="training text: every stdlib module's docstrings (stdlib_corpus) or only the curated "
                              "modules' (stdlib_paragraphs); the held-out text is the same")
@@ -260,10 +291,13 @@ def main() -> None:
         torch.manual_seed(0)
         sm = sparsecc.compile(model, example, recipe=sparsecc.Recipe(flow=cfg), check=False)
         t0 = time.time()
-        fit_flow(sm, train, teacher=model, steps=args.steps, progress=True, lr=args.lr, gate_lr=args.gate_lr,
+        teacher, distill = model, (lambda s, t, b: embedding_distill(_hidden(s), _hidden(t), b["attention_mask"],
+                                                                       args.token_weight))
+        if args.layer_weight:
+            teacher, distill = layer_distillation(sm, model, distill, args.layer_weight)
+        fit_flow(sm, train, teacher=teacher, steps=args.steps, progress=True, lr=args.lr, gate_lr=args.gate_lr,
                  hard_final=args.hard_final, final_fraction=args.final_fraction, track_keep=args.track_keep,
-                 distill=lambda s, t, b: embedding_distill(_hidden(s), _hidden(t), b["attention_mask"],
-                                                           args.token_weight))
+                 distill=distill)
         train_s = time.time() - t0
         cos = torch.nn.functional.cosine_similarity(ref_c, embed(sm, eval_batches), dim=-1)
         ov = overlap_at_10(ref_q, ref_c, embed(sm, query_batches), embed(sm, eval_batches))
@@ -301,6 +335,7 @@ def render(args, rows, lat_rows, machine: str, seconds: float, train_text: list)
              f"{args.steps} distillation steps per variant "
              f"on {len(train_text)} training paragraphs ({args.corpus}) "
              f"(model lr {args.lr:g}, gate lr {args.gate_lr:g}, token weight {args.token_weight:g}, "
+             f"{f'layer weight {args.layer_weight:g}, ' if args.layer_weight else ''}"
              f"final phase {args.final_fraction:g} of the steps"
              f"{f', on hard decisions, track_keep {args.track_keep:g}' if args.hard_final else ''}). "
              "Held-out text: "

@@ -117,8 +117,11 @@ def _gather(x: Tensor, index: Tensor, counts: Tensor) -> Tensor:
     B, L, D = x.shape
     K = index.shape[1]
     rows, slots = _flat_rows(index, counts, L)
+    picked = x.reshape(B * L, D).index_select(0, rows)
+    if slots.numel() == B * K:  # no padding slot (equal counts, or the packed layout): no zero fill
+        return picked.view(B, K, D)
     out = x.new_zeros(B * K, D)
-    out.index_copy_(0, slots, x.reshape(B * L, D).index_select(0, rows))
+    out.index_copy_(0, slots, picked)
     return out.view(B, K, D)
 
 
