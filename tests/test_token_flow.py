@@ -335,6 +335,28 @@ def test_onnx_runtime_matches_pytorch():
             assert (ref - _hidden(_run(model, (ids,)))).abs().max() > 1e-3  # tokens were skipped
 
 
+def test_minilm_benchmark_layer_distillation_term(load_tool):
+    """--layer-weight: W x the mean token-state cosine loss to the dense states entering each flowed layer but the
+    first. With every gate closed the stream entering every layer is the embedding output, so the term is known."""
+    from sparsecc.training.flow import hidden_distill
+    tool = load_tool("bench_flow_minilm")
+    model, inputs, sm = _compile(T.bert, init=-3.0, pin_first=False)
+    sm.eval()
+
+    def base(s, t, b):
+        return torch.zeros(())
+    teacher, distill, handle = tool.layer_distillation(sm, model, base, 2.0)
+    with torch.no_grad():
+        t = teacher(**inputs)
+        s = sm(**inputs)
+        got = distill(s, t, inputs)
+    handle.remove()
+    mask = inputs["attention_mask"]
+    expect = 2.0 * hidden_distill(t.hidden_states[0], t.hidden_states[1], mask)  # 2 layers: only layer 1 counts
+    assert len(t.hidden_states) == 3 and float(expect) > 0
+    assert abs(float(got) - float(expect)) <= 1e-4 * float(expect)
+
+
 def test_minilm_benchmark_never_trains_on_its_held_out_text(load_tool):
     # tools/bench_flow_minilm.py: the held-out paragraphs are the same with either training corpus,
     # none of them is trained on, and the stdlib corpus adds only new paragraphs.

@@ -193,20 +193,21 @@ class _WithHiddenStates(torch.nn.Module):
 
 
 def layer_distillation(sm, model, distill, weight: float):
-    """(teacher, distill) adding `weight` x the mean token-state cosine loss at the input of every flowed layer but
-    the first: the student's states are read off the gate module (it gets each segment's input stream)."""
+    """(teacher, distill, hook handle) adding `weight` x the mean token-state cosine loss at the input of every
+    flowed layer but the first: the student's states are read off the gate module (it gets each segment's input
+    stream). Remove the handle after training."""
     from sparsecc.training.flow import hidden_distill
     states: dict = {}
 
     def hook(module, args, kwargs, out):
         states[kwargs["segment"]] = args[0]
-    sm.flow_gates.register_forward_hook(hook, with_kwargs=True)
+    handle = sm.flow_gates.register_forward_hook(hook, with_kwargs=True)
 
     def layered(s, t, b):
         layers = [hidden_distill(states[i], t.hidden_states[i], b["attention_mask"]) for i in sorted(states) if i > 0]
         states.clear()
         return distill(s, t, b) + weight * sum(layers) / max(1, len(layers))
-    return _WithHiddenStates(model), layered
+    return _WithHiddenStates(model), layered, handle
 
 
 # ------------------------------------------------------------------ main
@@ -293,11 +294,14 @@ def main() -> None:
         t0 = time.time()
         teacher, distill = model, (lambda s, t, b: embedding_distill(_hidden(s), _hidden(t), b["attention_mask"],
                                                                        args.token_weight))
+        handle = None
         if args.layer_weight:
-            teacher, distill = layer_distillation(sm, model, distill, args.layer_weight)
+            teacher, distill, handle = layer_distillation(sm, model, distill, args.layer_weight)
         fit_flow(sm, train, teacher=teacher, steps=args.steps, progress=True, lr=args.lr, gate_lr=args.gate_lr,
                  hard_final=args.hard_final, final_fraction=args.final_fraction, track_keep=args.track_keep,
                  distill=distill)
+        if handle is not None:
+            handle.remove()
         train_s = time.time() - t0
         cos = torch.nn.functional.cosine_similarity(ref_c, embed(sm, eval_batches), dim=-1)
         ov = overlap_at_10(ref_q, ref_c, embed(sm, query_batches), embed(sm, eval_batches))

@@ -17,11 +17,10 @@ builds two graphs that share every parameter:
           dim; is_causal rebuilt by position; shape arguments use K ...
       h_out         = sparsecc::flow_scatter(h, rows, index, counts, accumulate)
 
-  With layout="packed" (the default) the segment's row-wise tail (output projection, norms, FFN,
-  residual adds) then runs on the batch's kept tokens packed one after another, [1, N, D], not on
-  the padded [B, K, D] (see sparsecc.passes.token_flow_packed).
   (accumulate=True when the segment ends with `h + sublayer(...)`: the pre-LN residual add
-  is fused into the scatter.)
+  is fused into the scatter.) With layout="packed" (the default) the segment's row-wise tail
+  (output projection, residual adds, norms, FFN) then runs on the batch's kept tokens one after
+  another, [1, N, D], not on the padded [B, K, D] (sparsecc.passes.token_flow_packed).
 - the TRAINING graph (`FlowPlan.train_graph`): the dense graph with the soft update
   h_out = h + g * (Block(h) - h) per segment, g = sparsecc_flow(..., mode="gate")
   (Gumbel-sigmoid in training mode, hard with a straight-through gradient in eval mode);
