@@ -68,16 +68,19 @@ def region_table(report) -> str:
 def flow_summary(report) -> str:
     """Token flow (SparseFlow): kept fraction per layer and FLOPs dense vs flowed, or "" without flow."""
     layers: dict = {}
+    layouts: dict = {}
     dense = flowed = 0
     for r in report.regions:
         facts = r.sparse or {}
         if facts.get("method") != "token_flow":
             continue
         layers.setdefault(facts["segment"], facts["kept_fraction"])
+        layouts.setdefault(facts["segment"], facts.get("layout", "padded"))
         dense += r.flops
         flowed += facts["flops"]
     if not layers:
         return ""
     kept = ", ".join(f"{name} {frac:.3f}" for name, frac in layers.items())
     return (f"token flow: kept fraction per layer (of non-padding tokens): {kept}; FLOPs of the flowed regions "
-            f"{human(dense)} dense -> {human(flowed)} flowed ({1 - flowed / max(dense, 1):.1%} fewer)")
+            f"{human(dense)} dense -> {human(flowed)} flowed ({1 - flowed / max(dense, 1):.1%} fewer); "
+            f"per-token tail packed in {sum(v == 'packed' for v in layouts.values())} of {len(layouts)} layers")

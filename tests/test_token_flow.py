@@ -241,7 +241,8 @@ def test_report_kept_fraction_and_flops():
             assert r.sparse["flops"] == round((2 * parts + core) * frac_all + 2 * parts)
     text = str(sm.report())
     assert "token_flow" in text and f"{kept:.3f}" in text
-    assert "kept fraction per layer" in text
+    assert "kept fraction per layer" in text and "per-token tail packed in 2 of 2 layers" in text
+    assert all(r.sparse["layout"] == "packed" for r in regions)
 
 
 def test_recipe_file_and_validation(tmp_path):
@@ -260,6 +261,9 @@ def test_recipe_file_and_validation(tmp_path):
     assert sparsecc.Recipe.load(str(tmp_path / "p.toml")).flow == sparsecc.TokenFlow(keep=(0.25, 0.75))
     with pytest.raises(RecipeError, match=r"recipe.flow.keep: got 'half' \(str\)"):
         sparsecc.Recipe.from_dict({"flow": {"kind": "token_flow", "keep": "half"}})
+    assert sparsecc.TokenFlow().layout == "packed"
+    with pytest.raises(RecipeError, match=r"recipe.flow.layout: got 'ragged'; allowed: \['packed', 'padded'\]"):
+        sparsecc.Recipe.from_dict({"flow": {"kind": "token_flow", "layout": "ragged"}})
 
 
 def test_training_graph_soft_gates_and_user_model_untouched():

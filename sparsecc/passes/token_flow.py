@@ -440,7 +440,8 @@ def record_facts(plan: FlowPlan, regions: list, kept: dict) -> None:
             if i == 0:
                 flops += gate_flops(plan, seg, _tokens(seg))
             facts.sparse = {"method": "token_flow", "density": frac_valid, "flops": int(round(flops)),
-                            "segment": seg.name, "kept_fraction": frac_valid}
+                            "segment": seg.name, "kept_fraction": frac_valid,
+                            "layout": "packed" if seg.index in plan.packed else "padded"}
 
 
 def _tokens(seg: FlowSegment) -> int:
