@@ -139,7 +139,8 @@ def packed_route(index: Tensor, counts: Tensor, h: Tensor) -> tuple[Tensor, Tens
 
     slots: flat numbers of the valid slots of the padded [B, K] layout; rows: the same tokens as flat
     row numbers of the [B * L] token stream (b * L + position), example-major and ascending, so a
-    `flow_route` index of the flattened batch; n: [N] (N = sum of counts; N = 0 leaves one padding slot).
+    `flow_route` index of the flattened batch; n: [1] holding N, the sum of counts (N = 0 leaves one
+    padding slot, never written).
     """
     B, K = index.shape
     L = h.shape[1]  # h: the segment's input stream [B, L, D]
