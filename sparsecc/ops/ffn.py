@@ -16,24 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ACTIVATIONS = {
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "silu": F.silu,
-}
+from sparsecc.ops import activations
 
 
 def check_activation(activation: str) -> None:
-    if activation not in ACTIVATIONS:
-        from sparsecc.errors import UnsupportedError
-        raise UnsupportedError(f"FFN activation {activation!r} is not supported; "
-                               f"expected one of {sorted(ACTIVATIONS)}")
+    activations.get(activation)
 
 
 def ffn_reference(x: Tensor, w_up: Tensor, b_up: Optional[Tensor], w_down: Tensor, b_down: Optional[Tensor],
                   activation: str, w_gate: Optional[Tensor] = None, b_gate: Optional[Tensor] = None) -> Tensor:
-    act = ACTIVATIONS[activation]
+    act = activations.get(activation).fn
     up = F.linear(x, w_up, b_up)
     h = act(up) if w_gate is None else act(F.linear(x, w_gate, b_gate)) * up
     return F.linear(h, w_down, b_down)

@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsecc.errors import LayoutError, UnsupportedError
+from sparsecc.ops import activations
 from sparsecc.ops import native
 
 __all__ = [
@@ -69,7 +70,7 @@ __all__ = [
     "sparse_ffn_reference",
 ]
 
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+ACTIVATIONS = tuple(activations.ACTIVATIONS)
 
 # Use per-token row gathers for the up projection while tokens * (d_ff / N) <= d_ff / 2,
 # i.e. tokens <= N / 2; above that one dense GEMM + gather is faster (measured on CPU, fp32).
@@ -77,27 +78,13 @@ _GATHER_FRACTION = 2
 
 
 def activation_fn(a: torch.Tensor, activation: str) -> torch.Tensor:
-    """Apply one of ACTIVATIONS ("gelu" is the exact erf form, "gelu_tanh" the tanh approximation)."""
-    if activation == "relu":
-        return torch.relu(a)
-    if activation == "gelu":
-        return F.gelu(a)
-    if activation == "gelu_tanh":
-        return F.gelu(a, approximate="tanh")
-    if activation == "silu":
-        return F.silu(a)
-    raise UnsupportedError(f"sparse_ffn: activation {activation!r} is not supported; use one of {ACTIVATIONS}")
+    """Apply one of ACTIVATIONS (sparsecc.ops.activations)."""
+    return activations.get(activation, "sparse_ffn").fn(a)
 
 
 def _activation_backward(grad: torch.Tensor, a: torch.Tensor, activation: str) -> torch.Tensor:
     """d act(a) / d a * grad, matching autograd of `activation_fn` exactly."""
-    if activation == "relu":
-        return torch.ops.aten.threshold_backward(grad, a, 0)
-    if activation == "gelu":
-        return torch.ops.aten.gelu_backward(grad, a, approximate="none")
-    if activation == "gelu_tanh":
-        return torch.ops.aten.gelu_backward(grad, a, approximate="tanh")
-    return torch.ops.aten.silu_backward(grad, a)
+    return activations.get(activation, "sparse_ffn").grad(grad, a)
 
 
 def controller_logits(
@@ -171,7 +158,7 @@ def _native_forward(x2: torch.Tensor, tensors: tuple[Optional[torch.Tensor], ...
     Applies to fp32 CPU tensors and d_lowrank <= 256.
     """
     given = (x2,) + tuple(t for t in tensors if t is not None)
-    if (not native.enabled() or tensors[0].shape[1] > _NATIVE_MAX_LOWRANK
+    if (not native.enabled() or activation not in _ACTIVATION_CODES or tensors[0].shape[1] > _NATIVE_MAX_LOWRANK
             or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in given)):
         return None
     kernel = _native_kernel()
