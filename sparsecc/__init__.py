@@ -2,15 +2,25 @@
 
     import sparsecc
     report = sparsecc.inspect(model, example_inputs)
-    sm = sparsecc.compile(model, example_inputs, recipe=sparsecc.Recipe())
+    sm = sparsecc.compile(model, example_inputs, recipe=sparsecc.Recipe(attention=sparsecc.Spion()),
+                          calibration=batches)
+    sparsecc.save(sm, "out/model"); sm2 = sparsecc.load("out/model")
 """
 
 from sparsecc import errors
-from sparsecc.api import Report, SparseModel, compile, inspect
+from sparsecc.api import compile, inspect
 from sparsecc.capture import capture
-from sparsecc.recipe import Identity, Recipe, SparseFFN, Spion, TokenFlow
+from sparsecc.methods import Plan, register
+from sparsecc.methods.fixed import Fixed
+from sparsecc.methods.identity import Identity
+from sparsecc.methods.sparse_ffn import SparseFFN
+from sparsecc.methods.spion import Spion
+from sparsecc.methods.token_flow import TokenFlow
+from sparsecc.model import SparseModel
+from sparsecc.recipe import Recipe
+from sparsecc.report import Report
 
 __version__ = "0.1.0"
 
-__all__ = ["compile", "inspect", "capture", "Recipe", "Identity", "Spion", "SparseFFN", "TokenFlow", "SparseModel", "Report", "errors",
-           "__version__"]
+__all__ = ["compile", "inspect", "capture", "Recipe", "Identity", "Spion", "Fixed", "SparseFFN", "TokenFlow",
+           "SparseModel", "Report", "Plan", "register", "errors", "__version__"]

@@ -1,25 +1,32 @@
-"""The public entry points: inspect() and compile(), and the SparseModel they build."""
+"""The public entry points: inspect() and compile(). They drive the stages; methods do the work.
+
+    capture -> canonicalize -> find regions -> assign (recipe) -> match -> calibrate (one pass,
+    every method's observers) -> plan -> rewrite (a pass per method) -> SparseModel on a backend
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch
 import torch.fx as fx
 from torch import nn
 
+from sparsecc.calibrate import calibrate
 from sparsecc.capture import Captured, capture
-from sparsecc.errors import UnsupportedError
+from sparsecc.errors import RecipeError, UnsupportedError
 from sparsecc.graph.canonicalize import CANONICALIZE
 from sparsecc.graph.fx_utils import SDPA, aten, is_call, module_path
-from sparsecc.graph.regions import Region, find_regions
-from sparsecc.passes.identity import attention_to_op, ffn_to_op
-from sparsecc.passes.manager import Pass, PassContext, PassManager, PassResult
-from sparsecc.recipe import Identity, Recipe, SparseFFN, Spion
+from sparsecc.graph.regions import find_regions
+from sparsecc.methods import Plan, Target, handler_for
+from sparsecc.methods.block_sparse import plan_layout
+from sparsecc.methods.registry import SLOTS
+from sparsecc.model import SparseModel
+from sparsecc.passes.manager import Pass, PassContext, PassManager
+from sparsecc.recipe import Recipe
+from sparsecc.report import Report, graph_summary
 
 log = logging.getLogger("sparsecc")
 
@@ -27,58 +34,13 @@ BACKENDS = ("eager", "inductor", "onnxruntime", "triton")
 
 
 @dataclass
-class GraphSummary:
-    nodes: int
-    ops: dict
-    parameters: int
-    inputs: list
+class Analysis:
+    """A captured, canonicalized model and its regions (what inspect() reports and compile() rewrites)."""
 
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-@dataclass
-class Report:
-    """What sparsecc found (and did) in a model."""
-
-    model: str
-    regions: list  # list[Region]
-    graph: GraphSummary
-    passes: list = field(default_factory=list)  # list[PassResult]
-    unmatched: list = field(default_factory=list)  # "why not" notes for attention-like nodes left alone
-    stage_seconds: dict = field(default_factory=dict)
-
-    @property
-    def attention(self) -> list:
-        return [r for r in self.regions if r.kind == "attention"]
-
-    @property
-    def ffn(self) -> list:
-        return [r for r in self.regions if r.kind == "ffn"]
-
-    def dense_flops(self) -> int:
-        return sum(r.flops for r in self.regions)
-
-    def to_dict(self) -> dict:
-        return {"model": self.model, "regions": [r.to_dict() for r in self.regions],
-                "graph": self.graph.to_dict(), "unmatched": list(self.unmatched),
-                "passes": [{"name": p.name, "changes": len(p.changes), "seconds": p.seconds,
-                            "max_abs_error": p.max_abs_error} for p in self.passes],
-                "stage_seconds": dict(self.stage_seconds)}
-
-    def table(self) -> str:
-        from sparsecc.report import region_table
-        return region_table(self)
-
-    def __str__(self) -> str:
-        return self.table()
-
-
-def graph_summary(gm: fx.GraphModule, captured: Captured) -> GraphSummary:
-    ops = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-    inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    params = sum(p.numel() for p in gm.parameters())
-    return GraphSummary(nodes=len(gm.graph.nodes), ops=dict(ops.most_common()), parameters=params, inputs=inputs)
+    captured: Captured
+    ctx: PassContext
+    passes: list
+    seconds: dict
 
 
 def _unmatched(gm: fx.GraphModule, regions: list) -> list[str]:
@@ -101,25 +63,23 @@ def _unmatched(gm: fx.GraphModule, regions: list) -> list[str]:
     return notes
 
 
-def _canonicalize_passes() -> list[Pass]:
-    return [Pass(name, fn) for name, fn in CANONICALIZE]
-
-
-def _analyze(model: Any, example_inputs: Any, dynamic: bool, check: bool, dump_dir: Optional[str]):
+def analyze(model: Any, example_inputs: Any = None, dynamic: bool = True, check: bool = False,
+            dump_dir: Optional[str] = None) -> Analysis:
     """Capture (unless given a Captured already), canonicalize, find regions."""
     times = {}
     start = time.perf_counter()
     captured = model if isinstance(model, Captured) else capture(model, example_inputs, dynamic=dynamic)
     times["capture"] = time.perf_counter() - start
     ctx = PassContext(captured=captured)
-    manager = PassManager(_canonicalize_passes(), check="each" if check else "none", dump_dir=dump_dir)
+    manager = PassManager([Pass(name, fn) for name, fn in CANONICALIZE], check="each" if check else "none",
+                          dump_dir=dump_dir)
     start = time.perf_counter()
     results = manager.run(captured.gm, ctx)
     times["canonicalize"] = time.perf_counter() - start
     start = time.perf_counter()
     ctx.regions = find_regions(captured.gm, captured)
     times["find_regions"] = time.perf_counter() - start
-    return captured, ctx, results, times
+    return Analysis(captured, ctx, results, times)
 
 
 def inspect(model: Any, example_inputs: Any = None, dynamic: bool = True, check: bool = False,
@@ -128,118 +88,91 @@ def inspect(model: Any, example_inputs: Any = None, dynamic: bool = True, check:
 
     `model` may also be a `sparsecc.capture.Captured` (e.g. from `load_exported("m.pt2")`).
     """
-    captured, ctx, results, times = _analyze(model, example_inputs, dynamic, check, dump_dir)
-    return Report(model=captured.model_name, regions=ctx.regions, graph=graph_summary(captured.gm, captured),
-                  passes=results, unmatched=_unmatched(captured.gm, ctx.regions), stage_seconds=times)
+    a = analyze(model, example_inputs, dynamic, check, dump_dir)
+    return Report(model=a.captured.model_name, regions=a.ctx.regions, graph=graph_summary(a.captured.gm),
+                  passes=a.passes, unmatched=_unmatched(a.captured.gm, a.ctx.regions), stage_seconds=a.seconds)
 
 
-def _prepare_spion(cfg: Spion, ctx: PassContext, calibration: Any) -> None:
-    """Layouts for every self-attention region: loaded, calibrated, or fixed."""
-    from sparsecc.calibrate import collect_attention_maps
-    from sparsecc.layouts import LayoutSet
-    from sparsecc.passes.spion import make_layouts
+def assign(recipe: Recipe, ctx: PassContext) -> tuple[dict, list[str]]:
+    """Each region's config per slot, matched by its handler: ({slot: [Target]}, notes on regions left alone).
 
-    regions = [r for r in ctx.regions if r.kind == "attention" and not r.cross]
-    if cfg.layouts is not None:
-        ctx.data["layouts"] = LayoutSet.load_dir(cfg.layouts)
-        return
-    maps = None
-    if cfg.needs_calibration:
+    A sparsifying config that fits none of the regions it names is an error with every reason (a
+    recipe that silently does nothing is worse than one that fails); Identity never is.
+    """
+    targets: dict = {slot: [] for slot in SLOTS}
+    notes = []
+    for slot in SLOTS:
+        misses: dict = {}
+        for region in ctx.regions:
+            if slot != "flow" and region.kind != slot:
+                continue
+            config = recipe.config_for(slot, region.layer)
+            if config is None:
+                continue
+            match = handler_for(config).match(region, config, ctx)
+            if match:
+                targets[slot].append(Target(region, config))
+            else:
+                misses.setdefault(config, []).append(f"{region.name}: {match.reason}")
+                notes.append(f"{region.name}: {type(config).kind} not applied: {match.reason}")
+        for config in recipe.configs(slot):
+            if handler_for(config).optional or any(t.config == config for t in targets[slot]):
+                continue
+            kind = "attention or FFN" if slot == "flow" else ("FFN" if slot == "ffn" else slot)
+            found = misses.get(config)
+            if not found:
+                raise UnsupportedError(f"recipe.{slot} = {describe_config(config)}: no {kind} region was found "
+                                       "where it applies (see `sparsecc inspect MODEL --explain` for what the model "
+                                       "has and why candidates were not recognised)")
+            raise UnsupportedError(f"recipe.{slot} = {describe_config(config)} fits none of the {len(found)} {kind} "
+                                   f"region(s) it was given: " + "; ".join(found[:4])
+                                   + (f"; ... ({len(found) - 4} more)" if len(found) > 4 else ""))
+    return targets, notes
+
+
+def _groups(targets: dict) -> list[tuple[str, Any, list[Target]]]:
+    """(slot, handler, its targets) in slot order, each handler once per slot."""
+    out = []
+    for slot in SLOTS:
+        by_handler: dict = {}
+        for t in targets[slot]:
+            by_handler.setdefault(id(handler_for(t.config)), (handler_for(t.config), []))[1].append(t)
+        out += [(slot, handler, group) for handler, group in by_handler.values()]
+    return out
+
+
+def _calibrate_and_plan(ctx: PassContext, groups: list, calibration: Any, plans: Optional[dict],
+                        progress: bool) -> None:
+    """One calibration pass with every observer of every method, then each method plans its regions."""
+    plans = plans or {}
+    observed = []
+    for _, handler, group in groups:
+        for t in group:
+            given = plans.get(t.name)
+            if given is not None and given.method == type(t.config).kind:
+                t.plan = given
+                continue
+            observed.append((handler, t, handler.observers(t)))
+    observers = [o for _, _, obs in observed for o in obs]
+    if observers:
         if calibration is None:
-            log.warning("recipe.attention method %r calibrates on data; no calibration batches were given, so "
-                        "the example inputs are used. Pass calibration=[inputs, ...] with real data.", cfg.method)
+            kinds = sorted({type(t.config).kind for _, t, obs in observed if obs})
+            log.warning("methods %s calibrate on data; no calibration batches were given, so the example inputs are "
+                        "used. Pass calibration=[inputs, ...] with real data.", kinds)
             calibration = [(ctx.captured.args, ctx.captured.kwargs)]
-        maps = collect_attention_maps(ctx.captured, ctx.captured.gm, regions, calibration)
-        ctx.data["attention_maps"] = maps
-    ctx.data["layouts"] = make_layouts(cfg, regions, maps)
-
-
-def _rewrite_passes(recipe: Recipe, ctx: PassContext, calibration: Any) -> list[Pass]:
-    passes = []
-    if isinstance(recipe.attention, Spion):
-        from sparsecc.passes.spion import spion_rewrite
-        _prepare_spion(recipe.attention, ctx, calibration)
-        passes.append(Pass("spion", spion_rewrite, tolerance=None))
-    if isinstance(recipe.attention, Identity):
-        passes.append(Pass("attention_identity", attention_to_op))
-    if isinstance(recipe.ffn, SparseFFN):
-        from sparsecc.passes.sparse_ffn import prepare_sparse_ffn, sparse_ffn_rewrite
-        prepare_sparse_ffn(recipe.ffn, ctx, calibration)
-        passes.append(Pass("sparse_ffn", sparse_ffn_rewrite, tolerance=None))
-    if isinstance(recipe.ffn, Identity):
-        passes.append(Pass("ffn_identity", ffn_to_op))
-    if recipe.flow is not None:
-        from sparsecc.passes.token_flow import prepare_token_flow, token_flow_rewrite
-        if isinstance(recipe.attention, Spion):
-            raise UnsupportedError("recipe.flow with recipe.attention=Spion: block layouts need every query of a "
-                                   "block, token flow removes queries; use one of them (attention=None or "
-                                   "Identity() with flow)")
-        prepare_token_flow(recipe.flow, ctx)
-        # not checked against the dense outputs: padding tokens never flow, so their rows differ by design
-        passes.append(Pass("token_flow", token_flow_rewrite, tolerance=None))
-    return passes
-
-
-class SparseModel(nn.Module):
-    """The compiled model: an nn.Module that runs, trains, and reports what was rewritten."""
-
-    def __init__(self, graph: fx.GraphModule, captured: Captured, recipe: Recipe, backend: str, report: Report,
-                 layouts: Any = None, backend_options: Optional[dict] = None):
-        super().__init__()
-        self.graph_module = graph
-        self.layouts = layouts  # sparsecc.layouts.LayoutSet of the SPION regions, or None
-        self.recipe = recipe
-        self.backend = backend
-        self._call_defaults = dict(captured.call_defaults)
-        self._report = report
-        # triton: the sparse ops run their Triton CUDA kernels (registered by compile()), the rest inductor
-        self._runner = torch.compile(graph, dynamic=None) if backend in ("inductor", "triton") else graph
-        self.example_inputs = (captured.args, captured.kwargs)  # for export_onnx
-        self.dynamic = captured.dynamic
-        if backend == "onnxruntime":  # runs the exported graph; see sparsecc.backends.onnxruntime
-            from sparsecc.backends.onnxruntime import build_module
-            self._runner = build_module(graph, tuple(captured.args), {**self._call_defaults, **captured.kwargs},
-                                        recipe=recipe, regions=report.regions, dynamic=captured.dynamic,
-                                        **(backend_options or {}))
-
-    def forward(self, *args, **kwargs):
-        return self._runner(*args, **{**self._call_defaults, **kwargs})
-
-    def train(self, mode: bool = True) -> "SparseModel":
-        """Set the training flag. The graph computes the same in both modes: it was captured in eval
-        mode (no dropout), and torch.export's graph modules do not switch modes."""
-        self.training = mode
-        return self
-
-    def report(self) -> Report:
-        return self._report
-
-    @property
-    def regions(self) -> list[Region]:
-        return self._report.regions
-
-    def export_onnx(self, path: str, dynamic: bool = True, opset: Optional[int] = None) -> str:
-        """Write the compiled graph as ONNX (sparsecc ops in standard ONNX ops, recipe and regions in the
-        file's metadata); see sparsecc.backends.onnx. Returns `path`."""
-        from sparsecc.backends.onnx import export_onnx
-        return export_onnx(self, path, dynamic=dynamic, opset=opset).path
-
-    def save_layouts(self, directory: str, png: bool = True) -> None:
-        """Write the block layouts (one file per layer + index.json) and, optionally, their picture."""
-        if not self.layouts:
-            raise UnsupportedError("this model has no block layouts (its recipe has no SPION attention)")
-        self.layouts.save_dir(directory)
-        if png:
-            import os
-            from sparsecc.layouts import save_layout_png
-            save_layout_png(self.layouts, os.path.join(directory, "layouts.png"))
+        calibrate(ctx.captured, ctx.captured.gm, observers, calibration, progress=progress)
+    for handler, t, obs in observed:
+        t.plan = handler.plan(t, obs, ctx)
 
 
 def compile(model: nn.Module, example_inputs: Any, recipe: Optional[Recipe] = None, backend: str = "eager",
             calibration: Any = None, dynamic: bool = True, check: bool = True,
-            dump_dir: Optional[str] = None, backend_options: Optional[dict] = None) -> SparseModel:
+            dump_dir: Optional[str] = None, backend_options: Optional[dict] = None,
+            plans: Optional[dict] = None, progress: bool = True) -> SparseModel:
     """Capture `model`, find its regions, rewrite them as `recipe` says, and lower to `backend`.
 
+    calibration: batches (same format as example_inputs) for the methods that calibrate; read once.
+    plans: region name -> Plan (e.g. `sm.plans` of an earlier compile) to reuse instead of calibrating.
     backend="triton": the sparse ops on CUDA tensors run Triton kernels (sparsecc.backends.triton),
     the rest of the graph goes through torch.compile (inductor); needs triton and a CUDA device.
     backend="onnxruntime": the module runs the exported ONNX graph in an onnxruntime session;
@@ -251,7 +184,6 @@ def compile(model: nn.Module, example_inputs: Any, recipe: Optional[Recipe] = No
     """
     recipe = Recipe() if recipe is None else recipe
     if not isinstance(recipe, Recipe):
-        from sparsecc.errors import RecipeError
         raise RecipeError(f"recipe must be a sparsecc.Recipe, got {type(recipe).__name__}")
     if backend not in BACKENDS:
         raise UnsupportedError(f"backend {backend!r} is not available; expected one of {list(BACKENDS)}")
@@ -259,21 +191,46 @@ def compile(model: nn.Module, example_inputs: Any, recipe: Optional[Recipe] = No
         from sparsecc.backends import triton as triton_backend
         triton_backend.require()
         triton_backend.register()
-    captured, ctx, results, times = _analyze(model, example_inputs, dynamic, check, dump_dir)
+    a = analyze(model, example_inputs, dynamic, check, dump_dir)
+    ctx, times = a.ctx, a.seconds
     ctx.recipe = recipe
-    report = Report(model=captured.model_name, regions=ctx.regions, graph=graph_summary(captured.gm, captured),
-                    unmatched=_unmatched(captured.gm, ctx.regions), stage_seconds=times)
+    report = Report(model=a.captured.model_name, regions=ctx.regions, graph=graph_summary(a.captured.gm),
+                    unmatched=_unmatched(a.captured.gm, ctx.regions), stage_seconds=times)
+    targets, notes = assign(recipe, ctx)
+    ctx.targets = targets
+    groups = _groups(targets)
+    for _, handler, group in groups:
+        handler.check(group, ctx)
     start = time.perf_counter()
-    passes = _rewrite_passes(recipe, ctx, calibration)
+    _calibrate_and_plan(ctx, groups, calibration, plans, progress)
     times["calibrate"] = time.perf_counter() - start
+    passes = [Pass(f"{slot}_{type(group[0].config).kind}",
+                   lambda gm, c, h=handler, g=group: h.rewrite(gm, c, g), tolerance=handler.tolerance)
+              for slot, handler, group in groups]
     start = time.perf_counter()
-    results += PassManager(passes, check="each" if check else "none", dump_dir=dump_dir).run(captured.gm, ctx)
+    report.passes = a.passes + PassManager(passes, check="each" if check else "none",
+                                           dump_dir=dump_dir).run(a.captured.gm, ctx)
     times["rewrite"] = time.perf_counter() - start
-    report.passes = results
-    report.unmatched += ctx.data.get("skipped", [])
-    if "flow" in ctx.data:  # two graphs (training: soft gates; inference: gather/scatter), one set of weights
-        from sparsecc.flow_model import FlowSparseModel
-        return FlowSparseModel(captured.gm, captured, recipe, backend, report, layouts=ctx.data.get("layouts"),
-                               backend_options=backend_options, flow=ctx.data["flow"])
-    return SparseModel(captured.gm, captured, recipe, backend, report, layouts=ctx.data.get("layouts"),
-                       backend_options=backend_options)
+    report.unmatched += notes + ctx.data.get("skipped", [])
+    all_targets = [t for _, _, group in groups for t in group]
+    for t in all_targets:
+        if t.region.sparse is not None:
+            t.region.sparse.setdefault("config", describe_config(t.config))
+    from sparsecc.layouts import LayoutSet
+    layouts = LayoutSet((t.name, plan_layout(t.plan)) for t in all_targets
+                        if t.plan is not None and "mask" in t.plan.tensors)
+    model_cls, extra = SparseModel, {}
+    for _, handler, group in groups:
+        wrap = getattr(handler, "model_class", None)
+        if wrap is not None:
+            model_cls, extra = wrap(ctx)
+    return model_cls(a.captured.gm, a.captured, recipe, backend, report, layouts=layouts or None,
+                     backend_options=backend_options, plans={t.name: t.plan for t in all_targets if t.plan}, **extra)
+
+
+def describe_config(config: Any) -> str:
+    """`kind(field=value, ...)` with the fields that differ from the defaults."""
+    import dataclasses
+    changed = [f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config)
+               if getattr(config, f.name) != (f.default if f.default is not dataclasses.MISSING else object())]
+    return f"{type(config).kind}({', '.join(changed)})"

@@ -1,10 +1,15 @@
-"""Calibration: run sample batches through the captured graph and collect statistics per region.
+"""Calibration: ONE pass over the calibration batches with every method's observers installed.
 
-Attention maps (for SPION) are the softmax probabilities of each attention
-region averaged over batch items and heads: one [L, S] matrix per region,
-accumulated as a running mean over batches and computed in chunks of query
-rows, so no [B, H, L, S] tensor is ever held (at L = 4096 the running mean is
-64 MB per region; a chunk of 256 rows for 8 heads is 32 MB).
+Methods say what they need to see (`Method.observers`): an `Observer` watches one graph node
+and keeps its statistics as sums and counts (or a capped sample of rows), so statistics of
+several batches, or of several processes, combine by addition. `calibrate` runs the graph
+once per batch with every observer of every method, then each method plans from them.
+
+Attention maps (SPION) are the softmax probabilities of an attention region summed over batch
+items and heads: one [L, S] sum per region plus the number of items that covered each cell,
+computed in chunks of query rows so no [B, H, L, S] tensor is ever held. Batches of different
+lengths add into the top-left corner of the longest map (a shorter sequence's map is the
+top-left corner of a longer one's), and the mean divides each cell by its own count.
 """
 
 from __future__ import annotations
@@ -19,15 +24,14 @@ from torch.fx import _pytree as fx_pytree
 
 from sparsecc.capture import Captured, normalize_inputs
 from sparsecc.errors import SparseccError
-from sparsecc.graph.regions import AttentionRegion
 from sparsecc.progress import progress as show_progress
 
 log = logging.getLogger("sparsecc.calibrate")
 
 
-def attention_probs_mean(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool,
-                         scale: Optional[float], chunk: int = 256) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) averaged over every leading dim (batch, heads): [L, S], fp32."""
+def attention_probs_sum(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool,
+                        scale: Optional[float], chunk: int = 256) -> tuple[torch.Tensor, int]:
+    """softmax(q k^T * scale + mask) summed over every leading dim (batch, heads): ([L, S] fp32, items)."""
     q, k = q.float(), k.float()
     if q.shape[-3] != k.shape[-3] and q.dim() == 4:  # GQA: repeat kv heads
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
@@ -35,6 +39,7 @@ def attention_probs_mean(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[t
     s = (1.0 / math.sqrt(q.shape[-1])) if scale is None else scale
     out = torch.empty(L, S, dtype=torch.float32)
     kt = k.transpose(-2, -1)
+    items = math.prod(q.shape[:-2])
     for start in range(0, L, chunk):
         stop = min(L, start + chunk)
         scores = torch.matmul(q[..., start:stop, :], kt) * s
@@ -45,36 +50,75 @@ def attention_probs_mean(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[t
             rows = torch.arange(start, stop).unsqueeze(1)
             scores = scores.masked_fill(torch.arange(S).unsqueeze(0) > rows, float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-        out[start:stop] = probs.reshape(-1, stop - start, S).mean(0)
-    return out
+        out[start:stop] = probs.reshape(-1, stop - start, S).sum(0)
+    return out, items
 
 
-class _MapCollector(fx.Interpreter):
-    """Runs the graph and, at each watched SDPA node, adds its attention map to a running mean."""
+def attention_probs_mean(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool,
+                         scale: Optional[float], chunk: int = 256) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) averaged over every leading dim (batch, heads): [L, S], fp32."""
+    total, items = attention_probs_sum(q, k, attn_mask, is_causal, scale, chunk)
+    return total / max(items, 1)
 
-    def __init__(self, gm: fx.GraphModule, watch: dict, chunk: int):
-        super().__init__(gm)
-        self.watch = watch  # node -> region name
+
+class Observer:
+    """Watches one graph node during calibration and keeps statistics that combine by addition."""
+
+    def __init__(self, node: fx.Node, region: str):
+        self.node, self.region = node, region
+
+    def observe(self, args: tuple, kwargs: dict, output: Any) -> None:
+        raise NotImplementedError
+
+    @property
+    def empty(self) -> bool:
+        raise NotImplementedError
+
+
+class AttentionMapObserver(Observer):
+    """Sum of the attention probabilities at an SDPA node and, per (L, S), how many items were seen."""
+
+    def __init__(self, node: fx.Node, region: str, chunk: int = 256):
+        super().__init__(node, region)
         self.chunk = chunk
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
+        self.sum: Optional[torch.Tensor] = None  # [L_max, S_max]
+        self.counts: dict[tuple[int, int], int] = {}  # (L, S) of a batch -> items (batch x heads) seen
 
-    def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
-        name = self.watch.get(n)
-        if name is not None:
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            a = _bind_sdpa(args, kwargs)
-            m = attention_probs_mean(a["query"], a["key"], a["attn_mask"], bool(a["is_causal"]), a["scale"],
-                                     chunk=self.chunk)
-            if name in self.sums and self.sums[name].shape != m.shape:
-                raise SparseccError(
-                    f"calibration batches must share one sequence length: region {name} saw "
-                    f"{tuple(self.sums[name].shape)} and then {tuple(m.shape)}; pad or crop the batches to "
-                    "the length the layouts are for")
-            self.sums[name] = self.sums.get(name, 0) + m
-            self.counts[name] = self.counts.get(name, 0) + 1
-        return result
+    def observe(self, args: tuple, kwargs: dict, output: Any) -> None:
+        a = _bind_sdpa(args, kwargs)
+        total, items = attention_probs_sum(a["query"], a["key"], a["attn_mask"], bool(a["is_causal"]), a["scale"],
+                                           chunk=self.chunk)
+        self.add(total, {tuple(total.shape): items})
+
+    def add(self, total: torch.Tensor, counts: dict) -> None:
+        if self.sum is None:
+            self.sum = total.clone()
+        else:
+            L, S = max(self.sum.shape[0], total.shape[0]), max(self.sum.shape[1], total.shape[1])
+            if (L, S) != tuple(self.sum.shape):
+                grown = self.sum.new_zeros(L, S)
+                grown[:self.sum.shape[0], :self.sum.shape[1]] = self.sum
+                self.sum = grown
+            self.sum[:total.shape[0], :total.shape[1]] += total
+        for key, n in counts.items():
+            self.counts[key] = self.counts.get(key, 0) + n
+
+    @property
+    def empty(self) -> bool:
+        return self.sum is None
+
+    def cell_counts(self) -> torch.Tensor:
+        """[L_max, S_max]: how many items covered each cell."""
+        assert self.sum is not None
+        grid = torch.zeros(self.sum.shape, dtype=torch.float64)
+        for (L, S), n in self.counts.items():
+            grid[:L, :S] += n
+        return grid
+
+    def mean(self) -> torch.Tensor:
+        """The mean attention map [L_max, S_max] (fp32): each cell over the items that covered it."""
+        assert self.sum is not None
+        return (self.sum.double() / self.cell_counts().clamp_min(1)).float()
 
 
 def _bind_sdpa(args: tuple, kwargs: dict) -> dict:
@@ -86,34 +130,75 @@ def _bind_sdpa(args: tuple, kwargs: dict) -> dict:
     return out
 
 
-def collect_attention_maps(captured: Captured, gm: fx.GraphModule, regions: list[AttentionRegion],
-                           batches: Iterable[Any], chunk: int = 256, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Mean attention probability map [L, S] of every region over all calibration batches."""
-    watch = {r.sdpa: r.name for r in regions}
-    collector = _MapCollector(gm, watch, chunk)
+class RowObserver(Observer):
+    """The node's values flattened to rows [tokens, features], the first `max_rows` of them (a sample, not
+    a sum: processes combine theirs by concatenation)."""
+
+    def __init__(self, node: fx.Node, region: str, max_rows: int):
+        super().__init__(node, region)
+        self.max_rows = max_rows
+        self.rows: list[torch.Tensor] = []
+        self.count = 0
+
+    def observe(self, args: tuple, kwargs: dict, output: Any) -> None:
+        if self.count >= self.max_rows:
+            return
+        rows = output.detach().reshape(-1, output.shape[-1]).float()[: self.max_rows - self.count]
+        self.rows.append(rows)
+        self.count += rows.shape[0]
+
+    @property
+    def empty(self) -> bool:
+        return self.count == 0
+
+    def value(self) -> torch.Tensor:
+        return torch.cat(self.rows)
+
+
+class _Observing(fx.Interpreter):
+    """Runs the graph; after each watched node, hands its inputs and output to the node's observers."""
+
+    def __init__(self, gm: fx.GraphModule, observers: list[Observer]):
+        super().__init__(gm)
+        self.by_node: dict[fx.Node, list[Observer]] = {}
+        for obs in observers:
+            self.by_node.setdefault(obs.node, []).append(obs)
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        for obs in self.by_node.get(n, ()):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            obs.observe(args, kwargs, result)
+        return result
+
+
+def calibrate(captured: Captured, gm: fx.GraphModule, observers: list[Observer], batches: Iterable[Any],
+              progress: bool = True) -> int:
+    """Run every batch through `gm` once with all `observers` installed; returns the number of batches."""
+    runner = _Observing(gm, observers)
     in_spec = gm.graph._codegen.pytree_info.in_spec
+    n = 0
     with torch.no_grad():
-        for batch in show_progress(batches, "calibrating attention", enabled=progress):
+        for batch in show_progress(batches, "calibrating", enabled=progress):
             args, kwargs = normalize_inputs(batch)
-            flat = fx_pytree.tree_flatten_spec((args, {**captured.call_defaults, **kwargs}), in_spec)
-            collector.run(*flat)
-    if not collector.sums:
-        raise SparseccError("calibration saw no batches: pass calibration=[inputs, ...] with at least one batch "
-                            "in the same format as example_inputs")
-    return {name: collector.sums[name] / collector.counts[name] for name in collector.sums}
+            try:
+                flat = fx_pytree.tree_flatten_spec((args, {**captured.call_defaults, **kwargs}), in_spec)
+            except Exception as err:  # noqa: BLE001 - a batch that does not match the example inputs
+                raise SparseccError(
+                    f"calibration batch {n}: its inputs do not match the example inputs the model was compiled "
+                    f"with ({type(err).__name__}: {err}); pass batches in the same format as example_inputs "
+                    f"(e.g. the same keyword names)") from err
+            runner.run(*flat)
+            n += 1
+    if n == 0:
+        raise SparseccError("calibration got an empty iterable of batches: pass calibration=[inputs, ...] with at "
+                            "least one batch in the same format as example_inputs")
+    return n
 
 
-def collect_rows(captured: Captured, gm: fx.GraphModule, nodes: list[fx.Node], batches: Iterable[Any],
-                 max_rows: int = 4096, progress: bool = True) -> dict[fx.Node, torch.Tensor]:
-    """The values of `nodes` on the calibration batches, flattened to rows [tokens, features] (at most
-    `max_rows` per node): what FFN controllers are distilled from."""
-    from sparsecc.graph.regions import evaluate
-
-    rows: dict[fx.Node, list] = {n: [] for n in nodes}
-    for batch in show_progress(batches, "calibrating FFN inputs", enabled=progress):
-        args, kwargs = normalize_inputs(batch)
-        values = evaluate(gm, nodes, args, {**captured.call_defaults, **kwargs})
-        for n, v in values.items():
-            if sum(t.shape[0] for t in rows[n]) < max_rows:
-                rows[n].append(v.detach().reshape(-1, v.shape[-1]).float())
-    return {n: torch.cat(v)[:max_rows] for n, v in rows.items() if v}
+def collect_attention_maps(captured: Captured, gm: fx.GraphModule, regions: list, batches: Iterable[Any],
+                           chunk: int = 256, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Mean attention probability map [L, S] of every region over all calibration batches."""
+    observers = [AttentionMapObserver(r.sdpa, r.name, chunk) for r in regions]
+    calibrate(captured, gm, observers, batches, progress)
+    return {o.region: o.mean() for o in observers if not o.empty}

@@ -62,6 +62,12 @@ def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
         "{'input_ids': ids, 'attention_mask': mask}.")
 
 
+def call_with_inputs(model: Any, inputs: Any) -> Any:
+    """`model(*args, **kwargs)` for inputs in any format `normalize_inputs` accepts."""
+    args, kwargs = normalize_inputs(inputs)
+    return model(*args, **kwargs)
+
+
 def _is_hf_model(model: nn.Module) -> bool:
     return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel"
                for c in type(model).__mro__)

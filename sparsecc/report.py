@@ -1,6 +1,65 @@
-"""Text renderings of reports: region tables and graph summaries for people."""
+"""Reports: what sparsecc found (and did) in a model, and their text renderings for people."""
 
 from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+
+@dataclass
+class GraphSummary:
+    nodes: int
+    ops: dict
+    parameters: int
+    inputs: list
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def graph_summary(gm: fx.GraphModule) -> GraphSummary:
+    ops = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+    inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    params = sum(p.numel() for p in gm.parameters())
+    return GraphSummary(nodes=len(gm.graph.nodes), ops=dict(ops.most_common()), parameters=params, inputs=inputs)
+
+
+@dataclass
+class Report:
+    """What sparsecc found (and did) in a model."""
+
+    model: str
+    regions: list  # list[Region]
+    graph: GraphSummary
+    passes: list = field(default_factory=list)  # list[PassResult]
+    unmatched: list = field(default_factory=list)  # "why not" notes for regions and candidates left alone
+    stage_seconds: dict = field(default_factory=dict)
+
+    @property
+    def attention(self) -> list:
+        return [r for r in self.regions if r.kind == "attention"]
+
+    @property
+    def ffn(self) -> list:
+        return [r for r in self.regions if r.kind == "ffn"]
+
+    def dense_flops(self) -> int:
+        return sum(r.flops for r in self.regions)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "regions": [r.to_dict() for r in self.regions],
+                "graph": self.graph.to_dict(), "unmatched": [str(u) for u in self.unmatched],
+                "passes": [{"name": p.name, "changes": len(p.changes), "seconds": p.seconds,
+                            "max_abs_error": p.max_abs_error} for p in self.passes],
+                "stage_seconds": dict(self.stage_seconds)}
+
+    def table(self) -> str:
+        return region_table(self)
+
+    def __str__(self) -> str:
+        return self.table()
 
 
 def human(n: float) -> str:

@@ -75,7 +75,7 @@ def test_bench_identity_and_sparse_side_by_side(tmp_path, capsys):
     assert rewritten["region_flops"] == dense["region_flops"] > 0
 
     half = tmp_path / "half.toml"
-    half.write_text('[attention]\nkind = "spion"\nmethod = "local"\nblock = 4\ndensity = 0.4375\n')
+    half.write_text('[attention]\nkind = "fixed"\npattern = "local"\nblock = 4\ndensity = 0.4375\n')
     data = _json(capsys, ["bench", "sparsecc.testing:bert", "--recipe", str(half), "--repeats", "1", "--json"])
     dense, sparse = data["rows"]
     assert dense["region_flops"] > sparse["region_flops"] > 0

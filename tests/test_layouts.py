@@ -10,24 +10,18 @@ import torch
 import torch.nn.functional as F
 
 from sparsecc.errors import LayoutError
-from sparsecc.layouts import (
-    BlockLayout,
-    LayoutSet,
+from sparsecc.layouts import BlockLayout, LayoutSet, save_layout_png
+from sparsecc.methods.fixed.layouts import bigbird, layout_at_density, local_window, random_layout, strided
+from sparsecc.methods.spion.layouts import (
     SwitchCriterion,
-    bigbird,
     block_pool,
     diagonal_conv,
     flood_fill,
-    layout_at_density,
-    local_window,
     quantile_threshold,
-    random_layout,
-    save_layout_png,
     spion_c,
     spion_cf,
     spion_f,
     spion_layouts,
-    strided,
 )
 
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import pathlib
 import random
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsecc.data_listops import (
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
+
+from listops_data import (  # noqa: E402
     END,
     MED,
     PAD_ID,
@@ -23,7 +27,9 @@ from sparsecc.data_listops import (
     to_string,
     tokenize,
 )
-from sparsecc.layouts import BlockLayout, LayoutSet, layout_at_density, spion_cf
+from sparsecc.layouts import BlockLayout, LayoutSet
+from sparsecc.methods.fixed.layouts import layout_at_density
+from sparsecc.methods.spion.layouts import spion_cf
 
 
 @pytest.mark.parametrize("expr, value", [

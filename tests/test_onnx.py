@@ -317,7 +317,7 @@ def test_cli_export_spion_runs_from_the_file(tmp_path, capsys):
 SPARSE_RECIPES = {
     # block-sparse attention (a fixed layout: no calibration) + the one-of-N sparse FFN
     "spion+sparse_ffn": lambda name: sparsecc.Recipe(
-        attention=sparsecc.Spion(method="bigbird", block=4, density=0.5),
+        attention=sparsecc.Fixed(pattern="bigbird", block=4, density=0.5),
         ffn=sparsecc.SparseFFN(n=4, d_lowrank=8, init="random")),
     # token flow; causal decoders need content gates (a token's routing must not see later tokens)
     # (and threshold selection: top-k over the sequence would too); init 0 leaves some gates shut

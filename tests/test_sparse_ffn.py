@@ -14,7 +14,7 @@ from sparsecc.ops.sparse_ffn import (
     pack_sparse_ffn_weights,
     sparse_ffn_reference,
 )
-from sparsecc.training.controller import (SparseFFN, SparseFFNController, anneal_dense_mix,
+from sparsecc.nn.sparse_ffn import (SparseFFN, SparseFFNController, anneal_dense_mix,
                                          init_controller_from_activations)
 
 D_MODEL, D_FF, N, R = 16, 64, 8, 4

@@ -8,6 +8,7 @@ import torch
 import sparsecc
 from sparsecc import testing as T
 from sparsecc.capture import normalize_inputs
+from sparsecc.ops.sparse_ffn import sparse_ffn_reference
 from sparsecc.passes.manager import max_abs_error
 
 warnings.filterwarnings("ignore")
@@ -18,15 +19,60 @@ def _run(model, inputs):
     return model(*args, **kwargs)
 
 
+class _OpInputs(torch.fx.Interpreter):
+    """Runs the compiled graph and keeps the input and output of every sparse_ffn call."""
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.op == "call_function" and n.target is torch.ops.sparsecc.sparse_ffn.default:
+            self.calls.append((self.fetch_args_kwargs_from_env(n)[0][0], out))
+        return out
+
+
 @pytest.mark.parametrize("factory", [T.bert, T.gpt2, T.llama])
-def test_n1_equals_dense(factory):
+def test_each_ffn_equals_the_masked_dense_ffn_of_the_original_weights(factory):
+    """Every rewritten FFN computes the ORIGINAL model's FFN with the plan's controller mask (1e-5):
+    the weights are wired from the right parameters and the controller from the plan."""
     model, inputs = factory()
-    recipe = sparsecc.Recipe(attention=None, ffn=sparsecc.SparseFFN(n=1, d_lowrank=4, steps=0))
+    recipe = sparsecc.Recipe(attention=None, ffn=sparsecc.SparseFFN(n=2, d_lowrank=4, steps=0))
     sm = sparsecc.compile(model, inputs, recipe=recipe, calibration=[inputs])
-    ops = [n.target for n in sm.graph_module.graph.nodes]
-    assert ops.count(torch.ops.sparsecc.sparse_ffn.default) == 2
+    regions = sm.report().ffn
+    assert len(regions) == 2 and all(r.sparse["n"] == 2 for r in regions)
+    runner = _OpInputs(sm.graph_module)
+    runner.calls = []
+    args, kwargs = normalize_inputs(inputs)
     with torch.no_grad():
-        assert max_abs_error(_run(model, inputs), _run(sm, inputs)) <= 1e-5
+        runner.run(*torch.fx._pytree.tree_flatten_spec((args, {**sm.call_defaults, **kwargs}),
+                                                       sm.graph_module.graph._codegen.pytree_info.in_spec))
+    assert len(runner.calls) == 2
+    original = dict(model.named_parameters())
+
+    def weight(r, role):  # GPT-2's Conv1D keeps (in, out): nn.Linear layout is its transpose
+        w = original[r.weights[role]]
+        return w.t() if factory is T.gpt2 else w
+
+    def bias(r, role):
+        name = r.weights[role].rsplit(".", 1)[0] + ".bias"
+        return original.get(name)
+
+    for r, (x, got) in zip(regions, runner.calls):
+        plan = sm.plans[r.name]
+        expected = sparse_ffn_reference(
+            x, weight(r, "up"), bias(r, "up"), weight(r, "down"), bias(r, "down"), plan.tensors["c1"],
+            plan.tensors["c2"], plan.tensors["c_bias"], 2, r.activation,
+            weight(r, "gate") if r.gated else None, bias(r, "gate") if r.gated else None)
+        assert (got - expected).abs().max() <= 1e-5
+        dense = sparse_ffn_reference(x, weight(r, "up"), bias(r, "up"), weight(r, "down"), bias(r, "down"),
+                                     plan.tensors["c1"], plan.tensors["c2"], plan.tensors["c_bias"], 1, r.activation,
+                                     weight(r, "gate") if r.gated else None, bias(r, "gate") if r.gated else None)
+        assert (got - dense).abs().max() > 1e-3  # half of the units are really dropped
+
+
+def test_a_rewrite_that_costs_more_is_refused_with_the_reason():
+    model, inputs = T.bert()
+    with pytest.raises(sparsecc.errors.UnsupportedError, match=r"would cost .* not fewer than the dense"):
+        sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(attention=None, ffn=sparsecc.SparseFFN(n=1)),
+                         calibration=[inputs])
 
 
 @pytest.mark.parametrize("factory,gated", [(T.bert, False), (T.llama, True)])
@@ -55,7 +101,7 @@ def test_sparse_ffn_distills_reports_and_trains(factory, gated):
 def test_random_init_needs_no_calibration_and_bad_n_is_named():
     model, inputs = T.bert()
     sm = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(attention=None,
-                                                                ffn=sparsecc.SparseFFN(n=4, init="random")))
+                                                                ffn=sparsecc.SparseFFN(n=4, d_lowrank=8, init="random")))
     assert all(r.sparse["agreement"] is None for r in sm.report().ffn)
     with pytest.raises(sparsecc.errors.UnsupportedError, match="d_ff=64 is not a multiple of recipe.ffn.n=5"):
         sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(attention=None, ffn=sparsecc.SparseFFN(n=5)))
@@ -65,7 +111,7 @@ def test_random_init_needs_no_calibration_and_bad_n_is_named():
 
 def test_spion_and_sparse_ffn_together():
     model, inputs = T.gpt2()
-    recipe = sparsecc.Recipe(attention=sparsecc.Spion(method="bigbird", block=8, density=0.75),
+    recipe = sparsecc.Recipe(attention=sparsecc.Fixed(pattern="bigbird", block=8, density=0.75),
                              ffn=sparsecc.SparseFFN(n=4, d_lowrank=4, steps=20))
     sm = sparsecc.compile(model, inputs, recipe=recipe, calibration=[inputs])
     ops = [n.target for n in sm.graph_module.graph.nodes]

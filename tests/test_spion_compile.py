@@ -11,7 +11,7 @@ from sparsecc.calibrate import attention_probs_mean, collect_attention_maps
 from sparsecc.capture import capture, normalize_inputs
 from sparsecc.graph.regions import find_regions
 from sparsecc.passes.manager import max_abs_error
-from sparsecc.passes.spion import split_mask
+from sparsecc.methods.block_sparse import split_mask
 
 warnings.filterwarnings("ignore")
 
@@ -58,7 +58,7 @@ def test_collect_maps_average_over_batches():
 def test_full_layout_equals_dense(factory, density):
     """A layout that keeps every allowed block must reproduce dense attention (mask split included)."""
     model, inputs = factory()
-    recipe = sparsecc.Recipe(attention=sparsecc.Spion(method="random", block=8, density=density), ffn=None)
+    recipe = sparsecc.Recipe(attention=sparsecc.Fixed(pattern="random", block=8, density=density), ffn=None)
     sm = sparsecc.compile(model, inputs, recipe=recipe)
     targets = [n.target for n in sm.graph_module.graph.nodes]
     assert targets.count(torch.ops.sparsecc.block_sparse_attention.default) == 2
@@ -91,13 +91,16 @@ def test_spion_cf_calibrates_rewrites_and_reports(factory):
     assert q_weight.grad is not None and q_weight.grad.abs().sum() > 0
 
 
-def test_t5_position_bias_regions_stay_dense_with_a_reason():
+def test_t5_position_bias_regions_are_refused_with_the_reason():
+    """SPION fits none of T5's attention (position bias in every self-attention, cross attention stays
+    dense): the compile fails and names each region's reason instead of returning an unchanged model."""
     model, inputs = T.t5()
-    sm = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(attention=sparsecc.Spion(block=8, quantile=0.5),
-                                                                ffn=None), calibration=[inputs])
-    targets = [n.target for n in sm.graph_module.graph.nodes]
-    assert torch.ops.sparsecc.block_sparse_attention.default not in targets
-    assert sum("learned position bias" in note for note in sm.report().unmatched) == 4  # 2 enc + 2 dec self
+    with pytest.raises(sparsecc.errors.UnsupportedError, match="fits none of the 6 attention") as err:
+        sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(attention=sparsecc.Spion(block=8, quantile=0.5),
+                                                               ffn=None), calibration=[inputs])
+    assert str(err.value).count("learned position bias") == 3 and "cross attention" in str(err.value)
+    # per layer: the T5 self-attention regions stay dense with the reason in the report, the rest is rewritten
+    sm = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(attention=sparsecc.Identity(), ffn=None))
     assert max_abs_error(_run(model, inputs), _run(sm, inputs)) <= 1e-5
 
 
@@ -116,12 +119,12 @@ def test_split_mask_cases():
 def test_spion_recipe_validation_and_save(tmp_path):
     with pytest.raises(sparsecc.errors.RecipeError, match=r"recipe.attention.quantile: got 1.5"):
         sparsecc.Spion(quantile=1.5)
-    with pytest.raises(sparsecc.errors.RecipeError, match=r"recipe.attention.method: 'spoin_cf' is not a SPION method"):
+    with pytest.raises(sparsecc.errors.RecipeError, match=r"recipe.attention.method: got 'spoin_cf'; allowed: \['spion_cf'"):
         sparsecc.Recipe.from_dict({"attention": {"kind": "spion", "method": "spoin_cf"}})
     with pytest.raises(sparsecc.errors.RecipeError, match=r"recipe.attention.block: got '64'"):
         sparsecc.Recipe.from_dict({"attention": {"kind": "spion", "block": "64"}})
     model, inputs = T.bert("sdpa", seq=32)
-    sm = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(attention=sparsecc.Spion(method="bigbird", block=8,
+    sm = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(attention=sparsecc.Fixed(pattern="bigbird", block=8,
                                                                                           density=0.5)))
     sm.save_layouts(str(tmp_path / "layouts"))
     assert (tmp_path / "layouts" / "layouts.png").stat().st_size > 1000
@@ -135,7 +138,7 @@ def test_spion_recipe_validation_and_save(tmp_path):
 def test_spion_model_runs_shorter_sequences_by_cropping_its_layouts():
     model, inputs = T.bert("sdpa", seq=32)
     sm = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(
-        attention=sparsecc.Spion(method="random", block=8, density=1.0), ffn=None))
+        attention=sparsecc.Fixed(pattern="random", block=8, density=1.0), ffn=None))
     short = {"input_ids": inputs["input_ids"][:, :20], "attention_mask": inputs["attention_mask"][:, :20]}
     assert max_abs_error(_run(model, short), _run(sm, short)) <= 1e-5
     longer = {k: torch.cat([v, v[:, :8]], 1) for k, v in inputs.items()}

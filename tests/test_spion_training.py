@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import sparsecc
-from sparsecc.training.spion import SpionSchedule, fit
+from sparsecc.train.spion import SpionSchedule, fit
 
 warnings.filterwarnings("ignore")
 
@@ -75,7 +75,7 @@ def test_no_switch_when_maps_keep_moving():
 
 def test_max_dense_steps_forces_the_switch():
     torch.manual_seed(0)
-    schedule = SpionSchedule(sparsecc.Spion(method="bigbird", block=8, density=0.5), check_every=100,
+    schedule = SpionSchedule(sparsecc.Fixed(pattern="bigbird", block=8, density=0.5), check_every=100,
                              max_dense_steps=7)
     result = fit(Classifier(), _batches(10), _loss, steps=10, schedule=schedule, progress=False)
     assert result.switched_at == 7 and isinstance(result.model, sparsecc.SparseModel)

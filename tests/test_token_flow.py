@@ -290,7 +290,7 @@ def test_training_graph_soft_gates_and_user_model_untouched():
 
 
 def test_fit_reaches_the_target_kept_fraction():
-    from sparsecc.training.flow import fit_flow
+    from sparsecc.train.flow import fit_flow
     model, inputs = T.bert()
     sm = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(flow=sparsecc.TokenFlow(keep=0.5)))
     g = torch.Generator().manual_seed(1)
@@ -306,7 +306,7 @@ def test_fit_reaches_the_target_kept_fraction():
 
 
 def test_hard_final_phase_trains_on_the_calibrated_hard_decisions():
-    from sparsecc.training.flow import fit_flow
+    from sparsecc.train.flow import fit_flow
     model, inputs = T.bert()
     sm = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(flow=sparsecc.TokenFlow(keep=0.5)))
     g = torch.Generator().manual_seed(1)
@@ -342,7 +342,7 @@ def test_onnx_runtime_matches_pytorch():
 def test_minilm_benchmark_layer_distillation_term(load_tool):
     """--layer-weight: W x the mean token-state cosine loss to the dense states entering each flowed layer but the
     first. With every gate closed the stream entering every layer is the embedding output, so the term is known."""
-    from sparsecc.training.flow import hidden_distill
+    from sparsecc.train.losses import hidden_distill
     tool = load_tool("bench_flow_minilm")
     model, inputs, sm = _compile(T.bert, init=-3.0, pin_first=False)
     sm.eval()
@@ -378,7 +378,7 @@ def test_minilm_benchmark_never_trains_on_its_held_out_text(load_tool):
 
 
 def test_keep_threshold_hand_computed():
-    from sparsecc.training.flow_gates import keep_threshold
+    from sparsecc.methods.token_flow.gates import keep_threshold
     logits = torch.tensor([[9.0, 1.0, 4.0, 3.0, 2.0, -5.0]])
     valid = torch.tensor([[True, True, True, True, True, False]])
     pinned = torch.tensor([[True, False, False, False, False, False]])
@@ -392,7 +392,7 @@ def test_keep_threshold_hand_computed():
 @pytest.mark.parametrize("rate", [0.0, 1.0])
 def test_hard_training_tracks_the_kept_fraction(rate):
     # content scores move while the weights train: track_keep moves the threshold back to the target
-    from sparsecc.training.flow_gates import FlowGates
+    from sparsecc.methods.token_flow.gates import FlowGates
     gates = FlowGates(sparsecc.TokenFlow(gate="content", keep=0.25), [(0, 4)], [4]).train()
     with torch.no_grad():
         gates.scorers[0].weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
@@ -412,7 +412,8 @@ def test_hard_training_tracks_the_kept_fraction(rate):
 
 def test_keep_per_layer():
     # one target per flowed block: the penalty, the calibration and top-k capacities use each block's own
-    from sparsecc.training.flow import fit_flow, sparsity_penalty
+    from sparsecc.methods.token_flow.fit import sparsity_penalty
+    from sparsecc.train.flow import fit_flow
     model, inputs = T.bert()
     n = len(sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(flow=sparsecc.TokenFlow())).flow_gates.keep_targets)
     keeps = [0.25 + 0.5 * i / max(n - 1, 1) for i in range(n)]  # 0.25 ... 0.75

@@ -347,7 +347,7 @@ def _e2e_bert() -> dict:
     from sparsecc.testing import bert
 
     model, inputs = bert(layers=1, seq=40)
-    recipe = sparsecc.Recipe(attention=sparsecc.Spion(method="bigbird", block=16, density=0.5),
+    recipe = sparsecc.Recipe(attention=sparsecc.Fixed(pattern="bigbird", block=16, density=0.5),
                              ffn=sparsecc.SparseFFN(n=8, d_lowrank=8, init="random"))
     sm = sparsecc.compile(model, inputs, recipe=recipe, check=False)
     ops = {n.target for n in sm.graph_module.graph.nodes if n.op == "call_function"}

@@ -34,7 +34,7 @@ def one_run(model, inputs) -> dict:
     from sparsecc.capture import capture
     from sparsecc.graph.canonicalize import CANONICALIZE
     from sparsecc.graph.regions import find_regions
-    from sparsecc.passes.identity import attention_to_op, ffn_to_op
+    from sparsecc.methods.identity import attention_to_op, ffn_to_op
     from sparsecc.passes.manager import Pass, PassContext, PassManager
 
     t = {}

@@ -4,7 +4,7 @@
                                       [--repeats 5] [--variants released content mod random] [--write]
 
 No labels are available offline, so every variant is trained by distillation to the dense model's
-token states and mean-pooled sentence embeddings (sparsecc.training.flow.fit_flow: the flowed
+token states and mean-pooled sentence embeddings (sparsecc.train.flow.fit_flow: the flowed
 model's weights at 2e-5, its gates at 0.1, sparsity penalty and mixture balance, last 10 % of the
 steps without them, thresholds calibrated to the target on the training batches) on standard-library
 docstrings; a fixed random 70 / 30 split of the curated modules' paragraphs keeps held-out text for
@@ -196,7 +196,7 @@ def layer_distillation(sm, model, distill, weight: float):
     """(teacher, distill, hook handle) adding `weight` x the mean token-state cosine loss at the input of every
     flowed layer but the first: the student's states are read off the gate module (it gets each segment's input
     stream). Remove the handle after training."""
-    from sparsecc.training.flow import hidden_distill
+    from sparsecc.train.losses import hidden_distill
     states: dict = {}
 
     def hook(module, args, kwargs, out):
@@ -260,7 +260,8 @@ def main() -> None:
 
     import sparsecc
     from sparsecc.models import minilm_dir
-    from sparsecc.training.flow import embedding_distill, fit_flow
+    from sparsecc.train.flow import fit_flow
+    from sparsecc.train.losses import embedding_distill
 
     started = time.time()
     path = minilm_dir()

@@ -34,9 +34,9 @@ import sparsecc  # noqa: E402
 from common import machine_line, median_seconds, write_atomic  # noqa: E402
 from sparsecc.backends.onnx import export_graph, export_onnx  # noqa: E402
 from sparsecc.backends.onnxruntime import OnnxRuntimeModule, session_options  # noqa: E402
-from sparsecc.layouts import layout_at_density  # noqa: E402
+from sparsecc.methods.fixed.layouts import layout_at_density  # noqa: E402
 from sparsecc.ops.block_sparse_attention import block_sparse_attention  # noqa: E402
-from sparsecc.recipe import Spion  # noqa: E402
+from sparsecc import Fixed  # noqa: E402
 
 
 def bert_encoder(layers: int, hidden: int, heads: int, max_len: int):
@@ -150,7 +150,7 @@ def bench_length(L: int, args, tmp: str, threads: int, log) -> list[str]:
 
     results = []
     recipes = [("identity", sparsecc.Recipe())]
-    recipes.append(("spion", sparsecc.Recipe(attention=Spion(method=args.method, block=args.block, density=density),
+    recipes.append(("spion", sparsecc.Recipe(attention=Fixed(pattern=args.method, block=args.block, density=density),
                                              ffn=None)))
     if args.skip_identity:
         recipes = recipes[1:]

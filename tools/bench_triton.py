@@ -202,9 +202,9 @@ def e2e_table(seq: int, quick: bool) -> str:
             bos_token_id=0, eos_token_id=0, pad_token_id=0)),
     }
     recipes = {
-        "block-sparse attention (1/8)": sparsecc.Recipe(attention=sparsecc.Spion(method="bigbird", density=1 / 8)),
+        "block-sparse attention (1/8)": sparsecc.Recipe(attention=sparsecc.Fixed(pattern="bigbird", density=1 / 8)),
         "sparse FFN (N=32)": sparsecc.Recipe(ffn=sparsecc.SparseFFN(n=32, init="random")),
-        "both": sparsecc.Recipe(attention=sparsecc.Spion(method="bigbird", density=1 / 8),
+        "both": sparsecc.Recipe(attention=sparsecc.Fixed(pattern="bigbird", density=1 / 8),
                                 ffn=sparsecc.SparseFFN(n=32, init="random")),
         "token flow (keep 1/2, random gates)": sparsecc.Recipe(flow=sparsecc.TokenFlow(gate="random", keep=0.5)),
     }

@@ -1,6 +1,6 @@
 """ListOps quality benchmark of SPION (issue 3): dense vs SPION-CF vs SPION-C vs BigBird, trained on CPU.
 
-Data: `sparsecc.data_listops` (the LRA generator's rules; lengths 501..1999 padded to 2048 by
+Data: `listops_data.py` beside this file (the LRA generator's rules; lengths 501..1999 padded to 2048 by
 default). Model: the paper's ListOps encoder (4 layers, d_model 64, 2 heads x 32, FFN 128, pre-LN,
 learned positions, mean pooling). AdamW, gradient clipping by value 1 (as released), linear
 warm-up then linear decay.
@@ -60,16 +60,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import machine_line, write_atomic  # noqa: E402
 
-from sparsecc.data_listops import LRA_MAX_LEN, LRA_MIN_LEN, ListOpsTransformer, listops_dataset  # noqa: E402
+from listops_data import LRA_MAX_LEN, LRA_MIN_LEN, ListOpsTransformer, listops_dataset  # noqa: E402
 from sparsecc.errors import LayoutError  # noqa: E402
-from sparsecc.layouts import (  # noqa: E402
-    LayoutSet,
-    SwitchCriterion,
-    layout_at_density,
-    save_layout_png,
-    spion_c,
-    spion_cf,
-)
+from sparsecc.layouts import LayoutSet, save_layout_png  # noqa: E402
+from sparsecc.methods.fixed.layouts import layout_at_density  # noqa: E402
+from sparsecc.methods.spion.layouts import SwitchCriterion, spion_c, spion_cf  # noqa: E402
 
 VARIANTS = ("dense", "spion_cf", "spion_c", "bigbird")
 

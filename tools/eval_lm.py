@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line, write_atomic  # noqa: E402
 from sparsecc.data import stdlib_corpus  # noqa: E402
 from sparsecc.nn import QKV_OUTPUTS, CausalLM, DecoderConfig, count_parameters  # noqa: E402
-from sparsecc.training.controller import SparseFFNController, anneal_dense_mix  # noqa: E402
+from sparsecc.nn.sparse_ffn import SparseFFNController, anneal_dense_mix  # noqa: E402
 
 
 def load_bytes(val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:

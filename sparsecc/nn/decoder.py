@@ -7,7 +7,7 @@ Options: `sparse_qkv` (Scaling Transformers' multiplicative layer + convolutions
 instead of dense Q/K/V, see `sparse_qkv.py`; `qkv_output` picks what follows its
 attention: nothing as released, a multiplicative layer, or a dense projection),
 `sparse_loss` (the paper's sparse loss layer: a multiplicative vocabulary projection) and `sparse_ffn` (each FFN is a
-`sparsecc.training.controller.SparseFFN`: the controller's masked dense product
+`sparsecc.nn.sparse_ffn.SparseFFN`: the controller's masked dense product
 in training, `sparsecc::sparse_ffn` at eval). Dense FFNs are written as plain
 nn.Linear -> activation -> nn.Linear so sparsecc's region finder sees them.
 
@@ -35,7 +35,7 @@ from torch import nn
 
 from sparsecc.errors import LayoutError
 from sparsecc.nn.sparse_qkv import CONTEXT, QKV_OUTPUTS, MultiplicativeDense, SparseQKV
-from sparsecc.training.controller import SparseFFN, init_controller_from_activations
+from sparsecc.nn.sparse_ffn import SparseFFN, init_controller_from_activations
 
 __all__ = ["CausalLM", "DecodeStep", "DecoderConfig", "FFN", "count_parameters", "empty_cache", "with_sparse_ffn"]
 

@@ -29,7 +29,7 @@ Autograd: gradients flow to x and to every FFN weight/bias (the chosen units
 only; the others get zero). The controller (c1, c2, c_bias) gets NO gradient
 through the op: the arg-max selection is piecewise constant. Train the
 controller with the straight-through / soft mask of
-`sparsecc.training.controller.SparseFFNController` (dense masked product).
+`sparsecc.nn.sparse_ffn.SparseFFNController` (dense masked product).
 The backward recomputes the (cheap) controller selection instead of saving it.
 
 The implementation below is the default kernel for every device (plain

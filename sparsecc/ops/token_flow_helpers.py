@@ -1,6 +1,6 @@
 """Plain-PyTorch functions that flowed graphs call around the token-flow ops.
 
-The token-flow rewrite (sparsecc.passes.token_flow) inserts calls to these functions as
+The token-flow rewrite (sparsecc.methods.token_flow.rewrite) inserts calls to these functions as
 `call_function` nodes; they are traced through by torch.export / torch.compile, so they
 become ordinary aten ops (and standard ONNX ops) around `sparsecc::flow_*`.
 

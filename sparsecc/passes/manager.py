@@ -40,7 +40,8 @@ class PassContext:
     captured: Any  # sparsecc.capture.Captured
     recipe: Any = None
     regions: list = field(default_factory=list)
-    data: dict = field(default_factory=dict)  # per-pass products (layouts, calibration stats, ...)
+    targets: dict = field(default_factory=dict)  # slot -> [sparsecc.methods.Target]: what each method rewrites
+    data: dict = field(default_factory=dict)  # per-method products (evaluated masks, the flow plan, ...)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""SparseFlow rewrite: only the kept tokens of each example go through a flowed residual block.
+"""SparseFlow's rewrite: only the kept tokens of each example go through a flowed residual block.
 
 `prepare_token_flow` (before the passes run) finds the flow segments (a layer's residual
 blocks, or its FFN block; see sparsecc.graph.flow_segments), checks the recipe against the
@@ -20,7 +20,7 @@ builds two graphs that share every parameter:
   (accumulate=True when the segment ends with `h + sublayer(...)`: the pre-LN residual add
   is fused into the scatter.) With layout="packed" (the default) the segment's row-wise tail
   (output projection, residual adds, norms, FFN) then runs on the batch's kept tokens one after
-  another, [1, N, D], not on the padded [B, K, D] (sparsecc.passes.token_flow_packed).
+  another, [1, N, D], not on the padded [B, K, D] (sparsecc.methods.token_flow.packed).
 - the TRAINING graph (`FlowPlan.train_graph`): the dense graph with the soft update
   h_out = h + g * (Block(h) - h) per segment, g = sparsecc_flow(..., mode="gate")
   (Gumbel-sigmoid in training mode, hard with a straight-through gradient in eval mode);
@@ -48,12 +48,12 @@ from sparsecc.graph.flow_segments import (FlowSegment, attention_args, attention
 from sparsecc.graph.fx_utils import SDPA, aten, fake, hint, is_call, new_call
 from sparsecc.ops.token_flow_helpers import (flow_attention_mask, flow_mix, gather_tokens, soft_key_mask,
                                              valid_tokens)
+from sparsecc.methods.token_flow.config import TokenFlow
+from sparsecc.methods.token_flow.gates import FlowGates
+from sparsecc.methods.token_flow.packed import pack_tail
 from sparsecc.passes.manager import PassContext
-from sparsecc.passes.token_flow_packed import pack_tail
-from sparsecc.recipe import TokenFlow
-from sparsecc.training.flow_gates import FlowGates
 
-log = logging.getLogger("sparsecc.passes.token_flow")
+log = logging.getLogger("sparsecc.methods.token_flow")
 
 GATES = "sparsecc_flow"
 _SHAPE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
@@ -79,6 +79,7 @@ class FlowPlan:
 
 # ------------------------------------------------------------------ prepare
 def prepare_token_flow(cfg: TokenFlow, ctx: PassContext) -> FlowPlan:
+    """Find the segments, check the recipe against the model, build the gates (ctx.data["flow"])."""
     segments, notes = find_segments(ctx.regions, cfg.scope)
     if not segments:
         raise UnsupportedError("token flow: no residual block of the model can be flowed "

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 import torch.fx as fx
 
-from sparsecc.api import SparseModel
+from sparsecc.model import SparseModel
 from sparsecc.capture import normalize_inputs
 
 
@@ -43,14 +43,14 @@ class FlowSparseModel(SparseModel):
 
     def __init__(self, *args, flow: Any, **kwargs):
         super().__init__(*args, **kwargs)
-        self.flow = flow  # sparsecc.passes.token_flow.FlowPlan (not a module: no duplicate state_dict keys)
+        self.flow = flow  # sparsecc.methods.token_flow.rewrite.FlowPlan (not a module: no duplicate state_dict keys)
         # the training graph is not a child module: all its tensors are graph_module's
         self.__dict__["train_graph_module"] = flow.train_graph
         self.train(False)  # compiled models start in inference mode (the graph that was checked)
 
     @property
     def flow_gates(self):
-        """The gate module (`sparsecc.training.flow_gates.FlowGates`), shared by both graphs."""
+        """The gate module (`sparsecc.methods.token_flow.gates.FlowGates`), shared by both graphs."""
         return self.graph_module.get_submodule("sparsecc_flow")
 
     def forward(self, *args, **kwargs):
@@ -71,7 +71,7 @@ class FlowSparseModel(SparseModel):
     def measure_flow(self, batches: Iterable[Any]) -> dict:
         """Kept fraction (of non-padding tokens) per flowed segment on `batches` (inputs as for the model);
         also updates the report (kept fraction and FLOPs per layer)."""
-        from sparsecc.passes.token_flow import measure, record_facts
+        from sparsecc.methods.token_flow.rewrite import measure, record_facts
 
         def run(gm, batch):
             args, kwargs = normalize_inputs(batch)

@@ -1,4 +1,4 @@
-"""The identity rewrite: every region becomes a sparsecc op computing the same dense math.
+"""The identity method: every region becomes a sparsecc op computing the same dense math.
 
 It proves the rewrite machinery end to end (custom ops in the graph, outputs
 unchanged, gradients to every parameter) and is the template the sparse
@@ -8,19 +8,55 @@ facts, insert the op, redirect users, let dead-code elimination remove the rest.
 
 from __future__ import annotations
 
+import typing
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.fx as fx
 
 import sparsecc.ops  # noqa: F401  (registers the ops)
 from sparsecc.graph.fx_utils import new_call, replace_node
 from sparsecc.graph.regions import find_attention, find_ffn, sdpa_args
+from sparsecc.methods.base import Match, Method, Target
+from sparsecc.methods.registry import register
+from sparsecc.ops import activations
 from sparsecc.passes.manager import PassContext
 
 
-def attention_to_op(gm: fx.GraphModule, ctx: PassContext) -> list[str]:
+@dataclass(frozen=True)
+class Identity:
+    """Rewrite the region into the sparsecc op with the same dense math (proves the rewrite)."""
+
+    kind: typing.ClassVar[str] = "identity"
+
+
+@register(Identity)
+class IdentityMethod(Method):
+    slots = ("attention", "ffn")
+    tolerance = 1e-5
+    optional = True
+
+    def match(self, region, config, ctx) -> Match:
+        if region.kind == "attention" and region.sdpa.target is not torch.ops.aten.scaled_dot_product_attention.default:
+            return Match.no(f"already rewritten ({region.sdpa.target})")
+        if region.kind == "ffn" and region.activation not in activations.ACTIVATIONS:
+            return Match.no(f"activation {region.activation!r} is not one of {sorted(activations.ACTIVATIONS)}")
+        return Match.yes()
+
+    def rewrite(self, gm: fx.GraphModule, ctx: PassContext, targets: list[Target]) -> list[str]:
+        names = {t.name for t in targets}
+        kinds = {t.region.kind for t in targets}
+        changes = attention_to_op(gm, ctx, names) if "attention" in kinds else []
+        return changes + (ffn_to_op(gm, ctx, names) if "ffn" in kinds else [])
+
+
+def attention_to_op(gm: fx.GraphModule, ctx: Optional[PassContext] = None, only: Optional[set] = None) -> list[str]:
     changes = []
     graph = gm.graph
     for region in find_attention(gm):
+        if only is not None and region.name not in only:
+            continue
         node = region.sdpa
         if node.target is not torch.ops.aten.scaled_dot_product_attention.default:
             continue
@@ -38,10 +74,12 @@ def _bias(linear: fx.Node):
     return linear.args[2] if len(linear.args) > 2 else None
 
 
-def ffn_to_op(gm: fx.GraphModule, ctx: PassContext) -> list[str]:
+def ffn_to_op(gm: fx.GraphModule, ctx: Optional[PassContext] = None, only: Optional[set] = None) -> list[str]:
     changes = []
     graph = gm.graph
     for region in find_ffn(gm):
+        if only is not None and region.name not in only:
+            continue
         up, gate, down = region.up, region.gate, region.down
         with graph.inserting_before(down):
             op = new_call(graph, torch.ops.sparsecc.ffn.default,

@@ -23,7 +23,7 @@ Modes of `forward(h, x0, valid, segment, mode)`:
   Gumbel-sigmoid sigmoid((logit + g1 - g2) / T) (threshold) or the top-k mask with a
   straight-through sigmoid gradient (topk); in eval mode (or with `hard_training`) the
   hard decision of "keep" with a straight-through gradient. The last gates (and mixture weights) are kept in
-  `last_gates` / `last_mix` for the losses of `sparsecc.training.flow`.
+  `last_gates` / `last_mix` for the losses of `sparsecc.train.flow`.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class FlowGates(nn.Module):
             self.register_buffer("table", torch.rand(self.n_segments, self.max_positions, generator=g) * 2 - 1)
         else:  # pragma: no cover - the recipe validates
             raise ValueError(f"unknown gate kind {self.kind!r}")
-        # added to every logit of a segment: `sparsecc.training.flow.calibrate_keep` sets it so that the hard
+        # added to every logit of a segment: `sparsecc.train.flow.calibrate_keep` sets it so that the hard
         # decisions keep the target fraction on data (0 = as trained)
         self.register_buffer("shift", torch.zeros(self.n_segments))
         self.capture: Optional[dict] = None  # when a dict, "keep" forwards store (logits, valid) per segment

@@ -1,4 +1,4 @@
-"""Fixed (data-independent) block layouts: local window, strided, BigBird, random.
+"""Fixed (data-independent) block layouts: local window, strided, BigBird, Longformer, random.
 
 All take `seq_len` and `block_size` and build a square n x n layout, n = ceil(seq_len /
 block_size). `window` is the number of key blocks in each row's band (BigBird's convention,
@@ -20,7 +20,7 @@ import torch
 from sparsecc.errors import LayoutError
 from sparsecc.layouts.block_layout import BlockLayout, ceil_blocks
 
-LayoutKind = Literal["local", "strided", "bigbird", "random"]
+LayoutKind = Literal["local", "strided", "bigbird", "longformer", "random"]
 
 
 def _check_pos(**values: int) -> None:
@@ -111,6 +111,19 @@ def bigbird(
     return BlockLayout(mask, block_size, causal, f"bigbird(w={window},g={global_blocks},r={random_blocks})", meta)
 
 
+def longformer(seq_len: int, block_size: int, window: int = 3, global_blocks: int = 1,
+               causal: bool = False) -> BlockLayout:
+    """Longformer block layout: a sliding window of `window` key blocks plus `global_blocks` global blocks
+    (the first block indices: their queries see every key block and every query sees them), no random blocks."""
+    _check_pos(seq_len=seq_len, block_size=block_size, window=window)
+    if global_blocks < 0:
+        raise LayoutError(f"global_blocks must be >= 0, found {global_blocks}")
+    n = ceil_blocks(seq_len, block_size)
+    meta = {"kind": "longformer", "window": window, "global_blocks": global_blocks}
+    return BlockLayout(_bigbird_base(n, window, global_blocks, causal), block_size, causal,
+                       f"longformer(w={window},g={global_blocks})", meta)
+
+
 def _bigbird_min_density(n: int, causal: bool) -> float:
     """Density of the smallest layout with BigBird's structure: window 3 and one global block."""
     return int(_bigbird_base(n, 3, 1, causal).sum()) / (n * n)
@@ -123,10 +136,13 @@ def _density_range(n: int, causal: bool) -> tuple[float, float]:
 def _check_density(density: float, n: int, causal: bool, block_size: int) -> None:
     lo, hi = _density_range(n, causal)
     if not lo - 1e-12 <= density <= hi + 1e-12:
+        why = (f"at least the block diagonal ({n} of {n * n} blocks) is kept"
+               + (f", and a causal layout keeps no block above the diagonal, so at most {n * (n + 1) // 2} of "
+                  f"{n * n} blocks" if causal else ""))
         raise LayoutError(
-            f"density {density} is outside [{lo:.4f}, {hi:.4f}], the range reachable by a "
-            f"{'causal ' if causal else ''}layout of {n}x{n} blocks of {block_size} that keeps the block "
-            "diagonal; use a smaller block_size for lower densities, or a density inside the range"
+            f"density {density} is outside [{lo:.4f}, {hi:.4f}], the range a {'causal ' if causal else ''}layout of "
+            f"{n}x{n} blocks of {block_size} can reach: {why}. Use a density inside the range "
+            "(or a smaller block for lower densities)"
         )
 
 
@@ -163,6 +179,7 @@ def layout_at_density(
       comes within half a block per row (0.5 / n) of the target, else the nearest overall.
       Below the density of window 3 + one global block the result is no longer BigBird-shaped,
       and a UserWarning says so (use a smaller block_size there).
+    - "longformer": one global block and the window with the nearest density.
     - "random": exact up to rounding to whole tiles.
     Ties go to the smaller parameter. meta["density_target"] records the request.
     """
@@ -187,6 +204,11 @@ def layout_at_density(
             counts.append((s, int(m.sum()) / total))
         s, _ = nearest(counts)
         layout = strided(seq_len, block_size, s, 1, causal)
+    elif kind == "longformer":
+        widths = range(1, (n if causal else 2 * n - 1) + 1)
+        g = 1 if n > 1 else 0
+        w, _ = nearest([(w, int(_bigbird_base(n, w, g, causal).sum()) / total) for w in widths])
+        layout = longformer(seq_len, block_size, w, g, causal)
     elif kind == "bigbird":
         allowed = _allowed(n, causal)
         best: tuple[float, int, int, int] | None = None
@@ -214,6 +236,6 @@ def layout_at_density(
             )
         layout = bigbird(seq_len, block_size, window, g, r, seed, causal)
     else:
-        raise LayoutError(f"unknown layout kind {kind!r}; use 'local', 'strided', 'bigbird' or 'random'")
+        raise LayoutError(f"unknown layout kind {kind!r}; use 'local', 'strided', 'bigbird', 'longformer' or 'random'")
     meta = dict(layout.meta, density_target=density)
     return BlockLayout(layout.mask, block_size, causal, layout.name, meta)

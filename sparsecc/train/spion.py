@@ -21,15 +21,16 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 from torch import nn
 
-from sparsecc.layouts import SwitchCriterion
-from sparsecc.recipe import Recipe, Spion
+from sparsecc.methods.spion import Spion
+from sparsecc.methods.spion.layouts import SwitchCriterion
+from sparsecc.recipe import Recipe
 
-log = logging.getLogger("sparsecc.training")
+log = logging.getLogger("sparsecc.train")
 
 
 @dataclass
 class SpionSchedule:
-    spion: Spion = field(default_factory=Spion)
+    spion: Any = field(default_factory=Spion)  # the attention config at the switch: Spion, or Fixed for a baseline
     check_every: int = 500  # E: steps between attention-map checks (the paper: 500, or 200)
     threshold_pct: float = 15.0  # switch when every layer's delta is below this
     max_dense_steps: Optional[int] = None  # switch here at the latest
@@ -58,9 +59,10 @@ class _MapProbe:
     """Mean attention maps of the current weights: capture once, reload weights at each check."""
 
     def __init__(self, model: nn.Module, example_inputs: Any):
-        from sparsecc.api import _analyze
-        self.captured, ctx, _, _ = _analyze(model, example_inputs, dynamic=True, check=False, dump_dir=None)
-        self.regions = [r for r in ctx.regions if r.kind == "attention" and not r.cross]
+        from sparsecc.api import analyze
+        a = analyze(model, example_inputs)
+        self.captured = a.captured
+        self.regions = [r for r in a.ctx.regions if r.kind == "attention" and not r.cross]
 
     def maps(self, model: nn.Module, batches: list) -> dict:
         from sparsecc.calibrate import collect_attention_maps

@@ -21,7 +21,7 @@ the dense product with the controller's mask (so the controller learns),
 eval runs `torch.ops.sparsecc.sparse_ffn`, which reads only the chosen units.
 
 `init_controller_from_activations` distils a controller from a dense FFN on
-calibration inputs (see its docstring).
+calibration inputs ("convert a dense model").
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from sparsecc.ops.sparse_ffn import sparse_ffn as _sparse_ffn_op  # noqa: F401  
 __all__ = ["ControllerInit", "SparseFFN", "SparseFFNController", "anneal_dense_mix",
            "init_controller_from_activations"]
 
-log = logging.getLogger("sparsecc.training.controller")
+log = logging.getLogger("sparsecc.nn.sparse_ffn")
 
 
 class SparseFFNController(nn.Module):

@@ -1,0 +1,166 @@
+"""Block-sparse attention, the rewrite shared by the layout methods (SPION, fixed patterns).
+
+A layout method decides one `BlockLayout` per self-attention region (its plan); this
+handler base checks that a region fits and rewrites its SDPA into
+`sparsecc::block_sparse_attention(q, k, v, kv_indices, kv_counts, block, scale, causal,
+key_padding_mask)`. The layout's ELL indices are buffers of the compiled module, so they
+travel with its state_dict and with exported graphs.
+
+The op takes a causal flag and a key-padding vector, not an arbitrary mask. A region's mask
+is therefore split into (causal, key padding) at compile time and the split is checked on
+the example inputs' real mask values; a region whose mask is something else (a learned bias
+such as T5's position bias, a sliding window) does not match, and the report says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+import sparsecc.ops.block_sparse_attention  # noqa: F401  (registers the op)
+from sparsecc.errors import LayoutError
+from sparsecc.graph.fx_utils import SDPA, aten, fake, new_call, replace_node
+from sparsecc.graph.regions import attention_core_flops, evaluate, find_attention, sdpa_args
+from sparsecc.layouts import BlockLayout
+from sparsecc.methods.base import Match, Method, Plan, Target
+from sparsecc.passes.manager import PassContext
+
+log = logging.getLogger("sparsecc.methods.block_sparse")
+
+
+def layout_plan(method: str, region: str, layout: BlockLayout) -> Plan:
+    """A layout as a plan: the block mask as a tensor, the rest as values."""
+    return Plan(method=method, region=region, tensors={"mask": layout.mask},
+                values={"block_size": layout.block_size, "causal": layout.causal, "meta": dict(layout.meta),
+                        "density": layout.density})
+
+
+def plan_layout(plan: Plan) -> BlockLayout:
+    return BlockLayout(plan.tensors["mask"], int(plan.values["block_size"]), bool(plan.values["causal"]),
+                       plan.region, dict(plan.values.get("meta", {})))
+
+
+# ------------------------------------------------------------------ mask split
+def split_mask(mask: torch.Tensor, causal: bool) -> Optional[torch.Tensor]:
+    """If `mask` (bool keep-mask or additive 0/-inf) equals causal AND a per-key padding mask,
+    return the key padding keep-mask reduced to shape (B or 1, S); else None."""
+    if mask.dtype == torch.bool:
+        keep = mask
+    else:
+        masked = (mask <= -1e30) | mask.isneginf()
+        if not bool(((mask == 0) | masked).all()):
+            return None  # a real bias, not a mask
+        keep = ~masked
+    while keep.dim() < 4:
+        keep = keep.unsqueeze(0)
+    L, S = keep.shape[-2:]
+    keys = keep[..., -1:, :]  # the last query sees every key under a causal mask
+    if keys.shape[1] != 1 and not bool((keys == keys[:, :1]).all()):
+        return None  # differs across heads
+    rebuilt = keys[:, :1].expand(keep.shape[0], 1, L, S)
+    if causal:
+        rebuilt = rebuilt & torch.ones(L, S, dtype=torch.bool).tril(S - L)
+    if not bool((rebuilt.expand(keep.shape) == keep).all()):
+        return None
+    return keys[:, 0, 0, :]
+
+
+def _key_padding_node(graph: fx.Graph, mask: fx.Node, anchor: fx.Node, query: fx.Node) -> Optional[fx.Node]:
+    """(B, S) keep-mask read from the graph's mask: the last query row, first head."""
+    m = mask
+    val = fake(m)
+    while val.dim() < 4:
+        m = new_call(graph, aten.unsqueeze.default, (m, 0), meta_from=anchor)
+        val = fake(m)
+    m = new_call(graph, aten.select.int, (m, 1, 0), meta_from=anchor)
+    m = new_call(graph, aten.select.int, (m, 1, -1), meta_from=anchor)
+    if fake(m).dtype != torch.bool:
+        m = new_call(graph, aten.gt.Scalar, (m, -1e30), meta_from=anchor)
+    batch = fake(query).shape[0]
+    if fake(m).shape[0] is not batch and fake(m).shape[0] == 1:  # a mask broadcast over the batch
+        size = batch if isinstance(batch, int) else new_call(graph, aten.sym_size.int, (query, 0), meta_from=anchor)
+        m = new_call(graph, aten.expand.default, (m, [size, -1]), meta_from=anchor)
+    return m
+
+
+def _buffer_node(gm: fx.GraphModule, name: str, value: torch.Tensor, like: fx.Node) -> fx.Node:
+    gm.register_buffer(name, value)
+    node = gm.graph.get_attr(name)
+    mode = fake(like).fake_mode
+    node.meta["val"] = mode.from_tensor(value, static_shapes=True)
+    return node
+
+
+def _mask_values(ctx: PassContext) -> dict:
+    """Every attention region's mask evaluated on the example inputs (once per compile)."""
+    if "mask_values" not in ctx.data:
+        regions = [r for r in ctx.regions if r.kind == "attention" and r.mask is not None]
+        captured = ctx.captured
+        ctx.data["mask_values"] = evaluate(captured.gm, list({r.mask for r in regions}), captured.args,
+                                           {**captured.call_defaults, **captured.kwargs}) if regions else {}
+    return ctx.data["mask_values"]
+
+
+class BlockSparseMethod(Method):
+    """Base of the layout methods: match and rewrite; subclasses say how a layout is made (`plan`)."""
+
+    slots = ("attention",)
+    needs_every_query = True
+
+    def label(self, config) -> str:
+        """How the report names the layout (e.g. "spion_cf", "bigbird")."""
+        raise NotImplementedError
+
+    def match(self, region, config, ctx) -> Match:
+        if region.cross:
+            return Match.no("cross attention (queries and keys from different sequences) stays dense")
+        if region.sdpa.target is not SDPA:
+            return Match.no(f"already rewritten ({region.sdpa.target})")
+        if len(fake(sdpa_args(region.sdpa)["query"]).shape) != 4:
+            return Match.no("3-D (batch*heads) attention; block-sparse attention needs (B, H, L, D)")
+        if region.mask is not None:
+            mask_is_causal = region.causal and region.causal_source == "mask"
+            if split_mask(_mask_values(ctx)[region.mask], mask_is_causal) is None:
+                return Match.no("its mask is not causal + key padding (e.g. a learned position bias or a sliding "
+                                "window); block-sparse attention keeps only those")
+        return Match.yes()
+
+    def rewrite(self, gm: fx.GraphModule, ctx: PassContext, targets: list[Target]) -> list[str]:
+        by_name = {t.name: t for t in targets}
+        changes = []
+        graph = gm.graph
+        for index, r in enumerate(find_attention(gm)):
+            target = by_name.get(r.name)
+            if target is None:
+                continue
+            facts = target.region  # the probed facts (causal read from the mask) of this region
+            causal = facts.causal
+            node = r.sdpa
+            a = sdpa_args(node)
+            layout = plan_layout(target.plan)
+            try:
+                layout.check_lengths(r.q_len, r.kv_len)
+            except LayoutError as err:
+                raise LayoutError(f"region {r.name}: {err}") from err
+            indices, counts = layout.ell()
+            prefix = f"sparsecc_layout_{index}"
+            with graph.inserting_before(node):
+                idx_node = _buffer_node(gm, f"{prefix}_indices", indices, a["query"])
+                cnt_node = _buffer_node(gm, f"{prefix}_counts", counts, a["query"])
+                kpm = _key_padding_node(graph, r.mask, node, a["query"]) if r.mask is not None else None
+                scale = a["scale"] if a["scale"] is not None else fake(a["query"]).shape[-1] ** -0.5
+                op = new_call(graph, torch.ops.sparsecc.block_sparse_attention.default,
+                              (a["query"], a["key"], a["value"], idx_node, cnt_node, layout.block_size, float(scale),
+                               bool(causal), kpm), meta_from=node)
+                out = new_call(graph, operator.getitem, (op, 0), meta_from=node)
+            core = attention_core_flops(r)  # read before the SDPA node is erased
+            sparse_flops = r.flops - core + int(round(core * layout.density))
+            replace_node(node, out)
+            facts.sparse = {"method": self.label(target.config), "density": layout.density, "flops": sparse_flops,
+                            "block": layout.block_size}
+            changes.append(f"{type(target.config).kind}:{r.name} density {layout.density:.3f}")
+        return changes

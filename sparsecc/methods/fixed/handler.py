@@ -1,0 +1,22 @@
+"""The fixed-layout handler: one data-independent layout per region at the config's density."""
+
+from __future__ import annotations
+
+from sparsecc.methods.base import Plan, Target
+from sparsecc.methods.block_sparse import BlockSparseMethod, layout_plan
+from sparsecc.methods.fixed.config import Fixed
+from sparsecc.methods.fixed.layouts import layout_at_density
+from sparsecc.methods.registry import register
+from sparsecc.graph.fx_utils import hint
+
+
+@register(Fixed)
+class FixedMethod(BlockSparseMethod):
+    def label(self, config: Fixed) -> str:
+        return config.pattern
+
+    def plan(self, target: Target, stats: list, ctx) -> Plan:
+        cfg, r = target.config, target.region
+        layout = layout_at_density(cfg.pattern, int(hint(r.q_len)), cfg.block, cfg.density, causal=r.causal,
+                                   seed=cfg.seed)
+        return layout_plan(cfg.kind, r.name, layout.with_name(r.name))

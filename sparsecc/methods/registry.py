@@ -1,0 +1,58 @@
+"""The method registry: a config type (plain data) -> the handler that carries it out.
+
+    @register(Spion)                     # the config dataclass, with a ClassVar `kind`
+    class SpionMethod(Method): ...
+
+The recipe looks configs up by `kind` (files) and compile() looks handlers up by the
+config's type (objects): nobody else needs to know which methods exist.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from sparsecc.errors import RecipeError
+
+SLOTS = ("attention", "ffn", "flow")
+
+_CONFIGS: dict[str, dict[str, type]] = {slot: {} for slot in SLOTS}  # slot -> kind -> config class
+_HANDLERS: dict[type, Any] = {}  # config class -> handler instance
+
+
+def register(config_cls: type) -> Callable[[type], type]:
+    """Class decorator for a handler (a `sparsecc.methods.base.Method` subclass): it carries out
+    `config_cls` in the handler's `slots`. Registering a kind twice replaces the earlier one."""
+    kind = getattr(config_cls, "kind", None)
+    if not isinstance(kind, str) or not kind:
+        raise TypeError(f"{config_cls.__name__} needs a ClassVar `kind` naming the method in recipe files")
+
+    def wrap(handler_cls: type) -> type:
+        handler = handler_cls()
+        for slot in handler.slots:
+            if slot not in _CONFIGS:
+                raise TypeError(f"{handler_cls.__name__}.slots: {slot!r} is not one of {SLOTS}")
+            _CONFIGS[slot][kind] = config_cls
+        _HANDLERS[config_cls] = handler
+        return handler_cls
+    return wrap
+
+
+def handler_for(config: Any):
+    """The handler registered for `type(config)` (or a base class of it)."""
+    for cls in type(config).__mro__:
+        if cls in _HANDLERS:
+            return _HANDLERS[cls]
+    raise RecipeError(f"{type(config).__name__} is not a registered method config; register a handler for it with "
+                      "@sparsecc.methods.register(ConfigClass)")
+
+
+def config_class(slot: str, kind: str) -> type | None:
+    return _CONFIGS[slot].get(kind)
+
+
+def kinds(slot: str) -> list[str]:
+    return sorted(_CONFIGS[slot])
+
+
+def config_classes(slot: str) -> list[type]:
+    return list(_CONFIGS[slot].values())

@@ -1,0 +1,48 @@
+"""The SPION config: block-sparse attention with one layout per layer, from calibrated attention maps."""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from typing import Optional
+
+from sparsecc.errors import RecipeError
+from sparsecc.methods.validate import check_fields
+
+SPION_METHODS = ("spion_cf", "spion_c", "spion_f")
+FIXED_PATTERNS = ("bigbird", "local", "strided", "random", "longformer")
+
+
+@dataclass(frozen=True)
+class Spion:
+    """Block-sparse attention with one layout per layer (SPION, Yoon et al.).
+
+    method: "spion_cf" (conv + flood fill, the paper's main variant), "spion_c" (conv + top-k
+    blocks at `density`), "spion_f" (flood fill without conv). All calibrate on data: pass
+    calibration batches. Fixed patterns (BigBird, local, ...) are `sparsecc.Fixed`.
+    layouts: a directory written by `sm.save_layouts` to reuse instead of calibrating.
+    """
+
+    kind: typing.ClassVar[str] = "spion"
+    method: str = "spion_cf"
+    block: int = 64
+    quantile: float = 0.98
+    kernel_size: int = 31
+    density: float = 0.04
+    layouts: Optional[str] = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method in FIXED_PATTERNS:
+            raise RecipeError(f"recipe.attention.method: {self.method!r} is a fixed pattern, not a SPION method; "
+                              f"use sparsecc.Fixed(pattern={self.method!r}, density=..., block=...) "
+                              '(in a recipe file: kind = "fixed")')
+        if not (isinstance(self.quantile, float) and 0.0 < self.quantile < 1.0):
+            raise RecipeError(f"recipe.attention.quantile: got {self.quantile!r}; expected 0 < quantile < 1 "
+                              "(the paper uses 0.96, 0.98 or 0.99)")
+        check_fields(self, "recipe.attention", choices={"method": SPION_METHODS},
+                     positive_ints=("block", "kernel_size"), unit=("density",))
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.layouts is None

@@ -1,0 +1,78 @@
+"""The compiled model: an nn.Module that runs the rewritten graph on a backend, trains, reports, saves."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from sparsecc.errors import UnsupportedError
+from sparsecc.report import Report
+
+
+class SparseModel(nn.Module):
+    """The compiled model: an nn.Module that runs, trains, and reports what was rewritten.
+
+    plans: region name -> `sparsecc.methods.Plan`, what each method decided (saved by `sparsecc.save`).
+    layouts: the block layouts of the block-sparse regions (`sparsecc.layouts.LayoutSet`), or None.
+    """
+
+    def __init__(self, graph: fx.GraphModule, captured: Any, recipe: Any, backend: str, report: Report,
+                 layouts: Any = None, backend_options: Optional[dict] = None, plans: Optional[dict] = None):
+        super().__init__()
+        self.graph_module = graph
+        self.layouts = layouts
+        self.plans = dict(plans or {})
+        self.recipe = recipe
+        self.backend = backend
+        self.backend_options = dict(backend_options or {})
+        self._call_defaults = dict(captured.call_defaults)
+        self._report = report
+        # triton: the sparse ops run their Triton CUDA kernels (registered by compile()), the rest inductor
+        self._runner = torch.compile(graph, dynamic=None) if backend in ("inductor", "triton") else graph
+        self.example_inputs = (captured.args, captured.kwargs)  # for export_onnx and save
+        self.dynamic = captured.dynamic
+        if backend == "onnxruntime":  # runs the exported graph; see sparsecc.backends.onnxruntime
+            from sparsecc.backends.onnxruntime import build_module
+            self._runner = build_module(graph, tuple(captured.args), {**self._call_defaults, **captured.kwargs},
+                                        recipe=recipe, regions=report.regions, dynamic=captured.dynamic,
+                                        **self.backend_options)
+
+    def forward(self, *args, **kwargs):
+        return self._runner(*args, **{**self._call_defaults, **kwargs})
+
+    def train(self, mode: bool = True) -> "SparseModel":
+        """Set the training flag. The graph computes the same in both modes: it was captured in eval
+        mode (no dropout), and torch.export's graph modules do not switch modes."""
+        self.training = mode
+        return self
+
+    def report(self) -> Report:
+        return self._report
+
+    @property
+    def regions(self) -> list:
+        return self._report.regions
+
+    @property
+    def call_defaults(self) -> dict:
+        """Keyword inputs added to every call (e.g. use_cache=False for Hugging Face decoders)."""
+        return dict(self._call_defaults)
+
+    def export_onnx(self, path: str, dynamic: bool = True, opset: Optional[int] = None) -> str:
+        """Write the compiled graph as ONNX (sparsecc ops in standard ONNX ops, recipe and regions in the
+        file's metadata); see sparsecc.backends.onnx. Returns `path`."""
+        from sparsecc.backends.onnx import export_onnx
+        return export_onnx(self, path, dynamic=dynamic, opset=opset).path
+
+    def save_layouts(self, directory: str, png: bool = True) -> None:
+        """Write the block layouts (one file per layer + index.json) and, optionally, their picture."""
+        if not self.layouts:
+            raise UnsupportedError("this model has no block layouts (its recipe has no block-sparse attention)")
+        self.layouts.save_dir(directory)
+        if png:
+            import os
+            from sparsecc.layouts import save_layout_png
+            save_layout_png(self.layouts, os.path.join(directory, "layouts.png"))
