@@ -142,5 +142,5 @@ def compare(model: torch.nn.Module, example_inputs: Any, recipe: Any, calibratio
 
 def _recipe_label(recipe: Any) -> str:
     """'attention=spion, ffn=sparse_ffn' for the slots a recipe fills."""
-    parts = [f"{slot}={value['kind']}" for slot, value in recipe.to_dict().items() if value]
+    parts = [f"{slot}={value.get('kind', 'per-layer')}" for slot, value in recipe.to_dict().items() if value]
     return ", ".join(parts) or "dense"

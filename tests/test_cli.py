@@ -80,7 +80,7 @@ def test_bench_identity_and_sparse_side_by_side(tmp_path, capsys):
     dense, sparse = data["rows"]
     assert dense["region_flops"] > sparse["region_flops"] > 0
     assert sparse["max_abs_error"] > 1e-4  # a real change of the attention pattern
-    assert "attention=spion" in sparse["name"]
+    assert "attention=fixed" in sparse["name"]
 
 
 def test_bench_table_and_errors(tmp_path, capsys):

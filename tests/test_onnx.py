@@ -295,7 +295,7 @@ def test_ort_backend_options(bert):
 def test_cli_export_spion_runs_from_the_file(tmp_path, capsys):
     """`sparsecc export` with a SPION recipe: the file alone (layouts inside) runs like the model."""
     recipe = tmp_path / "r.json"
-    recipe.write_text(json.dumps({"attention": {"kind": "spion", "method": "bigbird", "block": 4, "density": 0.5},
+    recipe.write_text(json.dumps({"attention": {"kind": "fixed", "pattern": "bigbird", "block": 4, "density": 0.5},
                                   "ffn": "identity"}))
     out = tmp_path / "hw.onnx"
     assert main(["export", "sparsecc.testing:hand_written", "--recipe", str(recipe), "-o", str(out)]) == 0

@@ -438,5 +438,5 @@ def test_keep_per_layer():
     assert float(sparsity_penalty(gates, target=0.5)) == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(RecipeError, match=rf"recipe.flow.keep: got {n + 1} kept fractions .* has {n} flowed blocks"):
         sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(flow=sparsecc.TokenFlow(keep=[0.5] * (n + 1))))
-    with pytest.raises(RecipeError, match=r"recipe.flow.keep: got \[0.5, 1.5\]"):
+    with pytest.raises(RecipeError, match=r"recipe.flow.keep: got \(0.5, 1.5\)"):
         sparsecc.TokenFlow(keep=[0.5, 1.5])
