@@ -165,6 +165,18 @@ def _calibrate_and_plan(ctx: PassContext, groups: list, calibration: Any, plans:
         t.plan = handler.plan(t, obs, ctx)
 
 
+def _rewrite_pass(handler: Any, group: list[Target]):
+    """The handler's rewrite as a pass; the regions whose facts it wrote get the config's description."""
+    def run(gm: fx.GraphModule, ctx: PassContext) -> list[str]:
+        before = {id(t): t.region.sparse for t in group}
+        changes = handler.rewrite(gm, ctx, group)
+        for t in group:
+            if t.region.sparse is not None and t.region.sparse is not before[id(t)]:
+                t.region.sparse["config"] = describe_config(t.config)
+        return changes
+    return run
+
+
 def compile(model: nn.Module, example_inputs: Any, recipe: Optional[Recipe] = None, backend: str = "eager",
             calibration: Any = None, dynamic: bool = True, check: bool = True,
             dump_dir: Optional[str] = None, backend_options: Optional[dict] = None,
@@ -204,18 +216,14 @@ def compile(model: nn.Module, example_inputs: Any, recipe: Optional[Recipe] = No
     start = time.perf_counter()
     _calibrate_and_plan(ctx, groups, calibration, plans, progress)
     times["calibrate"] = time.perf_counter() - start
-    passes = [Pass(f"{slot}_{type(group[0].config).kind}",
-                   lambda gm, c, h=handler, g=group: h.rewrite(gm, c, g), tolerance=handler.tolerance)
-              for slot, handler, group in groups]
+    passes = [Pass(f"{slot}_{type(group[0].config).kind}", _rewrite_pass(handler, group),
+                   tolerance=handler.tolerance) for slot, handler, group in groups]
     start = time.perf_counter()
     report.passes = a.passes + PassManager(passes, check="each" if check else "none",
                                            dump_dir=dump_dir).run(a.captured.gm, ctx)
     times["rewrite"] = time.perf_counter() - start
     report.unmatched += notes + ctx.data.get("skipped", [])
     all_targets = [t for _, _, group in groups for t in group]
-    for t in all_targets:
-        if t.region.sparse is not None:
-            t.region.sparse.setdefault("config", describe_config(t.config))
     from sparsecc.layouts import LayoutSet
     layouts = LayoutSet((t.name, plan_layout(t.plan)) for t in all_targets
                         if t.plan is not None and "mask" in t.plan.tensors)

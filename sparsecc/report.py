@@ -70,6 +70,15 @@ def human(n: float) -> str:
     return f"{n:.3g}E"
 
 
+def ratio(before: float, after: float) -> str:
+    """'2.00x fewer' / '1.25x more' / 'unchanged': the change from `before` to `after`, the right way round."""
+    if after == before:
+        return "unchanged"
+    if after < before:
+        return f"{before / max(after, 1e-12):.2f}x fewer"
+    return f"{after / max(before, 1e-12):.2f}x more"
+
+
 def format_table(headers: list[str], rows: list[list], align: str = "") -> str:
     cells = [[str(c) for c in headers]] + [[("-" if c is None else str(c)) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
@@ -97,12 +106,12 @@ def region_table(report) -> str:
         norm = r.residual.norm_position if r.residual is not None else "?"
         row = [r.kind, r.layer, r.path or r.name, r.module_class, detail, causal, norm, human(r.flops)]
         if sparse:
-            row += [r.sparse["method"], f"{r.sparse['density']:.3f}", human(r.sparse["flops"])] if r.sparse else \
-                ["dense", "1.000", human(r.flops)]
+            row += [r.sparse.get("config", r.sparse["method"]), f"{r.sparse['density']:.3f}",
+                    human(r.sparse["flops"])] if r.sparse else ["dense", "1.000", human(r.flops)]
         rows.append(row)
     headers = ["kind", "layer", "module path", "class", "shape", "causal", "LN", "dense FLOPs"]
     if sparse:
-        headers += ["method", "density", "sparse FLOPs"]
+        headers += ["method (config)", "density", "sparse FLOPs"]
     table = format_table(headers, rows, align="lllllllrlrr")
     g = report.graph
     total = human(report.dense_flops())
@@ -110,7 +119,7 @@ def region_table(report) -> str:
     summary = f"{total} dense FLOPs in them"
     if sparse:
         after = sum((r.sparse or {"flops": r.flops})["flops"] for r in report.regions)
-        summary += f", {human(after)} after sparsification ({report.dense_flops() / max(after, 1):.2f}x fewer)"
+        summary += f", {human(after)} after sparsification ({ratio(report.dense_flops(), after)})"
     lines = [f"{report.model}: {len(report.attention)} attention and {len(report.ffn)} FFN regions, {summary}",
              table,
              f"graph: {g.nodes} nodes, {human(g.parameters)} parameters, inputs {g.inputs}",
@@ -141,5 +150,5 @@ def flow_summary(report) -> str:
         return ""
     kept = ", ".join(f"{name} {frac:.3f}" for name, frac in layers.items())
     return (f"token flow: kept fraction per layer (of non-padding tokens): {kept}; FLOPs of the flowed regions "
-            f"{human(dense)} dense -> {human(flowed)} flowed ({1 - flowed / max(dense, 1):.1%} fewer); "
+            f"{human(dense)} dense -> {human(flowed)} flowed ({ratio(dense, flowed)}); "
             f"per-token tail packed in {sum(v == 'packed' for v in layouts.values())} of {len(layouts)} layers")

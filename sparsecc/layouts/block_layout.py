@@ -174,6 +174,18 @@ class BlockLayout:
                 "call layout.fit(q_len, kv_len, extend=...) first"
             )
 
+    def check_covers(self, q_len: int, kv_len: int) -> None:
+        """Raise LayoutError unless the layout has at least ceil(len / block_size) blocks per axis (a layout
+        made for longer sequences serves shorter ones with its top-left corner)."""
+        need = (ceil_blocks(q_len, self.block_size), ceil_blocks(kv_len, self.block_size))
+        if need[0] > self.shape[0] or need[1] > self.shape[1]:
+            raise LayoutError(
+                f"layout {self.name or ''} has {self.shape[0]}x{self.shape[1]} blocks of {self.block_size} "
+                f"(covers q_len <= {self.seq_lens[0]}, kv_len <= {self.seq_lens[1]}), but attention with "
+                f"q_len={q_len}, kv_len={kv_len} needs {need[0]}x{need[1]} blocks; calibrate at the longest "
+                "length you will run, or call layout.fit(q_len, kv_len, extend=...)"
+            )
+
     def _resolve(self, q_len: int | None, kv_len: int | None) -> tuple[int, int]:
         q_len = self.seq_lens[0] if q_len is None else int(q_len)
         kv_len = self.seq_lens[1] if kv_len is None else int(kv_len)

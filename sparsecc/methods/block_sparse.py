@@ -23,7 +23,7 @@ import torch.fx as fx
 
 import sparsecc.ops.block_sparse_attention  # noqa: F401  (registers the op)
 from sparsecc.errors import LayoutError
-from sparsecc.graph.fx_utils import SDPA, aten, fake, new_call, replace_node
+from sparsecc.graph.fx_utils import SDPA, aten, fake, hint, new_call, replace_node
 from sparsecc.graph.regions import attention_core_flops, evaluate, find_attention, sdpa_args
 from sparsecc.layouts import BlockLayout
 from sparsecc.methods.base import Match, Method, Plan, Target
@@ -143,7 +143,7 @@ class BlockSparseMethod(Method):
             a = sdpa_args(node)
             layout = plan_layout(target.plan)
             try:
-                layout.check_lengths(r.q_len, r.kv_len)
+                layout.check_covers(hint(r.q_len), hint(r.kv_len))
             except LayoutError as err:
                 raise LayoutError(f"region {r.name}: {err}") from err
             indices, counts = layout.ell()

@@ -440,9 +440,12 @@ def record_facts(plan: FlowPlan, regions: list, kept: dict) -> None:
             flops = flowed_flops(parts, frac_all, plan.cfg.kv, cross=bool(getattr(region, "cross", False)))
             if i == 0:
                 flops += gate_flops(plan, seg, _tokens(seg))
+            config = (facts.sparse or {}).get("config") if (facts.sparse or {}).get("method") == "token_flow" else None
             facts.sparse = {"method": "token_flow", "density": frac_valid, "flops": int(round(flops)),
                             "segment": seg.name, "kept_fraction": frac_valid,
                             "layout": "packed" if seg.index in plan.packed else "padded"}
+            if config is not None:  # a new measurement keeps what compile wrote
+                facts.sparse["config"] = config
 
 
 def _tokens(seg: FlowSegment) -> int:
