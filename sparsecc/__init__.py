@@ -19,8 +19,9 @@ from sparsecc.methods.token_flow import TokenFlow
 from sparsecc.model import SparseModel
 from sparsecc.recipe import Recipe
 from sparsecc.report import Report
+from sparsecc.saving import load, save
 
 __version__ = "0.1.0"
 
 __all__ = ["compile", "inspect", "capture", "Recipe", "Identity", "Spion", "Fixed", "SparseFFN", "TokenFlow",
-           "SparseModel", "Report", "Plan", "register", "errors", "__version__"]
+           "SparseModel", "Report", "Plan", "register", "save", "load", "errors", "__version__"]

@@ -198,6 +198,24 @@ def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True) -> Capt
                     dynamic=ep.range_constraints != {} and spec is not None, call_defaults=defaults)
 
 
+def recapture(gm: fx.GraphModule, args: tuple, kwargs: dict, dynamic: bool = True) -> torch.export.ExportedProgram:
+    """torch.export a (sparsecc-rewritten) graph module again, e.g. to save or translate it.
+
+    args/kwargs: example inputs with every call default (e.g. use_cache=False) included. dynamic: batch
+    and sequence dims symbolic where the graph allows it; falls back to static shapes with a warning.
+    """
+    shapes = dynamic_shapes_for(gm, args, kwargs) if dynamic else None
+    for spec in ([shapes, None] if shapes is not None else [None]):
+        try:
+            return torch.export.export(gm, args, kwargs, dynamic_shapes=spec, strict=False)
+        except Exception as err:  # noqa: BLE001 - retried static, then reported
+            if spec is None:
+                raise CaptureError(f"torch.export could not re-capture the compiled graph ({type(err).__name__}: "
+                                   f"{str(err).splitlines()[0] if str(err) else ''}); try dynamic=False") from err
+            log.warning("dynamic re-capture failed (%s); using static shapes", str(err).splitlines()[0])
+    raise AssertionError("unreachable")
+
+
 def load_exported(path: str) -> Captured:
     """Load a saved ExportedProgram (.pt2) with its own example inputs."""
     ep = torch.export.load(path)

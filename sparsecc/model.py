@@ -43,6 +43,14 @@ class SparseModel(nn.Module):
     def forward(self, *args, **kwargs):
         return self._runner(*args, **{**self._call_defaults, **kwargs})
 
+    def __reduce_ex__(self, protocol):
+        raise UnsupportedError("a compiled SparseModel cannot be pickled, torch.save'd or deep-copied (its graph "
+                               "holds fake tensors and compiled runners); use sparsecc.save(sm, directory) and "
+                               "sparsecc.load(directory), or torch.save(sm.state_dict(), path) for the weights")
+
+    def __deepcopy__(self, memo):
+        return self.__reduce_ex__(2)
+
     def train(self, mode: bool = True) -> "SparseModel":
         """Set the training flag. The graph computes the same in both modes: it was captured in eval
         mode (no dropout), and torch.export's graph modules do not switch modes."""

@@ -51,8 +51,8 @@ class Report:
     def to_dict(self) -> dict:
         return {"model": self.model, "regions": [r.to_dict() for r in self.regions],
                 "graph": self.graph.to_dict(), "unmatched": [str(u) for u in self.unmatched],
-                "passes": [{"name": p.name, "changes": len(p.changes), "seconds": p.seconds,
-                            "max_abs_error": p.max_abs_error} for p in self.passes],
+                "passes": [{"name": p.name, "changes": len(p.changes), "notes": [str(c) for c in p.changes],
+                            "seconds": p.seconds, "max_abs_error": p.max_abs_error} for p in self.passes],
                 "stage_seconds": dict(self.stage_seconds)}
 
     def table(self) -> str:
@@ -68,6 +68,29 @@ def human(n: float) -> str:
             return f"{n:.3g}{unit}"
         n /= 1000
     return f"{n:.3g}E"
+
+
+class SavedRegion:
+    """A region record read back from a saved report (its fields as saved; node fields are node names)."""
+
+    def __init__(self, data: dict):
+        self._data = dict(data)
+        self.__dict__.update(data)
+        residual = data.get("residual")
+        self.residual = SavedRegion(residual) if isinstance(residual, dict) else residual
+
+    def to_dict(self) -> dict:
+        return dict(self._data)
+
+
+def saved_report(data: dict) -> Report:
+    """A Report rebuilt from `Report.to_dict()` (what `sparsecc.save` writes)."""
+    from sparsecc.passes.manager import PassResult
+    return Report(model=data["model"], regions=[SavedRegion(r) for r in data["regions"]],
+                  graph=GraphSummary(**data["graph"]),
+                  passes=[PassResult(p["name"], list(p.get("notes", [])), p["seconds"], p["max_abs_error"])
+                          for p in data["passes"]],
+                  unmatched=list(data["unmatched"]), stage_seconds=dict(data["stage_seconds"]))
 
 
 def ratio(before: float, after: float) -> str:

@@ -1,0 +1,243 @@
+"""Save a compiled model to a directory and load it back, without the model's Python class.
+
+    sparsecc.save(sm, "out/model")
+    sm2 = sparsecc.load("out/model", backend="onnxruntime")    # same outputs; any backend that runs here
+
+The directory holds:
+
+    manifest.json         format version, sparsecc / torch versions, recipe, plans (values), the report,
+                          the example inputs' non-tensor values, and each file's size and sha256
+    program.pt2           the rewritten graph as a torch.export ExportedProgram (weights left out)
+    weights.safetensors   the compiled model's parameters and buffers (tied tensors stored once)
+    plans.safetensors     the plans' tensors (layout masks, controllers), "<region>/<name>"
+    example.safetensors   the example inputs the graph was captured with
+
+Everything is written into a temporary directory beside the target, which then replaces the
+target in one rename: a reader sees the old directory or the complete new one. `load` checks
+every file against the manifest and names the file that is missing, truncated or changed, and
+refuses a manifest written by a newer format than it reads. A token-flow model loads as its
+inference graph (gather / scatter); its soft-gate training graph is not saved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from sparsecc.errors import SparseccError
+
+FORMAT = "sparsecc.SavedModel"
+FORMAT_VERSION = 1
+_FILES = ("program.pt2", "weights.safetensors", "plans.safetensors", "example.safetensors")
+
+
+class SaveError(SparseccError):
+    """A compiled model could not be saved, or a saved directory could not be loaded."""
+
+
+# ------------------------------------------------------------------ save
+def save(sm: Any, directory: str | os.PathLike) -> Path:
+    """Write the compiled model `sm` (a `sparsecc.SparseModel`) to `directory`; returns its path."""
+    from safetensors.torch import save_file
+
+    from sparsecc import __version__
+    from sparsecc.capture import recapture
+
+    target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise SaveError(f"cannot save to {target}: it is a file; give a directory path")
+    if target.is_dir() and any(target.iterdir()) and not (target / "manifest.json").is_file():
+        raise SaveError(f"cannot save to {target}: the directory holds other files and no sparsecc manifest; "
+                        "give an empty or new directory (an earlier sparsecc.save directory is replaced)")
+    args, kwargs = sm.example_inputs
+    kwargs_all = {**sm.call_defaults, **kwargs}
+    ep = recapture(sm.graph_module, tuple(args), kwargs_all, dynamic=sm.dynamic)
+    weights, aliases = _unique_tensors(ep.state_dict)
+    for name in list(ep.state_dict):  # the graph file carries no weight data: weights.safetensors does
+        value = ep.state_dict[name]
+        meta = torch.empty_like(value, device="meta")
+        ep.state_dict[name] = torch.nn.Parameter(meta, value.requires_grad) if isinstance(
+            value, torch.nn.Parameter) else meta
+    plans = getattr(sm, "plans", {})
+    plan_tensors = {f"{region}/{name}": t.detach().cpu().contiguous()
+                    for region, plan in plans.items() for name, t in plan.tensors.items()}
+    example, example_values = _split_example(tuple(args), dict(kwargs))
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        torch.export.save(ep, str(tmp / "program.pt2"))
+        save_file(weights, str(tmp / "weights.safetensors"))
+        save_file(plan_tensors, str(tmp / "plans.safetensors"))
+        save_file(example, str(tmp / "example.safetensors"))
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "sparsecc": __version__, "torch": torch.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": sm.report().model,
+            "recipe": sm.recipe.to_dict(), "backend": sm.backend, "dynamic": bool(sm.dynamic),
+            "call_defaults": sm.call_defaults, "example": example_values, "tied": aliases,
+            "plans": {region: {"method": p.method, "version": p.version, "values": p.values,
+                               "tensors": sorted(p.tensors)} for region, p in plans.items()},
+            "report": sm.report().to_dict(),
+            "files": {name: _file_facts(tmp / name) for name in _FILES},
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        for path in tmp.iterdir():
+            os.chmod(path, 0o644)
+        os.chmod(tmp, 0o755)
+        _swap_in(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _unique_tensors(state: dict) -> tuple[dict, dict]:
+    """(name -> contiguous CPU tensor, each storage once; alias name -> the name it shares storage with)."""
+    seen: dict = {}
+    out, aliases = {}, {}
+    for name, value in state.items():
+        key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.dtype)
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        out[name] = value.detach().cpu().contiguous()
+    return out, aliases
+
+
+def _split_example(args: tuple, kwargs: dict) -> tuple[dict, dict]:
+    tensors, values = {}, {"args": [], "kwargs": {}}
+    for where, items in (("args", list(enumerate(args))), ("kwargs", list(kwargs.items()))):
+        for key, value in items:
+            if isinstance(value, torch.Tensor):
+                tensors[f"{where}.{key}"] = value.detach().cpu().contiguous()
+                entry = {"tensor": f"{where}.{key}"}
+            elif value is None or isinstance(value, (bool, int, float, str)):
+                entry = {"value": value}
+            else:
+                raise SaveError(f"cannot save the example input {where}[{key!r}] of type {type(value).__name__}; "
+                                "sparsecc.save keeps tensors and plain values (bool, int, float, str, None)")
+            if where == "args":
+                values["args"].append(entry)
+            else:
+                values["kwargs"][key] = entry
+    return tensors, values
+
+
+def _file_facts(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Replace `target` by the complete directory `tmp` (old contents removed after the rename)."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ load
+def read_manifest(directory: str | os.PathLike) -> dict:
+    """The checked manifest of a saved directory (every file present, with its recorded size and hash)."""
+    directory = Path(directory)
+    path = directory / "manifest.json"
+    if not path.is_file():
+        raise SaveError(f"{path}: no such file; expected a directory written by sparsecc.save")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise SaveError(f"{path}: not a readable sparsecc manifest ({err}); save the model again") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise SaveError(f"{path}: format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
+                        f"expected {FORMAT!r}; expected a directory written by sparsecc.save")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise SaveError(f"{path}: written in format version {version} (by sparsecc {manifest.get('sparsecc')}); "
+                        f"this sparsecc reads versions <= {FORMAT_VERSION}: upgrade sparsecc to load it")
+    for name in _FILES:
+        file = directory / name
+        want = manifest.get("files", {}).get(name)
+        if want is None:
+            raise SaveError(f"{path}: lists no {name}; the save is incomplete, save the model again")
+        if not file.is_file():
+            raise SaveError(f"{file}: missing (the manifest lists it); copy the whole directory or save again")
+        size = file.stat().st_size
+        if size != want["bytes"]:
+            raise SaveError(f"{file}: {size} bytes, the manifest says {want['bytes']} (truncated or replaced); "
+                            "copy the whole directory again or save again")
+        if _sha256(file) != want["sha256"]:
+            raise SaveError(f"{file}: its content does not match the manifest's sha256 (corrupted or replaced); "
+                            "copy the whole directory again or save again")
+    return manifest
+
+
+def load(directory: str | os.PathLike, backend: Optional[str] = None, backend_options: Optional[dict] = None):
+    """Rebuild the compiled model saved in `directory` (no Python class of the original model needed).
+
+    backend: where to run it (default: the backend it was saved from); "eager", "inductor",
+    "onnxruntime" ("triton" needs a CUDA device). A model with token flow loads as its inference graph.
+    Methods defined outside sparsecc must be imported (registered) before loading their recipe.
+    """
+    from safetensors.torch import load_file
+
+    from sparsecc.capture import Captured
+    from sparsecc.layouts import LayoutSet
+    from sparsecc.methods import Plan
+    from sparsecc.methods.block_sparse import plan_layout
+    from sparsecc.model import SparseModel
+    from sparsecc.recipe import Recipe
+    from sparsecc.report import Report, saved_report
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    try:
+        ep = torch.export.load(str(directory / "program.pt2"))
+    except Exception as err:  # noqa: BLE001 - the ops or the file itself
+        raise SaveError(f"{directory / 'program.pt2'}: torch.export could not load it ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}); it was written by torch "
+                        f"{manifest['torch']}, this is torch {torch.__version__}") from err
+    gm = ep.module()
+    weights = load_file(str(directory / "weights.safetensors"))
+    for alias, name in manifest["tied"].items():
+        weights[alias] = weights[name]
+    try:
+        gm.load_state_dict(weights, strict=True, assign=True)
+    except RuntimeError as err:
+        raise SaveError(f"{directory / 'weights.safetensors'} does not fit {directory / 'program.pt2'}: "
+                        f"{str(err).splitlines()[0]}") from err
+    example = load_file(str(directory / "example.safetensors"))
+
+    def value(entry: dict) -> Any:
+        return example[entry["tensor"]] if "tensor" in entry else entry["value"]
+
+    args = tuple(value(e) for e in manifest["example"]["args"])
+    kwargs = {k: value(e) for k, e in manifest["example"]["kwargs"].items()}
+    captured = Captured(gm=gm, args=args, kwargs=kwargs, model_name=manifest["model"],
+                        dynamic=bool(manifest["dynamic"]), call_defaults=dict(manifest["call_defaults"]))
+    plan_data = load_file(str(directory / "plans.safetensors"))
+    plans = {region: Plan(method=p["method"], region=region, values=p["values"], version=p["version"],
+                          tensors={name: plan_data[f"{region}/{name}"] for name in p["tensors"]})
+             for region, p in manifest["plans"].items()}
+    layouts = LayoutSet((name, plan_layout(p)) for name, p in plans.items() if "mask" in p.tensors)
+    report: Report = saved_report(manifest["report"])
+    return SparseModel(gm, captured, Recipe.from_dict(manifest["recipe"]), backend or manifest["backend"], report,
+                       layouts=layouts or None, backend_options=backend_options, plans=plans)
