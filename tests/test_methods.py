@@ -130,7 +130,7 @@ def test_spion_and_sparse_ffn_calibrate_in_one_pass_over_the_data(monkeypatch):
     data = CountingBatches([inputs] * 3)
     recipe = sparsecc.Recipe(attention=sparsecc.Spion(block=8, quantile=0.9),
                              ffn=sparsecc.SparseFFN(n=4, d_lowrank=4, steps=5))
-    sm = sparsecc.compile(model, inputs, recipe=recipe, calibration=data, progress=False)
+    sm = sparsecc.compile(model, inputs, recipe=recipe, calibration=data, progress=True)  # with the bar
     assert (data.iterations, data.items, len(runs)) == (1, 3, 3)  # the data is read once: one forward per batch
     ops = [n.target for n in sm.graph_module.graph.nodes]
     assert ops.count(torch.ops.sparsecc.block_sparse_attention.default) == 2
