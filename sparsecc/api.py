@@ -15,7 +15,7 @@ from torch import nn
 from sparsecc.capture import Captured, capture
 from sparsecc.errors import UnsupportedError
 from sparsecc.graph.canonicalize import CANONICALIZE
-from sparsecc.graph.fx_utils import SDPA, aten, is_call, module_path
+from sparsecc.graph.match import as_miss
 from sparsecc.graph.regions import Region, find_regions
 from sparsecc.passes.identity import attention_to_op, ffn_to_op
 from sparsecc.passes.manager import Pass, PassContext, PassManager, PassResult
@@ -45,7 +45,9 @@ class Report:
     regions: list  # list[Region]
     graph: GraphSummary
     passes: list = field(default_factory=list)  # list[PassResult]
-    unmatched: list = field(default_factory=list)  # "why not" notes for attention-like nodes left alone
+    # candidates left alone: sparsecc.graph.match.Miss records (kind, rule, reason, node, path, layer), and
+    # the free-text notes of rewrite passes
+    unmatched: list = field(default_factory=list)
     stage_seconds: dict = field(default_factory=dict)
 
     @property
@@ -61,7 +63,7 @@ class Report:
 
     def to_dict(self) -> dict:
         return {"model": self.model, "regions": [r.to_dict() for r in self.regions],
-                "graph": self.graph.to_dict(), "unmatched": list(self.unmatched),
+                "graph": self.graph.to_dict(), "unmatched": [as_miss(u).to_dict() for u in self.unmatched],
                 "passes": [{"name": p.name, "changes": len(p.changes), "seconds": p.seconds,
                             "max_abs_error": p.max_abs_error} for p in self.passes],
                 "stage_seconds": dict(self.stage_seconds)}
@@ -69,6 +71,15 @@ class Report:
     def table(self) -> str:
         from sparsecc.report import region_table
         return region_table(self)
+
+    def misses(self) -> list:
+        """`unmatched` as sparsecc.graph.match.Miss records (a pass's free-text note becomes kind "note")."""
+        return [as_miss(u) for u in self.unmatched]
+
+    def explain(self) -> str:
+        """For each attention / FFN candidate that was not rewritten: where it is, the rule and the reason."""
+        from sparsecc.report import explain_table
+        return explain_table(self)
 
     def __str__(self) -> str:
         return self.table()
@@ -81,24 +92,10 @@ def graph_summary(gm: fx.GraphModule, captured: Captured) -> GraphSummary:
     return GraphSummary(nodes=len(gm.graph.nodes), ops=dict(ops.most_common()), parameters=params, inputs=inputs)
 
 
-def _unmatched(gm: fx.GraphModule, regions: list) -> list[str]:
-    """Attention-looking nodes that no region covers, with the reason."""
-    notes = []
-    covered = {r.sdpa for r in regions if r.kind == "attention"}
-    for node in gm.graph.nodes:
-        if is_call(node, aten.softmax.int, aten._softmax.default):
-            notes.append(f"softmax {node.name} at {module_path(node) or '?'}: not rewritten to SDPA (its "
-                         "input is not matmul*scale+mask, or its probabilities are also used elsewhere, "
-                         "e.g. output_attentions=True)")
-        elif is_call(node, SDPA) and node not in covered:
-            notes.append(f"SDPA {node.name} at {module_path(node) or '?'}: no region")
-    for r in regions:
-        if r.kind == "attention" and (r.q_proj is None or r.o_proj is None):
-            missing = [n for n, p in (("q", r.q_proj), ("k", r.k_proj), ("v", r.v_proj), ("out", r.o_proj))
-                       if p is None]
-            notes.append(f"attention {r.name}: projection(s) {missing} not found (fine for the SDPA rewrite; "
-                         "methods that need the projections skip this region)")
-    return notes
+def _unmatched(gm: fx.GraphModule, regions: list) -> list:
+    """Attention / FFN candidates that no region covers (or a method cannot take), with the rule and reason."""
+    from sparsecc.graph.explain import unmatched
+    return unmatched(gm, regions)
 
 
 def _canonicalize_passes() -> list[Pass]:

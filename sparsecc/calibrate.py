@@ -98,7 +98,8 @@ def collect_attention_maps(captured: Captured, gm: fx.GraphModule, regions: list
             flat = fx_pytree.tree_flatten_spec((args, {**captured.call_defaults, **kwargs}), in_spec)
             collector.run(*flat)
     if not collector.sums:
-        raise SparseccError("calibration saw no batches: pass calibration=[inputs, ...] with at least one batch "
+        raise SparseccError("no attention region was found (see `sparsecc inspect --explain`)" if not watch else
+                            "calibration saw no batches: pass calibration=[inputs, ...] with at least one batch "
                             "in the same format as example_inputs")
     return {name: collector.sums[name] / collector.counts[name] for name in collector.sums}
 

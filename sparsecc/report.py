@@ -17,7 +17,7 @@ def format_table(headers: list[str], rows: list[list], align: str = "") -> str:
     lines = []
     for i, row in enumerate(cells):
         lines.append("  ".join(c.ljust(w) if (align[j:j + 1] or "l") == "l" else c.rjust(w)
-                               for j, (c, w) in enumerate(zip(row, widths))))
+                               for j, (c, w) in enumerate(zip(row, widths))).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -33,7 +33,7 @@ def region_table(report) -> str:
             detail += f" mask={r.mask_kind}"
             causal = "yes" if r.causal else "no"
         else:
-            detail = f"{r.activation}{' gated' if r.gated else ''} {r.d_model}->{r.d_ff}"
+            detail = f"{r.activation or '?'}{' gated' if r.gated else ''} {r.d_model}->{r.d_ff}"
             causal = ""
         norm = r.residual.norm_position if r.residual is not None else "?"
         row = [r.kind, r.layer, r.path or r.name, r.module_class, detail, causal, norm, human(r.flops)]
@@ -60,9 +60,20 @@ def region_table(report) -> str:
     if flow:
         lines.insert(2, flow)
     if report.unmatched:
-        lines.append("not rewritten:")
+        lines.append("not rewritten (`sparsecc inspect --explain` for a table):")
         lines += [f"  - {note}" for note in report.unmatched]
     return "\n".join(lines)
+
+
+def explain_table(report) -> str:
+    """The candidates left alone, one row each: kind, layer, module path, anchor node, rule, reason."""
+    misses = report.misses()
+    head = (f"{report.model}: {len(report.attention)} attention and {len(report.ffn)} FFN regions; "
+            f"{len(misses)} candidate(s) not matched")
+    if not misses:
+        return head
+    rows = [[m.kind, m.layer, m.path, m.node, m.rule, m.reason] for m in misses]
+    return head + "\n" + format_table(["kind", "layer", "module path", "node", "rule", "reason"], rows)
 
 
 def flow_summary(report) -> str:
