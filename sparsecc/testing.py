@@ -76,6 +76,43 @@ def vit(attn_implementation: str = "eager"):
 
 
 @_seeded
+def clip_text(attn_implementation: str = "eager"):
+    """CLIP's text tower: causal self-attention, quick_gelu FFNs (x * sigmoid(1.702 x))."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    cfg = CLIPTextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=32, attn_implementation=attn_implementation,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return CLIPTextModel(cfg).eval(), (_ids(),)
+
+
+@_seeded
+def clip_vision(attn_implementation: str = "eager"):
+    """CLIP's vision tower: a ViT with quick_gelu FFNs."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8, attn_implementation=attn_implementation)
+    return CLIPVisionModel(cfg).eval(), (torch.randn(2, 3, 32, 32),)
+
+
+@_seeded
+def bloom():
+    """BLOOM (eager attention only): ALiBi through baddbmm, GELU written out by hand in its MLP."""
+    from transformers import BloomConfig, BloomModel
+    cfg = BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0,
+                      pad_token_id=0)
+    return BloomModel(cfg).eval(), (_ids(),)
+
+
+@_seeded
+def falcon(attn_implementation: str = "eager", bias: bool = False):
+    """Falcon: linears computed as x @ W.T (+ b), rotary, multi-query attention, parallel attention + MLP."""
+    from transformers import FalconConfig, FalconModel
+    cfg = FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, bias=bias,
+                       attn_implementation=attn_implementation, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return FalconModel(cfg).eval(), (_ids(),)
+
+
+@_seeded
 def torch_encoder(norm_first: bool = False, layers: int = 2):
     """torch.nn.TransformerEncoder (batch_first) with ReLU FFNs."""
     layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True,
