@@ -368,8 +368,14 @@ def _constant_value(node: fx.Node) -> torch.Tensor:
         value = node.graph.owning_module
         for part in node.target.split("."):
             value = getattr(value, part)
-        return value.detach().double()
-    return node.target(*node.args, **node.kwargs).double()
+    else:
+        value = node.target(*node.args, **node.kwargs)
+    return value.detach().to("cpu", torch.float64)
+
+
+def _is_float_cast(node: fx.Node) -> bool:
+    dtype = node.kwargs.get("dtype")
+    return is_call(node, aten._to_copy.default) and (dtype is None or dtype.is_floating_point)
 
 
 def _branch(out: fx.Node, chain: _Chain) -> tuple[list, set]:
@@ -388,14 +394,12 @@ def _branch(out: fx.Node, chain: _Chain) -> tuple[list, set]:
 def _as_function(out: fx.Node, source: fx.Node, chain: _Chain):
     """The chain from `source` to `out` as a function of one tensor (view-like ops and float casts: identity)."""
     nodes, _ = _branch(out, chain)
-    consts = {c: _constant_value(c) for c in chain.constants}
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        env = {source: x, **consts}
+        env = {source: x, **{c: _constant_value(c) for c in chain.constants}}
         value = lambda a: env[through_view_like(a)]  # noqa: E731
         for n in nodes:
-            dtype = n.kwargs.get("dtype") if n.target is aten._to_copy.default else None
-            if n.target is aten._to_copy.default and (dtype is None or dtype.is_floating_point):
+            if _is_float_cast(n):
                 env[n] = value(n.args[0])
             else:
                 env[n] = n.target(*fx.node.map_arg(n.args, value), **fx.node.map_arg(n.kwargs, value))
@@ -470,13 +474,12 @@ def match_ffn(down: fx.Node) -> Match:
     branches = [(x, _branch(x, chain)) for x in root.args[:2]]
     if any(len(found) != 1 for _, (_, found) in branches) or branches[0][1][1] == branches[1][1][1]:
         return Match.fail("ffn.gated", f"the chain computes {formula}, not act(gate) * up", down, root, progress=5)
-    plain = [(x, next(iter(found))) for x, (nodes, found) in branches if not nodes]
-    if not plain:
+    plain = [all(_is_float_cast(n) for n in nodes) for _, (nodes, _) in branches]  # the up factor: no function
+    if not any(plain):
         return Match.fail("ffn.gated", f"both factors of {formula} apply a function; expected act(gate) * up",
                           down, root, progress=6)
-    up = plain[0][1]
-    (act_out, (_, found)), = [br for br in branches if next(iter(br[1][1])) is not up] or [branches[1]]
-    return Match.ok(_ffn_parts(up, next(iter(found)), act_out, chain))
+    (_, (_, up)), (act_side, (_, gate)) = branches if plain[0] else branches[::-1]
+    return Match.ok(_ffn_parts(next(iter(up)), next(iter(gate)), act_side, chain))
 
 
 def _ffn_parts(up: fx.Node, gate: Optional[fx.Node], act_out: fx.Node, chain: _Chain) -> _FFNParts:
