@@ -15,6 +15,7 @@ from torch import nn
 from sparsecc.capture import Captured, capture
 from sparsecc.errors import UnsupportedError
 from sparsecc.graph.canonicalize import CANONICALIZE
+from sparsecc.graph.explain import unmatched
 from sparsecc.graph.match import as_miss
 from sparsecc.graph.regions import Region, find_regions
 from sparsecc.passes.identity import attention_to_op, ffn_to_op
@@ -94,7 +95,6 @@ def graph_summary(gm: fx.GraphModule, captured: Captured) -> GraphSummary:
 
 def _unmatched(gm: fx.GraphModule, regions: list) -> list:
     """Attention / FFN candidates that no region covers (or a method cannot take), with the rule and reason."""
-    from sparsecc.graph.explain import unmatched
     return unmatched(gm, regions)
 
 
