@@ -18,7 +18,8 @@ from sparsecc.calibrate import calibrate
 from sparsecc.capture import Captured, capture
 from sparsecc.errors import RecipeError, UnsupportedError
 from sparsecc.graph.canonicalize import CANONICALIZE
-from sparsecc.graph.fx_utils import SDPA, aten, is_call, module_path
+from sparsecc.graph.explain import unmatched
+from sparsecc.graph.match import Miss
 from sparsecc.graph.regions import find_regions
 from sparsecc.methods import Plan, Target, handler_for
 from sparsecc.methods.block_sparse import plan_layout
@@ -41,26 +42,6 @@ class Analysis:
     ctx: PassContext
     passes: list
     seconds: dict
-
-
-def _unmatched(gm: fx.GraphModule, regions: list) -> list[str]:
-    """Attention-looking nodes that no region covers, with the reason."""
-    notes = []
-    covered = {r.sdpa for r in regions if r.kind == "attention"}
-    for node in gm.graph.nodes:
-        if is_call(node, aten.softmax.int, aten._softmax.default):
-            notes.append(f"softmax {node.name} at {module_path(node) or '?'}: not rewritten to SDPA (its "
-                         "input is not matmul*scale+mask, or its probabilities are also used elsewhere, "
-                         "e.g. output_attentions=True)")
-        elif is_call(node, SDPA) and node not in covered:
-            notes.append(f"SDPA {node.name} at {module_path(node) or '?'}: no region")
-    for r in regions:
-        if r.kind == "attention" and (r.q_proj is None or r.o_proj is None):
-            missing = [n for n, p in (("q", r.q_proj), ("k", r.k_proj), ("v", r.v_proj), ("out", r.o_proj))
-                       if p is None]
-            notes.append(f"attention {r.name}: projection(s) {missing} not found (fine for the SDPA rewrite; "
-                         "methods that need the projections skip this region)")
-    return notes
 
 
 def analyze(model: Any, example_inputs: Any = None, dynamic: bool = True, check: bool = False,
@@ -90,7 +71,7 @@ def inspect(model: Any, example_inputs: Any = None, dynamic: bool = True, check:
     """
     a = analyze(model, example_inputs, dynamic, check, dump_dir)
     return Report(model=a.captured.model_name, regions=a.ctx.regions, graph=graph_summary(a.captured.gm),
-                  passes=a.passes, unmatched=_unmatched(a.captured.gm, a.ctx.regions), stage_seconds=a.seconds)
+                  passes=a.passes, unmatched=unmatched(a.captured.gm, a.ctx.regions), stage_seconds=a.seconds)
 
 
 def assign(recipe: Recipe, ctx: PassContext) -> tuple[dict, list[str]]:
@@ -113,8 +94,11 @@ def assign(recipe: Recipe, ctx: PassContext) -> tuple[dict, list[str]]:
             if match:
                 targets[slot].append(Target(region, config))
             else:
+                kind = type(config).kind
                 misses.setdefault(config, []).append(f"{region.name}: {match.reason}")
-                notes.append(f"{region.name}: {type(config).kind} not applied: {match.reason}")
+                anchor = region.sdpa if region.kind == "attention" else region.down
+                notes.append(Miss(region.kind, f"{kind}:{match.rule}", f"{kind} not applied: {match.reason}",
+                                  getattr(anchor, "name", None), region.path or region.name, region.layer))
         for config in recipe.configs(slot):
             if handler_for(config).optional or any(t.config == config for t in targets[slot]):
                 continue
@@ -122,8 +106,8 @@ def assign(recipe: Recipe, ctx: PassContext) -> tuple[dict, list[str]]:
             found = misses.get(config)
             if not found:
                 raise UnsupportedError(f"recipe.{slot} = {describe_config(config)}: no {kind} region was found "
-                                       "where it applies (see `sparsecc inspect MODEL --explain` for what the model "
-                                       "has and why candidates were not recognised)")
+                                       "(see `sparsecc inspect --explain` for what the model has and why candidates "
+                                       "were not recognised)")
             raise UnsupportedError(f"recipe.{slot} = {describe_config(config)} fits none of the {len(found)} {kind} "
                                    f"region(s) it was given: " + "; ".join(found[:4])
                                    + (f"; ... ({len(found) - 4} more)" if len(found) > 4 else ""))
@@ -207,7 +191,7 @@ def compile(model: nn.Module, example_inputs: Any, recipe: Optional[Recipe] = No
     ctx, times = a.ctx, a.seconds
     ctx.recipe = recipe
     report = Report(model=a.captured.model_name, regions=ctx.regions, graph=graph_summary(a.captured.gm),
-                    unmatched=_unmatched(a.captured.gm, ctx.regions), stage_seconds=times)
+                    unmatched=unmatched(a.captured.gm, ctx.regions), stage_seconds=times)
     targets, notes = assign(recipe, ctx)
     ctx.targets = targets
     groups = _groups(targets)

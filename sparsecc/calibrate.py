@@ -24,6 +24,7 @@ from torch.fx import _pytree as fx_pytree
 
 from sparsecc.capture import Captured, normalize_inputs
 from sparsecc.errors import SparseccError
+from sparsecc.graph.fx_utils import attention_args
 from sparsecc.progress import progress as show_progress
 
 log = logging.getLogger("sparsecc.calibrate")
@@ -85,7 +86,7 @@ class AttentionMapObserver(Observer):
         self.counts: dict[tuple[int, int], int] = {}  # (L, S) of a batch -> items (batch x heads) seen
 
     def observe(self, args: tuple, kwargs: dict, output: Any) -> None:
-        a = _bind_sdpa(args, kwargs)
+        a = attention_args(self.node.target, args, kwargs)
         total, items = attention_probs_sum(a["query"], a["key"], a["attn_mask"], bool(a["is_causal"]), a["scale"],
                                            chunk=self.chunk)
         self.add(total, {tuple(total.shape): items})
@@ -119,15 +120,6 @@ class AttentionMapObserver(Observer):
         """The mean attention map [L_max, S_max] (fp32): each cell over the items that covered it."""
         assert self.sum is not None
         return (self.sum.double() / self.cell_counts().clamp_min(1)).float()
-
-
-def _bind_sdpa(args: tuple, kwargs: dict) -> dict:
-    """SDPA-style arguments by name (aten SDPA or sparsecc::attention, positional or keyword)."""
-    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
-    out = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
-    out.update(dict(zip(names, args)))
-    out.update(kwargs)
-    return out
 
 
 class RowObserver(Observer):

@@ -17,6 +17,9 @@ def _inspect(args) -> int:
     from sparsecc.models import load_model
 
     if args.model.endswith(".onnx"):  # an exported file: list its sparse regions and the dense rest
+        if args.explain:
+            raise SparseccError("--explain asks the graph matchers why candidates were left alone; it needs a model "
+                                "(HF directory, .pt2, module:function or 'minilm'), not an .onnx file")
         from sparsecc.backends.onnx_inspect import inspect_onnx
         found = inspect_onnx(args.model)
         print(json.dumps(found.to_dict(), indent=2, default=str) if args.json else found.table())
@@ -29,11 +32,17 @@ def _inspect(args) -> int:
         from sparsecc.capture import capture
         from sparsecc.graph.dot import graph_to_dot, write_dot
         # the report's regions point into the graph inspect canonicalized; render that graph
-        gm = report.regions[0].sdpa.graph.owning_module if report.attention else None
+        anchor = report.attention[0].sdpa if report.attention else report.ffn[0].down if report.ffn else None
+        gm = anchor.graph.owning_module if anchor is not None else None
         if gm is None:
             gm = (target if loaded.exported_path else capture(target, loaded.inputs)).gm
         write_dot(args.dot, graph_to_dot(gm, report.regions, title=loaded.name))
-    if args.json:
+    if args.explain and args.json:
+        print(json.dumps({"model": report.model, "attention": len(report.attention), "ffn": len(report.ffn),
+                          "unmatched": report.to_dict()["unmatched"]}, indent=2, default=str))
+    elif args.explain:
+        print(report.explain())
+    elif args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:
         print(report.table())
@@ -138,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=128, help="sequence length of the example inputs (HF dirs)")
     p.add_argument("--batch", type=int, default=1, help="batch size of the example inputs (HF dirs)")
     p.add_argument("--json", action="store_true", help="print a JSON object with a 'regions' list")
+    p.add_argument("--explain", action="store_true",
+                   help="for each attention / FFN candidate left alone: layer, module path, node, the rule that got "
+                        "furthest and why it failed (with --json: an 'unmatched' list)")
     p.add_argument("--dot", metavar="FILE", help="write the graph with its regions as Graphviz dot")
     p.add_argument("--static", action="store_true", help="capture with static shapes")
     p.set_defaults(func=_inspect)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
+from sparsecc.graph.match import Miss, as_miss
+
 
 @dataclass
 class GraphSummary:
@@ -34,7 +36,9 @@ class Report:
     regions: list  # list[Region]
     graph: GraphSummary
     passes: list = field(default_factory=list)  # list[PassResult]
-    unmatched: list = field(default_factory=list)  # "why not" notes for regions and candidates left alone
+    # candidates left alone: sparsecc.graph.match.Miss records (kind, rule, reason, node, path, layer), and
+    # the free-text notes of methods (regions a method's match refused)
+    unmatched: list = field(default_factory=list)
     stage_seconds: dict = field(default_factory=dict)
 
     @property
@@ -50,13 +54,21 @@ class Report:
 
     def to_dict(self) -> dict:
         return {"model": self.model, "regions": [r.to_dict() for r in self.regions],
-                "graph": self.graph.to_dict(), "unmatched": [str(u) for u in self.unmatched],
+                "graph": self.graph.to_dict(), "unmatched": [as_miss(u).to_dict() for u in self.unmatched],
                 "passes": [{"name": p.name, "changes": len(p.changes), "notes": [str(c) for c in p.changes],
                             "seconds": p.seconds, "max_abs_error": p.max_abs_error} for p in self.passes],
                 "stage_seconds": dict(self.stage_seconds)}
 
     def table(self) -> str:
         return region_table(self)
+
+    def misses(self) -> list:
+        """`unmatched` as sparsecc.graph.match.Miss records (a method's free-text note becomes kind "note")."""
+        return [as_miss(u) for u in self.unmatched]
+
+    def explain(self) -> str:
+        """For each attention / FFN candidate that was not rewritten: where it is, the rule and the reason."""
+        return explain_table(self)
 
     def __str__(self) -> str:
         return self.table()
@@ -90,7 +102,8 @@ def saved_report(data: dict) -> Report:
                   graph=GraphSummary(**data["graph"]),
                   passes=[PassResult(p["name"], list(p.get("notes", [])), p["seconds"], p["max_abs_error"])
                           for p in data["passes"]],
-                  unmatched=list(data["unmatched"]), stage_seconds=dict(data["stage_seconds"]))
+                  unmatched=[Miss(**u) if isinstance(u, dict) else u for u in data["unmatched"]],
+                  stage_seconds=dict(data["stage_seconds"]))
 
 
 def ratio(before: float, after: float) -> str:
@@ -108,7 +121,7 @@ def format_table(headers: list[str], rows: list[list], align: str = "") -> str:
     lines = []
     for i, row in enumerate(cells):
         lines.append("  ".join(c.ljust(w) if (align[j:j + 1] or "l") == "l" else c.rjust(w)
-                               for j, (c, w) in enumerate(zip(row, widths))))
+                               for j, (c, w) in enumerate(zip(row, widths))).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -124,18 +137,18 @@ def region_table(report) -> str:
             detail += f" mask={r.mask_kind}"
             causal = "yes" if r.causal else "no"
         else:
-            detail = f"{r.activation}{' gated' if r.gated else ''} {r.d_model}->{r.d_ff}"
+            detail = f"{r.activation or '?'}{' gated' if r.gated else ''} {r.d_model}->{r.d_ff}"
             causal = ""
         norm = r.residual.norm_position if r.residual is not None else "?"
         row = [r.kind, r.layer, r.path or r.name, r.module_class, detail, causal, norm, human(r.flops)]
         if sparse:
-            row += [r.sparse.get("config", r.sparse["method"]), f"{r.sparse['density']:.3f}",
-                    human(r.sparse["flops"])] if r.sparse else ["dense", "1.000", human(r.flops)]
+            row += [r.sparse["method"], r.sparse.get("config", ""), f"{r.sparse['density']:.3f}",
+                    human(r.sparse["flops"])] if r.sparse else ["dense", "", "1.000", human(r.flops)]
         rows.append(row)
     headers = ["kind", "layer", "module path", "class", "shape", "causal", "LN", "dense FLOPs"]
     if sparse:
-        headers += ["method (config)", "density", "sparse FLOPs"]
-    table = format_table(headers, rows, align="lllllllrlrr")
+        headers += ["method", "config", "density", "sparse FLOPs"]
+    table = format_table(headers, rows, align="lllllllrllrr")
     g = report.graph
     total = human(report.dense_flops())
     top = ", ".join(f"{k.replace('aten.', '').replace('.default', '')}x{v}" for k, v in list(g.ops.items())[:8])
@@ -151,9 +164,20 @@ def region_table(report) -> str:
     if flow:
         lines.insert(2, flow)
     if report.unmatched:
-        lines.append("not rewritten:")
+        lines.append("not rewritten (`sparsecc inspect --explain` for a table):")
         lines += [f"  - {note}" for note in report.unmatched]
     return "\n".join(lines)
+
+
+def explain_table(report) -> str:
+    """The candidates left alone, one row each: kind, layer, module path, anchor node, rule, reason."""
+    misses = report.misses()
+    head = (f"{report.model}: {len(report.attention)} attention and {len(report.ffn)} FFN regions; "
+            f"{len(misses)} candidate(s) not matched")
+    if not misses:
+        return head
+    rows = [[m.kind, m.layer, m.path, m.node, m.rule, m.reason] for m in misses]
+    return head + "\n" + format_table(["kind", "layer", "module path", "node", "rule", "reason"], rows)
 
 
 def flow_summary(report) -> str:

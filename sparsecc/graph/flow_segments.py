@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from sparsecc.errors import UnsupportedError
-from sparsecc.graph.fx_utils import SDPA, fake, is_call
+from sparsecc.graph.fx_utils import SDPA, attention_args, fake, is_call
 from sparsecc.graph.regions import AttentionRegion, Region
 
 def attention_targets() -> tuple:
@@ -126,14 +126,6 @@ def segment_nodes(start: fx.Node, end: fx.Node) -> list[fx.Node]:
         stack.extend(i for i in n.all_input_nodes if i in down)
     inside = down & up
     return [n for n in start.graph.nodes if n in inside]
-
-
-def attention_args(node: fx.Node) -> dict:
-    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
-    out = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
-    out.update(dict(zip(names, node.args)))
-    out.update(node.kwargs)
-    return out
 
 
 def _ancestors_within(node, members: set) -> set:

@@ -8,6 +8,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 import torch.fx as fx
+from torch.fx.operator_schemas import normalize_function
 
 aten = torch.ops.aten
 
@@ -112,6 +113,37 @@ def is_dynamic(dim: Any) -> bool:
     return not isinstance(dim, int)
 
 
+# Elementwise ops without a pointwise tag, and casts (elementwise when only the dtype changes).
+_ELEMENTWISE_EXTRA = {aten.hardswish.default, aten.hardsigmoid.default, aten.where.ScalarOther,
+                      aten.where.ScalarSelf, aten.where.Scalar}
+
+
+def is_elementwise(node: Any) -> bool:
+    """A deterministic op applied element by element (torch's `pointwise` tag), or a dtype cast."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    if node.target is aten._to_copy.default:
+        return set(node.kwargs) <= {"dtype"}
+    tags = node.target.tags
+    return (torch.Tag.pointwise in tags or node.target in _ELEMENTWISE_EXTRA) \
+        and torch.Tag.nondeterministic_seeded not in tags
+
+
+def consumers(node: fx.Node) -> list[fx.Node]:
+    """The nodes that use `node`'s data, looking through view-like users (which are not listed)."""
+    out, stack, seen = [], list(node.users), set()
+    while stack:
+        u = stack.pop()
+        if u in seen:
+            continue
+        seen.add(u)
+        if is_call(u, *VIEW_LIKE):
+            stack.extend(u.users)
+        elif not is_call(u, aten._assert_tensor_metadata.default):
+            out.append(u)
+    return out
+
+
 def through_view_like(node: fx.Node) -> fx.Node:
     """Walk backwards through view-like ops to the node that produced the data."""
     while is_call(node, *VIEW_LIKE) and isinstance(node.args[0], fx.Node):
@@ -149,6 +181,47 @@ def scalar(value: Any) -> Optional[float]:
     if isinstance(value, (int, float)):
         return float(value)
     return None
+
+
+def bind(target: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Optional[dict]:
+    """Every argument of a call to an op, by the op's schema names, defaults filled in; None if they do not fit.
+
+    Works for FX nodes' args (nodes stay nodes) and for run-time values alike. As in
+    torch.fx.operator_schemas, an argument the schema calls `self` is named `input`.
+    """
+    if not isinstance(target, torch._ops.OpOverload):
+        return None
+    pair = normalize_function(target, tuple(args), dict(kwargs or {}), normalize_to_only_use_kwargs=True)
+    return None if pair is None else dict(pair.kwargs)
+
+
+def call_args(node: fx.Node) -> dict:
+    """`bind` of a call_function node; an error naming the node if its arguments do not fit the schema."""
+    bound = bind(node.target, node.args, node.kwargs)
+    if bound is None:
+        raise ValueError(f"{node.name}: the arguments {node.args} {node.kwargs} do not fit the schema of "
+                         f"{node.target}")
+    return bound
+
+
+_ATTENTION_NAMES = {"q": "query", "k": "key", "v": "value"}
+
+
+def attention_args(node_or_target: Any, args: Optional[tuple] = None, kwargs: Optional[dict] = None) -> dict:
+    """SDPA-style arguments by name: query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa.
+
+    For aten.scaled_dot_product_attention and the ops with its contract (sparsecc::attention,
+    whose q/k/v are renamed): `attention_args(node)`, or `attention_args(target, args, kwargs)`
+    with run-time values.
+    """
+    if isinstance(node_or_target, fx.Node):
+        target, args, kwargs = node_or_target.target, node_or_target.args, node_or_target.kwargs
+    else:
+        target = node_or_target
+    bound = bind(target, args or (), kwargs)
+    if bound is None:
+        raise ValueError(f"attention arguments {args} {kwargs} do not fit the schema of {target}")
+    return {_ATTENTION_NAMES.get(k, k): v for k, v in bound.items()}
 
 
 def is_getitem(node: Any) -> bool:

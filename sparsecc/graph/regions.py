@@ -5,9 +5,12 @@ they describe (valid until the graph is rewritten; passes find regions again
 after a rewrite) and `to_dict()` gives the JSON-able facts.
 
 Attention is anchored on the SDPA node (canonicalization turns eager attention
-into SDPA first) and walks outwards to the projections; an FFN is anchored on
-its down projection and walks back through the activation (and the gate product
-of SwiGLU / GeGLU) to the up projection.
+into SDPA first) and walks outwards to the projections. An FFN is found by its
+structure, anchored on its down projection: a linear whose input is computed from
+one linear (up) through elementwise ops, or as act(gate) * up from two linears on
+the same input. The activation is named by evaluating those ops as a function and
+comparing it with sparsecc.ops.activations, so quick_gelu, GELU written out by hand,
+squared ReLU... need no entry here. `match_ffn` says why a candidate is not an FFN.
 """
 
 from __future__ import annotations
@@ -21,15 +24,11 @@ import torch
 import torch.fx as fx
 from torch.fx import _pytree as fx_pytree
 
-from sparsecc.graph.fx_utils import (LINEAR, SDPA, VIEW_LIKE, aten, common_path, fake, forward_through_view_like,
-                                     is_call, layer_index, module_class, module_path, shape, stack_name,
-                                     through_view_like, weight_name)
-
-ACTIVATION_OPS = {
-    aten.relu.default: "relu",
-    aten.gelu.default: "gelu",
-    aten.silu.default: "silu",
-}
+from sparsecc.graph.fx_utils import (LINEAR, SDPA, aten, attention_args, common_path, consumers, fake,
+                                     forward_through_view_like, is_call, is_elementwise, layer_index, module_class,
+                                     module_path, module_stack, shape, stack_name, through_view_like, weight_name)
+from sparsecc.graph.match import Match, describe
+from sparsecc.ops.activations import ACTIVATIONS, identify
 
 # Nodes a projection search does not walk through.
 _BARRIERS = {SDPA, aten.layer_norm.default, aten.softmax.int, aten.embedding.default, LINEAR}
@@ -115,21 +114,24 @@ class FFNRegion(Region):
     gate: Optional[fx.Node] = None
     down: Optional[fx.Node] = None
     input: Optional[fx.Node] = None
-    activation: str = ""
+    activation: Optional[str] = None  # a sparsecc.ops.activations name; None: the chain computes none of them
+    chain: str = ""  # what the elementwise ops compute, as a formula of x (the gate's or up's output)
     gated: bool = False
     d_model: Optional[int] = None
     d_ff: Optional[int] = None
     tokens: Optional[int] = None
     weights: dict = field(default_factory=dict)
 
+    def activation_match(self) -> Match:
+        """Ok with the activation's name, or why a rewrite that computes the activation cannot take it."""
+        if self.activation is not None:
+            return Match.ok(self.activation)
+        return Match.fail("ffn.activation", f"activation is not one of {', '.join(ACTIVATIONS)}: between "
+                          f"{(self.gate or self.up).name} and {self.down.name} it computes {self.chain}",
+                          self.down, progress=10)
+
 
 # ------------------------------------------------------------------ helpers
-def sdpa_args(node: fx.Node) -> dict:
-    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal"]
-    out = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
-    out.update(dict(zip(names, node.args)))
-    out.update(node.kwargs)
-    return out
 
 
 def linear_flops(node: fx.Node) -> int:
@@ -218,8 +220,7 @@ def find_attention(gm: fx.GraphModule, captured=None) -> list[AttentionRegion]:
     for node in gm.graph.nodes:
         if not is_call(node, SDPA, torch.ops.sparsecc.attention.default):
             continue
-        a = sdpa_args(node) if node.target is SDPA else dict(zip(
-            ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"], node.args))
+        a = attention_args(node)
         q_lin, q_ops = _projections(a["query"])
         k_lin, k_ops = _projections(a["key"])
         v_lin, _ = _projections(a["value"])
@@ -299,74 +300,223 @@ def _dedupe_names(regions: list[Region]) -> None:
             seen[r.name] = 0
 
 
-def _activation_of(node: fx.Node) -> Optional[tuple[str, fx.Node]]:
-    if is_call(node, *ACTIVATION_OPS):
-        name = ACTIVATION_OPS[node.target]
-        if name == "gelu" and node.kwargs.get("approximate", "none") == "tanh":
-            name = "gelu_tanh"
-        return name, node
-    return None
+# ------------------------------------------------------------------ FFN by structure
+@dataclass
+class _Chain:
+    """The elementwise ops between an FFN's up (and gate) projections and its down projection."""
+
+    root: fx.Node  # its output: the down projection's input (through view-like ops)
+    nodes: set  # the elementwise nodes, each used only inside the chain (the root: by the down projection)
+    sources: list  # linears the chain reads, in graph order
+    constants: set  # one-element constants it reads (tensor literals)
+    foreign: list  # (node, why) other tensors it reads
 
 
-def _up_linear(act: fx.Node) -> Optional[fx.Node]:
-    src = through_view_like(act.args[0])
-    return src if is_call(src, LINEAR) and len(src.users) == 1 else None
+def _const_tensor(node: fx.Node) -> bool:
+    val = fake(node)
+    return val is not None and val.numel() == 1 and (node.op == "get_attr" or (
+        node.op == "call_function" and not node.all_input_nodes))
 
 
-def find_ffn(gm: fx.GraphModule) -> list[FFNRegion]:
+def _chain(down: fx.Node, limit: int = 64) -> Optional[_Chain]:
+    """The chain feeding `down`'s input; None when no elementwise op computes it."""
+    root = through_view_like(down.args[0]) if down.args and isinstance(down.args[0], fx.Node) else None
+    if not is_elementwise(root):
+        return None
+    members, stack = set(), [root]
+    while stack and len(members) < limit:
+        n = stack.pop()
+        if n in members:
+            continue
+        members.add(n)
+        stack.extend(s for s in map(through_view_like, n.all_input_nodes) if is_elementwise(s))
+    shared: dict = {}  # a node also used outside the chain leaves it, with one such user
+    changed = True
+    while changed:
+        changed = False
+        for n in list(members):
+            outside = [u for u in consumers(n) if u not in members]
+            if n is not root and outside:
+                members.discard(n)
+                shared[n] = outside[0]
+                changed = True
+    nodes, sources, constants, foreign, stack = set(), [], set(), [], [root]
+    while stack:  # what is still connected to the root, and what it reads
+        n = stack.pop()
+        if n in nodes:
+            continue
+        nodes.add(n)
+        for s in map(through_view_like, n.all_input_nodes):
+            if s in members:
+                stack.append(s)
+            elif is_call(s, LINEAR):
+                if s not in sources:
+                    sources.append(s)
+            elif _const_tensor(s):
+                constants.add(s)
+            elif s not in [f for f, _ in foreign]:
+                why = f"also used by {describe(shared[s])}" if s in shared else "not computed from a projection"
+                foreign.append((s, why))
+    order = {n: i for i, n in enumerate(root.graph.nodes)}
+    sources.sort(key=order.get)
+    return _Chain(root, nodes, sources, constants, foreign)
+
+
+def _constant_value(node: fx.Node) -> torch.Tensor:
+    if node.op == "get_attr":
+        value = node.graph.owning_module
+        for part in node.target.split("."):
+            value = getattr(value, part)
+    else:
+        value = node.target(*node.args, **node.kwargs)
+    return value.detach().to("cpu", torch.float64)
+
+
+def _is_float_cast(node: fx.Node) -> bool:
+    dtype = node.kwargs.get("dtype")
+    return is_call(node, aten._to_copy.default) and (dtype is None or dtype.is_floating_point)
+
+
+def _branch(out: fx.Node, chain: _Chain) -> tuple[list, set]:
+    """The chain nodes `out` depends on (graph order) and the linears they read."""
+    nodes, found, stack = set(), set(), [through_view_like(out)]
+    while stack:
+        n = stack.pop()
+        if n in chain.sources:
+            found.add(n)
+        elif n in chain.nodes and n not in nodes:
+            nodes.add(n)
+            stack.extend(map(through_view_like, n.all_input_nodes))
+    return [n for n in out.graph.nodes if n in nodes], found
+
+
+def _as_function(out: fx.Node, source: fx.Node, chain: _Chain):
+    """The chain from `source` to `out` as a function of one tensor (view-like ops and float casts: identity)."""
+    nodes, _ = _branch(out, chain)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        env = {source: x, **{c: _constant_value(c) for c in chain.constants}}
+        value = lambda a: env[through_view_like(a)]  # noqa: E731
+        for n in nodes:
+            if _is_float_cast(n):
+                env[n] = value(n.args[0])
+            else:
+                env[n] = n.target(*fx.node.map_arg(n.args, value), **fx.node.map_arg(n.kwargs, value))
+        return env[through_view_like(out)]
+    return fn
+
+
+def _expr(node: Any, names: dict, depth: int = 0) -> str:
+    """A readable formula of a chain node over its sources (`names`: node -> "x" / "gate" / "up")."""
+    if not isinstance(node, fx.Node):
+        return f"{node:g}" if isinstance(node, float) else repr(node)
+    node = through_view_like(node)
+    if node in names:
+        return names[node]
+    if depth > 8 or node.op != "call_function":
+        return node.name
+    op = getattr(getattr(node.target, "_overloadpacket", None), "__name__", node.name)
+    args = [_expr(a, names, depth + 1) for a in node.args]
+    args += [f"{k}={v!r}" for k, v in node.kwargs.items() if k != "dtype"]
+    return f"{op}({', '.join(args)})" if op != "_to_copy" else args[0]
+
+
+@dataclass
+class _FFNParts:
+    up: fx.Node
+    gate: Optional[fx.Node]
+    activation: Optional[str]
+    chain: str  # the formula between the projections, e.g. "mul(x, sigmoid(mul(x, 1.702)))"
+
+
+def match_ffn(down: fx.Node) -> Match:
+    """down(act(up(x))) or down(act(gate(x)) * up(x)), act any elementwise chain -> Match.ok(_FFNParts).
+
+    The activation is named by evaluating the chain against sparsecc.ops.activations; a chain that
+    is none of them still matches, with activation None. Progress 0: `down` is no FFN's down projection.
+    """
+    if not is_call(down, LINEAR):
+        return Match.fail("ffn", "not a linear", down, progress=0)
+    chain = _chain(down)
+    if chain is None or not chain.sources:
+        return Match.fail("ffn", f"the input of {down.name} is not computed from another linear through elementwise "
+                          "ops", down, progress=0)
+    sources = ", ".join(s.name for s in chain.sources)
+    if chain.foreign:
+        node, why = chain.foreign[0]
+        return Match.fail("ffn.inputs", f"the elementwise ops between {sources} and {down.name} also read "
+                          f"{describe(node)}, {why}", down, node, progress=1)
+    for s in chain.sources:
+        outside = [u for u in consumers(s) if u not in chain.nodes]
+        if outside:
+            return Match.fail("ffn.up_users", f"the projection {s.name} is also used by {describe(outside[0])}",
+                              down, s, outside[0], progress=2)
+    outside = [u for u in consumers(chain.root) if u is not down]
+    if outside:
+        return Match.fail("ffn.hidden_users", f"the hidden activation {chain.root.name} is also used by "
+                          f"{describe(outside[0])}", down, chain.root, outside[0], progress=3)
+    if len(chain.sources) > 2:
+        return Match.fail("ffn.sources", f"the elementwise ops combine {len(chain.sources)} linears ({sources}); an "
+                          "FFN has an up projection and at most a gate", down, *chain.sources, progress=4)
+    if len(chain.sources) == 1:
+        up = chain.sources[0]
+        return Match.ok(_ffn_parts(up, None, chain.root, chain))
+    a, b = chain.sources
+    if _linear_input(a) is not _linear_input(b):
+        return Match.fail("ffn.gated", f"the linears {a.name} and {b.name} read different inputs "
+                          f"({_linear_input(a).name}, {_linear_input(b).name}); a gated FFN's gate and up "
+                          "projections read the same", down, a, b, progress=5)
+    root = chain.root
+    formula = _expr(root, {a: a.name, b: b.name})
+    if not is_call(root, aten.mul.Tensor) or not all(isinstance(x, fx.Node) for x in root.args[:2]):
+        return Match.fail("ffn.gated", f"the chain computes {formula}, not act(gate) * up", down, root, progress=5)
+    branches = [(x, _branch(x, chain)) for x in root.args[:2]]
+    if any(len(found) != 1 for _, (_, found) in branches) or branches[0][1][1] == branches[1][1][1]:
+        return Match.fail("ffn.gated", f"the chain computes {formula}, not act(gate) * up", down, root, progress=5)
+    plain = [all(_is_float_cast(n) for n in nodes) for _, (nodes, _) in branches]  # the up factor: no function
+    if not any(plain):
+        return Match.fail("ffn.gated", f"both factors of {formula} apply a function; expected act(gate) * up",
+                          down, root, progress=6)
+    (_, (_, up)), (act_side, (_, gate)) = branches if plain[0] else branches[::-1]
+    return Match.ok(_ffn_parts(next(iter(up)), next(iter(gate)), act_side, chain))
+
+
+def _ffn_parts(up: fx.Node, gate: Optional[fx.Node], act_out: fx.Node, chain: _Chain) -> _FFNParts:
+    source = gate if gate is not None else up
+    name = identify(_as_function(act_out, source, chain))
+    return _FFNParts(up, gate, name, _expr(act_out, {source: "x"}))
+
+
+def find_ffn(gm: fx.GraphModule, unknown_activation: bool = False) -> list[FFNRegion]:
+    """FFN regions in graph order. Regions whose activation is none of sparsecc.ops.activations
+    (activation None) are left out unless `unknown_activation` (rewrites cannot compute them)."""
     regions = []
     for down in gm.graph.nodes:
-        if not is_call(down, LINEAR):
+        m = match_ffn(down)
+        if not m:
             continue
-        h = through_view_like(down.args[0])
-        if len(h.users) != 1:
-            continue
-        up = gate = None
-        found = _activation_of(h)
-        if found is not None:
-            activation, act = found
-            up = _up_linear(act)
-        elif is_call(h, aten.mul.Tensor) and all(isinstance(x, fx.Node) for x in h.args[:2]):
-            a, b = (through_view_like(x) for x in h.args[:2])
-            for act_side, lin_side in ((a, b), (b, a)):
-                found = _activation_of(act_side)
-                if found is None or not is_call(lin_side, LINEAR):
-                    continue
-                activation, act = found
-                gate = _up_linear(act)
-                up = lin_side
-                if gate is not None and _linear_input(gate) is _linear_input(up):
-                    break
-                up = gate = None
-        if up is None:
-            continue
-        path = common_path(module_path(up), module_path(down))
-        d_ff = shape(up)[-1]
+        up, gate = m.value.up, m.value.gate
+        path = common_path(*(module_path(n) for n in (up, gate, down) if n is not None))
         flops = sum(linear_flops(n) for n in (up, gate, down) if n is not None)
         regions.append(FFNRegion(
-            name=path or down.name, kind="ffn", path=path, module_class=module_class(down) if not path else "",
-            layer=layer_index(path), stack=stack_name(path), flops=flops, up=up, gate=gate, down=down,
-            input=up.args[0], activation=activation, gated=gate is not None,
-            d_model=shape(up.args[0])[-1], d_ff=d_ff, tokens=math.prod(shape(up.args[0])[:-1]),
+            name=path or down.name, kind="ffn", path=path, module_class="", layer=layer_index(path),
+            stack=stack_name(path), flops=flops, up=up, gate=gate, down=down, input=up.args[0],
+            activation=m.value.activation, chain=m.value.chain, gated=gate is not None,
+            d_model=shape(up.args[0])[-1], d_ff=shape(up)[-1], tokens=math.prod(shape(up.args[0])[:-1]),
             weights={role: weight_name(n.args[1]) for role, n in (("up", up), ("gate", gate), ("down", down))
                      if n is not None}))
     for r in regions:
         r.module_class = _class_at(gm, r.path)
     _dedupe_names(regions)
-    return regions
+    return [r for r in regions if unknown_activation or r.activation is not None]
 
 
 def _class_at(gm: fx.GraphModule, path: str) -> str:
     for node in gm.graph.nodes:
-        for p, cls in reversed(_stack(node)):
+        for p, cls in reversed(module_stack(node)):
             if p == path:
                 return cls
     return ""
-
-
-def _stack(node):
-    from sparsecc.graph.fx_utils import module_stack
-    return module_stack(node)
 
 
 # ------------------------------------------------------------------ residual blocks
@@ -421,9 +571,9 @@ def find_residual(region: Region, sublayer_in: Optional[fx.Node], sublayer_out: 
 
 
 def find_regions(gm: fx.GraphModule, captured=None) -> list[Region]:
-    """All attention and FFN regions in graph order, with their residual blocks."""
+    """All attention and FFN regions in graph order, with their residual blocks (FFNs of any activation)."""
     attention = find_attention(gm, captured)
-    ffn = find_ffn(gm)
+    ffn = find_ffn(gm, unknown_activation=True)
     for r in attention:
         r.residual = find_residual(r, _linear_input(r.q_proj), r.o_proj)
     for r in ffn:

@@ -1,6 +1,6 @@
 """What a method is: a frozen config (plain data) plus a handler with these steps.
 
-    match(region, config, ctx)      -> Match: does the region fit? (or why not)
+    match(region, config, ctx)      -> Match: does the region fit? (Match.ok(), or Match.fail(rule, why))
     observers(target)               -> what calibration must record for it
     plan(target, stats, ctx)        -> Plan: serialisable, versioned decisions (layouts, controllers, ...)
     rewrite(gm, ctx, targets)       -> the pass: each target's region rewritten with its plan
@@ -21,26 +21,9 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 import torch.fx as fx
 
+from sparsecc.graph.match import Match
+
 PLAN_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Match:
-    """Whether a region fits a method; falsy with a reason when it does not."""
-
-    ok: bool
-    reason: str = ""
-
-    def __bool__(self) -> bool:
-        return self.ok
-
-    @classmethod
-    def yes(cls) -> "Match":
-        return cls(True)
-
-    @classmethod
-    def no(cls, reason: str) -> "Match":
-        return cls(False, reason)
 
 
 @dataclass
@@ -111,7 +94,7 @@ class Method:
     optional: ClassVar[bool] = False
 
     def match(self, region: Any, config: Any, ctx: Any) -> Match:
-        return Match.yes()
+        return Match.ok()
 
     def observers(self, target: Target) -> list:
         return []

@@ -23,8 +23,8 @@ import torch.fx as fx
 
 import sparsecc.ops.block_sparse_attention  # noqa: F401  (registers the op)
 from sparsecc.errors import LayoutError
-from sparsecc.graph.fx_utils import SDPA, aten, fake, hint, new_call, replace_node
-from sparsecc.graph.regions import attention_core_flops, evaluate, find_attention, sdpa_args
+from sparsecc.graph.fx_utils import SDPA, aten, attention_args, fake, hint, new_call, replace_node
+from sparsecc.graph.regions import attention_core_flops, evaluate, find_attention
 from sparsecc.layouts import BlockLayout
 from sparsecc.methods.base import Match, Method, Plan, Target
 from sparsecc.passes.manager import PassContext
@@ -117,17 +117,17 @@ class BlockSparseMethod(Method):
 
     def match(self, region, config, ctx) -> Match:
         if region.cross:
-            return Match.no("cross attention (queries and keys from different sequences) stays dense")
+            return Match.fail("block_sparse", "cross attention (queries and keys from different sequences) stays dense")
         if region.sdpa.target is not SDPA:
-            return Match.no(f"already rewritten ({region.sdpa.target})")
-        if len(fake(sdpa_args(region.sdpa)["query"]).shape) != 4:
-            return Match.no("3-D (batch*heads) attention; block-sparse attention needs (B, H, L, D)")
+            return Match.fail("block_sparse", f"already rewritten ({region.sdpa.target})")
+        if len(fake(attention_args(region.sdpa)["query"]).shape) != 4:
+            return Match.fail("block_sparse", "3-D (batch*heads) attention; block-sparse attention needs (B, H, L, D)")
         if region.mask is not None:
             mask_is_causal = region.causal and region.causal_source == "mask"
             if split_mask(_mask_values(ctx)[region.mask], mask_is_causal) is None:
-                return Match.no("its mask is not causal + key padding (e.g. a learned position bias or a sliding "
+                return Match.fail("block_sparse", "its mask is not causal + key padding (e.g. a learned position bias or a sliding "
                                 "window); block-sparse attention keeps only those")
-        return Match.yes()
+        return Match.ok()
 
     def rewrite(self, gm: fx.GraphModule, ctx: PassContext, targets: list[Target]) -> list[str]:
         by_name = {t.name: t for t in targets}
@@ -140,7 +140,7 @@ class BlockSparseMethod(Method):
             facts = target.region  # the probed facts (causal read from the mask) of this region
             causal = facts.causal
             node = r.sdpa
-            a = sdpa_args(node)
+            a = attention_args(node)
             layout = plan_layout(target.plan)
             try:
                 layout.check_covers(hint(r.q_len), hint(r.kv_len))

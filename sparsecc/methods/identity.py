@@ -17,10 +17,10 @@ import torch.fx as fx
 
 import sparsecc.ops  # noqa: F401  (registers the ops)
 from sparsecc.graph.fx_utils import new_call, replace_node
-from sparsecc.graph.regions import find_attention, find_ffn, sdpa_args
+from sparsecc.graph.fx_utils import attention_args
+from sparsecc.graph.regions import find_attention, find_ffn
 from sparsecc.methods.base import Match, Method, Target
 from sparsecc.methods.registry import register
-from sparsecc.ops import activations
 from sparsecc.passes.manager import PassContext
 
 
@@ -39,10 +39,10 @@ class IdentityMethod(Method):
 
     def match(self, region, config, ctx) -> Match:
         if region.kind == "attention" and region.sdpa.target is not torch.ops.aten.scaled_dot_product_attention.default:
-            return Match.no(f"already rewritten ({region.sdpa.target})")
-        if region.kind == "ffn" and region.activation not in activations.ACTIVATIONS:
-            return Match.no(f"activation {region.activation!r} is not one of {sorted(activations.ACTIVATIONS)}")
-        return Match.yes()
+            return Match.fail("identity", f"already rewritten ({region.sdpa.target})")
+        if region.kind == "ffn":
+            return region.activation_match()
+        return Match.ok()
 
     def rewrite(self, gm: fx.GraphModule, ctx: PassContext, targets: list[Target]) -> list[str]:
         names = {t.name for t in targets}
@@ -60,7 +60,7 @@ def attention_to_op(gm: fx.GraphModule, ctx: Optional[PassContext] = None, only:
         node = region.sdpa
         if node.target is not torch.ops.aten.scaled_dot_product_attention.default:
             continue
-        a = sdpa_args(node)
+        a = attention_args(node)
         with graph.inserting_before(node):
             op = new_call(graph, torch.ops.sparsecc.attention.default,
                           (a["query"], a["key"], a["value"], a["attn_mask"], float(a["dropout_p"]),

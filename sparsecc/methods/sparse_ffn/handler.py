@@ -24,7 +24,6 @@ from sparsecc.methods.registry import register
 from sparsecc.methods.sparse_ffn.config import SparseFFN
 
 from sparsecc.nn.sparse_ffn import SparseFFNController, init_controller_from_activations
-from sparsecc.ops import activations
 from sparsecc.passes.manager import PassContext
 
 log = logging.getLogger("sparsecc.methods.sparse_ffn")
@@ -68,19 +67,19 @@ class SparseFFNMethod(Method):
 
     def match(self, region: FFNRegion, config: SparseFFN, ctx) -> Match:
         if region.d_ff % config.n:
-            return Match.no(f"d_ff={region.d_ff} is not a multiple of recipe.ffn.n={config.n}; choose n dividing "
+            return Match.fail("sparse_ffn", f"d_ff={region.d_ff} is not a multiple of recipe.ffn.n={config.n}; choose n dividing "
                             f"{region.d_ff}")
-        if region.activation not in activations.ACTIVATIONS:
-            return Match.no(f"activation {region.activation!r} is not one of {sorted(activations.ACTIVATIONS)}")
+        if not region.activation_match():
+            return region.activation_match()
         dtype = fake(region.input).dtype
         if dtype != torch.float32:
-            return Match.no(f"the FFN runs in {dtype}; the sparse FFN controller is fitted and run in float32 "
+            return Match.fail("sparse_ffn", f"the FFN runs in {dtype}; the sparse FFN controller is fitted and run in float32 "
                             "(compile the model in float32)")
         cost = region.flops // config.n + controller_flops(region, config)
         if cost >= region.flops:
-            return Match.no(f"sparse FFN at n={config.n}, d_lowrank={config.d_lowrank} would cost {cost} FLOPs, "
+            return Match.fail("sparse_ffn", f"sparse FFN at n={config.n}, d_lowrank={config.d_lowrank} would cost {cost} FLOPs, "
                             f"not fewer than the dense {region.flops} (the controller is too large for this FFN)")
-        return Match.yes()
+        return Match.ok()
 
     def observers(self, target: Target) -> list:
         if target.config.init != "distill":
