@@ -200,3 +200,41 @@ def check_sparse_ffn_calls(sm, inputs, atol: float = 1e-5) -> int:
         err = (got - want).abs().max().item()
         assert err <= atol, f"sparse_ffn ({act}, n={n}) differs from the masked dense FFN by {err}"
     return len(calls)
+
+
+def block_sparse_reference(q, k, v, kv_indices, kv_counts, block_size: int, scale: float, causal: bool,
+                           key_padding_mask=None):
+    """Masked dense attention with the block layout given in ELL form: softmax over the kept (query, key)
+    pairs only; rows that keep no key give 0. The definition block_sparse_attention must meet."""
+    L, S = q.shape[-2], k.shape[-2]
+    nq, nk = -(-L // block_size), -(-S // block_size)
+    blocks = torch.zeros(kv_indices.shape[0], max(nk, int(kv_indices.max()) + 1 if kv_indices.numel() else nk),
+                         dtype=torch.bool)
+    for i in range(nq):
+        blocks[i, kv_indices[i, : int(kv_counts[i])].long()] = True
+    keep = blocks[:nq, :nk].repeat_interleave(block_size, 0)[:L].repeat_interleave(block_size, 1)[:, :S]
+    if causal:
+        keep = keep & torch.ones(L, S, dtype=torch.bool).tril()
+    keep = keep.expand(q.shape[0], 1, L, S)
+    if key_padding_mask is not None:
+        keep = keep & key_padding_mask[:, None, None, :].bool()
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+    scores = (q.double() @ k.double().transpose(-1, -2) * scale).masked_fill(~keep, float("-inf"))
+    probs = torch.softmax(scores, -1).nan_to_num(0.0)
+    return (probs @ v.double()).to(q.dtype)
+
+
+def check_block_sparse_calls(sm, inputs, atol: float = 1e-5) -> list[float]:
+    """Every block_sparse_attention call of `sm` on `inputs` equals masked dense attention under its own
+    layout, causal flag and key padding; returns each call's kept fraction of the (query, key) pairs."""
+    calls = op_calls(sm, inputs, torch.ops.sparsecc.block_sparse_attention.default)
+    kept = []
+    for (q, k, v, idx, cnt, block, scale, causal, kpm), (out, _lse) in calls:
+        want = block_sparse_reference(q, k, v, idx, cnt, block, scale, causal, kpm)
+        err = (out - want).abs().max().item()
+        assert err <= atol, f"block_sparse_attention differs from masked dense attention by {err}"
+        nq = -(-q.shape[-2] // block)
+        kept.append(float(cnt[:nq].sum()) / (nq * (-(-k.shape[-2] // block))))
+    return kept

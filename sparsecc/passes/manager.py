@@ -81,8 +81,10 @@ def max_abs_error(reference: Any, out: Any) -> float:
 class PassManager:
     """Run passes in order over one graph module.
 
-    check: "each" compares the outputs after every pass with the captured graph's,
-    "none" skips numeric checks (lint still runs). dump_dir: write the graph after
+    check: "each" compares the outputs after every pass whose `tolerance` is set with the outputs
+    before it (meaning-preserving passes: 1e-5); a pass with tolerance None changes the function on
+    purpose (a sparsifying method) and is not compared, but the passes after it are compared with
+    its result. "none" skips numeric checks (lint still runs). dump_dir: write the graph after
     each pass to `<dump_dir>/<index>_<name>.txt`.
     """
 
