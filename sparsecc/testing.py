@@ -59,6 +59,19 @@ def llama(attn_implementation: str = "eager"):
 
 
 @_seeded
+def mistral(attn_implementation: str = "eager", sliding_window: int = 24, seq: int = 64):
+    """Mistral with a sliding window shorter than the sequence, one right-padded example."""
+    from transformers import MistralConfig, MistralModel
+    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=64, sliding_window=sliding_window,
+                        attn_implementation=attn_implementation, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    ids = _ids(seq=seq)
+    mask = torch.ones_like(ids)
+    mask[1, -5:] = 0
+    return MistralModel(cfg).eval(), {"input_ids": ids, "attention_mask": mask}
+
+
+@_seeded
 def t5(attn_implementation: str = "eager"):
     from transformers import T5Config, T5Model
     cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,

@@ -99,16 +99,19 @@ def flow_attention_mask(mask: Optional[Tensor], q: Tensor, k: Tensor, index: Ten
 
 
 def valid_tokens(mask: Optional[Tensor], h: Tensor) -> Tensor:
-    """[B, L] bool: the tokens that are keys of the last query row (non-padding) of `mask`."""
+    """[B, L] bool: the tokens that some query attends to as a key (the non-padding ones) under `mask`.
+
+    Any query row, not just the last: under a sliding window the last query sees only the last
+    window's keys, yet every token of the window before is a real token."""
     B, L = h.shape[0], h.shape[1]
     if mask is None:
         return torch.ones(B, L, dtype=torch.bool, device=h.device)
     m = mask
     while m.dim() < 4:
         m = m.unsqueeze(0)
-    row = m[:, 0, -1, :]
-    valid = row if row.dtype == torch.bool else row > _neg(row.dtype) / 2
-    return valid.expand(B, L)
+    keys = m[:, 0]  # [B or 1, L or 1, S]
+    seen = keys if keys.dtype == torch.bool else keys > _neg(keys.dtype) / 2
+    return seen.any(dim=1).expand(B, L)
 
 
 def flow_mix(h: Tensor, out: Tensor, gates: Tensor) -> Tensor:
