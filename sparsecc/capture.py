@@ -92,8 +92,8 @@ def _dim_spec(t: torch.Tensor) -> Optional[dict]:
     if t.dim() == 0 or t.dim() == 1:
         return None
     dims = (0, 1) if (not t.is_floating_point() or t.dim() == 3) else (0,)  # ids/masks/features vs images
-    # A size-1 example dimension would be specialised anyway (torch.export's 0/1 rule): leave it static.
-    spec = {d: Dim.AUTO for d in dims if t.shape[d] > 1}
+    # A size-1 example dimension stays dynamic too: `_export` turns off torch.export's 0/1 specialisation.
+    spec = {d: Dim.AUTO for d in dims}
     return spec or None
 
 
@@ -166,6 +166,31 @@ def _describe_failure(model: nn.Module, err: BaseException) -> str:
             "for a full report of the failing construct.")
 
 
+def _export(model: nn.Module, args: tuple, kwargs: dict, spec: Any) -> torch.export.ExportedProgram:
+    """torch.export (non-strict). With dynamic shapes, sizes that are 1 in the example (a batch of one)
+    are kept symbolic ("backed size-oblivious"), so the graph still runs other batch sizes."""
+    if spec is None:
+        return torch.export.export(model, args, kwargs, strict=False)
+    if not _has_unit_dynamic_dim(spec, args, kwargs, model):
+        return torch.export.export(model, args, kwargs, dynamic_shapes=spec, strict=False)
+    with torch.fx.experimental._config.patch(backed_size_oblivious=True):  # only then: it guards sizes != 1
+        return torch.export.export(model, args, kwargs, dynamic_shapes=spec, strict=False)
+
+
+def _has_unit_dynamic_dim(spec: Any, args: tuple, kwargs: dict, model: nn.Module) -> bool:
+    """Whether a dimension marked dynamic is 1 in the example."""
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        return False
+    for name, dims in (spec or {}).items():
+        value = bound.get(name)
+        if isinstance(value, torch.Tensor) and isinstance(dims, dict):
+            if any(value.shape[d] == 1 for d in dims):
+                return True
+    return False
+
+
 def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True) -> Captured:
     """torch.export `model` on `example_inputs` and return a private, decomposed graph module.
 
@@ -183,7 +208,7 @@ def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True) -> Capt
         attempts = [shapes, None] if shapes is not None else [None]
         for i, spec in enumerate(attempts):
             try:
-                ep = torch.export.export(model, args, kwargs_all, dynamic_shapes=spec, strict=False)
+                ep = _export(model, args, kwargs_all, spec)
                 break
             except Exception as err:  # noqa: BLE001 - reported to the user with context
                 if i + 1 < len(attempts):
@@ -191,7 +216,11 @@ def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True) -> Capt
                                 type(model).__name__, str(err).splitlines()[0] if str(err) else err)
                     continue
                 raise CaptureError(_describe_failure(model, err)) from err
-    ep = ep.run_decompositions({})
+    if spec is not None and _has_unit_dynamic_dim(spec, args, kwargs_all, model):
+        with torch.fx.experimental._config.patch(backed_size_oblivious=True):  # re-traced: keep the size symbolic
+            ep = ep.run_decompositions({})
+    else:
+        ep = ep.run_decompositions({})
     gm = ep.module()
     _own_parameters(gm)
     return Captured(gm=gm, args=args, kwargs=kwargs, model_name=type(model).__name__,
@@ -207,7 +236,7 @@ def recapture(gm: fx.GraphModule, args: tuple, kwargs: dict, dynamic: bool = Tru
     shapes = dynamic_shapes_for(gm, args, kwargs) if dynamic else None
     for spec in ([shapes, None] if shapes is not None else [None]):
         try:
-            return torch.export.export(gm, args, kwargs, dynamic_shapes=spec, strict=False)
+            return _export(gm, args, kwargs, spec)
         except Exception as err:  # noqa: BLE001 - retried static, then reported
             if spec is None:
                 raise CaptureError(f"torch.export could not re-capture the compiled graph ({type(err).__name__}: "

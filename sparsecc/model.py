@@ -33,6 +33,7 @@ class SparseModel(nn.Module):
         # triton: the sparse ops run their Triton CUDA kernels (registered by compile()), the rest inductor
         self._runner = torch.compile(graph, dynamic=None) if backend in ("inductor", "triton") else graph
         self.example_inputs = (captured.args, captured.kwargs)  # for export_onnx and save
+        self._keywords = set(captured.kwargs) | set(self._call_defaults)
         self.dynamic = captured.dynamic
         if backend == "onnxruntime":  # runs the exported graph; see sparsecc.backends.onnxruntime
             from sparsecc.backends.onnxruntime import build_module
@@ -41,7 +42,14 @@ class SparseModel(nn.Module):
                                         **self.backend_options)
 
     def forward(self, *args, **kwargs):
-        return self._runner(*args, **{**self._call_defaults, **kwargs})
+        kwargs = {**self._call_defaults, **kwargs}
+        if len(args) != len(self.example_inputs[0]) or kwargs.keys() != self._keywords:
+            raise UnsupportedError(
+                f"the compiled graph takes {len(self.example_inputs[0])} positional input(s) and the keyword inputs "
+                f"{sorted(self._keywords - set(self._call_defaults))} (what it was compiled with); got {len(args)} "
+                f"positional and {sorted(set(kwargs) - set(self._call_defaults))}. Pass the same inputs (e.g. an "
+                "all-ones attention_mask), or compile with example inputs that leave the optional one out")
+        return self._runner(*args, **kwargs)
 
     def __reduce_ex__(self, protocol):
         raise UnsupportedError("a compiled SparseModel cannot be pickled, torch.save'd or deep-copied (its graph "

@@ -235,3 +235,25 @@ def test_longformer_layout_by_hand():
         pattern="longformer", block=8, density=0.625)))
     assert {lay.meta["kind"] for lay in sm.layouts.values()} == {"longformer"}
     assert all(lay.density == pytest.approx(0.625) for lay in sm.layouts.values())
+
+
+def test_a_batch_of_one_example_compiles_a_graph_for_any_batch():
+    model, inputs = T.bert("sdpa", seq=16)
+    one = {k: v[:1] for k, v in inputs.items()}
+    three = {k: v[:1].repeat(3, 1) for k, v in inputs.items()}
+    dense = sparsecc.compile(model, one)
+    assert dense.dynamic
+    for x in (one, three, inputs):
+        assert max_abs_error(model(**x).last_hidden_state, dense(**x).last_hidden_state) <= 1e-5
+    sm = sparsecc.compile(model, one, recipe=sparsecc.Recipe(attention=sparsecc.Fixed(pattern="local", block=8,
+                                                                                    density=0.75)))
+    out = sm(**three).last_hidden_state
+    assert out.shape[0] == 3 and max_abs_error(out[1:2], sm(**one).last_hidden_state) <= 1e-5
+
+
+def test_calling_without_an_input_the_graph_was_compiled_with_says_which():
+    model, inputs = T.bert("sdpa", seq=16)
+    sm = sparsecc.compile(model, inputs)
+    with pytest.raises(UnsupportedError, match=r"keyword inputs \['attention_mask', 'input_ids'\].* got 0 positional "
+                                                r"and \['input_ids'\]"):
+        sm(input_ids=inputs["input_ids"])
