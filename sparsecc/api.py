@@ -192,15 +192,13 @@ class SparseModel(nn.Module):
         self.backend = backend
         self._call_defaults = dict(captured.call_defaults)
         self._report = report
-        # triton: the sparse ops run their Triton CUDA kernels (registered by compile()), the rest inductor
-        self._runner = torch.compile(graph, dynamic=None) if backend in ("inductor", "triton") else graph
         self.example_inputs = (captured.args, captured.kwargs)  # for export_onnx
         self.dynamic = captured.dynamic
-        if backend == "onnxruntime":  # runs the exported graph; see sparsecc.backends.onnxruntime
-            from sparsecc.backends.onnxruntime import build_module
-            self._runner = build_module(graph, tuple(captured.args), {**self._call_defaults, **captured.kwargs},
-                                        recipe=recipe, regions=report.regions, dynamic=captured.dynamic,
-                                        **(backend_options or {}))
+        # the runner comes from the backend (sparsecc.backends): the graph itself, torch.compile, an ORT session
+        from sparsecc.backends import LoweringInputs, get_backend
+        self._runner = get_backend(backend, backend_options).lower(graph, LoweringInputs(
+            tuple(captured.args), {**self._call_defaults, **captured.kwargs}, recipe=recipe, regions=report.regions,
+            dynamic=captured.dynamic))
 
     def forward(self, *args, **kwargs):
         return self._runner(*args, **{**self._call_defaults, **kwargs})
@@ -255,10 +253,8 @@ def compile(model: nn.Module, example_inputs: Any, recipe: Optional[Recipe] = No
         raise RecipeError(f"recipe must be a sparsecc.Recipe, got {type(recipe).__name__}")
     if backend not in BACKENDS:
         raise UnsupportedError(f"backend {backend!r} is not available; expected one of {list(BACKENDS)}")
-    if backend == "triton":  # before any work: needs triton and a CUDA device; registers the CUDA kernels
-        from sparsecc.backends import triton as triton_backend
-        triton_backend.require()
-        triton_backend.register()
+    from sparsecc.backends import get_backend  # before any work: options checked, says what is missing
+    get_backend(backend, backend_options).prepare()  # (e.g. triton: a CUDA device; registers the CUDA kernels)
     captured, ctx, results, times = _analyze(model, example_inputs, dynamic, check, dump_dir)
     ctx.recipe = recipe
     report = Report(model=captured.model_name, regions=ctx.regions, graph=graph_summary(captured.gm, captured),

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparsecc.ops.sparse_ffn import (  # noqa: E402
+    ACTIVATIONS,
     activation_fn,
     controller_select,
     pack_sparse_ffn_weights,
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--d-ff", type=int, default=4096)
     ap.add_argument("--n", type=int, default=32, help="block size N (one active unit per N)")
     ap.add_argument("--d-lowrank", type=int, default=64)
-    ap.add_argument("--activation", default="relu", choices=["relu", "gelu", "gelu_tanh", "silu"])
+    ap.add_argument("--activation", default="relu", choices=sorted(ACTIVATIONS))
     ap.add_argument("--layers", type=int, default=8, help="independent weight sets cycled (defeats the cache)")
     ap.add_argument("--tokens", type=int, default=64, help="distinct random tokens cycled")
     ap.add_argument("--repeats", type=int, default=40, help="rounds per method")

@@ -1,0 +1,173 @@
+"""Plain-PyTorch functions that flowed graphs call around the token-flow ops.
+
+The token-flow rewrite (sparsecc.passes.token_flow) inserts calls to these functions as
+`call_function` nodes; they are traced through by torch.export / torch.compile, so they
+become ordinary aten ops (and standard ONNX ops) around `sparsecc::flow_*`.
+
+- `gather_tokens(t, index, counts, dim)`: the kept rows of any tensor with a token dim
+  (attention masks, rotary cos/sin, position biases): `flow_gather` on a flattened view.
+- `flow_attention_mask(...)`: the mask of an attention whose queries are the kept tokens:
+  the original mask's kept query rows (and kept key columns for kv="kept"), the causal
+  order by POSITION (kept queries at position p see keys at positions <= p) where the
+  graph had `is_causal=True`, and padding slots masked out as keys.
+- `valid_tokens(mask, h)`: [B, L] non-padding tokens, read from an attention mask.
+- `flow_mix(h, out, gates)`: the soft training update h + g * (out - h).
+- `soft_key_mask(...)`: kv="kept" in training: log(g) of each key added to the mask.
+- `packed_route(index, counts, h)`, `pack_slots(...)`, `gather_packed(...)`, `scatter_packed(...)`:
+  the PACKED layout of a segment's per-token tail (layout="packed"): the valid slots of every
+  example one after another as [1, N, D] (N = the batch's kept tokens), so row-wise ops (linear,
+  norms, FFN, residual adds) do no work on padding slots. All on the `sparsecc::flow_*` ops.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import sparsecc.ops.token_flow.op  # noqa: F401  (registers the ops)
+
+__all__ = ["gather_tokens", "flow_attention_mask", "valid_tokens", "flow_mix", "soft_key_mask", "packed_route",
+           "pack_slots", "gather_packed", "scatter_packed"]
+
+
+def gather_tokens(t: Tensor, index: Tensor, counts: Tensor, dim: int) -> Tensor:
+    """Rows of `t` along its token dim `dim` at the kept positions (padding slots zero).
+
+    Dim 0 of `t` is the batch (size B, or 1 for a tensor broadcast over the batch).
+    """
+    B = index.shape[0]
+    d = dim % t.dim()
+    if d == 0:
+        raise ValueError("gather_tokens: the token dim cannot be dim 0 (the batch)")
+    if t.dim() == 3 and d == 1 and t.shape[0] == B:
+        return torch.ops.sparsecc.flow_gather(t.contiguous(), index, counts)
+    if t.shape[0] != B:
+        t = t.expand(B, *t.shape[1:])
+    moved = t.movedim(d, 1)
+    rest = moved.shape[2:]
+    flat = moved.reshape(B, moved.shape[1], -1)
+    out = torch.ops.sparsecc.flow_gather(flat, index, counts)
+    return out.reshape(B, out.shape[1], *rest).movedim(1, d)
+
+
+def _neg(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).min  # like Hugging Face masks: no NaN when a padding row sees nothing
+
+
+def _combine(mask: Optional[Tensor], keep: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """mask (bool keep-mask or additive float) AND keep (bool), in the mask's own form."""
+    if keep is None:
+        return mask
+    if mask is None:
+        return keep
+    if mask.dtype == torch.bool:
+        return mask & keep
+    return mask.masked_fill(~keep, _neg(mask.dtype))
+
+
+def flow_attention_mask(mask: Optional[Tensor], q: Tensor, k: Tensor, index: Tensor, counts: Tensor,
+                        gather_query: bool, gather_key: bool, kv_kept: bool, causal: bool) -> Optional[Tensor]:
+    """Mask for attention of the kept queries `q` [B, H, K, Dh] over keys `k` (all tokens, or kept ones).
+
+    mask: the graph's original mask (bool or additive, broadcastable to [B, H, L, S]) or None;
+    gather_query / gather_key: its query / key dim is the token dim (not a broadcast 1), so the kept
+    rows / columns are gathered; kv_kept: `k` holds the kept tokens (padding slots are masked as
+    keys); causal: the graph's SDPA had
+    is_causal=True (rebuilt here by position, since queries and keys are no longer aligned).
+    """
+    B, K = index.shape
+    m = mask
+    if m is not None:
+        while m.dim() < 4:
+            m = m.unsqueeze(0)
+        if gather_query:
+            m = gather_tokens(m, index, counts, 2)
+        if gather_key:
+            m = gather_tokens(m, index, counts, 3)
+    keep = None
+    if causal:
+        k_pos = index.unsqueeze(1) if kv_kept else torch.arange(k.shape[-2], device=q.device).view(1, 1, -1)
+        keep = (k_pos <= index.unsqueeze(2)).unsqueeze(1)  # [B, 1, K, S]
+    if kv_kept:
+        slots = (torch.arange(K, device=q.device).unsqueeze(0) < counts.unsqueeze(1)).view(B, 1, 1, K)
+        keep = slots if keep is None else keep & slots
+    if m is not None and m.dtype != torch.bool and m.dtype != q.dtype:
+        m = m.to(q.dtype)
+    return _combine(m, keep, q.dtype)
+
+
+def valid_tokens(mask: Optional[Tensor], h: Tensor) -> Tensor:
+    """[B, L] bool: the tokens that are keys of the last query row (non-padding) of `mask`."""
+    B, L = h.shape[0], h.shape[1]
+    if mask is None:
+        return torch.ones(B, L, dtype=torch.bool, device=h.device)
+    m = mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    row = m[:, 0, -1, :]
+    valid = row if row.dtype == torch.bool else row > _neg(row.dtype) / 2
+    return valid.expand(B, L)
+
+
+def flow_mix(h: Tensor, out: Tensor, gates: Tensor) -> Tensor:
+    """h + g * (out - h) per token (g [B, L]): exactly h where g = 0, out (to rounding) where g = 1."""
+    return h + gates.unsqueeze(-1).to(h.dtype) * (out - h)
+
+
+def soft_key_mask(mask: Optional[Tensor], q: Tensor, k: Tensor, gates: Tensor, causal: bool) -> Tensor:
+    """Training for kv="kept": each key's log(gate) added to the scores (a closed gate ~ a masked key)."""
+    L, S = q.shape[-2], k.shape[-2]
+    bias = torch.log(gates.clamp_min(1e-30)).to(q.dtype).view(gates.shape[0], 1, 1, S)
+    if mask is None:
+        m = bias
+    elif mask.dtype == torch.bool:
+        zero = torch.zeros((), dtype=q.dtype, device=q.device)
+        m = torch.where(mask, zero, zero + _neg(q.dtype)) + bias
+    else:
+        m = mask.to(q.dtype) + bias
+    if causal:
+        keep = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+        m = m.masked_fill(~keep, _neg(q.dtype))
+    return m
+
+
+# ------------------------------------------------------------------ packed layout
+def packed_route(index: Tensor, counts: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The batch's kept tokens one after another: (slots [1, N], rows [1, N], n [1]).
+
+    slots: flat numbers of the valid slots of the padded [B, K] layout; rows: the same tokens as flat
+    row numbers of the [B * L] token stream (b * L + position), example-major and ascending, so a
+    `flow_route` index of the flattened batch; n: [1] holding N, the sum of counts (N = 0 leaves one
+    padding slot, never written).
+    """
+    B, K = index.shape
+    L = h.shape[1]  # h: the segment's input stream [B, L, D]
+    slot_valid = torch.arange(K, device=index.device).unsqueeze(0) < counts.unsqueeze(1)
+    slots, n = torch.ops.sparsecc.flow_route(slot_valid.reshape(1, B * K))
+    flat = index + torch.arange(B, device=index.device).unsqueeze(1) * L
+    rows = flat.reshape(B * K)[slots.reshape(-1)].reshape(slots.shape)  # same N as `slots`
+    return slots, rows, n
+
+
+def pack_slots(x: Tensor, slots: Tensor, n: Tensor) -> Tensor:
+    """[B, K, ...] padded rows -> [1, N, ...] packed rows (the valid slots only)."""
+    B, K = x.shape[0], x.shape[1]
+    flat = x.reshape(1, B * K, -1)
+    return torch.ops.sparsecc.flow_gather(flat.contiguous(), slots, n).reshape(1, slots.shape[1], *x.shape[2:])
+
+
+def gather_packed(x: Tensor, rows: Tensor, n: Tensor) -> Tensor:
+    """[B, L, ...] token rows -> [1, N, ...]: the kept tokens of every example, packed."""
+    B, L = x.shape[0], x.shape[1]
+    flat = x.reshape(1, B * L, -1)
+    return torch.ops.sparsecc.flow_gather(flat.contiguous(), rows, n).reshape(1, rows.shape[1], *x.shape[2:])
+
+
+def scatter_packed(x: Tensor, packed: Tensor, rows: Tensor, n: Tensor, accumulate: bool) -> Tensor:
+    """`flow_scatter` of packed rows [1, N, D] into x [B, L, D] (a new tensor; skipped rows = x)."""
+    B, L, D = x.shape
+    out = torch.ops.sparsecc.flow_scatter(x.reshape(1, B * L, D).contiguous(), packed.reshape(1, -1, D), rows, n,
+                                          accumulate)
+    return out.reshape(B, L, D)
