@@ -156,7 +156,8 @@ print(json.dumps(result))
 
 def _run_scenario(tmp_path: Path, **env: str) -> dict:
     full_env = {k: v for k, v in os.environ.items() if k not in ("SPARSECC_NATIVE", "CXX", "SPARSECC_CACHE_DIR")}
-    full_env.update(env, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    paths = [env.pop("PYTHONPATH", None), str(ROOT), os.environ.get("PYTHONPATH")]
+    full_env.update(env, PYTHONPATH=os.pathsep.join(p for p in paths if p))
     proc = subprocess.run([sys.executable, "-c", _SCENARIO], env=full_env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -192,12 +193,16 @@ def test_unbuildable_kernel_warns_once_and_the_op_runs_its_pytorch_path(tmp_path
         blocked = tmp_path / "file"
         blocked.write_text("not a directory")
         env["SPARSECC_CACHE_DIR"] = str(blocked / "cache")  # cannot be created
-    else:  # a PATH with the compiler but no ninja (and the interpreter called by its full path)
+    else:  # a PATH with the compiler but no ninja, and no ninja package (the interpreter by its full path)
         bin_dir = tmp_path / "bin"
         bin_dir.mkdir()
         compiler = shutil.which("c++") or "/usr/bin/c++"
         (bin_dir / "c++").symlink_to(compiler)
         env["PATH"] = str(bin_dir)
+        shadow = tmp_path / "shadow" / "ninja"
+        shadow.mkdir(parents=True)
+        (shadow / "__init__.py").write_text("raise ImportError('the ninja package is hidden by the test')\n")
+        env["PYTHONPATH"] = str(shadow.parent)
     result = _run_scenario(tmp_path, **env)
     assert result["loaded"] == [False, False] and result["close"], result
     assert len(result["warnings"]) == 1, result["warnings"]  # one warning, however many calls

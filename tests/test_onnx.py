@@ -24,6 +24,7 @@ from sparsecc.capture import normalize_inputs
 from sparsecc.cli import main
 from sparsecc.errors import UnsupportedError
 from sparsecc.layouts import block_mask_to_ell
+from sparsecc.ops.activations import ACTIVATIONS
 from sparsecc.ops.block_sparse_attention import block_sparse_attention_op
 from sparsecc.ops.sparse_ffn import pack_sparse_ffn_weights
 
@@ -86,7 +87,7 @@ class FFNVariants(torch.nn.Module):
         ffn = torch.ops.sparsecc.ffn
         up, down, gate = self.up, self.down, self.gate
         outs = [ffn(x, up.weight, up.bias, down.weight, down.bias, act, None, None)
-                for act in ("relu", "gelu", "gelu_tanh", "silu")]
+                for act in sorted(ACTIVATIONS)]  # every entry of the activation table
         outs.append(ffn(x, up.weight, up.bias, down.weight, down.bias, "silu", gate.weight, gate.bias))  # SwiGLU
         outs.append(ffn(x, up.weight, None, down.weight, None, "gelu", gate.weight, None))  # GeGLU, no biases
         return tuple(outs)
@@ -108,9 +109,13 @@ class SparseFFNModule(torch.nn.Module):
         self.plain = pack_sparse_ffn_weights(r(32, 16), r(32), r(16, 32), r(16), r(16, 4), r(4, 32), r(32), 4, "relu")
         self.gated = pack_sparse_ffn_weights(r(32, 16), None, r(16, 32), None, r(16, 4), r(4, 32), None, 8, "silu",
                                              r(32, 16), r(32))
+        self.squared = pack_sparse_ffn_weights(r(32, 16), r(32), r(16, 32), r(16), r(16, 4), r(4, 32), r(32), 4,
+                                               "relu2")
+        self.quick = pack_sparse_ffn_weights(r(32, 16), r(32), r(16, 32), None, r(16, 4), r(4, 32), None, 8,
+                                             "quick_gelu", r(32, 16), None)
 
     def forward(self, x):
-        return self.plain(x), self.gated(x)
+        return self.plain(x), self.gated(x), self.squared(x), self.quick(x)
 
 
 def test_sparse_ffn_translation(tmp_path):

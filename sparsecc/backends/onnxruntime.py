@@ -189,8 +189,13 @@ class OnnxRuntimeBackend:
     layout_group_keys: int = OnnxOptions.layout_group_keys
     known_layouts: bool = OnnxOptions.known_layouts
 
+    @property
+    def export_options(self) -> OnnxOptions:
+        return OnnxOptions(layout_group_keys=self.layout_group_keys, known_layouts=self.known_layouts)
+
     def prepare(self) -> None:
-        """The providers must exist in this onnxruntime build (checked before any export work)."""
+        """The options must be valid and the providers exist in this onnxruntime build (before any export work)."""
+        self.export_options  # noqa: B018 - validates the export options
         if self.graph_optimization_level not in OPT_LEVELS:
             raise UnsupportedError(f"graph_optimization_level {self.graph_optimization_level!r}; expected one of "
                                    f"{list(OPT_LEVELS)}")
@@ -202,6 +207,4 @@ class OnnxRuntimeBackend:
                                                  "optimized_model_path") if getattr(self, k) is not None}
         return build_module(gm, tuple(inputs.args), dict(inputs.kwargs), recipe=inputs.recipe,
                             regions=list(inputs.regions), dynamic=inputs.dynamic, path=self.path, opset=self.opset,
-                            providers=self.providers,
-                            export_options=OnnxOptions(layout_group_keys=self.layout_group_keys,
-                                                       known_layouts=self.known_layouts), **session)
+                            providers=self.providers, export_options=self.export_options, **session)

@@ -143,9 +143,25 @@ def _clear_stale_lock(folder: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
+def _find_ninja() -> None:
+    """cpp_extension runs `ninja` from PATH; a pip-installed ninja (sparsecc's dependency) lives in the
+    environment's bin folder, which is not on PATH when the interpreter is called by its full path.
+    Append that folder to PATH (at the end: nothing else changes)."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja  # the PyPI package ships the binary
+    except ImportError:
+        return
+    folder = getattr(ninja, "BIN_DIR", None)
+    if folder and os.path.isfile(os.path.join(folder, "ninja")):
+        os.environ["PATH"] = os.pathsep.join(filter(None, [os.environ.get("PATH"), folder]))
+
+
 def _missing_tools() -> Optional[str]:
     from torch.utils import cpp_extension
 
+    _find_ninja()
     missing = []
     if not cpp_extension.is_ninja_available():
         missing.append("ninja was not found (`pip install ninja`, a dependency of sparsecc)")
