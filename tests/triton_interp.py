@@ -210,7 +210,7 @@ def _ffn_autograd_context() -> dict:
     out.backward(grad)
     ctx = SimpleNamespace(needs_input_grad=tuple(torch.is_tensor(t) and t.requires_grad for t in leaves))
     ctx.save_for_backward = lambda *ts: setattr(ctx, "saved_tensors", ts)
-    op._setup_context(ctx, tuple(args), out.detach())
+    op.setup_context(ctx, tuple(args), out.detach())
     grads = autograd_backward(ctx, grad)
     errs = {}
     for i, t in enumerate(leaves):
@@ -300,7 +300,7 @@ def _triton_kernels_on_cpu() -> None:
     torch.library.register_kernel("sparsecc::block_sparse_attention_backward", "cpu",
                                   ta.block_sparse_attention_backward)
     torch.library.register_kernel("sparsecc::sparse_ffn", "cpu", tf.sparse_ffn_forward)
-    sffn.sparse_ffn.register_autograd(tf.autograd_backward, setup_context=sffn._setup_context)
+    sffn.sparse_ffn.register_autograd(tf.autograd_backward, setup_context=sffn.setup_context)
 
 
 @case("e2e/torch_compile_traces_the_backward")

@@ -3,9 +3,10 @@
 Times, per token and layer (median over all calls), side by side in one run:
   dense       F.linear -> act -> F.linear over the full weights,
   naive       controller arg-max, then row copies w_in[idx], w_out.T[idx] and two mat-vecs,
-  kernel      the sparse_ffn implementation called directly (no op dispatch),
+  kernel      the sparse_ffn implementation called directly (no sparsecc::sparse_ffn dispatch; the
+              C++ kernel it calls is itself one op call, sparsecc_cpu::sparse_ffn_decode),
   sparse_ffn  torch.ops.sparsecc.sparse_ffn on packed weights (what models run):
-              its native C kernel, and its PyTorch path (SPARSECC_NATIVE=0).
+              its C++ kernel, and its PyTorch path (SPARSECC_NATIVE=0).
 
 To keep the numbers honest for decoding, every call gets a new token (so the
 controller picks different units) and calls cycle through --layers independent

@@ -80,7 +80,7 @@ def activation_fn(a: torch.Tensor, activation: str) -> torch.Tensor:
     return activations.get(activation, "sparse_ffn").fn(a)
 
 
-def _activation_backward(grad: torch.Tensor, a: torch.Tensor, activation: str) -> torch.Tensor:
+def activation_backward(grad: torch.Tensor, a: torch.Tensor, activation: str) -> torch.Tensor:
     """d act(a) / d a * grad, matching autograd of `activation_fn` exactly."""
     return activations.get(activation, "sparse_ffn").grad(grad, a)
 
@@ -131,7 +131,7 @@ def _gather_dot(
     return F.linear(x2, w, b).gather(1, idx)
 
 
-def _check(
+def check_inputs(
     x: torch.Tensor,
     w_in: torch.Tensor,
     b_in: Optional[torch.Tensor],
@@ -191,7 +191,7 @@ def pytorch_kernel(
 ) -> torch.Tensor:
     """The op's default kernel (plain PyTorch, any device; the C++ decode kernel on CPU where it applies).
     Kernels of other backends fall back to it for what they do not handle."""
-    _check(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n, activation, w_gate, b_gate)
+    check_inputs(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n, activation, w_gate, b_gate)
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] == 0:
         return x.new_zeros(x.shape)
@@ -236,17 +236,17 @@ def sparse_ffn(
 
 @sparse_ffn.register_fake
 def _sparse_ffn_fake(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n, activation, w_gate=None, b_gate=None):
-    _check(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n, activation, w_gate, b_gate)
+    check_inputs(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n, activation, w_gate, b_gate)
     return torch.empty_like(x)
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def setup_context(ctx, inputs, output) -> None:
     x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n, activation, w_gate, b_gate = inputs
     ctx.save_for_backward(x, w_in, b_in, w_out_t, c1, c2, c_bias, w_gate, b_gate)
     ctx.n, ctx.activation = n, activation
 
 
-def _backward(ctx, grad_out: torch.Tensor):
+def pytorch_backward(ctx, grad_out: torch.Tensor):
     x, w_in, b_in, w_out_t, c1, c2, c_bias, w_gate, b_gate = ctx.saved_tensors
     n, activation = ctx.n, ctx.activation
     # trailing default arguments left out of a call (e.g. b_gate=None) have no entry: pad to the schema
@@ -260,14 +260,14 @@ def _backward(ctx, grad_out: torch.Tensor):
     gh = _gather_dot(go, w_out_t, None, idx)  # d out / d h_j = go . w_out_t[idx_j]
     if w_gate is None:
         h = activation_fn(a, activation)
-        ga = _activation_backward(gh, a, activation)
+        ga = activation_backward(gh, a, activation)
         gg = None
     else:
         ag = _gather_dot(x2, w_gate, b_gate, idx)
         act_g = activation_fn(ag, activation)
         h = act_g * a
         ga = gh * act_g
-        gg = _activation_backward(gh * a, ag, activation)
+        gg = activation_backward(gh * a, ag, activation)
 
     def scatter(v: torch.Tensor) -> torch.Tensor:  # (T, d_ff/n) at idx -> dense (T, d_ff)
         return torch.zeros(v.shape[0], d_ff, dtype=v.dtype, device=v.device).scatter_(1, idx, v)
@@ -295,7 +295,7 @@ def _backward(ctx, grad_out: torch.Tensor):
             grad_w_gate, grad_b_gate)
 
 
-sparse_ffn.register_autograd(_backward, setup_context=_setup_context)
+sparse_ffn.register_autograd(pytorch_backward, setup_context=setup_context)
 
 
 def sparse_ffn_reference(
@@ -376,6 +376,6 @@ def pack_sparse_ffn_weights(
         prep(w_in), prep(b_in), w_out.detach().t().contiguous(), prep(b_out), prep(c1), prep(c2),
         prep(c_bias), int(n), activation, prep(w_gate), prep(b_gate),
     )
-    _check(torch.empty(0, w_in.shape[-1]), packed.w_in, packed.b_in, packed.w_out_t, packed.b_out,
+    check_inputs(torch.empty(0, w_in.shape[-1]), packed.w_in, packed.b_in, packed.w_out_t, packed.b_out,
            packed.c1, packed.c2, packed.c_bias, packed.n, activation, packed.w_gate, packed.b_gate)
     return packed

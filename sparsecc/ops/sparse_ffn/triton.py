@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from sparsecc.ops.sparse_ffn import op as sparse_ffn_op
-from sparsecc.ops.sparse_ffn.op import _activation_backward, _check, activation_fn, controller_logits
+from sparsecc.ops.sparse_ffn.op import activation_backward, check_inputs, activation_fn, controller_logits
 from sparsecc.ops.triton_runtime import (DEFAULT_OPTIONS, TritonOptions, autotuned, check_device, check_dtype,
                                          dot_precision, import_triton, next_pow2)
 
@@ -375,7 +375,7 @@ def _bias_grad(g: Tensor, idx: Tensor, d_ff: int, dtype: torch.dtype) -> Tensor:
 
 
 def _prepare(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n, activation, w_gate, b_gate):
-    _check(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n, activation, w_gate, b_gate)
+    check_inputs(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n, activation, w_gate, b_gate)
     check_device(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, w_gate, b_gate, op=_OP)
     check_dtype(x, _OP)
     return [None if t is None else t.contiguous() for t in (w_in, b_in, w_out_t, b_out, w_gate, b_gate)]
@@ -424,10 +424,10 @@ def sparse_ffn_backward(grad_out: Tensor, x: Tensor, w_in: Tensor, b_in: Optiona
     h, idx, a, ag = _up(x2, logits, None, w_in, b_in, w_gate, b_gate, n, activation, decode, True, options)
     gh, _, _, _ = _up(go, None, idx, w_out_t, None, None, None, n, "none", decode, False, options)
     if w_gate is None:
-        ga, gg = _activation_backward(gh, a, activation), None
+        ga, gg = activation_backward(gh, a, activation), None
     else:
         act_g = activation_fn(ag, activation)
-        ga, gg = gh * act_g, _activation_backward(gh * a, ag, activation)
+        ga, gg = gh * act_g, activation_backward(gh * a, ag, activation)
     ga = ga.contiguous()
     gg = gg.contiguous() if gg is not None else None
     if need[0]:
@@ -478,7 +478,7 @@ def _(grad_out, x, w_in, b_in, w_out_t, c1, c2, c_bias, w_gate, b_gate, n, activ
 
 
 def autograd_backward(ctx, grad_out: Tensor) -> tuple:
-    """Backward of the op from its autograd context (saved by sparsecc.ops.sparse_ffn.op._setup_context)."""
+    """Backward of the op from its autograd context (saved by sparsecc.ops.sparse_ffn.op.setup_context)."""
     x, w_in, b_in, w_out_t, c1, c2, c_bias, w_gate, b_gate = ctx.saved_tensors
     need = tuple(ctx.needs_input_grad) + (False,) * (12 - len(ctx.needs_input_grad))
     got = torch.ops.sparsecc.triton_sparse_ffn_backward(grad_out.contiguous(), x, w_in, b_in, w_out_t, c1, c2,
@@ -515,13 +515,13 @@ def register(options: TritonOptions = DEFAULT_OPTIONS) -> list[str]:
     torch.library.register_kernel("sparsecc::triton_sparse_ffn_backward", "cuda", backward_cuda)
     # sparse_ffn's backward is a Python autograd formula (no backward op to give a CUDA kernel):
     # CUDA gradients go to the Triton backward, every other device keeps the op's own formula.
-    op_backward = sparse_ffn_op._backward
+    op_backward = sparse_ffn_op.pytorch_backward
 
     def backward(ctx, grad_out):
         if grad_out.device.type == "cuda" and ctx.activation in _ACT:
             return autograd_backward(ctx, grad_out)
         return op_backward(ctx, grad_out)
 
-    sparse_ffn_op.sparse_ffn.register_autograd(backward, setup_context=sparse_ffn_op._setup_context)
+    sparse_ffn_op.sparse_ffn.register_autograd(backward, setup_context=sparse_ffn_op.setup_context)
     return ["sparsecc::sparse_ffn"]
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from sparsecc.errors import UnsupportedError
-from sparsecc.ops.token_flow.op import _check
+from sparsecc.ops.token_flow.op import check_inputs
 from sparsecc.ops.triton_runtime import DEFAULT_OPTIONS, TritonOptions, autotuned, check_device, import_triton
 
 triton = import_triton()
@@ -133,7 +133,7 @@ def flow_route(keep: Tensor) -> tuple[Tensor, Tensor]:
 
 def flow_gather(x: Tensor, index: Tensor, counts: Tensor, *, options: TritonOptions = DEFAULT_OPTIONS) -> Tensor:
     """Triton `sparsecc::flow_gather`: [B, K, D], the kept rows packed, zeros in padding slots."""
-    _check(x, index, counts, "flow_gather")
+    check_inputs(x, index, counts, "flow_gather")
     check_device(x, index, counts, op=_OP)
     _check_float(x, "flow_gather")
     B, L, D = x.shape
@@ -150,7 +150,7 @@ def flow_gather(x: Tensor, index: Tensor, counts: Tensor, *, options: TritonOpti
 def flow_scatter(x: Tensor, rows: Tensor, index: Tensor, counts: Tensor, accumulate: bool = False, *,
                  options: TritonOptions = DEFAULT_OPTIONS) -> Tensor:
     """Triton `sparsecc::flow_scatter`: a new [B, L, D]; kept rows replaced by (or, accumulate, added to) rows."""
-    _check(x, index, counts, "flow_scatter")
+    check_inputs(x, index, counts, "flow_scatter")
     if rows.dim() != 3 or tuple(rows.shape) != (x.shape[0], index.shape[1], x.shape[2]):
         raise ValueError(f"sparsecc::flow_scatter: rows must be [B, K, D] = {(x.shape[0], index.shape[1], x.shape[2])}"
                          f", got {tuple(rows.shape)}")
