@@ -45,8 +45,10 @@ log = logging.getLogger("sparsecc.ops.native")
 
 _OPS_DIR = Path(__file__).resolve().parent
 # Flag sets tried in order: a compiler without -march=native / OpenMP still builds the kernels,
-# which then run their loops on one thread.
-FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3",))
+# which then run their loops on one thread. -ffp-contract=off: no fused multiply-adds the source does
+# not spell out (C++ mode would contract by default), so results match the kernels' C originals bit
+# for bit and do not depend on the compiler's choices.
+FLAG_SETS = (("-O3", "-march=native", "-fopenmp", "-ffp-contract=off"), ("-O3", "-ffp-contract=off"))
 STALE_LOCK_SECONDS = 600
 _lock = threading.Lock()
 

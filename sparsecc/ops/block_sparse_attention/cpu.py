@@ -283,7 +283,8 @@ def backward_native(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, b: int,
-                 scale: float, causal: bool, key_padding_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+            scale: float, causal: bool, key_padding_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(out, logsumexp) of the op on CPU tensors: the C++ kernel for fp32, else the PyTorch path."""
     B, H, L, D = q.shape
     kvh, S = k.shape[1], k.shape[2]
     g, nq, nk = H // kvh, -(-L // b), -(-S // b)
@@ -316,8 +317,9 @@ def forward(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tens
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                  kv_indices: Tensor, kv_counts: Tensor, b: int, scale: float, causal: bool,
-                  key_padding_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+             kv_indices: Tensor, kv_counts: Tensor, b: int, scale: float, causal: bool,
+             key_padding_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of the op on CPU tensors: the C++ kernel for fp32, else the PyTorch path."""
     B, H, L, D = q.shape
     kvh, S = k.shape[1], k.shape[2]
     g, nq, nk = H // kvh, -(-L // b), -(-S // b)
