@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import sparsecc
 from sparsecc.layouts.indexing import block_mask_to_ell

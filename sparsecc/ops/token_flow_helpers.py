@@ -1,4 +1,5 @@
-"""Old import path of `sparsecc.ops.token_flow.helpers` (kept for modules that import it from here)."""
+"""Old import path of `sparsecc.ops.token_flow.helpers` (kept for the modules that import it from here)."""
 
-from sparsecc.ops.token_flow.helpers import *  # noqa: F401,F403
-from sparsecc.ops.token_flow.helpers import __all__  # noqa: F401
+from sparsecc.ops.token_flow.helpers import (__all__, flow_attention_mask, flow_mix, gather_packed,  # noqa: F401
+                                             gather_tokens, pack_slots, packed_route, scatter_packed, soft_key_mask,
+                                             valid_tokens)

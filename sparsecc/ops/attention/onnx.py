@@ -13,7 +13,7 @@ OPS = ("sparsecc::attention",)
 
 
 def attention(q, k, v, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
-               scale: Optional[float] = None, enable_gqa: bool = False):
+              scale: Optional[float] = None, enable_gqa: bool = False):
     """Dense SDPA: MatMul(q, k^T) * scale (+ mask / Where for bool and causal) -> Softmax -> MatMul(v).
 
     GQA repeats each kv head G times (Unsqueeze/Expand/Reshape, like repeat_interleave).

@@ -11,7 +11,7 @@ OPS = ("sparsecc::sparse_ffn",)
 
 
 def sparse_ffn(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n: int = 1, activation: str = "relu",
-                w_gate=None, b_gate=None):
+               w_gate=None, b_gate=None):
     """Scaling-Transformers sparse FFN on T = prod(batch dims) tokens, k = d_ff / n chosen units each:
 
     logits = (x2 c1) c2 + c_bias -> Reshape [T, k, n] -> ArgMax (first on ties) + block offsets = idx [T, k]
