@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch.fx as fx
 from torch import nn
 
+from sparsecc.backends import get_backend
 from sparsecc.calibrate import calibrate
 from sparsecc.capture import Captured, capture
 from sparsecc.errors import RecipeError, UnsupportedError
@@ -21,7 +22,7 @@ from sparsecc.graph.canonicalize import CANONICALIZE
 from sparsecc.graph.explain import unmatched
 from sparsecc.graph.match import Miss
 from sparsecc.graph.regions import find_regions
-from sparsecc.methods import Plan, Target, handler_for
+from sparsecc.methods import Target, handler_for
 from sparsecc.methods.block_sparse import plan_layout
 from sparsecc.methods.registry import SLOTS
 from sparsecc.model import SparseModel
@@ -30,8 +31,6 @@ from sparsecc.recipe import Recipe
 from sparsecc.report import Report, graph_summary
 
 log = logging.getLogger("sparsecc")
-
-BACKENDS = ("eager", "inductor", "onnxruntime", "triton")
 
 
 @dataclass
@@ -181,12 +180,7 @@ def compile(model: nn.Module, example_inputs: Any, recipe: Optional[Recipe] = No
     recipe = Recipe() if recipe is None else recipe
     if not isinstance(recipe, Recipe):
         raise RecipeError(f"recipe must be a sparsecc.Recipe, got {type(recipe).__name__}")
-    if backend not in BACKENDS:
-        raise UnsupportedError(f"backend {backend!r} is not available; expected one of {list(BACKENDS)}")
-    if backend == "triton":  # before any work: needs triton and a CUDA device; registers the CUDA kernels
-        from sparsecc.backends import triton as triton_backend
-        triton_backend.require()
-        triton_backend.register()
+    get_backend(backend, backend_options).prepare()  # before any work: options checked, says what is missing
     a = analyze(model, example_inputs, dynamic, check, dump_dir)
     ctx, times = a.ctx, a.seconds
     ctx.recipe = recipe

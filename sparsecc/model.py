@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import torch
 import torch.fx as fx
 from torch import nn
 
+from sparsecc.backends import LoweringInputs, get_backend
 from sparsecc.errors import UnsupportedError
 from sparsecc.report import Report
 
@@ -30,16 +30,13 @@ class SparseModel(nn.Module):
         self.backend_options = dict(backend_options or {})
         self._call_defaults = dict(captured.call_defaults)
         self._report = report
-        # triton: the sparse ops run their Triton CUDA kernels (registered by compile()), the rest inductor
-        self._runner = torch.compile(graph, dynamic=None) if backend in ("inductor", "triton") else graph
         self.example_inputs = (captured.args, captured.kwargs)  # for export_onnx and save
         self._keywords = set(captured.kwargs) | set(self._call_defaults)
         self.dynamic = captured.dynamic
-        if backend == "onnxruntime":  # runs the exported graph; see sparsecc.backends.onnxruntime
-            from sparsecc.backends.onnxruntime import build_module
-            self._runner = build_module(graph, tuple(captured.args), {**self._call_defaults, **captured.kwargs},
-                                        recipe=recipe, regions=report.regions, dynamic=captured.dynamic,
-                                        **self.backend_options)
+        # the runner comes from the backend (sparsecc.backends): the graph itself, torch.compile, an ORT session
+        self._runner = get_backend(backend, backend_options).lower(graph, LoweringInputs(
+            tuple(captured.args), {**self._call_defaults, **captured.kwargs}, recipe=recipe, regions=report.regions,
+            dynamic=captured.dynamic))
 
     def forward(self, *args, **kwargs):
         kwargs = {**self._call_defaults, **kwargs}

@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-import sparsecc.ops.block_sparse_attention as bsa
 from sparsecc.errors import LayoutError
 from sparsecc.layouts.indexing import block_mask_to_ell
-from sparsecc.ops import native
-from sparsecc.ops.block_sparse_attention import block_sparse_attention, block_sparse_attention_op
+from sparsecc.ops.block_sparse_attention import (block_sparse_attention, block_sparse_attention_backward_op,
+                                                 block_sparse_attention_op, clean_layout, cpu, reference as op_reference)
+from sparsecc.ops.block_sparse_attention.layout import clean_block_mask, column_layout
 
-PATHS = ["native", "pytorch"]  # fp32 forward and backward: the C kernels (when they build) or the flash path
+PATHS = ["native", "pytorch"]  # fp32 forward and backward: the C++ kernels (when they build) or the flash path
+needs_cxx = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler on this machine")
 
 
 @contextlib.contextmanager
@@ -102,9 +103,9 @@ def test_cases(causal, padding, L, S, H, Hkv, path):
         check_against_reference(q, k, v, bm, 16, causal, kpm, scale=0.3)
 
 
-@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")
+@needs_cxx
 def test_native_kernels_run_and_equal_pytorch_path():
-    """fp32 forward and backward run the C kernels (BLAS on the blocks in place) and equal the chunked
+    """fp32 forward and backward run the C++ kernels (BLAS on the blocks in place) and equal the chunked
     flash path, logsumexp and gradients included (-inf / zero on rows with no allowed key), with runs
     of consecutive blocks, a partial last block, causal + padding, GQA, and a query block that keeps
     nothing."""
@@ -120,16 +121,16 @@ def test_native_kernels_run_and_equal_pytorch_path():
                enumerate((H, Hkv, Hkv)))
     idx, cnt = block_mask_to_ell(bm)
     args = (q, k, v, idx, cnt, b, 0.25, True, kpm)
-    assert bsa._native_kernels() is not None and native.blas_sgemm() is not None
+    assert cpu.native_kernels(), "the C++ kernels did not build (see the warning)"
     grad = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(7))
     results = {}
     for path in PATHS:
         with kernel_path(path):
-            assert (bsa._forward_native(*args) is not None) == (path == "native")  # which kernel runs
+            assert (cpu.forward_native(*args) is not None) == (path == "native")  # which kernel runs
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
             out, lse = block_sparse_attention_op(*leaves, *args[3:])
             backward_args = (grad, *args[:3], out.detach(), lse, *args[3:])
-            assert (bsa._backward_native(*backward_args) is not None) == (path == "native")
+            assert (cpu.backward_native(*backward_args) is not None) == (path == "native")
             out.backward(grad)
             results[path] = (out.detach(), lse, [t.grad for t in leaves])
     (out, lse, grads), (ref_out, ref_lse, ref_grads) = results["native"], results["pytorch"]
@@ -144,26 +145,27 @@ def test_native_kernels_run_and_equal_pytorch_path():
 
 
 @pytest.mark.parametrize("workers,chunk", [(1, 1 << 18), (0, 1), (1, 1), (2, 1 << 12)])
-def test_chunking_and_workers_do_not_change_results(monkeypatch, workers, chunk):
-    monkeypatch.setattr(bsa, "WORKERS", workers)
-    monkeypatch.setattr(bsa, "CHUNK_ELEMENTS", chunk)
+def test_chunking_and_workers_do_not_change_results(workers, chunk):
     q, k, v, bm, kpm = make_case(2, 4, 2, 100, 100, 8, 8, 0.3, True, True, seed=3)
-    check_against_reference(q, k, v, bm, 8, True, kpm)
+    with kernel_path("pytorch"), cpu.use_options(workers=workers, chunk_elements=chunk) as opts:
+        assert cpu.options() == opts == cpu.CpuOptions(chunk_elements=chunk, workers=workers)
+        check_against_reference(q, k, v, bm, 8, True, kpm)
+    assert cpu.options() == cpu.CpuOptions()  # restored
     assert torch.get_num_threads() >= 1
+    with pytest.raises(ValueError, match="chunk_elements"):
+        cpu.CpuOptions(chunk_elements=0)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_runs_under_inference_mode_with_worker_threads(monkeypatch, workers):
+def test_runs_under_inference_mode_with_worker_threads(workers):
     """Worker threads run in the caller's grad / inference mode (they are thread-local)."""
-    monkeypatch.setattr(bsa, "WORKERS", workers)
-    monkeypatch.setattr(bsa, "CHUNK_ELEMENTS", 1 << 10)  # several chunks, so the pool is used
     q, k, v, bm, _ = make_case(1, 4, 4, 96, 96, 8, 16, 0.5, False, False, seed=5)
     idx, cnt = block_mask_to_ell(bm)
     expected = block_sparse_attention(q, k, v, idx, cnt, 16)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    try:
-        with torch.inference_mode():
+    try:  # several chunks, so the pool is used
+        with torch.inference_mode(), cpu.use_options(workers=workers, chunk_elements=1 << 10):
             got = block_sparse_attention(q, k, v, idx, cnt, 16)
     finally:
         torch.set_num_threads(threads)
@@ -235,7 +237,7 @@ def test_opcheck(causal, padding):
     torch.library.opcheck(block_sparse_attention_op, _sample_args(causal, padding))
     q, k, v, idx, cnt, b, scale, c, kpm = _sample_args(causal, padding, requires_grad=False)
     out, lse = block_sparse_attention_op(q, k, v, idx, cnt, b, scale, c, kpm)
-    torch.library.opcheck(bsa.block_sparse_attention_backward_op,
+    torch.library.opcheck(block_sparse_attention_backward_op,
                           (torch.randn_like(out), q, k, v, out, lse, idx, cnt, b, scale, c, kpm))
 
 
@@ -287,3 +289,63 @@ def test_bad_layouts_raise_layout_error():
         block_sparse_attention(q, k, v, idx + 1, cnt, 8)
     with pytest.raises(ValueError, match="key_padding_mask"):
         block_sparse_attention(q, k, v, idx, cnt, 8, key_padding_mask=torch.ones(1, 40))
+
+
+def test_clean_layout_hand_computed():
+    """The one ELL clean-up every kernel starts from, on a case worked out by hand.
+
+    A layout made for 4 query blocks x 4 key blocks runs at L = S = 20 with b = 8: 3 query blocks,
+    3 key blocks (crop). Rows (kv_indices / kv_counts):
+      0: [2, 0, 0] count 2  -> blocks {0, 2}; causal drops 2 (above the diagonal)   -> [0]
+      1: [1, 1, 3] count 3  -> duplicate 1 merged, 3 cropped (past S)               -> [1]
+      2: [2, 0, 1] count 1  -> only the first entry counts (padding after it)       -> [2]
+      3: [0, 1, 2] count 3  -> cropped away (past L)
+    """
+    idx = torch.tensor([[2, 0, 0], [1, 1, 3], [2, 0, 1], [0, 1, 2]])
+    cnt = torch.tensor([2, 3, 1, 3])
+    keep = clean_block_mask(idx, cnt, 20, 20, 8, causal=True)
+    assert keep.tolist() == [[True, False, False], [False, True, False], [False, False, True]]
+    rows, counts = clean_layout(idx, cnt, 20, 20, 8, causal=True)
+    assert rows.tolist() == [[0], [1], [2]] and counts.tolist() == [1, 1, 1]
+    keep = clean_block_mask(idx, cnt, 20, 20, 8, causal=False)
+    assert keep.tolist() == [[True, False, True], [False, True, False], [False, False, True]]
+    rows, counts = clean_layout(idx, cnt, 20, 20, 8, causal=False)
+    assert rows.tolist() == [[0, 2], [1, 1], [2, 2]] and counts.tolist() == [2, 1, 1]  # padded with the last
+    cols, col_counts = column_layout(keep)  # per key block the query blocks that keep it
+    assert cols.tolist() == [[0, 0], [1, 1], [0, 2]] and col_counts.tolist() == [1, 1, 2]
+    with pytest.raises(LayoutError, match=r"\[0, 3\)"):  # an index past S in a layout made for this L
+        clean_layout(torch.tensor([[3], [0], [0]]), torch.tensor([1, 1, 1]), 20, 20, 8, causal=False)
+    with pytest.raises(LayoutError, match="kv_counts"):
+        clean_layout(torch.tensor([[0], [0], [0]]), torch.tensor([2, 1, 1]), 20, 20, 8, causal=False)
+
+
+@pytest.mark.parametrize("causal,padding", [(False, False), (True, True)])
+def test_op_reference_equals_the_dense_definition(causal, padding):
+    """`op.reference` (the family's own dense definition) against this file's reference, logsumexp included."""
+    q, k, v, bm, kpm = make_case(2, 4, 2, 37, 45, 8, 8, 0.5, causal, padding, seed=9)
+    bm[1] = False  # a query block that keeps nothing
+    idx, cnt = block_mask_to_ell(bm)
+    out, lse = op_reference(q, k, v, idx, cnt, 8, 0.3, causal, kpm)
+    torch.testing.assert_close(out, reference(q, k, v, bm, 8, 0.3, causal, kpm), atol=1e-10, rtol=0)
+    assert lse.dtype == torch.float64 and bool(torch.isneginf(lse[:, :, 8:16]).all())
+    got_out, got_lse = block_sparse_attention_op(q, k, v, idx, cnt, 8, 0.3, causal, kpm)
+    torch.testing.assert_close(got_out, out, atol=1e-10, rtol=0)
+    torch.testing.assert_close(got_lse, lse, atol=1e-10, rtol=0)
+
+
+@needs_cxx
+@pytest.mark.parametrize("causal,padding", [(False, False), (True, True)])
+def test_native_ops_opcheck(causal, padding):
+    """The C++ kernels are ops of their own (sparsecc_cpu::*): schema, fake kernel, dispatch."""
+    assert cpu.native_kernels()
+    q, k, v, idx, cnt, b, scale, c, kpm = _sample_args(causal, padding, requires_grad=False)
+    idx, cnt = clean_layout(idx, cnt, q.shape[2], k.shape[2], b, c)
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
+    fwd = torch.ops.sparsecc_cpu.block_sparse_attention_forward
+    torch.library.opcheck(fwd, (q, k, v, idx, cnt, kpm, b, scale, c), test_utils=utils)
+    out, lse = fwd(q, k, v, idx, cnt, kpm, b, scale, c)
+    torch.library.opcheck(torch.ops.sparsecc_cpu.block_sparse_attention_backward,
+                          (torch.randn_like(out), q, k, v, out, lse, idx, cnt, kpm, b, scale, c), test_utils=utils)
+    assert "blas=sgemm_" in torch.ops.sparsecc_cpu.block_sparse_attention_info()
+    with pytest.raises(RuntimeError, match="fp32"):
+        fwd(q.double(), k.double(), v.double(), idx, cnt, kpm, b, scale, c)

@@ -16,7 +16,6 @@ import torch
 from torch.utils import _pytree as pytree
 
 import sparsecc
-import sparsecc.ops.block_sparse_attention as bsa
 from sparsecc import testing as T
 from sparsecc.backends import onnx as sonnx
 from sparsecc.backends.onnx_inspect import inspect_onnx
@@ -25,15 +24,17 @@ from sparsecc.capture import normalize_inputs
 from sparsecc.cli import main
 from sparsecc.errors import UnsupportedError
 from sparsecc.layouts import block_mask_to_ell
+from sparsecc.ops.activations import ACTIVATIONS
+from sparsecc.ops.block_sparse_attention import block_sparse_attention_op
 from sparsecc.ops.sparse_ffn import pack_sparse_ffn_weights
 
 TOL = 1e-4
 
 
-def _to_ort(module, args, path, dynamic=False):
+def _to_ort(module, args, path, dynamic=False, options=None):
     """Export `module` (an nn.Module calling sparsecc ops) and return (OnnxRuntimeModule, export result)."""
     gm = torch.export.export(module, args).module()
-    result = sonnx.export_graph(gm, args, {}, str(path), dynamic=dynamic)
+    result = sonnx.export_graph(gm, args, {}, str(path), dynamic=dynamic, options=options)
     onnx.checker.check_model(str(path), full_check=True)
     return OnnxRuntimeModule(str(path), out_spec=result.exported_program.call_spec.out_spec), result
 
@@ -86,7 +87,7 @@ class FFNVariants(torch.nn.Module):
         ffn = torch.ops.sparsecc.ffn
         up, down, gate = self.up, self.down, self.gate
         outs = [ffn(x, up.weight, up.bias, down.weight, down.bias, act, None, None)
-                for act in ("relu", "gelu", "gelu_tanh", "silu")]
+                for act in sorted(ACTIVATIONS)]  # every entry of the activation table
         outs.append(ffn(x, up.weight, up.bias, down.weight, down.bias, "silu", gate.weight, gate.bias))  # SwiGLU
         outs.append(ffn(x, up.weight, None, down.weight, None, "gelu", gate.weight, None))  # GeGLU, no biases
         return tuple(outs)
@@ -108,9 +109,13 @@ class SparseFFNModule(torch.nn.Module):
         self.plain = pack_sparse_ffn_weights(r(32, 16), r(32), r(16, 32), r(16), r(16, 4), r(4, 32), r(32), 4, "relu")
         self.gated = pack_sparse_ffn_weights(r(32, 16), None, r(16, 32), None, r(16, 4), r(4, 32), None, 8, "silu",
                                              r(32, 16), r(32))
+        self.squared = pack_sparse_ffn_weights(r(32, 16), r(32), r(16, 32), r(16), r(16, 4), r(4, 32), r(32), 4,
+                                               "relu2")
+        self.quick = pack_sparse_ffn_weights(r(32, 16), r(32), r(16, 32), None, r(16, 4), r(4, 32), None, 8,
+                                             "quick_gelu", r(32, 16), None)
 
     def forward(self, x):
-        return self.plain(x), self.gated(x)
+        return self.plain(x), self.gated(x), self.squared(x), self.quick(x)
 
 
 def test_sparse_ffn_translation(tmp_path):
@@ -131,15 +136,15 @@ class BlockSparse(torch.nn.Module):
         self.block = block
 
     def forward(self, q, k, v, k2, v2, pad):
-        op = bsa.block_sparse_attention_op
+        op = block_sparse_attention_op
         return (op(q, k, v, self.idx, self.cnt, self.block, 0.35, False, None),
                 op(q, k2, v2, self.idx, self.cnt, self.block, 0.35, True, pad))  # GQA + causal + padding
 
 
 @pytest.mark.parametrize("bucketed", [True, False], ids=["layout-known", "generic-ell"])
-def test_block_sparse_attention_translation(tmp_path, monkeypatch, bucketed):
-    if not bucketed:  # the layout is not known at export: one ELL group padded to the widest row
-        monkeypatch.setattr(sonnx, "_constant_layouts", lambda gm: {})
+def test_block_sparse_attention_translation(tmp_path, bucketed):
+    # known_layouts=False: the layout is read at run time: one ELL group padded to the widest row
+    options = sonnx.OnnxOptions(known_layouts=bucketed)
     g = torch.Generator().manual_seed(3)
     L, b = 37, 8  # partial last block
     mask = torch.rand(5, 5, generator=g) > 0.5
@@ -150,9 +155,14 @@ def test_block_sparse_attention_translation(tmp_path, monkeypatch, bucketed):
     pad = torch.ones(2, L, dtype=torch.bool)
     pad[1, -6:] = False
     module, args = BlockSparse(mask, b), (q, k, v, k2, v2, pad)
-    ort_module, _ = _to_ort(module, args, tmp_path / "bsa.onnx")
+    ort_module, _ = _to_ort(module, args, tmp_path / "bsa.onnx", options=options)
     assert _max_err(module(*args), ort_module(*args)) < TOL
     proto = onnx.load(str(tmp_path / "bsa.onnx"))
+    softmaxes = [n for n in proto.graph.node if n.op_type == "Softmax"]
+    if bucketed:  # one group per kept count (counts 1..5 here), for each of the two calls
+        assert len(softmaxes) == 2 * len(set(mask.sum(1).clamp(min=1).tolist()))
+    else:
+        assert len(softmaxes) == 2
     for value in list(proto.graph.value_info) + list(proto.graph.output):  # never an L x L tensor
         dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
         assert dims[-2:] != [L, L], value.name
@@ -160,32 +170,58 @@ def test_block_sparse_attention_translation(tmp_path, monkeypatch, bucketed):
 
 class BlockSparseUnmasked(BlockSparse):
     def forward(self, q, k, v):
-        return bsa.block_sparse_attention_op(q, k, v, self.idx, self.cnt, self.block, 0.25, False, None)[0]
+        return block_sparse_attention_op(q, k, v, self.idx, self.cnt, self.block, 0.25, False, None)[0]
 
 
-def test_block_sparse_attention_translation_without_masks(tmp_path, monkeypatch):
+def test_block_sparse_attention_translation_without_masks(tmp_path):
     """Whole blocks, no causal, no padding, layout known: exact-count groups need no mask at all;
     small groups (several per count) are reassembled in query order."""
-    monkeypatch.setattr(sonnx, "_GROUP_KEYS", 16)  # at most 2 query blocks of width 1 per group
+    options = sonnx.OnnxOptions(layout_group_keys=16)  # at most 2 query blocks of width 1 per group
     g = torch.Generator().manual_seed(5)
     mask = torch.eye(6, dtype=torch.bool) | (torch.rand(6, 6, generator=g) > 0.6)
     q, k, v = (torch.randn(1, 2, 48, 8, generator=g) for _ in range(3))
     module = BlockSparseUnmasked(mask, 8)
     path = tmp_path / "bsa_plain.onnx"
-    sonnx.export_graph(torch.export.export(module, (q, k, v)).module(), (q, k, v), {}, str(path), dynamic=False)
+    sonnx.export_graph(torch.export.export(module, (q, k, v)).module(), (q, k, v), {}, str(path), dynamic=False,
+                       options=options)
     ort_module = OnnxRuntimeModule(str(path))
     assert _max_err(module(q, k, v), ort_module(q, k, v)) < TOL
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert "Where" not in ops and ops.count("Softmax") >= len(set(mask.sum(1).tolist()))
+    assert ops.count("Softmax") > len(set(mask.sum(1).tolist()))  # the group limit split some count
 
 
-def test_missing_translation_names_the_op(tmp_path, monkeypatch):
-    monkeypatch.delitem(sonnx.TRANSLATIONS, "sparsecc::ffn")
-    module, x = FFNVariants().eval(), torch.randn(2, 5, 16)
-    gm = torch.export.export(module, (x,)).module()
-    with pytest.raises(UnsupportedError, match="no ONNX translation for sparsecc::ffn"):
+@torch.library.custom_op("sparsecc::test_untranslated", mutates_args=())
+def _untranslated(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_untranslated.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class Untranslated(torch.nn.Module):
+    def forward(self, x):
+        return torch.ops.sparsecc.test_untranslated(x) + 1
+
+
+def test_missing_translation_names_the_op(tmp_path):
+    x = torch.randn(2, 5)
+    gm = torch.export.export(Untranslated(), (x,)).module()
+    with pytest.raises(UnsupportedError, match="no ONNX translation for sparsecc::test_untranslated"):
         sonnx.export_graph(gm, (x,), {}, str(tmp_path / "m.onnx"))
     assert not (tmp_path / "m.onnx").exists()
+
+    @sonnx.register_translation("sparsecc::test_untranslated")
+    def _double(x):
+        from onnxscript import opset18 as op
+        return op.Mul(x, op.CastLike(2.0, x))
+    try:  # a registered translation is used by every export
+        ort_module, _ = _to_ort(Untranslated(), (x,), tmp_path / "m.onnx")
+        assert _max_err(ort_module(x), x * 2 + 1) < TOL
+    finally:
+        del sonnx.TRANSLATIONS["sparsecc::test_untranslated"]
 
 
 def test_register_translation_decorator():

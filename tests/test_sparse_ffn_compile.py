@@ -9,7 +9,6 @@ import sparsecc
 from sparsecc import testing as T
 from sparsecc.capture import normalize_inputs
 from sparsecc.ops.sparse_ffn import activation_fn, controller_logits, sparse_ffn_reference
-from sparsecc.passes.manager import max_abs_error
 
 warnings.filterwarnings("ignore")
 

@@ -11,7 +11,7 @@ import sparsecc
 from sparsecc import testing as T
 from sparsecc.capture import normalize_inputs
 from sparsecc.errors import RecipeError, UnsupportedError
-from sparsecc.ops.token_flow_helpers import scatter_packed
+from sparsecc.ops.token_flow.helpers import scatter_packed
 
 warnings.filterwarnings("ignore")
 

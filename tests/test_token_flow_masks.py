@@ -5,7 +5,7 @@ import torch
 
 import sparsecc
 from sparsecc import testing as T
-from sparsecc.ops.token_flow_helpers import valid_tokens
+from sparsecc.ops.token_flow.helpers import valid_tokens
 
 
 def test_valid_tokens_under_a_sliding_window_by_hand():

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from sparsecc.ops import token_flow as tf
-from sparsecc.ops.token_flow_helpers import gather_packed, pack_slots, packed_route, scatter_packed
+from sparsecc.ops.token_flow import op as tf
+from sparsecc.ops.token_flow.helpers import gather_packed, pack_slots, packed_route, scatter_packed
 
 route = torch.ops.sparsecc.flow_route.default
 gather = torch.ops.sparsecc.flow_gather.default

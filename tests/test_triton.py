@@ -40,7 +40,9 @@ def results() -> dict:
     names = list(triton_interp.CASES)
     if _in_process():
         return triton_interp.run(names)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    # PYTHONPATH: this checkout's sparsecc, whatever the environment has installed
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, str(HERE / "triton_interp.py"), *names], env=env, cwd=HERE.parent,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -133,7 +135,9 @@ def test_register_adds_cuda_kernels(results):
 
 def test_import_sparsecc_does_not_import_triton():
     code = ("import sys, sparsecc, sparsecc.backends.triton, sparsecc.ops.block_sparse_attention, "
-            "sparsecc.ops.sparse_ffn, sparsecc.ops.token_flow; assert 'triton' not in sys.modules, 'triton imported'")
+            "sparsecc.ops.sparse_ffn, sparsecc.ops.token_flow, sparsecc.ops.triton_runtime; "
+            "from sparsecc.backends import get_backend; get_backend('triton', {'autotune': False}); "
+            "assert 'triton' not in sys.modules, 'triton imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -154,8 +158,8 @@ def test_triton_backend_without_cuda_says_what_to_do():
 @pytest.mark.skipif(_in_process(), reason="this process interprets triton kernels")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_launcher_on_cpu_without_interpreter_says_what_to_do():
-    from sparsecc.backends.triton.attention import block_sparse_attention_forward
     from sparsecc.errors import UnsupportedError
+    from sparsecc.ops.block_sparse_attention.triton import block_sparse_attention_forward
 
     q = torch.randn(1, 1, 16, 16)
     with pytest.raises(UnsupportedError, match="TRITON_INTERPRET=1"):
@@ -186,3 +190,38 @@ def test_bench_triton_refuses_without_gpu():
                           text=True, timeout=300)
     assert proc.returncode == 2
     assert "no CUDA device" in proc.stderr and "python tools/bench_triton.py" in proc.stderr
+
+
+@needs_triton
+@pytest.mark.skipif(_in_process(), reason="this process interprets triton kernels (one config only)")
+def test_triton_options_select_the_autotune_configs():
+    """Launch tunables are options (TritonBackend / TritonOptions), not module state."""
+    from sparsecc.backends import get_backend
+    from sparsecc.ops.block_sparse_attention import triton as A
+    from sparsecc.ops.triton_runtime import TritonOptions
+
+    def shape(cfg):
+        return cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
+
+    full = A.tuned("_fwd_kernel")
+    assert [shape(c) for c in full.configs] == list(A.FWD_CONFIGS)
+    assert A.tuned("_fwd_kernel") is full  # tuned once per process and selection
+    first = A.tuned("_fwd_kernel", TritonOptions(autotune=False))
+    assert [shape(c) for c in first.configs] == [A.FWD_CONFIGS[0]]
+    mine = A.tuned("_fwd_kernel", TritonOptions(configs={"_fwd_kernel": [(32, 32, 4, 2), (64, 32, 4, 3)]}))
+    assert [shape(c) for c in mine.configs] == [(32, 32, 4, 2), (64, 32, 4, 3)]
+    other = A.tuned("_bwd_dq_kernel", TritonOptions(configs={"_fwd_kernel": [(32, 32, 4, 2)]}))
+    assert [shape(c) for c in other.configs] == list(A.BWD_CONFIGS)  # other kernels keep their candidates
+    with pytest.raises(ValueError, match="empty"):
+        A.tuned("_fwd_kernel", TritonOptions(configs={"_fwd_kernel": []}))
+    backend = get_backend("triton", {"autotune": False, "configs": {"_fwd_kernel": [(16, 16, 2, 2)]}})
+    assert backend.options == TritonOptions(autotune=False, configs={"_fwd_kernel": [(16, 16, 2, 2)]})
+
+
+@needs_triton
+def test_triton_ffn_kernels_cover_the_activation_table():
+    from sparsecc.ops import activations
+    from sparsecc.ops.sparse_ffn import triton as F
+
+    assert set(activations.ACTIVATIONS) <= set(F._ACT) and F._ACT["none"] == 0
+    assert len(set(F._ACT.values())) == len(F._ACT)  # one code per activation

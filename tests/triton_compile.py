@@ -34,7 +34,9 @@ def _compile(kernel, types: dict, consts: dict, config=None, arch: int = 90):
 
 def kernels(full: bool, dtypes: tuple = ("bfloat16", "float16", "float32")):
     """(label, kernel, types, constexprs, configs) for every kernel; full=False: one config, fewer variants."""
-    from sparsecc.backends.triton import attention as A, ffn as F, flow as W
+    from sparsecc.ops.block_sparse_attention import triton as A
+    from sparsecc.ops.sparse_ffn import triton as F
+    from sparsecc.ops.token_flow import triton as W
 
     for dt in dtypes:
         p = PTR[dt]
@@ -46,7 +48,7 @@ def kernels(full: bool, dtypes: tuple = ("bfloat16", "float16", "float32")):
         for causal, kpm in flags:
             for bs, bd in ((64, 64), (128, 128), (16, 32)) if full else ((64, 64),):
                 consts = dict(BS=bs, BLOCK_D=bd, CAUSAL=causal, HAS_KPM=kpm, PREC=prec)
-                for k in (A._fwd_kernel, A._bwd_dq_kernel, A._bwd_dkdv_kernel):
+                for k in (A.tuned("_fwd_kernel"), A.tuned("_bwd_dq_kernel"), A.tuned("_bwd_dkdv_kernel")):
                     cfgs = A._prune(k.configs, {"BS": bs})
                     yield f"attention {k.fn.__name__} {dt} BS={bs} D={bd} causal={causal} kpm={kpm}", k, types, \
                         consts, cfgs if full else cfgs[:1]
@@ -54,20 +56,21 @@ def kernels(full: bool, dtypes: tuple = ("bfloat16", "float16", "float32")):
             dict(BLOCK_M=64, BLOCK_D=128), [None]
         ftypes = dict(X=p, LOGITS=p, IDX_IN="*i32", W=p, BIAS=p, WG=p, BG=p, H="*fp32", IDX="*i32", A="*fp32",
                       AG="*fp32", H2="*fp32", W2=p, PART="*fp32", OUT=p, G="*fp32", DW=p)
-        for act, gated in ((1, False), (2, True), (3, False), (4, True)) if full else ((4, True),):
+        for act, gated in ((1, False), (2, True), (3, False), (4, True), (5, True), (6, False)) if full else ((4, True),):
             up = dict(ACT=act, GATED=gated, HAS_BIAS=True, HAS_BGATE=gated, FROM_IDX=False, STORE_PRE=True,
                       BLOCK_NN=32)
-            for k, consts in ((F._up_gather_kernel, up), (F._up_block_kernel, dict(up, PREC=prec))):
+            for k, consts in ((F.tuned("_up_gather_kernel"), up), (F.tuned("_up_block_kernel"), dict(up, PREC=prec))):
                 yield f"ffn {k.fn.__name__} {dt} act={act} gated={gated}", k, ftypes, consts, \
                     k.configs if full else k.configs[:1]
-        for k, consts in ((F._down_gather_kernel, dict(HAS2=True)),
-                          (F._down_block_kernel, dict(HAS2=True, HAS_BIAS=True, PREC=prec, BLOCK_NN=32)),
-                          (F._wgrad_kernel, dict(PREC=prec, BLOCK_NN=32))):
+        for k, consts in ((F.tuned("_down_gather_kernel"), dict(HAS2=True)),
+                          (F.tuned("_down_block_kernel"), dict(HAS2=True, HAS_BIAS=True, PREC=prec, BLOCK_NN=32)),
+                          (F.tuned("_wgrad_kernel"), dict(PREC=prec, BLOCK_NN=32))):
             yield f"ffn {k.fn.__name__} {dt}", k, ftypes, consts, k.configs if full else k.configs[:1]
         wtypes = dict(X=p, ROWS=p, OUT=p, INDEX="*i64", COUNTS="*i64", MAP="*i32", KEEP="*u8")
-        yield f"flow _gather_kernel {dt}", W._gather_kernel, wtypes, {}, W._gather_kernel.configs[:None if full else 1]
-        yield f"flow _scatter_kernel {dt}", W._scatter_kernel, wtypes, dict(ACCUMULATE=True), \
-            W._scatter_kernel.configs[:None if full else 1]
+        gather, scatter = W.tuned("_gather_kernel"), W.tuned("_scatter_kernel")
+        yield f"flow _gather_kernel {dt}", gather, wtypes, {}, gather.configs[:None if full else 1]
+        yield f"flow _scatter_kernel {dt}", scatter, wtypes, dict(ACCUMULATE=True), \
+            scatter.configs[:None if full else 1]
     yield "flow _route_kernel", W._route_kernel, dict(KEEP="*u8", INDEX="*i64"), dict(BLOCK_L=1024), [None]
     yield "flow _slot_map_kernel", W._slot_map_kernel, dict(INDEX="*i64", COUNTS="*i64", MAP="*i32"), \
         dict(BLOCK_R=256), [None]

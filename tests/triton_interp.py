@@ -43,7 +43,8 @@ def _attention_case(dtype: torch.dtype, B=1, H=2, Hkv=2, L=32, S=32, D=16, b=16,
                     density=0.6, empty_row: Optional[int] = None, layout_len: Optional[int] = None,
                     pad_block: bool = False, seed=0) -> dict:
     """Max abs errors of the Triton forward/backward vs the CPU op on the same (upcast) inputs."""
-    from sparsecc.backends.triton.attention import block_sparse_attention_backward, block_sparse_attention_forward
+    from sparsecc.ops.block_sparse_attention.triton import (block_sparse_attention_backward,
+                                                            block_sparse_attention_forward)
     from sparsecc.layouts.indexing import block_mask_to_ell
     from sparsecc.ops.block_sparse_attention import block_sparse_attention_backward_op, block_sparse_attention_op
 
@@ -105,7 +106,7 @@ for _name, _kw in ATTENTION.items():
 @case("attention/cpu_tensors_report")
 def _attention_checks() -> dict:
     """Layout errors are reported like the CPU op's; fp64 is refused with a clear message."""
-    from sparsecc.backends.triton.attention import block_sparse_attention_forward
+    from sparsecc.ops.block_sparse_attention.triton import block_sparse_attention_forward
     from sparsecc.errors import LayoutError, UnsupportedError
     q = torch.randn(1, 1, 16, 16)
     res = {}
@@ -130,7 +131,7 @@ def _attention_checks() -> dict:
 def _ffn_case(dtype: torch.dtype, variant: str, tokens: int, activation: str, n: int = 16, gated: bool = False,
               biases: bool = True, d_model: int = 24, d_ff: int = 64, rank: int = 8, seed: int = 0) -> dict:
     """Max abs errors of the Triton forward and gradients vs the CPU op in the same dtype (same selection)."""
-    from sparsecc.backends.triton.ffn import sparse_ffn_backward, sparse_ffn_forward
+    from sparsecc.ops.sparse_ffn.triton import sparse_ffn_backward, sparse_ffn_forward
     from sparsecc.ops.sparse_ffn import controller_select
 
     g = torch.Generator().manual_seed(seed)
@@ -182,6 +183,12 @@ for _name, _kw in FFN.items():
                 continue
             CASES[f"ffn/{_name}/{_variant}{_tokens}/{_tag}"] = (
                 lambda kw=_kw, v=_variant, t=_tokens, dt=_dt: _ffn_case(dt, v, t, **kw))
+# the rest of the activation table (sparsecc/ops/activations.py), fp32, both kernel variants
+for _name, _kw in {"quick_gelu_gated": dict(activation="quick_gelu", gated=True),
+                   "relu2": dict(activation="relu2")}.items():
+    for _variant, _tokens in (("decode", 3), ("batched", 37)):
+        CASES[f"ffn/{_name}/{_variant}{_tokens}/fp32"] = (
+            lambda kw=_kw, v=_variant, t=_tokens: _ffn_case(torch.float32, v, t, **kw))
 
 
 @case("ffn/autograd_context")
@@ -189,8 +196,8 @@ def _ffn_autograd_context() -> dict:
     """The CUDA autograd path reads the context the op's own setup_context saves: run it on CPU tensors."""
     from types import SimpleNamespace
 
-    from sparsecc.backends.triton.ffn import autograd_backward
-    from sparsecc.ops import sparse_ffn as op
+    from sparsecc.ops.sparse_ffn import op
+    from sparsecc.ops.sparse_ffn.triton import autograd_backward
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(5, 16, generator=g)
@@ -203,7 +210,7 @@ def _ffn_autograd_context() -> dict:
     out.backward(grad)
     ctx = SimpleNamespace(needs_input_grad=tuple(torch.is_tensor(t) and t.requires_grad for t in leaves))
     ctx.save_for_backward = lambda *ts: setattr(ctx, "saved_tensors", ts)
-    op._setup_context(ctx, tuple(args), out.detach())
+    op.setup_context(ctx, tuple(args), out.detach())
     grads = autograd_backward(ctx, grad)
     errs = {}
     for i, t in enumerate(leaves):
@@ -216,7 +223,7 @@ def _ffn_autograd_context() -> dict:
 @case("ffn/backward_op_opcheck")
 def _ffn_backward_opcheck() -> dict:
     """The opaque backward op (what torch.compile traces on CUDA): schema, fake kernel, dispatch."""
-    from sparsecc.backends.triton import ffn  # noqa: F401  (defines the op)
+    from sparsecc.ops.sparse_ffn import triton as ffn  # noqa: F401  (defines the op)
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 16, generator=g)
@@ -235,8 +242,7 @@ def _ffn_backward_opcheck() -> dict:
 
 def _flow_case(dtype: torch.dtype, accumulate: bool, B: int = 3, L: int = 37, D: int = 20, seed: int = 0) -> dict:
     """Route / gather / scatter and the kernels their backward runs vs the CPU ops and the references."""
-    from sparsecc.backends.triton import flow as tf
-    from sparsecc.ops import token_flow as ref
+    from sparsecc.ops.token_flow import op as ref, triton as tf
 
     g = torch.Generator().manual_seed(seed)
     keep = torch.rand(B, L, generator=g) < 0.45
@@ -284,8 +290,9 @@ for _acc in (False, True):
 def _triton_kernels_on_cpu() -> None:
     """Make the Triton launchers the ops' CPU kernels (and the Triton FFN backward the CPU autograd) in
     this process, so graphs on CPU tensors run them in the interpreter. Only for the e2e/ cases (run last)."""
-    from sparsecc.backends.triton import attention as ta, ffn as tf, flow as tw
-    from sparsecc.ops import sparse_ffn as sffn
+    from sparsecc.ops.block_sparse_attention import triton as ta
+    from sparsecc.ops.sparse_ffn import op as sffn, triton as tf
+    from sparsecc.ops.token_flow import triton as tw
 
     for name in ("flow_route", "flow_gather", "flow_scatter"):
         torch.library.register_kernel(f"sparsecc::{name}", "cpu", getattr(tw, name))
@@ -293,7 +300,7 @@ def _triton_kernels_on_cpu() -> None:
     torch.library.register_kernel("sparsecc::block_sparse_attention_backward", "cpu",
                                   ta.block_sparse_attention_backward)
     torch.library.register_kernel("sparsecc::sparse_ffn", "cpu", tf.sparse_ffn_forward)
-    sffn.sparse_ffn.register_autograd(tf.autograd_backward, setup_context=sffn._setup_context)
+    sffn.sparse_ffn.register_autograd(tf.autograd_backward, setup_context=sffn.setup_context)
 
 
 @case("e2e/torch_compile_traces_the_backward")

@@ -8,7 +8,8 @@ mask_mod). Forward and forward+backward (Flex's backward is not implemented on C
 The candidates are timed round-robin (so a busy machine slows all of them alike); the table gives
 medians after warm-up, and Flex's compile time separately.
 
-Our fp32 forward runs the native kernel when it builds; `SPARSECC_NATIVE=0` times the PyTorch path.
+Our fp32 forward runs the C++ kernel when it builds; `SPARSECC_NATIVE=0` times the PyTorch path
+(`SPARSECC_NATIVE=require` refuses to fall back, so a missing compiler cannot pass unnoticed).
 
     python tools/bench_block_sparse_attention.py [--quick] [--repeats 5] [--out results.md]
 """
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsecc.layouts.indexing import block_mask_to_ell
-from sparsecc.ops.block_sparse_attention import _native_ready, block_sparse_attention
+from sparsecc.ops.block_sparse_attention import block_sparse_attention, cpu as bsa_cpu
 
 try:
     from tqdm import tqdm
@@ -127,9 +128,9 @@ def machine_line() -> str:
 
 
 def our_forward_path() -> str:
-    """Which implementation our fp32 forward ran: the native kernel or the PyTorch path (SPARSECC_NATIVE=0)."""
-    native = _native_ready(torch.zeros(1))
-    return ("Our forward: the native kernel (sparsecc/ops/native/block_sparse_attention.c)." if native else
+    """Which implementation our fp32 forward ran: the C++ kernel or the PyTorch path (SPARSECC_NATIVE=0)."""
+    native = bsa_cpu.native_kernels()
+    return ("Our forward: the C++ kernel (sparsecc/ops/block_sparse_attention/cpu.cpp)." if native else
             "Our forward: the PyTorch path (gathered blocks through the fused flash kernel).")
 
 

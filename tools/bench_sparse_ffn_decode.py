@@ -3,9 +3,10 @@
 Times, per token and layer (median over all calls), side by side in one run:
   dense       F.linear -> act -> F.linear over the full weights,
   naive       controller arg-max, then row copies w_in[idx], w_out.T[idx] and two mat-vecs,
-  kernel      the sparse_ffn implementation called directly (no op dispatch),
+  kernel      the sparse_ffn implementation called directly (no sparsecc::sparse_ffn dispatch; the
+              C++ kernel it calls is itself one op call, sparsecc_cpu::sparse_ffn_decode),
   sparse_ffn  torch.ops.sparsecc.sparse_ffn on packed weights (what models run):
-              its native C kernel, and its PyTorch path (SPARSECC_NATIVE=0).
+              its C++ kernel, and its PyTorch path (SPARSECC_NATIVE=0).
 
 To keep the numbers honest for decoding, every call gets a new token (so the
 controller picks different units) and calls cycle through --layers independent
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparsecc.ops.sparse_ffn import (  # noqa: E402
+    ACTIVATIONS,
     activation_fn,
     controller_select,
     pack_sparse_ffn_weights,
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--d-ff", type=int, default=4096)
     ap.add_argument("--n", type=int, default=32, help="block size N (one active unit per N)")
     ap.add_argument("--d-lowrank", type=int, default=64)
-    ap.add_argument("--activation", default="relu", choices=["relu", "gelu", "gelu_tanh", "silu"])
+    ap.add_argument("--activation", default="relu", choices=sorted(ACTIVATIONS))
     ap.add_argument("--layers", type=int, default=8, help="independent weight sets cycled (defeats the cache)")
     ap.add_argument("--tokens", type=int, default=64, help="distinct random tokens cycled")
     ap.add_argument("--repeats", type=int, default=40, help="rounds per method")

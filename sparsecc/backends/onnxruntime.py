@@ -5,6 +5,10 @@
                                            "graph_optimization_level": "all", "path": "m.onnx"})
     out = sm(**inputs)
 
+`OnnxRuntimeBackend` (the registry's "onnxruntime") holds the options: session (providers, threads,
+optimization level, ...), export (path, opset, dynamic) and the translations' `OnnxOptions`
+(layout_group_keys, known_layouts).
+
 Inputs are bound to the compiled graph's signature like the PyTorch model's (positional or by
 keyword); the tensor leaves, in signature order, are the ONNX graph inputs. Non-tensor inputs were
 constants at export time: passing a different value raises. Outputs come back as torch tensors
@@ -18,14 +22,18 @@ from __future__ import annotations
 import inspect as _inspect
 import os
 import tempfile
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from sparsecc.backends import LoweringInputs
 from sparsecc.errors import UnsupportedError
+from sparsecc.ops.onnx_lowering import OnnxOptions
 
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
               "all": "ORT_ENABLE_ALL"}
@@ -127,11 +135,13 @@ class OnnxRuntimeModule(nn.Module):
 
 def build_module(gm: Any, args: tuple, kwargs: dict, recipe: Any = None, regions: Optional[list] = None,
                  dynamic: bool = True, path: Optional[str] = None, opset: Optional[int] = None,
-                 providers: Optional[Sequence[str]] = None, **options) -> OnnxRuntimeModule:
+                 providers: Optional[Sequence[str]] = None, export_options: Optional[OnnxOptions] = None,
+                 **options) -> OnnxRuntimeModule:
     """Export `gm` (sparsecc ops translated) to ONNX and wrap the file in an OnnxRuntimeModule.
 
     path: where to keep the .onnx (default: a temporary directory owned by the module).
-    options: intra_op_num_threads, inter_op_num_threads, graph_optimization_level, session_options.
+    options: intra_op_num_threads, inter_op_num_threads, graph_optimization_level, session_options,
+    optimized_model_path.
     """
     from sparsecc.backends.onnx import export_graph
     check_providers(providers)
@@ -145,7 +155,8 @@ def build_module(gm: Any, args: tuple, kwargs: dict, recipe: Any = None, regions
     if path is None:
         keep = tempfile.TemporaryDirectory(prefix="sparsecc-ort-")
         path = os.path.join(keep.name, "model.onnx")
-    result = export_graph(gm, args, kwargs, path, dynamic=dynamic, opset=opset, recipe=recipe, regions=regions)
+    result = export_graph(gm, args, kwargs, path, dynamic=dynamic, opset=opset, recipe=recipe, regions=regions,
+                          options=export_options)
     sig = _inspect.signature(gm.forward)
     constants = {k: v for k, v in sig.bind_partial(*args, **kwargs).arguments.items()
                  if not any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(v))}
@@ -153,3 +164,47 @@ def build_module(gm: Any, args: tuple, kwargs: dict, recipe: Any = None, regions
     return OnnxRuntimeModule(path, signature=sig, constants=constants,
                              out_spec=result.exported_program.call_spec.out_spec, providers=providers,
                              session_options=sess_opts, keep_alive=keep, **options)
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeBackend:
+    """The graph exported to ONNX (standard ops) and run in an onnxruntime.InferenceSession.
+
+    providers: execution providers (default CPU); intra_op_num_threads / inter_op_num_threads;
+    graph_optimization_level: "disable" | "basic" | "extended" | "all"; session_options: an
+    onnxruntime.SessionOptions (overrides the above); optimized_model_path: where ORT writes the
+    optimized graph; path: keep the .onnx there (default: a temporary folder); opset;
+    layout_group_keys / known_layouts: the block-sparse translation's OnnxOptions.
+    """
+
+    name: ClassVar[str] = "onnxruntime"
+    providers: Optional[Sequence[str]] = None
+    intra_op_num_threads: Optional[int] = None
+    inter_op_num_threads: Optional[int] = None
+    graph_optimization_level: str = "all"
+    session_options: Any = None
+    optimized_model_path: Optional[str] = None
+    path: Optional[str] = None
+    opset: Optional[int] = None
+    layout_group_keys: int = OnnxOptions.layout_group_keys
+    known_layouts: bool = OnnxOptions.known_layouts
+
+    @property
+    def export_options(self) -> OnnxOptions:
+        return OnnxOptions(layout_group_keys=self.layout_group_keys, known_layouts=self.known_layouts)
+
+    def prepare(self) -> None:
+        """The options must be valid and the providers exist in this onnxruntime build (before any export work)."""
+        self.export_options  # noqa: B018 - validates the export options
+        if self.graph_optimization_level not in OPT_LEVELS:
+            raise UnsupportedError(f"graph_optimization_level {self.graph_optimization_level!r}; expected one of "
+                                   f"{list(OPT_LEVELS)}")
+        check_providers(self.providers)
+
+    def lower(self, gm: fx.GraphModule, inputs: LoweringInputs) -> Callable[..., Any]:
+        session = {k: getattr(self, k) for k in ("intra_op_num_threads", "inter_op_num_threads",
+                                                 "graph_optimization_level", "session_options",
+                                                 "optimized_model_path") if getattr(self, k) is not None}
+        return build_module(gm, tuple(inputs.args), dict(inputs.kwargs), recipe=inputs.recipe,
+                            regions=list(inputs.regions), dynamic=inputs.dynamic, path=self.path, opset=self.opset,
+                            providers=self.providers, export_options=self.export_options, **session)

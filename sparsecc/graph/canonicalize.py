@@ -25,7 +25,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import torch
 import torch.fx as fx
 
 from sparsecc.graph.fx_utils import (LINEAR, NOOP_COPY, SDPA, VIEW_LIKE, aten, attention_args, call_args, fake,

@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from sparsecc.graph.fx_utils import aten, fake, new_call
-from sparsecc.ops.token_flow_helpers import gather_packed, pack_slots, packed_route, scatter_packed
+from sparsecc.ops.token_flow.helpers import gather_packed, pack_slots, packed_route, scatter_packed
 
 # op -> positions of its per-token (row) tensor arguments; every other tensor argument must be a
 # weight (for these ops) or broadcast over the rows (elementwise ops, below).

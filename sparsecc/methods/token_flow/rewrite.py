@@ -46,7 +46,7 @@ from sparsecc.errors import UnsupportedError
 from sparsecc.graph.flow_segments import (FlowSegment, attention_args, attention_targets, find_segments,
                                           linear_parts, segment_nodes, split_segment)
 from sparsecc.graph.fx_utils import SDPA, aten, fake, hint, is_call, new_call
-from sparsecc.ops.token_flow_helpers import (flow_attention_mask, flow_mix, gather_tokens, soft_key_mask,
+from sparsecc.ops.token_flow.helpers import (flow_attention_mask, flow_mix, gather_tokens, soft_key_mask,
                                              valid_tokens)
 from sparsecc.methods.token_flow.config import TokenFlow
 from sparsecc.methods.token_flow.gates import FlowGates

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-import sparsecc.ops.token_flow  # noqa: F401  (registers the ops)
+import sparsecc.ops.token_flow.op  # noqa: F401  (registers the ops)
 
 __all__ = ["gather_tokens", "flow_attention_mask", "valid_tokens", "flow_mix", "soft_key_mask", "packed_route",
            "pack_slots", "gather_packed", "scatter_packed"]

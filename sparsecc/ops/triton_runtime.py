@@ -1,4 +1,4 @@
-"""Triton import, interpreter detection and launch-config selection for the sparsecc kernels.
+"""Shared helpers of the op families' Triton kernels: import, interpreter detection, checks, autotuning.
 
 Triton reads TRITON_INTERPRET when it is imported (its own `tl.*` helpers are decorated then)
 and again when each `@triton.jit` runs, so the mode of a process is fixed by the environment at
@@ -8,8 +8,8 @@ that `torch.compile` imports it) to run the kernels on CPU tensors.
 
 from __future__ import annotations
 
-import os
-from typing import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -64,19 +64,43 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def configs(full: Iterable[tuple], interpreter: tuple, make: Callable) -> list:
-    """The autotune config list: `full` on a GPU, the single `interpreter` config under TRITON_INTERPRET.
+@dataclass(frozen=True)
+class TritonOptions:
+    """Launch tunables of the Triton kernels (the Triton backend's options).
 
-    Under the interpreter every launch runs the programs one after another in Python, so tuning
-    would only multiply test time; one small config also exercises the sub-tiling paths.
-    SPARSECC_TRITON_AUTOTUNE=0 also limits a GPU run to the first config (quick experiments).
+    autotune: try every candidate config of a kernel (True), or only the first (False: quick
+        experiments, no tuning time).
+    configs: kernel name -> candidate configs (tuples in the layout of that kernel's *_CONFIGS
+        in its family's triton.py), replacing the defaults.
+    Under the interpreter every kernel runs its single interpreter config: tuning would only
+    multiply test time, and one small config also exercises the sub-tiling paths.
     """
+
+    autotune: bool = True
+    configs: Mapping[str, Sequence[tuple]] = field(default_factory=dict)
+
+
+DEFAULT_OPTIONS = TritonOptions()
+_tuned: dict[tuple, Any] = {}
+
+
+def autotuned(fn: Any, name: str, candidates: Sequence[tuple], interpreter: tuple, make: Callable,
+              options: TritonOptions, **autotune_kwargs) -> Any:
+    """`triton.autotune(configs=...)(fn)` over the configs `options` select for kernel `name`; cached, so each
+    selection is tuned once per process."""
+    triton = import_triton()
     if interpreting():
-        return [make(*interpreter)]
-    full = list(full)
-    if os.environ.get("SPARSECC_TRITON_AUTOTUNE", "1") == "0":
-        full = full[:1]
-    return [make(*c) for c in full]
+        chosen = (tuple(interpreter),)
+    else:
+        chosen = tuple(tuple(c) for c in options.configs.get(name, candidates))
+        if not chosen:
+            raise ValueError(f"TritonOptions.configs[{name!r}] is empty; give at least one config")
+        if not options.autotune:
+            chosen = chosen[:1]
+    key = (fn, chosen)
+    if key not in _tuned:
+        _tuned[key] = triton.autotune(configs=[make(*c) for c in chosen], **autotune_kwargs)(fn)
+    return _tuned[key]
 
 
 def next_pow2(n: int, at_least: int = 16) -> int:

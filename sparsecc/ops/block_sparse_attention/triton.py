@@ -1,6 +1,6 @@
 """Triton kernels of `sparsecc::block_sparse_attention`, forward and backward.
 
-Same semantics as the CPU op (sparsecc/ops/block_sparse_attention.py): one block layout
+Same semantics as the CPU op (op.py, cpu.py): one block layout
 [ceil(L/b), ceil(S/b)] for every batch item and head, causal = key j > query i masked (absolute
 positions), key padding mask (B, S) True = keep, GQA (H a multiple of Hkv), rows with no allowed
 key give output 0, logsumexp -inf and zero gradients. fp16 / bf16 / fp32 inputs, fp32 softmax
@@ -22,13 +22,16 @@ Kernels (flash-attention style; tiles of BLOCK_M queries x BLOCK_N keys, each a 
   registers and writing them once. No atomics: each dK/dV element has exactly one writer, the
   result is deterministic, and GQA's sum over the G heads happens in registers.
 
-Host side: the layout is cropped (crop_ell), checked, deduplicated and (causal) stripped of the
-blocks above the diagonal, then turned into row (ELL) and column (CSC-as-ELL) indices on the
-device. The result is cached per layout tensor (the layouts are constants of the graph).
+Host side: the layout is cleaned by the family's one clean-up (layout.clean_block_mask: cropped,
+checked, deduplicated and, causal, stripped of the blocks above the diagonal), then turned into row
+(ELL) and column (CSC-as-ELL) indices on the device. The result is cached per layout tensor (the
+layouts are constants of the graph). Launch configs: `TritonOptions` (autotune candidates per
+kernel; the defaults are FWD_CONFIGS / BWD_CONFIGS).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from typing import Optional
@@ -36,11 +39,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from sparsecc.backends.triton._runtime import (check_device, check_dtype, configs, dot_precision,
-                                               import_triton, next_pow2)
-from sparsecc.errors import LayoutError
-from sparsecc.layouts.indexing import block_mask_to_ell, crop_ell
-from sparsecc.ops.block_sparse_attention import _check_inputs
+from sparsecc.layouts.indexing import block_mask_to_ell
+from sparsecc.ops.block_sparse_attention.layout import clean_block_mask, column_layout
+from sparsecc.ops.block_sparse_attention.op import check_inputs
+from sparsecc.ops.triton_runtime import (DEFAULT_OPTIONS, TritonOptions, autotuned, check_device, check_dtype,
+                                         dot_precision, import_triton, next_pow2)
 
 triton = import_triton()
 import triton.language as tl  # noqa: E402
@@ -64,15 +67,15 @@ def _cfg(bm: int, bn: int, warps: int, stages: int):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); the interpreter runs the single 16 x 16 config.
-_FWD_CONFIGS = configs([(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2), (64, 32, 4, 4),
-                        (32, 32, 4, 3), (16, 16, 2, 2)], (16, 16, 1, 1), _cfg)
-_BWD_CONFIGS = configs([(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2),
-                        (32, 32, 4, 2), (16, 16, 2, 2)], (16, 16, 1, 1), _cfg)
+# Candidate configs (BLOCK_M, BLOCK_N, num_warps, num_stages); the interpreter runs the single 16 x 16 one.
+FWD_CONFIGS = ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2), (64, 32, 4, 4), (32, 32, 4, 3),
+               (16, 16, 2, 2))
+BWD_CONFIGS = ((64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 32, 4, 2),
+               (16, 16, 2, 2))
+INTERPRETER_CONFIG = (16, 16, 1, 1)
 _TUNE = dict(key=["BS", "D", "CAUSAL", "HAS_KPM"], prune_configs_by={"early_config_prune": _prune})
 
 
-@triton.autotune(configs=_FWD_CONFIGS, **_TUNE)
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, KPM, IDX, CNT,
                 s_qb, s_qh, s_ql, s_kb, s_kh, s_ks,
@@ -136,7 +139,6 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM, IDX, CNT,
     tl.store(LSE + bh.to(tl.int64) * L + rows, lse, mask=row_ok)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, **_TUNE)
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KPM, IDX, CNT,
                    s_qb, s_qh, s_ql, s_kb, s_kh, s_ks,
@@ -192,7 +194,6 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KPM, IDX, CNT,
     tl.store(DQ + q_off, dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, **_TUNE)
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CIDX, CCNT,
                      s_qb, s_qh, s_ql, s_kb, s_kh, s_ks,
@@ -267,6 +268,16 @@ def _bwd_delta_kernel(O, DO, DELTA, L, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.con
     tl.store(DELTA + bh * L + rows, tl.sum(o * do, 1), mask=rows < L)
 
 
+_KERNELS = {"_fwd_kernel": ("_fwd_kernel", FWD_CONFIGS), "_bwd_dq_kernel": ("_bwd_dq_kernel", BWD_CONFIGS),
+            "_bwd_dkdv_kernel": ("_bwd_dkdv_kernel", BWD_CONFIGS)}
+
+
+def tuned(name: str, options: TritonOptions = DEFAULT_OPTIONS):
+    """The autotuned kernel `name` ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel") under `options`."""
+    fn_name, candidates = _KERNELS[name]
+    return autotuned(globals()[fn_name], name, candidates, INTERPRETER_CONFIG, _cfg, options, **_TUNE)
+
+
 class Layout:
     """Row and column indices of a cleaned block layout, on the kernels' device (int32)."""
 
@@ -292,30 +303,18 @@ def _cache_for(t: Tensor) -> Optional[dict]:
 
 def prepare_layout(kv_indices: Tensor, kv_counts: Tensor, L: int, S: int, b: int, causal: bool,
                    device: torch.device) -> Layout:
-    """Crop, check and clean the ELL layout, and build its row and column (transposed) indices.
+    """The cleaned layout (layout.clean_block_mask) as row and column (transposed) indices on `device`.
 
-    Padding entries and duplicates go; with causal, so do blocks above the diagonal (every key
-    there is after every query of the row). Cached per kv_indices tensor (keyed on its version,
-    kv_counts and the arguments), since a graph passes the same layout buffer on every call.
+    Cached per kv_indices tensor (keyed on its version, kv_counts and the arguments), since a graph
+    passes the same layout buffer on every call.
     """
     key = (kv_indices._version, id(kv_counts), kv_counts._version, L, S, b, causal, str(device))
     cached = _cache_for(kv_indices)
     if cached is not None and key in cached:
         return cached[key]
-    nq, nk = -(-L // b), -(-S // b)
-    idx, cnt = crop_ell(kv_indices.detach().long().cpu(), kv_counts.detach().long().cpu(), nq, nk)
-    width = idx.shape[1]
-    valid = torch.arange(width).unsqueeze(0) < cnt.unsqueeze(1)
-    if bool(((idx < 0) | (idx >= nk))[valid].any()) or bool((cnt > width).any()) or bool((cnt < 0).any()):
-        raise LayoutError(f"kv_indices must lie in [0, {nk}) (S={S}, block_size={b}) and kv_counts "
-                          f"in [0, {width}]; rebuild them with block_mask_to_ell(mask[{nq}, {nk}])")
-    rows = torch.arange(nq).unsqueeze(1).expand_as(idx)
-    if causal:
-        valid &= idx <= rows
-    keep = torch.zeros(nq, nk, dtype=torch.bool)
-    keep[rows[valid], idx[valid]] = True
+    keep = clean_block_mask(kv_indices, kv_counts, L, S, b, causal)
     r_idx, r_cnt = block_mask_to_ell(keep)
-    c_idx, c_cnt = block_mask_to_ell(keep.t().contiguous())
+    c_idx, c_cnt = column_layout(keep)
     layout = Layout(*(t.to(device=device, dtype=torch.int32).contiguous() for t in (r_idx, r_cnt, c_idx, c_cnt)))
     if cached is not None:
         cached[key] = layout
@@ -324,7 +323,7 @@ def prepare_layout(kv_indices: Tensor, kv_counts: Tensor, L: int, S: int, b: int
 
 def _common(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, block_size: int,
             causal: bool, key_padding_mask: Optional[Tensor]):
-    _check_inputs(q, k, v, kv_indices, kv_counts, block_size, key_padding_mask)
+    check_inputs(q, k, v, kv_indices, kv_counts, block_size, key_padding_mask)
     check_device(q, k, v, key_padding_mask, op=_OP)
     check_dtype(q, _OP)
     B, H, L, D = q.shape
@@ -337,7 +336,8 @@ def _common(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tens
 
 def block_sparse_attention_forward(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor,
                                    block_size: int, scale: float, causal: bool,
-                                   key_padding_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+                                   key_padding_mask: Optional[Tensor], *, options: TritonOptions = DEFAULT_OPTIONS
+                                   ) -> tuple[Tensor, Tensor]:
     """Triton forward: (out (B, H, L, D) in q's dtype, logsumexp (B, H, L) fp32), like the CPU op."""
     layout, kpm, B, H, L, S, D = _common(q, k, v, kv_indices, kv_counts, block_size, causal, key_padding_mask)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -347,7 +347,7 @@ def block_sparse_attention_forward(q: Tensor, k: Tensor, v: Tensor, kv_indices: 
         return out, lse.fill_(float("-inf"))
     nq, b = -(-L // block_size), block_size
     grid = lambda meta: (nq * triton.cdiv(b, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _fwd_kernel[grid](q, k, v, out, lse, kpm, layout.row_idx, layout.row_cnt,
+    tuned("_fwd_kernel", options)[grid](q, k, v, out, lse, kpm, layout.row_idx, layout.row_cnt,
                       q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                       H, H // k.shape[1], L, S, layout.row_idx.shape[1], D, float(scale) * LOG2E,
                       BS=b, BLOCK_D=next_pow2(D), CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None,
@@ -357,8 +357,8 @@ def block_sparse_attention_forward(q: Tensor, k: Tensor, v: Tensor, kv_indices: 
 
 def block_sparse_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                     kv_indices: Tensor, kv_counts: Tensor, block_size: int, scale: float,
-                                    causal: bool, key_padding_mask: Optional[Tensor]
-                                    ) -> tuple[Tensor, Tensor, Tensor]:
+                                    causal: bool, key_padding_mask: Optional[Tensor], *,
+                                    options: TritonOptions = DEFAULT_OPTIONS) -> tuple[Tensor, Tensor, Tensor]:
     """Triton backward: (dq, dk, dv) from the forward's out and logsumexp, like the CPU backward op."""
     layout, kpm, B, H, L, S, D = _common(q, k, v, kv_indices, kv_counts, block_size, causal, key_padding_mask)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -378,11 +378,11 @@ def block_sparse_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: T
                   PREC=dot_precision(q.dtype))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     grid_q = lambda meta: (nq * triton.cdiv(b, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _bwd_dq_kernel[grid_q](q, k, v, do, dq, lse, delta, kpm, layout.row_idx, layout.row_cnt, *strides,
+    tuned("_bwd_dq_kernel", options)[grid_q](q, k, v, do, dq, lse, delta, kpm, layout.row_idx, layout.row_cnt, *strides,
                            H, H // hkv, L, S, layout.row_idx.shape[1], D, float(scale), float(scale) * LOG2E,
                            **common)
     grid_k = lambda meta: (nk * triton.cdiv(b, meta["BLOCK_N"]), B * hkv)  # noqa: E731
-    _bwd_dkdv_kernel[grid_k](q, k, v, do, dk, dv, lse, delta, kpm, layout.col_idx, layout.col_cnt, *strides,
+    tuned("_bwd_dkdv_kernel", options)[grid_k](q, k, v, do, dk, dv, lse, delta, kpm, layout.col_idx, layout.col_cnt, *strides,
                              H, hkv, H // hkv, L, S, layout.col_idx.shape[1], D, float(scale),
                              float(scale) * LOG2E, **common)
     return dq, dk, dv
@@ -390,3 +390,12 @@ def block_sparse_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: T
 
 def default_scale(d: int) -> float:
     return 1.0 / math.sqrt(d)
+
+
+def register(options: TritonOptions = DEFAULT_OPTIONS) -> list[str]:
+    """Register the launchers as the CUDA kernels of the family's ops; returns the op names."""
+    kernels = {"sparsecc::block_sparse_attention": block_sparse_attention_forward,
+               "sparsecc::block_sparse_attention_backward": block_sparse_attention_backward}
+    for name, fn in kernels.items():
+        torch.library.register_kernel(name, "cuda", functools.partial(fn, options=options))
+    return list(kernels)

@@ -1,5 +1,8 @@
 """`sparsecc::attention`: dense scaled-dot-product attention as an opaque custom op.
 
+Schema, fake and autograd; the CPU (and any-device) kernel is PyTorch's SDPA, `attention_reference`
+spells the same function out in matmul / softmax.
+
 This is the op the identity rewrite puts in place of every attention region's
 SDPA node. It has the same semantics as `aten.scaled_dot_product_attention`
 (additive or boolean mask, causal flag, scale, GQA), and an explicit backward
@@ -46,6 +49,13 @@ def _forward(q, k, v, attn_mask, is_causal, scale, enable_gqa):
     # A row whose keys are all -inf has no gradient (zeros, not NaN).
     probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
     return torch.matmul(probs, v_), probs
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
+                        is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False) -> Tensor:
+    """The op's definition in matmul / softmax (what the backward differentiates); rows whose keys are
+    all masked give 0."""
+    return _forward(q, k, v, attn_mask, is_causal, scale, enable_gqa)[0]
 
 
 def _check_dropout(dropout_p: float) -> None:

@@ -1,6 +1,6 @@
 """Triton kernels of the token-flow ops (SparseFlow): `sparsecc::flow_route`, `flow_gather`, `flow_scatter`.
 
-The op contract is in sparsecc/ops/token_flow.py: index [B, K] int64 holds each example's kept
+The op contract is in op.py: index [B, K] int64 holds each example's kept
 positions (ascending) in its first counts[b] slots, padding slots after them.
 
 - route, grid (B,): walks the example's keep mask in BLOCK_L chunks, a prefix sum (tl.cumsum)
@@ -20,12 +20,14 @@ these kernels too.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
-from sparsecc.backends.triton._runtime import check_device, configs, import_triton
 from sparsecc.errors import UnsupportedError
-from sparsecc.ops.token_flow import _check
+from sparsecc.ops.token_flow.op import check_inputs
+from sparsecc.ops.triton_runtime import DEFAULT_OPTIONS, TritonOptions, autotuned, check_device, import_triton
 
 triton = import_triton()
 import triton.language as tl  # noqa: E402
@@ -40,8 +42,9 @@ def _mk(names):
     return make
 
 
-_ROWS = configs([(16, 128, 4), (8, 256, 4), (32, 64, 4), (4, 512, 4), (16, 256, 8)], (4, 16, 1),
-                _mk(("BLOCK_R", "BLOCK_D")))
+# Candidate configs (BLOCK_R rows, BLOCK_D columns, num_warps) of the gather and scatter kernels.
+ROW_CONFIGS = ((16, 128, 4), (8, 256, 4), (32, 64, 4), (4, 512, 4), (16, 256, 8))
+INTERPRETER_CONFIG = (4, 16, 1)
 
 
 @triton.jit
@@ -56,7 +59,6 @@ def _route_kernel(KEEP, INDEX, L, K, BLOCK_L: tl.constexpr):
         offset += tl.sum(keep, 0)
 
 
-@triton.autotune(configs=_ROWS, key=["D"])
 @triton.jit
 def _gather_kernel(X, INDEX, COUNTS, OUT, L, K, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0)
@@ -82,7 +84,6 @@ def _slot_map_kernel(INDEX, COUNTS, MAP, L, K, BLOCK_R: tl.constexpr):
     tl.store(MAP + b.to(tl.int64) * L + pos, slots.to(tl.int32), mask=valid)
 
 
-@triton.autotune(configs=_ROWS, key=["D"])
 @triton.jit
 def _scatter_kernel(X, ROWS, MAP, OUT, L, K, D, ACCUMULATE: tl.constexpr, BLOCK_R: tl.constexpr,
                     BLOCK_D: tl.constexpr):
@@ -102,6 +103,12 @@ def _scatter_kernel(X, ROWS, MAP, OUT, L, K, D, ACCUMULATE: tl.constexpr, BLOCK_
     else:
         out = tl.where(kept[:, None], r.to(x.dtype), x)
     tl.store(OUT + x_off, out, mask=m)
+
+
+def tuned(name: str, options: TritonOptions = DEFAULT_OPTIONS):
+    """The autotuned kernel `name` ("_gather_kernel" or "_scatter_kernel") under `options`."""
+    fn = {"_gather_kernel": _gather_kernel, "_scatter_kernel": _scatter_kernel}[name]
+    return autotuned(fn, name, ROW_CONFIGS, INTERPRETER_CONFIG, _mk(("BLOCK_R", "BLOCK_D")), options, key=["D"])
 
 
 def _check_float(x: Tensor, op: str) -> None:
@@ -124,9 +131,9 @@ def flow_route(keep: Tensor) -> tuple[Tensor, Tensor]:
     return index, counts
 
 
-def flow_gather(x: Tensor, index: Tensor, counts: Tensor) -> Tensor:
+def flow_gather(x: Tensor, index: Tensor, counts: Tensor, *, options: TritonOptions = DEFAULT_OPTIONS) -> Tensor:
     """Triton `sparsecc::flow_gather`: [B, K, D], the kept rows packed, zeros in padding slots."""
-    _check(x, index, counts, "flow_gather")
+    check_inputs(x, index, counts, "flow_gather")
     check_device(x, index, counts, op=_OP)
     _check_float(x, "flow_gather")
     B, L, D = x.shape
@@ -136,13 +143,14 @@ def flow_gather(x: Tensor, index: Tensor, counts: Tensor) -> Tensor:
         return out
     x, index, counts = x.contiguous(), index.contiguous(), counts.contiguous()
     grid = lambda meta: (B, triton.cdiv(K, meta["BLOCK_R"]), triton.cdiv(D, meta["BLOCK_D"]))  # noqa: E731
-    _gather_kernel[grid](x, index, counts, out, L, K, D)
+    tuned("_gather_kernel", options)[grid](x, index, counts, out, L, K, D)
     return out
 
 
-def flow_scatter(x: Tensor, rows: Tensor, index: Tensor, counts: Tensor, accumulate: bool = False) -> Tensor:
+def flow_scatter(x: Tensor, rows: Tensor, index: Tensor, counts: Tensor, accumulate: bool = False, *,
+                 options: TritonOptions = DEFAULT_OPTIONS) -> Tensor:
     """Triton `sparsecc::flow_scatter`: a new [B, L, D]; kept rows replaced by (or, accumulate, added to) rows."""
-    _check(x, index, counts, "flow_scatter")
+    check_inputs(x, index, counts, "flow_scatter")
     if rows.dim() != 3 or tuple(rows.shape) != (x.shape[0], index.shape[1], x.shape[2]):
         raise ValueError(f"sparsecc::flow_scatter: rows must be [B, K, D] = {(x.shape[0], index.shape[1], x.shape[2])}"
                          f", got {tuple(rows.shape)}")
@@ -158,9 +166,20 @@ def flow_scatter(x: Tensor, rows: Tensor, index: Tensor, counts: Tensor, accumul
     block = 16 if _interp() else 256
     _slot_map_kernel[(B, triton.cdiv(K, block))](index, counts, slot_map, L, K, BLOCK_R=block)
     grid = lambda meta: (B, triton.cdiv(L, meta["BLOCK_R"]), triton.cdiv(D, meta["BLOCK_D"]))  # noqa: E731
-    _scatter_kernel[grid](x, rows, slot_map, out, L, K, D, ACCUMULATE=bool(accumulate))
+    tuned("_scatter_kernel", options)[grid](x, rows, slot_map, out, L, K, D, ACCUMULATE=bool(accumulate))
     return out
 
 
 def _interp() -> bool:
     return bool(triton.knobs.runtime.interpret)
+
+
+def register(options: TritonOptions = DEFAULT_OPTIONS) -> list[str]:
+    """Register the launchers as the CUDA kernels of the flow ops (their backward formulas call the ops
+    themselves, so CUDA gradients run these kernels too); returns the op names."""
+    kernels = {"sparsecc::flow_route": flow_route,
+               "sparsecc::flow_gather": functools.partial(flow_gather, options=options),
+               "sparsecc::flow_scatter": functools.partial(flow_scatter, options=options)}
+    for name, fn in kernels.items():
+        torch.library.register_kernel(name, "cuda", fn)
+    return list(kernels)

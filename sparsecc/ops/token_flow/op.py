@@ -92,7 +92,7 @@ def _slot_valid(index: Tensor, counts: Tensor) -> Tensor:
     return torch.arange(index.shape[1], device=index.device).unsqueeze(0) < counts.unsqueeze(1)
 
 
-def _check(x: Tensor, index: Tensor, counts: Tensor, op: str) -> None:
+def check_inputs(x: Tensor, index: Tensor, counts: Tensor, op: str) -> None:
     if x.dim() != 3 or index.dim() != 2 or counts.dim() != 1:
         raise ValueError(f"sparsecc::{op}: expected x [B, L, D], index [B, K], counts [B]; got x "
                          f"{tuple(x.shape)}, index {tuple(index.shape)}, counts {tuple(counts.shape)}")
@@ -167,7 +167,7 @@ def _(keep):
 @torch.library.custom_op("sparsecc::flow_gather", mutates_args=())
 def flow_gather(x: Tensor, index: Tensor, counts: Tensor) -> Tensor:
     """Kept rows of x packed into [B, K, D], zeros in padding slots (see module docstring)."""
-    _check(x, index, counts, "flow_gather")
+    check_inputs(x, index, counts, "flow_gather")
     return _gather(x, index, counts)
 
 
@@ -195,7 +195,7 @@ flow_gather.register_autograd(_gather_backward, setup_context=_gather_setup)
 @torch.library.custom_op("sparsecc::flow_scatter", mutates_args=())
 def flow_scatter(x: Tensor, rows: Tensor, index: Tensor, counts: Tensor, accumulate: bool = False) -> Tensor:
     """x with the valid slots' rows written back (or added, accumulate=True); see module docstring."""
-    _check(x, index, counts, "flow_scatter")
+    check_inputs(x, index, counts, "flow_scatter")
     if rows.dim() != 3 or rows.shape[0] != x.shape[0] or rows.shape[1] != index.shape[1] \
             or rows.shape[2] != x.shape[2]:
         raise ValueError(f"sparsecc::flow_scatter: rows must be [B, K, D] = {(x.shape[0], index.shape[1], x.shape[2])}"

@@ -1,6 +1,6 @@
 """Triton kernels of `sparsecc::sparse_ffn` (Scaling Transformers one-of-N FFN), forward and backward.
 
-Semantics are the op's (sparsecc/ops/sparse_ffn.py): the controller logits (x @ c1) @ c2 + c_bias
+Semantics are the op's (op.py): the controller logits (x @ c1) @ c2 + c_bias
 are computed with the op's own `controller_logits` (two small GEMMs, so the arg-max picks exactly
 the units the CPU op picks for the same logits); everything after them is fused here:
 
@@ -38,14 +38,16 @@ as in the op.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from sparsecc.backends.triton._runtime import (check_device, check_dtype, configs, dot_precision,
-                                               import_triton, next_pow2)
-from sparsecc.ops.sparse_ffn import _activation_backward, _check, activation_fn, controller_logits
+from sparsecc.ops.sparse_ffn import op as sparse_ffn_op
+from sparsecc.ops.sparse_ffn.op import activation_backward, check_inputs, activation_fn, controller_logits
+from sparsecc.ops.triton_runtime import (DEFAULT_OPTIONS, TritonOptions, autotuned, check_device, check_dtype,
+                                         dot_precision, import_triton, next_pow2)
 
 triton = import_triton()
 import triton.language as tl  # noqa: E402
@@ -53,7 +55,9 @@ import triton.language as tl  # noqa: E402
 _OP = "sparsecc::sparse_ffn (triton)"
 # The decode (per-token gather) kernels serve up to this many tokens; more go to the batched kernels.
 DECODE_MAX_TOKENS = 16
-_ACT = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
+# Activation codes of `_act`: "none" plus every entry of sparsecc/ops/activations.py (tests check the table
+# is covered; an entry missing here runs the op's PyTorch kernel, see sparse_ffn_cuda).
+_ACT = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "quick_gelu": 5, "relu2": 6}
 
 
 def _cfg(meta: dict, warps: int, stages: int):
@@ -67,18 +71,14 @@ def _mk(names):
     return make
 
 
-# decode kernels: (BLOCK_K chosen rows, BLOCK_DM columns) per step
-_UP_GATHER = configs([(4, 512, 4, 2), (2, 1024, 4, 2), (8, 256, 4, 2), (4, 1024, 8, 2), (16, 256, 8, 2)],
-                     (4, 16, 1, 1), _mk(("BLOCK_K", "BLOCK_DM")))
-_DOWN_GATHER = configs([(16, 128, 4, 2), (32, 128, 4, 2), (8, 256, 4, 2), (16, 256, 8, 2), (32, 64, 4, 2)],
-                       (4, 16, 1, 1), _mk(("BLOCK_K", "BLOCK_DM")))
-# batched kernels: (BLOCK_T tokens, BLOCK_DM columns)
-_UP_BLOCK = configs([(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (32, 64, 4, 3), (128, 32, 4, 4)],
-                    (16, 16, 1, 1), _mk(("BLOCK_T", "BLOCK_DM")))
-_DOWN_BLOCK = configs([(64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3), (32, 128, 4, 3)],
-                      (16, 16, 1, 1), _mk(("BLOCK_T", "BLOCK_DM")))
-_WGRAD = configs([(64, 128, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3)],
-                 (16, 16, 1, 1), _mk(("BLOCK_T", "BLOCK_DM")))
+# Candidate configs; the interpreter runs the small last tuple of each entry of _KERNELS.
+# decode kernels: (BLOCK_K chosen rows, BLOCK_DM columns, num_warps, num_stages) per step
+UP_GATHER_CONFIGS = ((4, 512, 4, 2), (2, 1024, 4, 2), (8, 256, 4, 2), (4, 1024, 8, 2), (16, 256, 8, 2))
+DOWN_GATHER_CONFIGS = ((16, 128, 4, 2), (32, 128, 4, 2), (8, 256, 4, 2), (16, 256, 8, 2), (32, 64, 4, 2))
+# batched kernels: (BLOCK_T tokens, BLOCK_DM columns, num_warps, num_stages)
+UP_BLOCK_CONFIGS = ((64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (32, 64, 4, 3), (128, 32, 4, 4))
+DOWN_BLOCK_CONFIGS = ((64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3), (32, 128, 4, 3))
+WGRAD_CONFIGS = ((64, 128, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3))
 _KEY = ["DM", "NSEL"]
 
 
@@ -93,10 +93,14 @@ def _act(a, ACT: tl.constexpr):
         a = 0.5 * a * (1.0 + (2.0 * tl.sigmoid(2.0 * u) - 1.0))
     elif ACT == 4:
         a = a * tl.sigmoid(a)
+    elif ACT == 5:
+        a = a * tl.sigmoid(1.702 * a)
+    elif ACT == 6:
+        a = tl.maximum(a, 0.0)
+        a = a * a
     return a
 
 
-@triton.autotune(configs=_UP_GATHER, key=_KEY)
 @triton.jit
 def _up_gather_kernel(X, LOGITS, IDX_IN, W, BIAS, WG, BG, H, IDX, A, AG,
                       NB, DM, NSEL, DFF,
@@ -142,7 +146,6 @@ def _up_gather_kernel(X, LOGITS, IDX_IN, W, BIAS, WG, BG, H, IDX, A, AG,
             tl.store(AG + row, accg, mask=k_ok)
 
 
-@triton.autotune(configs=_UP_BLOCK, key=_KEY)
 @triton.jit
 def _up_block_kernel(X, LOGITS, IDX_IN, W, BIAS, WG, BG, H, IDX, A, AG,
                      T, NB, DM, NSEL, DFF,
@@ -195,7 +198,6 @@ def _up_block_kernel(X, LOGITS, IDX_IN, W, BIAS, WG, BG, H, IDX, A, AG,
             tl.store(AG + row, ag, mask=t_ok)
 
 
-@triton.autotune(configs=_DOWN_GATHER, key=_KEY)
 @triton.jit
 def _down_gather_kernel(H, IDX, W, H2, W2, PART, T, NB, DM, NSEL, PER_SPLIT,
                         HAS2: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DM: tl.constexpr):
@@ -222,7 +224,6 @@ def _down_gather_kernel(H, IDX, W, H2, W2, PART, T, NB, DM, NSEL, PER_SPLIT,
     tl.store(PART + (sp * T + t).to(tl.int64) * DM + offs, acc, mask=d_ok)
 
 
-@triton.autotune(configs=_DOWN_BLOCK, key=_KEY)
 @triton.jit
 def _down_block_kernel(H, IDX, W, H2, W2, BIAS, OUT, T, NB, DM, NSEL,
                        HAS2: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr, BLOCK_NN: tl.constexpr,
@@ -253,7 +254,6 @@ def _down_block_kernel(H, IDX, W, H2, W2, BIAS, OUT, T, NB, DM, NSEL,
              mask=t_ok[:, None] & d_ok[None, :])
 
 
-@triton.autotune(configs=_WGRAD, key=_KEY)
 @triton.jit
 def _wgrad_kernel(G, IDX, X, DW, T, NB, DM, NSEL,
                   PREC: tl.constexpr, BLOCK_NN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DM: tl.constexpr):
@@ -279,6 +279,21 @@ def _wgrad_kernel(G, IDX, X, DW, T, NB, DM, NSEL,
              mask=n_ok[:, None] & d_ok[None, :])
 
 
+_KERNELS = {  # name: (candidates, interpreter config, meta names)
+    "_up_gather_kernel": (UP_GATHER_CONFIGS, (4, 16, 1, 1), ("BLOCK_K", "BLOCK_DM")),
+    "_down_gather_kernel": (DOWN_GATHER_CONFIGS, (4, 16, 1, 1), ("BLOCK_K", "BLOCK_DM")),
+    "_up_block_kernel": (UP_BLOCK_CONFIGS, (16, 16, 1, 1), ("BLOCK_T", "BLOCK_DM")),
+    "_down_block_kernel": (DOWN_BLOCK_CONFIGS, (16, 16, 1, 1), ("BLOCK_T", "BLOCK_DM")),
+    "_wgrad_kernel": (WGRAD_CONFIGS, (16, 16, 1, 1), ("BLOCK_T", "BLOCK_DM")),
+}
+
+
+def tuned(name: str, options: TritonOptions = DEFAULT_OPTIONS):
+    """The autotuned kernel `name` (a key of _KERNELS) under `options`."""
+    candidates, interpreter, meta = _KERNELS[name]
+    return autotuned(globals()[name], name, candidates, interpreter, _mk(meta), options, key=_KEY)
+
+
 # ----------------------------------------------------------------------------------------------
 # launchers
 
@@ -290,7 +305,8 @@ def _use_decode(tokens: int, variant: str) -> bool:
 
 
 def _up(x2: Tensor, logits: Optional[Tensor], idx_in: Optional[Tensor], w: Tensor, bias: Optional[Tensor],
-        wg: Optional[Tensor], bg: Optional[Tensor], n: int, act: str, decode: bool, store_pre: bool):
+        wg: Optional[Tensor], bg: Optional[Tensor], n: int, act: str, decode: bool, store_pre: bool,
+        options: TritonOptions):
     """(h, idx, a, ag): [T, d_ff/n] fp32 values of the chosen units, their int32 indices, pre-activations."""
     T, DM = x2.shape
     d_ff = w.shape[0]
@@ -308,15 +324,15 @@ def _up(x2: Tensor, logits: Optional[Tensor], idx_in: Optional[Tensor], w: Tenso
                  FROM_IDX=idx_in is not None, STORE_PRE=store_pre, BLOCK_NN=next_pow2(n))
     if decode:
         grid = lambda meta: (T, triton.cdiv(nb, meta["BLOCK_K"]))  # noqa: E731
-        _up_gather_kernel[grid](*args, nb, DM, n, d_ff, **flags)
+        tuned("_up_gather_kernel", options)[grid](*args, nb, DM, n, d_ff, **flags)
     else:
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), nb)  # noqa: E731
-        _up_block_kernel[grid](*args, T, nb, DM, n, d_ff, PREC=dot_precision(w.dtype), **flags)
+        tuned("_up_block_kernel", options)[grid](*args, T, nb, DM, n, d_ff, PREC=dot_precision(w.dtype), **flags)
     return h, idx, (a if store_pre else None), (ag if store_pre and wg is not None else None)
 
 
 def _down(h: Tensor, idx: Tensor, w: Tensor, h2: Optional[Tensor], w2: Optional[Tensor], bias: Optional[Tensor],
-          n: int, out_dtype: torch.dtype, decode: bool) -> Tensor:
+          n: int, out_dtype: torch.dtype, decode: bool, options: TritonOptions) -> Tensor:
     """sum_k h[t, k] w[idx[t, k]] (+ h2 w2 [idx]) + bias: (T, d_model) in out_dtype."""
     T, nb = h.shape
     DM = w.shape[1]
@@ -328,7 +344,7 @@ def _down(h: Tensor, idx: Tensor, w: Tensor, h2: Optional[Tensor], w2: Optional[
         split = -(-nb // per_split)
         part = torch.empty(split, T, DM, dtype=torch.float32, device=dev)
         grid = lambda meta: (T, triton.cdiv(DM, meta["BLOCK_DM"]), split)  # noqa: E731
-        _down_gather_kernel[grid](h, idx, w, h2 if h2 is not None else h, w2 if w2 is not None else w, part,
+        tuned("_down_gather_kernel", options)[grid](h, idx, w, h2 if h2 is not None else h, w2 if w2 is not None else w, part,
                                   T, nb, DM, n, per_split, HAS2=h2 is not None)
         out = part.sum(0) if split > 1 else part[0]
         if bias is not None:
@@ -336,19 +352,20 @@ def _down(h: Tensor, idx: Tensor, w: Tensor, h2: Optional[Tensor], w2: Optional[
         return out.to(out_dtype)
     out = torch.empty(T, DM, dtype=out_dtype, device=dev)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), triton.cdiv(DM, meta["BLOCK_DM"]))  # noqa: E731
-    _down_block_kernel[grid](h, idx, w, h2 if h2 is not None else h, w2 if w2 is not None else w,
+    tuned("_down_block_kernel", options)[grid](h, idx, w, h2 if h2 is not None else h, w2 if w2 is not None else w,
                              bias if bias is not None else h, out, T, nb, DM, n, HAS2=h2 is not None,
                              HAS_BIAS=bias is not None, PREC=dot_precision(w.dtype), BLOCK_NN=next_pow2(n))
     return out
 
 
-def _wgrad(g: Tensor, idx: Tensor, x2: Tensor, d_ff: int, n: int, dtype: torch.dtype) -> Tensor:
+def _wgrad(g: Tensor, idx: Tensor, x2: Tensor, d_ff: int, n: int, dtype: torch.dtype, options: TritonOptions
+           ) -> Tensor:
     """(d_ff, d_model): row u = sum over tokens that chose u of g * x."""
     T, nb = g.shape
     DM = x2.shape[1]
     dw = torch.empty(d_ff, DM, dtype=dtype, device=x2.device)
     grid = lambda meta: (nb, triton.cdiv(DM, meta["BLOCK_DM"]))  # noqa: E731
-    _wgrad_kernel[grid](g, idx, x2, dw, T, nb, DM, n, PREC=dot_precision(x2.dtype), BLOCK_NN=next_pow2(n))
+    tuned("_wgrad_kernel", options)[grid](g, idx, x2, dw, T, nb, DM, n, PREC=dot_precision(x2.dtype), BLOCK_NN=next_pow2(n))
     return dw
 
 
@@ -358,7 +375,7 @@ def _bias_grad(g: Tensor, idx: Tensor, d_ff: int, dtype: torch.dtype) -> Tensor:
 
 
 def _prepare(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n, activation, w_gate, b_gate):
-    _check(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n, activation, w_gate, b_gate)
+    check_inputs(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n, activation, w_gate, b_gate)
     check_device(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, w_gate, b_gate, op=_OP)
     check_dtype(x, _OP)
     return [None if t is None else t.contiguous() for t in (w_in, b_in, w_out_t, b_out, w_gate, b_gate)]
@@ -367,7 +384,7 @@ def _prepare(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n, activation, w_gat
 def sparse_ffn_forward(x: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out_t: Tensor, b_out: Optional[Tensor],
                        c1: Tensor, c2: Tensor, c_bias: Optional[Tensor], n: int, activation: str,
                        w_gate: Optional[Tensor] = None, b_gate: Optional[Tensor] = None,
-                       variant: str = "auto") -> Tensor:
+                       variant: str = "auto", *, options: TritonOptions = DEFAULT_OPTIONS) -> Tensor:
     """Triton forward of `sparsecc::sparse_ffn` (same arguments); variant "auto" | "decode" | "batched"."""
     w_in, b_in, w_out_t, b_out, w_gate, b_gate = _prepare(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n,
                                                           activation, w_gate, b_gate)
@@ -376,15 +393,15 @@ def sparse_ffn_forward(x: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out_t:
         return x.new_zeros(x.shape)
     decode = _use_decode(x2.shape[0], variant)
     logits = controller_logits(x2, c1, c2, c_bias).contiguous()
-    h, idx, _, _ = _up(x2, logits, None, w_in, b_in, w_gate, b_gate, n, activation, decode, store_pre=False)
-    out = _down(h, idx, w_out_t, None, None, b_out, n, x.dtype, decode)
+    h, idx, _, _ = _up(x2, logits, None, w_in, b_in, w_gate, b_gate, n, activation, decode, False, options)
+    out = _down(h, idx, w_out_t, None, None, b_out, n, x.dtype, decode, options)
     return out.view(x.shape)
 
 
 def sparse_ffn_backward(grad_out: Tensor, x: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out_t: Tensor,
                         c1: Tensor, c2: Tensor, c_bias: Optional[Tensor], w_gate: Optional[Tensor],
                         b_gate: Optional[Tensor], n: int, activation: str, needs: tuple = (True,) * 12,
-                        variant: str = "auto") -> tuple:
+                        variant: str = "auto", *, options: TritonOptions = DEFAULT_OPTIONS) -> tuple:
     """Gradients of `sparsecc::sparse_ffn` for its 12 inputs (None where not needed; the controller none)."""
     need = tuple(needs) + (False,) * (12 - len(needs))
     w_in, b_in, w_out_t, _, w_gate, b_gate = _prepare(x, w_in, b_in, w_out_t, None, c1, c2, c_bias, n,
@@ -404,27 +421,27 @@ def sparse_ffn_backward(grad_out: Tensor, x: Tensor, w_in: Tensor, b_in: Optiona
         return tuple(grads)
     decode = _use_decode(T, variant)
     logits = controller_logits(x2, c1, c2, c_bias).contiguous()
-    h, idx, a, ag = _up(x2, logits, None, w_in, b_in, w_gate, b_gate, n, activation, decode, store_pre=True)
-    gh, _, _, _ = _up(go, None, idx, w_out_t, None, None, None, n, "none", decode, store_pre=False)
+    h, idx, a, ag = _up(x2, logits, None, w_in, b_in, w_gate, b_gate, n, activation, decode, True, options)
+    gh, _, _, _ = _up(go, None, idx, w_out_t, None, None, None, n, "none", decode, False, options)
     if w_gate is None:
-        ga, gg = _activation_backward(gh, a, activation), None
+        ga, gg = activation_backward(gh, a, activation), None
     else:
         act_g = activation_fn(ag, activation)
-        ga, gg = gh * act_g, _activation_backward(gh * a, ag, activation)
+        ga, gg = gh * act_g, activation_backward(gh * a, ag, activation)
     ga = ga.contiguous()
     gg = gg.contiguous() if gg is not None else None
     if need[0]:
-        grads[0] = _down(ga, idx, w_in, gg, w_gate, None, n, x.dtype, decode).view(x.shape)
+        grads[0] = _down(ga, idx, w_in, gg, w_gate, None, n, x.dtype, decode, options).view(x.shape)
     if need[1]:
-        grads[1] = _wgrad(ga, idx, x2, d_ff, n, w_in.dtype)
+        grads[1] = _wgrad(ga, idx, x2, d_ff, n, w_in.dtype, options)
     if need[2] and b_in is not None:
         grads[2] = _bias_grad(ga, idx, d_ff, b_in.dtype)
     if need[3]:
-        grads[3] = _wgrad(h, idx, go, d_ff, n, w_out_t.dtype)
+        grads[3] = _wgrad(h, idx, go, d_ff, n, w_out_t.dtype, options)
     if need[4]:
         grads[4] = go.float().sum(0).to(x.dtype)
     if gg is not None and need[10]:
-        grads[10] = _wgrad(gg, idx, x2, d_ff, n, w_gate.dtype)
+        grads[10] = _wgrad(gg, idx, x2, d_ff, n, w_gate.dtype, options)
     if gg is not None and need[11] and b_gate is not None:
         grads[11] = _bias_grad(gg, idx, d_ff, b_gate.dtype)
     return tuple(grads)
@@ -461,7 +478,7 @@ def _(grad_out, x, w_in, b_in, w_out_t, c1, c2, c_bias, w_gate, b_gate, n, activ
 
 
 def autograd_backward(ctx, grad_out: Tensor) -> tuple:
-    """Backward of the op from its autograd context (saved by sparsecc.ops.sparse_ffn._setup_context)."""
+    """Backward of the op from its autograd context (saved by sparsecc.ops.sparse_ffn.op.setup_context)."""
     x, w_in, b_in, w_out_t, c1, c2, c_bias, w_gate, b_gate = ctx.saved_tensors
     need = tuple(ctx.needs_input_grad) + (False,) * (12 - len(ctx.needs_input_grad))
     got = torch.ops.sparsecc.triton_sparse_ffn_backward(grad_out.contiguous(), x, w_in, b_in, w_out_t, c1, c2,
@@ -472,3 +489,39 @@ def autograd_backward(ctx, grad_out: Tensor) -> tuple:
         if need[i] and present[i] is not None:
             grads[i] = g
     return tuple(grads)
+
+
+def sparse_ffn_cuda(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n, activation, w_gate=None, b_gate=None, *,
+                    options: TritonOptions = DEFAULT_OPTIONS):
+    """The CUDA kernel of `sparsecc::sparse_ffn`: the Triton kernels, or the op's PyTorch kernel for an
+    activation they lack (never a KeyError)."""
+    if activation not in _ACT:
+        return sparse_ffn_op.pytorch_kernel(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n, activation, w_gate,
+                                            b_gate)
+    return sparse_ffn_forward(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n, activation, w_gate, b_gate,
+                              options=options)
+
+
+def register(options: TritonOptions = DEFAULT_OPTIONS) -> list[str]:
+    """Register the Triton forward as the CUDA kernel of `sparsecc::sparse_ffn` (and of the opaque backward op),
+    and route CUDA gradients of the op to the Triton backward; returns the op names."""
+    torch.library.register_kernel("sparsecc::sparse_ffn", "cuda", functools.partial(sparse_ffn_cuda, options=options))
+
+    def backward_cuda(grad_out, x, w_in, b_in, w_out_t, c1, c2, c_bias, w_gate, b_gate, n, activation, needs):
+        grads = sparse_ffn_backward(grad_out, x, w_in, b_in, w_out_t, c1, c2, c_bias, w_gate, b_gate, n, activation,
+                                    tuple(needs), options=options)
+        return [grads[i] if grads[i] is not None else x.new_empty(0) for i in _GRAD_SLOTS]
+
+    torch.library.register_kernel("sparsecc::triton_sparse_ffn_backward", "cuda", backward_cuda)
+    # sparse_ffn's backward is a Python autograd formula (no backward op to give a CUDA kernel):
+    # CUDA gradients go to the Triton backward, every other device keeps the op's own formula.
+    op_backward = sparse_ffn_op.pytorch_backward
+
+    def backward(ctx, grad_out):
+        if grad_out.device.type == "cuda" and ctx.activation in _ACT:
+            return autograd_backward(ctx, grad_out)
+        return op_backward(ctx, grad_out)
+
+    sparse_ffn_op.sparse_ffn.register_autograd(backward, setup_context=sparse_ffn_op.setup_context)
+    return ["sparsecc::sparse_ffn"]
+

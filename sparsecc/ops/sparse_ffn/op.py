@@ -33,31 +33,29 @@ controller with the straight-through / soft mask of
 The backward recomputes the (cheap) controller selection instead of saving it.
 
 The implementation below is the default kernel for every device (plain
-PyTorch); a backend may register a faster kernel for one device with
+PyTorch); the Triton backend registers a CUDA kernel (`triton.py`) with
 `torch.library.register_kernel("sparsecc::sparse_ffn", "cuda", fn)`. On CPU,
-fp32, few tokens (decoding), the forward runs a small C kernel instead
-(`sparsecc/ops/native/sparse_ffn.c`: the controller, the per-block arg-max, then
-per chosen unit one dot, the activation and one axpy, prefetching the next
-units' rows, split over torch's intra-op threads), which avoids the row copy
-and the op-per-step dispatch; without a C compiler, or with SPARSECC_NATIVE=0,
-the PyTorch path below runs. Its controller sums in another order than the
-BLAS GEMMs of `controller_logits`, so on a near-tie (logits equal to float
-rounding) the two may pick different units, as two BLAS builds may.
+fp32, few tokens (decoding), the forward runs the C++ kernel instead (`cpu.cpp`,
+op `sparsecc_cpu::sparse_ffn_decode`, see `cpu.py`: the controller, the per-block
+arg-max, then per chosen unit one dot, the activation and one axpy, prefetching
+the next units' rows, split over torch's intra-op threads), which avoids the row
+copy and the op-per-step dispatch; without a C++ compiler, or with
+SPARSECC_NATIVE=0, the PyTorch path below runs. Its controller sums in another
+order than the BLAS GEMMs of `controller_logits`, so on a near-tie (logits equal
+to float rounding) the two may pick different units, as two BLAS builds may.
 """
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from sparsecc.errors import LayoutError, UnsupportedError
+from sparsecc.errors import LayoutError
 from sparsecc.ops import activations
-from sparsecc.ops import native
+from sparsecc.ops.sparse_ffn import cpu
 
 __all__ = [
     "ACTIVATIONS",
@@ -82,7 +80,7 @@ def activation_fn(a: torch.Tensor, activation: str) -> torch.Tensor:
     return activations.get(activation, "sparse_ffn").fn(a)
 
 
-def _activation_backward(grad: torch.Tensor, a: torch.Tensor, activation: str) -> torch.Tensor:
+def activation_backward(grad: torch.Tensor, a: torch.Tensor, activation: str) -> torch.Tensor:
     """d act(a) / d a * grad, matching autograd of `activation_fn` exactly."""
     return activations.get(activation, "sparse_ffn").grad(grad, a)
 
@@ -133,55 +131,7 @@ def _gather_dot(
     return F.linear(x2, w, b).gather(1, idx)
 
 
-_NATIVE_MAX_LOWRANK = 256  # MAX_LOWRANK in native/sparse_ffn.c
-_NATIVE_PARALLEL_MIN = 1 << 16  # chosen units x d_model below which one thread is faster
-_ACTIVATION_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}  # enum in native/sparse_ffn.c
-
-
-@lru_cache(maxsize=None)
-def _native_kernel():
-    lib = native.load("sparse_ffn")
-    if lib is None:
-        return None
-    fn = lib.sparsecc_sparse_ffn_f32
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [i64] * 5 + [ptr] * 10 + [ctypes.c_int, ctypes.c_int] + [ptr] * 5
-    fn.restype = None
-    return fn
-
-
-def _native_forward(x2: torch.Tensor, tensors: tuple[Optional[torch.Tensor], ...], n: int,
-                    activation: str) -> Optional[torch.Tensor]:
-    """The whole op (controller included) through the C kernel, or None when it does not apply / is unavailable.
-
-    tensors = (c1, c2, c_bias, w_in, b_in, w_gate, b_gate, w_out_t, b_out), the C argument order.
-    Applies to fp32 CPU tensors and d_lowrank <= 256.
-    """
-    given = (x2,) + tuple(t for t in tensors if t is not None)
-    if (not native.enabled() or activation not in _ACTIVATION_CODES or tensors[0].shape[1] > _NATIVE_MAX_LOWRANK
-            or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in given)):
-        return None
-    kernel = _native_kernel()
-    if kernel is None:
-        return None
-    x2 = x2.contiguous()
-    tensors = tuple(None if t is None else t.contiguous() for t in tensors)
-    tokens, d_model = x2.shape
-    d_ff, r = tensors[3].shape[0], tensors[0].shape[1]
-    # Scattered rows are latency-bound: split the units over torch's threads when there is enough to read.
-    threads = torch.get_num_threads() if (d_ff // n) * d_model >= _NATIVE_PARALLEL_MIN else 1
-    out = torch.empty(tokens, d_model)
-    logits = torch.empty(tokens, d_ff)
-    idx = torch.empty(tokens, d_ff // n, dtype=torch.int64)
-    z = torch.empty(threads, tokens, r)
-    partial = torch.empty(threads, tokens, d_model)
-    kernel(tokens, d_model, d_ff, n, r, x2.data_ptr(), *(None if t is None else t.data_ptr() for t in tensors),
-           _ACTIVATION_CODES[activation], threads, out.data_ptr(), logits.data_ptr(), idx.data_ptr(),
-           z.data_ptr(), partial.data_ptr())
-    return out
-
-
-def _check(
+def check_inputs(
     x: torch.Tensor,
     w_in: torch.Tensor,
     b_in: Optional[torch.Tensor],
@@ -195,8 +145,7 @@ def _check(
     w_gate: Optional[torch.Tensor],
     b_gate: Optional[torch.Tensor],
 ) -> None:
-    if activation not in ACTIVATIONS:
-        raise UnsupportedError(f"sparse_ffn: activation {activation!r} is not supported; use one of {ACTIVATIONS}")
+    activations.get(activation, "sparse_ffn")  # UnsupportedError naming the known ones
     if w_in.dim() != 2 or w_out_t.dim() != 2:
         raise LayoutError(
             f"sparse_ffn: w_in and w_out_t must be 2-D, got {tuple(w_in.shape)} and {tuple(w_out_t.shape)}"
@@ -226,6 +175,42 @@ def _check(
         raise LayoutError(f"sparse_ffn: block size n={n} must be >= 1 and divide d_ff={d_ff}; pick a divisor")
 
 
+def pytorch_kernel(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    b_in: Optional[torch.Tensor],
+    w_out_t: torch.Tensor,
+    b_out: Optional[torch.Tensor],
+    c1: torch.Tensor,
+    c2: torch.Tensor,
+    c_bias: Optional[torch.Tensor],
+    n: int,
+    activation: str,
+    w_gate: Optional[torch.Tensor] = None,
+    b_gate: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The op's default kernel (plain PyTorch, any device; the C++ decode kernel on CPU where it applies).
+    Kernels of other backends fall back to it for what they do not handle."""
+    check_inputs(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n, activation, w_gate, b_gate)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] == 0:
+        return x.new_zeros(x.shape)
+    if x2.shape[0] * (w_in.shape[0] // n) * _GATHER_FRACTION <= w_in.shape[0]:  # few tokens: C++ kernel?
+        out = cpu.decode_native(x2, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n, activation, w_gate, b_gate)
+        if out is not None:
+            return out.view(x.shape)
+    idx = controller_select(x2, c1, c2, c_bias, n)  # (T, d_ff / n)
+    a = _gather_dot(x2, w_in, b_in, idx)
+    if w_gate is None:
+        h = activation_fn(a, activation)
+    else:
+        h = activation_fn(_gather_dot(x2, w_gate, b_gate, idx), activation).mul_(a)
+    out = F.embedding_bag(idx, w_out_t, per_sample_weights=h, mode="sum")
+    if b_out is not None:
+        out += b_out
+    return out.view(x.shape)
+
+
 @torch.library.custom_op("sparsecc::sparse_ffn", mutates_args=())
 def sparse_ffn(
     x: torch.Tensor,
@@ -246,39 +231,22 @@ def sparse_ffn(
     x (..., d_model); w_in, w_gate (d_ff, d_model) nn.Linear layout; w_out_t (d_ff, d_model)
     = nn.Linear w_out.T; c1 (d_model, r); c2 (r, d_ff); biases 1-D. Returns (..., d_model).
     """
-    _check(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n, activation, w_gate, b_gate)
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] == 0:
-        return x.new_zeros(x.shape)
-    if x2.shape[0] * (w_in.shape[0] // n) * _GATHER_FRACTION <= w_in.shape[0]:  # few tokens: native kernel?
-        out = _native_forward(x2, (c1, c2, c_bias, w_in, b_in, w_gate, b_gate, w_out_t, b_out), n, activation)
-        if out is not None:
-            return out.view(x.shape)
-    idx = controller_select(x2, c1, c2, c_bias, n)  # (T, d_ff / n)
-    a = _gather_dot(x2, w_in, b_in, idx)
-    if w_gate is None:
-        h = activation_fn(a, activation)
-    else:
-        h = activation_fn(_gather_dot(x2, w_gate, b_gate, idx), activation).mul_(a)
-    out = F.embedding_bag(idx, w_out_t, per_sample_weights=h, mode="sum")
-    if b_out is not None:
-        out += b_out
-    return out.view(x.shape)
+    return pytorch_kernel(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n, activation, w_gate, b_gate)
 
 
 @sparse_ffn.register_fake
 def _sparse_ffn_fake(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n, activation, w_gate=None, b_gate=None):
-    _check(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n, activation, w_gate, b_gate)
+    check_inputs(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n, activation, w_gate, b_gate)
     return torch.empty_like(x)
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def setup_context(ctx, inputs, output) -> None:
     x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n, activation, w_gate, b_gate = inputs
     ctx.save_for_backward(x, w_in, b_in, w_out_t, c1, c2, c_bias, w_gate, b_gate)
     ctx.n, ctx.activation = n, activation
 
 
-def _backward(ctx, grad_out: torch.Tensor):
+def pytorch_backward(ctx, grad_out: torch.Tensor):
     x, w_in, b_in, w_out_t, c1, c2, c_bias, w_gate, b_gate = ctx.saved_tensors
     n, activation = ctx.n, ctx.activation
     # trailing default arguments left out of a call (e.g. b_gate=None) have no entry: pad to the schema
@@ -292,14 +260,14 @@ def _backward(ctx, grad_out: torch.Tensor):
     gh = _gather_dot(go, w_out_t, None, idx)  # d out / d h_j = go . w_out_t[idx_j]
     if w_gate is None:
         h = activation_fn(a, activation)
-        ga = _activation_backward(gh, a, activation)
+        ga = activation_backward(gh, a, activation)
         gg = None
     else:
         ag = _gather_dot(x2, w_gate, b_gate, idx)
         act_g = activation_fn(ag, activation)
         h = act_g * a
         ga = gh * act_g
-        gg = _activation_backward(gh * a, ag, activation)
+        gg = activation_backward(gh * a, ag, activation)
 
     def scatter(v: torch.Tensor) -> torch.Tensor:  # (T, d_ff/n) at idx -> dense (T, d_ff)
         return torch.zeros(v.shape[0], d_ff, dtype=v.dtype, device=v.device).scatter_(1, idx, v)
@@ -327,7 +295,7 @@ def _backward(ctx, grad_out: torch.Tensor):
             grad_w_gate, grad_b_gate)
 
 
-sparse_ffn.register_autograd(_backward, setup_context=_setup_context)
+sparse_ffn.register_autograd(pytorch_backward, setup_context=setup_context)
 
 
 def sparse_ffn_reference(
@@ -408,6 +376,6 @@ def pack_sparse_ffn_weights(
         prep(w_in), prep(b_in), w_out.detach().t().contiguous(), prep(b_out), prep(c1), prep(c2),
         prep(c_bias), int(n), activation, prep(w_gate), prep(b_gate),
     )
-    _check(torch.empty(0, w_in.shape[-1]), packed.w_in, packed.b_in, packed.w_out_t, packed.b_out,
+    check_inputs(torch.empty(0, w_in.shape[-1]), packed.w_in, packed.b_in, packed.w_out_t, packed.b_out,
            packed.c1, packed.c2, packed.c_bias, packed.n, activation, packed.w_gate, packed.b_gate)
     return packed
