@@ -125,6 +125,10 @@ class BlockSparseMethod(Method):
         """How the report names the layout (e.g. "spion_cf", "bigbird")."""
         raise NotImplementedError
 
+    def requested_density(self, config) -> Optional[float]:
+        """The density the config asks for (None: the method decides it, e.g. from a quantile)."""
+        return None
+
     def match(self, region, config, ctx) -> Match:
         if region.cross:
             return Match.fail("block_sparse", "cross attention (queries and keys from different sequences) stays dense")
@@ -176,6 +180,8 @@ class BlockSparseMethod(Method):
             sparse_flops = r.flops - core + int(round(core * layout.density))
             replace_node(node, out)
             facts.sparse = {"method": self.label(target.config), "density": layout.density, "flops": sparse_flops,
-                            "block": layout.block_size}
+                            "block": layout.block_size, "blocks": list(layout.mask.shape)}
+            if self.requested_density(target.config) is not None:
+                facts.sparse["density_requested"] = self.requested_density(target.config)
             changes.append(f"{type(target.config).kind}:{r.name} density {layout.density:.3f}")
         return changes
