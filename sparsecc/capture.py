@@ -279,9 +279,43 @@ def recapture(gm: fx.GraphModule, args: tuple, kwargs: dict, dynamic: bool = Tru
     raise AssertionError("unreachable")
 
 
+def import_pytree_types(path: str) -> None:
+    """Import the modules that define the input/output types recorded in a .pt2 file (e.g. a Hugging Face
+    model's `BaseModelOutput`), so torch.export.load can rebuild them; a module that is not installed is a
+    CaptureError naming it. Types torch already knows are left alone."""
+    import importlib
+    import re
+    import zipfile
+
+    from torch.utils._pytree import SERIALIZED_TYPE_TO_PYTHON_TYPE
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            text = " ".join(archive.read(name).decode("utf-8", "replace") for name in archive.namelist()
+                            if name.endswith(".json") and "/models/" in name)
+    except (OSError, zipfile.BadZipFile):
+        return  # torch.export.load reports an unreadable file
+    for name in sorted(set(re.findall(r'type\\*"\s*:\s*\\*"([A-Za-z_][\w.]*\.[A-Za-z_]\w*)', text))):
+        if name in SERIALIZED_TYPE_TO_PYTHON_TYPE:
+            continue
+        module = name.rpartition(".")[0]
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise CaptureError(f"{path} returns a {name}, and loading it needs the module {module!r}, which does "
+                               f"not import here ({err}); install the package that defines it") from err
+
+
 def load_exported(path: str) -> Captured:
     """Load a saved ExportedProgram (.pt2) with its own example inputs."""
-    ep = torch.export.load(path)
+    import_pytree_types(path)
+    try:
+        ep = torch.export.load(path)
+    except Exception as err:  # noqa: BLE001 - a corrupt file, or one from another torch
+        cause = err.__cause__ or err.__context__ or err
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        raise CaptureError(f"{path}: torch.export.load could not read it ({type(cause).__name__}: {first}); expected a "
+                           f"file written by torch.export.save (with torch {torch.__version__})") from err
     ep = ep.run_decompositions({})
     example = getattr(ep, "example_inputs", None)
     if example is None:

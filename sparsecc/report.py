@@ -179,6 +179,11 @@ def region_table(report) -> str:
     flow = flow_summary(report)
     if flow:
         lines.insert(2, flow)
+    ours = {k.split(".")[1]: v for k, v in g.ops.items() if k.startswith("sparsecc.")}
+    if ours:
+        lines.insert(1, "this graph was compiled by sparsecc already: it holds "
+                     + ", ".join(f"{name} x{count}" for name, count in ours.items())
+                     + " (regions already rewritten are not listed again)")
     if report.unmatched:
         lines.append("not rewritten (`sparsecc inspect --explain` for a table):")
         lines += [f"  - {note}" for note in report.unmatched]
