@@ -140,3 +140,19 @@ def test_untrained_token_flow_says_so_and_points_to_fit_flow(bert):
     sm = sparsecc.compile(model, inputs, progress=False,
                           recipe=sparsecc.Recipe(flow=sparsecc.TokenFlow(keep=0.5, select="topk")))
     assert "saves nothing yet" not in sm.report().table()  # top-k keeps its budget
+
+
+# ------------------------------------------------------------------ pictures are optional
+def test_save_layouts_without_matplotlib(tmp_path, monkeypatch):
+    from sparsecc.layouts import plot
+    model, inputs = T.bert()
+    sm = sparsecc.compile(model, inputs, progress=False,
+                          recipe=sparsecc.Recipe(attention=sparsecc.Fixed(pattern="local", block=4, density=0.4375),
+                                                 ffn=None))
+    monkeypatch.setattr(plot, "plotting_available", lambda: False)
+    with pytest.warns(UserWarning, match="matplotlib is not installed: layouts written without layouts.png"):
+        sm.save_layouts(tmp_path / "a")
+    assert (tmp_path / "a" / "index.json").is_file() and not (tmp_path / "a" / "layouts.png").exists()
+    with pytest.raises(UnsupportedError, match=r"png=True\) draws with matplotlib, which is not installed"):
+        sm.save_layouts(tmp_path / "b", png=True)
+    assert not (tmp_path / "b").exists()  # refused before writing anything

@@ -234,3 +234,14 @@ def test_demo_applies_seq_len_and_batch_to_its_spion_half_and_draws_nothing_with
     assert "layout pictures: not drawn" in out.stdout
     assert "matplotlib is not installed, so no picture is drawn" in out.stderr
     assert not list((tmp_path / "demo").glob("*.png"))
+
+
+def test_error_lines_name_the_users_path_not_a_temporary_file():
+    import argparse
+
+    from sparsecc.cli import _one_line
+    args = argparse.Namespace(output="out/m.onnx", out=None, dot=None)
+    err = PermissionError("[Errno 13] Permission denied: '/home/u/out/.tmp-mnex22ra.onnx'")
+    assert _one_line(err, args) == "[Errno 13] Permission denied: 'out/m.onnx'"
+    err = OSError("cannot replace /home/u/out/.m.onnx.k2j4l.tmp ->\n out/m.onnx")
+    assert _one_line(err, args) == "cannot replace out/m.onnx -> out/m.onnx"
