@@ -156,3 +156,22 @@ def test_save_layouts_without_matplotlib(tmp_path, monkeypatch):
     with pytest.raises(UnsupportedError, match=r"png=True\) draws with matplotlib, which is not installed"):
         sm.save_layouts(tmp_path / "b", png=True)
     assert not (tmp_path / "b").exists()  # refused before writing anything
+
+
+# ------------------------------------------------------------------ half precision
+def test_fp16_model_takes_block_sparse_attention_and_keeps_its_padding():
+    """Eager BERT in fp16: its additive mask uses finfo(float16).min (-65504), which is a mask, and the
+    canonicalization to SDPA rounds differently in fp16 (checked within a few fp16 ulps, not 1e-5)."""
+    model, inputs = T.bert()  # example 1 has 3 padded tokens
+    recipe = sparsecc.Recipe(attention=sparsecc.Fixed(pattern="local", block=4, density=0.4375), ffn=None)
+    sm = sparsecc.compile(model.half(), inputs, recipe=recipe, progress=False)
+    assert [r.sparse["method"] for r in sm.report().attention] == ["local", "local"]
+    sdpa = next(p for p in sm.report().passes if p.name == "eager_attention_to_sdpa")
+    assert 0 < sdpa.max_abs_error < 0.01
+    calls = T.op_calls(sm, inputs, torch.ops.sparsecc.block_sparse_attention.default)
+    assert len(calls) == 2
+    for args, _ in calls:
+        assert torch.equal(args[8], inputs["attention_mask"].bool())  # the key padding read from the fp16 mask
+    with pytest.raises(UnsupportedError, match="the FFN runs in torch.float16; the sparse FFN controller"):
+        sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(ffn=sparsecc.SparseFFN(n=4, d_lowrank=2)),
+                         progress=False)

@@ -34,6 +34,17 @@ _VIEW_OF_LEAF = {aten.view.default, aten.reshape.default, aten._unsafe_view.defa
                  aten.unsqueeze.default, aten.squeeze.dim, aten.alias.default, aten.detach.default}
 
 
+def masked_below(dtype: torch.dtype) -> float:
+    """An additive mask value at or below this masks its key: -1e30, or half the dtype's lowest value for
+    fp16, whose masks use torch.finfo(float16).min = -65504 (Hugging Face's convention)."""
+    return max(torch.finfo(dtype).min / 2, -1e30)
+
+
+def masked(mask: torch.Tensor) -> torch.Tensor:
+    """Where a bool keep-mask or an additive mask hides the key."""
+    return ~mask if mask.dtype == torch.bool else (mask <= masked_below(mask.dtype)) | mask.isneginf()
+
+
 @dataclass
 class MaskRows:
     """Some query rows of a mask: `values[..., i, :]` is the mask's row `rows[i]` of `length` rows."""

@@ -26,7 +26,7 @@ import torch.fx as fx
 from sparsecc.graph.fx_utils import (LINEAR, SDPA, aten, attention_args, common_path, consumers, evaluate, fake,
                                      forward_through_view_like, is_call, is_elementwise, layer_index, module_class,
                                      module_path, module_stack, shape, stack_name, through_view_like, weight_name)
-from sparsecc.graph.mask_rows import MaskRows, sample_rows
+from sparsecc.graph.mask_rows import MaskRows, masked, sample_rows
 from sparsecc.graph.match import Match, describe
 from sparsecc.ops.activations import ACTIVATIONS, identify
 
@@ -182,8 +182,7 @@ def _mask_is_causal(sample: MaskRows) -> bool:
     upper = torch.arange(S).unsqueeze(0) > sample.rows.unsqueeze(1) + max(S - sample.length, 0)  # [rows, S]
     if not upper.any():
         return False
-    masked = (~mask) if mask.dtype == torch.bool else (mask <= -1e30) | mask.isneginf()
-    return bool(masked[..., upper].all())
+    return bool(masked(mask)[..., upper].all())
 
 
 # ------------------------------------------------------------------ finders

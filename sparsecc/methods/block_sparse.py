@@ -24,7 +24,7 @@ import torch.fx as fx
 import sparsecc.ops.block_sparse_attention  # noqa: F401  (registers the op)
 from sparsecc.errors import LayoutError
 from sparsecc.graph.fx_utils import SDPA, aten, attention_args, fake, hint, new_call, replace_node
-from sparsecc.graph.mask_rows import row_slice, sample_rows
+from sparsecc.graph.mask_rows import masked, masked_below, row_slice, sample_rows
 from sparsecc.graph.regions import attention_core_flops, find_attention
 from sparsecc.layouts import BlockLayout
 from sparsecc.methods.base import Match, Method, Plan, Target
@@ -54,13 +54,10 @@ def split_mask(mask: torch.Tensor, causal: bool, rows: Optional[torch.Tensor] = 
     rows / length: `mask` holds only these query rows (ascending, the last row included) of a mask of
     `length` rows (`sparsecc.graph.mask_rows.sample_rows`); default: every row.
     """
-    if mask.dtype == torch.bool:
-        keep = mask
-    else:
-        masked = (mask <= -1e30) | mask.isneginf()
-        if not bool(((mask == 0) | masked).all()):
-            return None  # a real bias, not a mask
-        keep = ~masked
+    hidden = masked(mask)
+    if mask.dtype != torch.bool and not bool(((mask == 0) | hidden).all()):
+        return None  # a real bias, not a mask
+    keep = ~hidden
     while keep.dim() < 4:
         keep = keep.unsqueeze(0)
     R, S = keep.shape[-2:]
@@ -89,7 +86,7 @@ def _key_padding_node(graph: fx.Graph, mask: fx.Node, anchor: fx.Node, query: fx
     m = new_call(graph, aten.select.int, (m, 1, 0), meta_from=anchor)
     m = new_call(graph, aten.select.int, (m, 1, -1), meta_from=anchor)
     if fake(m).dtype != torch.bool:
-        m = new_call(graph, aten.gt.Scalar, (m, -1e30), meta_from=anchor)
+        m = new_call(graph, aten.gt.Scalar, (m, masked_below(fake(m).dtype)), meta_from=anchor)
     batch = fake(query).shape[0]
     if fake(m).shape[0] is not batch and fake(m).shape[0] == 1:  # a mask broadcast over the batch
         size = batch if isinstance(batch, int) else new_call(graph, aten.sym_size.int, (query, 0), meta_from=anchor)
