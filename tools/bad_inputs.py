@@ -64,7 +64,7 @@ CASES = [
         m, i = T.bert()
         pickle.dumps(sparsecc.compile(m, i, progress=False))"""),
     ("compile-out", "`sparsecc compile --out DIR`: is the whole model (sparse FFN controllers) saved?", CLI,
-     ["compile", "sparsecc.testing:bert", "--recipe", "sparse.toml", "--out", "o", "--no-png"], "written"),
+     ["compile", "sparsecc.testing:bert", "--recipe", "sparse.toml", "--out", "o"], "written"),
     ("compile-out-load", "... and does DIR/model load (sparsecc.load)?", PY, """
         sm = sparsecc.load("o/model")
         print("loads; plan tensors", sorted({n for p in sm.plans.values() for n in p.tensors}))"""),
