@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from sparsecc.graph.fx_utils import (LINEAR, SDPA, aten, attention_args, common_path, consumers, evaluate, fake,
+from sparsecc.graph.fx_utils import (LINEAR, SDPA, aten, attention_args, common_path, consumers, fake,
                                      forward_through_view_like, is_call, is_elementwise, layer_index, module_class,
                                      module_path, module_stack, shape, stack_name, through_view_like, weight_name)
 from sparsecc.graph.mask_rows import MaskRows, masked, sample_rows
