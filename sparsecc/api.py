@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -16,8 +17,8 @@ from torch import nn
 
 from sparsecc.backends import get_backend
 from sparsecc.calibrate import calibrate
-from sparsecc.capture import Captured, capture
-from sparsecc.errors import RecipeError, UnsupportedError
+from sparsecc.capture import Captured, capture, check_calibration, normalize_inputs
+from sparsecc.errors import RecipeError, SparseccError, UnsupportedError
 from sparsecc.graph.canonicalize import CANONICALIZE
 from sparsecc.graph.explain import unmatched
 from sparsecc.graph.match import Miss
@@ -28,7 +29,7 @@ from sparsecc.methods.registry import SLOTS
 from sparsecc.model import SparseModel
 from sparsecc.passes.manager import Pass, PassContext, PassManager
 from sparsecc.recipe import Recipe
-from sparsecc.report import Report, graph_summary
+from sparsecc.report import Report, density_changed, graph_summary
 
 log = logging.getLogger("sparsecc")
 
@@ -145,7 +146,11 @@ def _calibrate_and_plan(ctx: PassContext, groups: list, calibration: Any, plans:
             calibration = [(ctx.captured.args, ctx.captured.kwargs)]
         calibrate(ctx.captured, ctx.captured.gm, observers, calibration, progress=progress)
     for handler, t, obs in observed:
-        t.plan = handler.plan(t, obs, ctx)
+        try:
+            t.plan = handler.plan(t, obs, ctx)
+        except SparseccError as err:  # name the region: the message alone may not say which layer
+            raise type(err)(f"region {t.name} (layer {t.region.layer}), recipe.{handler.slots[0]} = "
+                            f"{describe_config(t.config)}: {err}") from err
 
 
 def _rewrite_pass(handler: Any, group: list[Target]):
@@ -181,6 +186,10 @@ def compile(model: nn.Module, example_inputs: Any, recipe: Optional[Recipe] = No
     if not isinstance(recipe, Recipe):
         raise RecipeError(f"recipe must be a sparsecc.Recipe, got {type(recipe).__name__}")
     get_backend(backend, backend_options).prepare()  # before any work: options checked, says what is missing
+    if isinstance(model, Captured):
+        check_calibration(calibration, model.args, model.kwargs)
+    else:
+        check_calibration(calibration, *normalize_inputs(example_inputs))
     a = analyze(model, example_inputs, dynamic, check, dump_dir)
     ctx, times = a.ctx, a.seconds
     ctx.recipe = recipe
@@ -201,6 +210,7 @@ def compile(model: nn.Module, example_inputs: Any, recipe: Optional[Recipe] = No
                                            dump_dir=dump_dir).run(a.captured.gm, ctx)
     times["rewrite"] = time.perf_counter() - start
     report.unmatched += notes + ctx.data.get("skipped", [])
+    _warn_changed_densities(report)
     all_targets = [t for _, _, group in groups for t in group]
     from sparsecc.layouts import LayoutSet
     layouts = LayoutSet((t.name, plan_layout(t.plan)) for t in all_targets
@@ -212,6 +222,24 @@ def compile(model: nn.Module, example_inputs: Any, recipe: Optional[Recipe] = No
             model_cls, extra = wrap(ctx)
     return model_cls(a.captured.gm, a.captured, recipe, backend, report, layouts=layouts or None,
                      backend_options=backend_options, plans={t.name: t.plan for t in all_targets if t.plan}, **extra)
+
+
+def _warn_changed_densities(report: Report) -> None:
+    """One warning per config whose layouts' density differs from the density it asked for."""
+    changed: dict = {}
+    for r in report.regions:
+        if r.sparse and density_changed(r.sparse):
+            changed.setdefault(r.sparse.get("config", r.sparse["method"]), []).append(r)
+    for config, regions in changed.items():
+        used = sorted({f"{r.sparse['density']:.3f}" for r in regions})
+        n = regions[0].sparse.get("blocks")
+        message = (f"{config}: asked for density {regions[0].sparse['density_requested']:g}, the layouts have "
+                   f"density {' / '.join(used)} in {len(regions)} region(s) ({regions[0].name}"
+                   f"{', ...' if len(regions) > 1 else ''}): the nearest this method reaches"
+                   + (f" on {n[0]}x{n[1]} blocks" if n else "") + "; a smaller block gives finer steps. The report "
+                   "shows both (density column, `density_requested` in its JSON)")
+        log.warning("%s", message)
+        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def describe_config(config: Any) -> str:

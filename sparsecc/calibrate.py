@@ -22,8 +22,8 @@ import torch
 import torch.fx as fx
 from torch.fx import _pytree as fx_pytree
 
-from sparsecc.capture import Captured, normalize_inputs
-from sparsecc.errors import SparseccError
+from sparsecc.capture import Captured, check_batch, normalize_inputs
+from sparsecc.errors import InputError
 from sparsecc.graph.fx_utils import attention_args
 from sparsecc.progress import progress as show_progress
 
@@ -172,18 +172,13 @@ def calibrate(captured: Captured, gm: fx.GraphModule, observers: list[Observer],
     n = 0
     with torch.no_grad():
         for batch in show_progress(batches, "calibrating", enabled=progress):
+            check_batch(n, batch, captured.args, captured.kwargs, captured.call_defaults)
             args, kwargs = normalize_inputs(batch)
-            try:
-                flat = fx_pytree.tree_flatten_spec((args, {**captured.call_defaults, **kwargs}), in_spec)
-            except Exception as err:  # noqa: BLE001 - a batch that does not match the example inputs
-                raise SparseccError(
-                    f"calibration batch {n}: its inputs do not match the example inputs the model was compiled "
-                    f"with ({type(err).__name__}: {err}); pass batches in the same format as example_inputs "
-                    f"(e.g. the same keyword names)") from err
+            flat = fx_pytree.tree_flatten_spec((args, {**captured.call_defaults, **kwargs}), in_spec)
             runner.run(*flat)
             n += 1
     if n == 0:
-        raise SparseccError("calibration got an empty iterable of batches: pass calibration=[inputs, ...] with at "
+        raise InputError("calibration got an empty iterable of batches: pass calibration=[inputs, ...] with at "
                             "least one batch in the same format as example_inputs")
     return n
 

@@ -20,7 +20,7 @@ from torch import nn
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
-from sparsecc.errors import CaptureError
+from sparsecc.errors import CaptureError, InputError
 
 log = logging.getLogger("sparsecc.capture")
 
@@ -60,6 +60,68 @@ def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
         f"example_inputs must be a tensor, a tuple of positional inputs, a dict of keyword inputs, or "
         f"(args, kwargs); got {type(example_inputs).__name__}. Pass e.g. (input_ids,) or "
         "{'input_ids': ids, 'attention_mask': mask}.")
+
+
+def describe_inputs(args: tuple, kwargs: dict) -> str:
+    """`2 positional (tensor [2, 16] int64)` / `keyword input_ids (tensor [2, 16] int64), ...`: for error messages."""
+    def one(value: Any) -> str:
+        if isinstance(value, torch.Tensor):
+            return f"tensor {list(value.shape)} {str(value.dtype).replace('torch.', '')}"
+        return type(value).__name__
+    parts = []
+    if args:
+        parts.append(f"{len(args)} positional ({', '.join(one(v) for v in args)})")
+    if kwargs:
+        parts.append("keyword " + ", ".join(f"{k} ({one(v)})" for k, v in kwargs.items()))
+    return " and ".join(parts) or "no inputs"
+
+
+def check_batch(index: int, batch: Any, args: tuple, kwargs: dict, call_defaults: Optional[dict] = None) -> None:
+    """Raise an InputError unless calibration batch `index` has the structure of the example inputs
+    (`args`, `kwargs`): as many positional inputs, the same keyword names (call defaults may be added)."""
+    try:
+        got_args, got_kwargs = normalize_inputs(batch)
+    except CaptureError as err:
+        raise InputError(f"calibration batch {index}: {err}") from err
+    extra = set(got_kwargs) - set(kwargs) - set(call_defaults or {})
+    if len(got_args) != len(args) or extra or set(kwargs) - set(got_kwargs):
+        hint = ("{" + ", ".join(f"{k!r}: ..." for k in kwargs) + "}") if kwargs and not args else \
+            ("(" + ", ".join("..." for _ in args) + ",)" if args and not kwargs else "(args, kwargs)")
+        raise InputError(f"calibration batch {index} has {describe_inputs(got_args, got_kwargs)}; the model was "
+                         f"compiled with {describe_inputs(args, kwargs)}. Pass each batch in the format of "
+                         f"example_inputs, e.g. {hint}")
+
+
+def check_calibration(calibration: Any, args: tuple, kwargs: dict) -> None:
+    """Before any work: an empty list of batches, or a first batch unlike the example inputs, is an error."""
+    if calibration is None:
+        return
+    if isinstance(calibration, (torch.Tensor, dict)) or not hasattr(calibration, "__iter__"):
+        raise InputError(f"calibration must be an iterable of batches (a list of inputs), got "
+                         f"{type(calibration).__name__}; e.g. calibration=[example_inputs, ...]")
+    if isinstance(calibration, (list, tuple)):
+        if not calibration:
+            raise InputError("calibration is an empty list: pass calibration=[inputs, ...] with at least one batch "
+                             "in the format of example_inputs, or leave it out (None) for methods that need no data")
+        check_batch(0, calibration[0], args, kwargs)
+
+
+def _meta_names(named: Any) -> list[str]:
+    return [name for name, t in named if isinstance(t, torch.Tensor) and t.is_meta]
+
+
+def check_devices(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Weights or inputs on the meta device have shapes but no values: nothing can be compiled from them."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    meta = _meta_names(tensors)
+    if meta:
+        raise CaptureError(
+            f"{len(meta)} of the {len(tensors)} weights of {type(model).__name__} are on the meta device (e.g. "
+            f"{meta[0]!r}): they have shapes but no values. Load real weights first (e.g. from_pretrained(path) "
+            "without device_map='meta', or model.to_empty(device='cpu') followed by load_state_dict(...))")
+    meta = _meta_names([(f"args[{i}]", v) for i, v in enumerate(args)] + list(kwargs.items()))
+    if meta:
+        raise CaptureError(f"example input {meta[0]} is on the meta device; pass real tensors (e.g. on 'cpu')")
 
 
 def call_with_inputs(model: Any, inputs: Any) -> Any:
@@ -200,6 +262,7 @@ def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True) -> Capt
     if not isinstance(model, nn.Module):
         raise CaptureError(f"expected a torch.nn.Module to capture, got {type(model).__name__}")
     args, kwargs = normalize_inputs(example_inputs)
+    check_devices(model, args, kwargs)
     defaults = hf_call_defaults(model, kwargs)
     kwargs_all = {**defaults, **kwargs}
     shapes = dynamic_shapes_for(model, args, kwargs_all) if dynamic else None
@@ -245,9 +308,43 @@ def recapture(gm: fx.GraphModule, args: tuple, kwargs: dict, dynamic: bool = Tru
     raise AssertionError("unreachable")
 
 
+def import_pytree_types(path: str) -> None:
+    """Import the modules that define the input/output types recorded in a .pt2 file (e.g. a Hugging Face
+    model's `BaseModelOutput`), so torch.export.load can rebuild them; a module that is not installed is a
+    CaptureError naming it. Types torch already knows are left alone."""
+    import importlib
+    import re
+    import zipfile
+
+    from torch.utils._pytree import SERIALIZED_TYPE_TO_PYTHON_TYPE
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            text = " ".join(archive.read(name).decode("utf-8", "replace") for name in archive.namelist()
+                            if name.endswith(".json") and "/models/" in name)
+    except (OSError, zipfile.BadZipFile):
+        return  # torch.export.load reports an unreadable file
+    for name in sorted(set(re.findall(r'type\\*"\s*:\s*\\*"([A-Za-z_][\w.]*\.[A-Za-z_]\w*)', text))):
+        if name in SERIALIZED_TYPE_TO_PYTHON_TYPE:
+            continue
+        module = name.rpartition(".")[0]
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise CaptureError(f"{path} returns a {name}, and loading it needs the module {module!r}, which does "
+                               f"not import here ({err}); install the package that defines it") from err
+
+
 def load_exported(path: str) -> Captured:
     """Load a saved ExportedProgram (.pt2) with its own example inputs."""
-    ep = torch.export.load(path)
+    import_pytree_types(path)
+    try:
+        ep = torch.export.load(path)
+    except Exception as err:  # noqa: BLE001 - a corrupt file, or one from another torch
+        cause = err.__cause__ or err.__context__ or err
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        raise CaptureError(f"{path}: torch.export.load could not read it ({type(cause).__name__}: {first}); expected a "
+                           f"file written by torch.export.save (with torch {torch.__version__})") from err
     ep = ep.run_decompositions({})
     example = getattr(ep, "example_inputs", None)
     if example is None:

@@ -1,4 +1,10 @@
-"""The `sparsecc` command line."""
+"""The `sparsecc` command line.
+
+Arguments and paths are checked before any work: a bad value, a path that cannot be written, or a
+recipe that does not load is a usage error (exit code 2) with one line on stderr; a failure during
+the work is exit code 1, also one line (`--debug` adds the traceback). Errors name the user's
+paths, never a temporary file.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +12,171 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
+import tempfile
+import time
+from pathlib import Path
 
-from sparsecc.errors import SparseccError
+from sparsecc.errors import ModelSpecError, RecipeError, SparseccError
 
 
+class UsageError(SparseccError):
+    """A command-line argument that cannot work (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit code 2 (argparse prints the whole usage)
+        sys.stderr.write(f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        sys.exit(2)
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+POSITIVE, NONNEGATIVE = _count(1), _count(0)
+
+
+# ------------------------------------------------------------------ checks before the work
+def _probe_write(directory: Path, what: str) -> None:
+    """Create and remove a file in the existing `directory`: UsageError naming `what` when that fails."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".sparsecc-probe-", dir=directory)
+    except OSError as err:
+        raise UsageError(f"{what}: cannot create a file in {directory} ({err.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _existing_ancestor(path: Path) -> Path:
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    return parent
+
+
+def check_output_dir(path: str) -> None:
+    """`path` is, or can become, a directory this process can write."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"--out {path}: it is a file; expected a directory (it is created if missing)")
+    base = p if p.is_dir() else _existing_ancestor(p)
+    if not base.is_dir():
+        raise UsageError(f"--out {path}: {base} is not a directory")
+    _probe_write(base, f"--out {path}")
+
+
+def check_output_file(path: str, option: str, example: str = "") -> None:
+    """`path` names a file (not a directory) this process can create or replace."""
+    p = Path(path)
+    if p.is_dir() or path.endswith(os.sep):
+        raise UsageError(f"{option} {path}: it is a directory; give a file name"
+                         + (f" such as {os.path.join(path, example)}" if example else ""))
+    base = _existing_ancestor(p)
+    if not base.is_dir():
+        raise UsageError(f"{option} {path}: {base} is not a directory")
+    _probe_write(base, f"{option} {path}")
+
+
+def _check_saved_target(path: str) -> None:
+    """DIR/model for sparsecc.save: new, empty, or an earlier save (which is replaced)."""
+    p = Path(path)
+    if p.is_dir() and any(p.iterdir()) and not (p / "manifest.json").is_file():
+        raise UsageError(f"{path} holds other files and no sparsecc manifest; sparsecc compile writes the compiled "
+                         "model there: choose another --out or empty that directory")
+
+
+def _recipe(args):
+    import sparsecc
+    return sparsecc.Recipe.load(args.recipe) if getattr(args, "recipe", None) else sparsecc.Recipe()
+
+
+def _png_wanted(args) -> bool:
+    """Pictures are optional: without matplotlib they are skipped with a note, never a failure."""
+    from sparsecc.layouts.plot import PLOT_HINT, plotting_available
+    if getattr(args, "no_png", False):
+        return False
+    if not plotting_available():
+        _say(f"note: matplotlib is not installed, so no picture is drawn ({PLOT_HINT}; --no-png hides this note)")
+        return False
+    return True
+
+
+def _say(message: str) -> None:
+    print(f"sparsecc: {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ MODEL
+def _load(args, command: str, recapture: bool = False):
+    """The MODEL argument loaded; `recapture`: the command needs the nn.Module (compile, bench)."""
+    from sparsecc.models import load_model
+    loaded = load_model(args.model, batch=args.batch, seq_len=args.seq_len)
+    if recapture and loaded.model is None:
+        kind = "a directory written by sparsecc.save" if loaded.saved_dir else "a .pt2 file"
+        raise UsageError(f"sparsecc {command} needs a model it can re-capture: a Hugging Face directory, "
+                         f"module:function or 'minilm'; {args.model} is {kind}, which holds no nn.Module"
+                         + (" (`sparsecc export` and `sparsecc inspect` take it)" if loaded.saved_dir else ""))
+    return loaded
+
+
+def _target(loaded):
+    """What sparsecc.inspect / compile take: the nn.Module, or the captured graph of a .pt2."""
+    from sparsecc.capture import load_exported
+    if loaded.exported_path:
+        _say(f"loading {loaded.exported_path} ...")
+        return load_exported(loaded.exported_path)
+    _say(f"capturing {loaded.name} with torch.export ...")
+    return loaded.model
+
+
+def _calibration(loaded, args):
+    """Real text (standard-library docstrings) through the model's tokenizer when it has one, else None
+    (the methods that calibrate then use the example inputs, with a warning)."""
+    from sparsecc.models import text_batches
+    return text_batches(loaded, args.calibration_batches, args.seq_len)
+
+
+# ------------------------------------------------------------------ commands
 def _inspect(args) -> int:
     import sparsecc
-    from sparsecc.capture import load_exported
-    from sparsecc.models import load_model
 
     if args.model.endswith(".onnx"):  # an exported file: list its sparse regions and the dense rest
         if args.explain:
-            raise SparseccError("--explain asks the graph matchers why candidates were left alone; it needs a model "
-                                "(HF directory, .pt2, module:function or 'minilm'), not an .onnx file")
+            raise UsageError("--explain asks the graph matchers why candidates were left alone; it needs a model "
+                             "(HF directory, .pt2, module:function or 'minilm'), not an .onnx file")
         from sparsecc.backends.onnx_inspect import inspect_onnx
+        if not os.path.isfile(args.model):
+            raise ModelSpecError(f"{args.model}: no such file")
         found = inspect_onnx(args.model)
         print(json.dumps(found.to_dict(), indent=2, default=str) if args.json else found.table())
         return 0
-    loaded = load_model(args.model, batch=args.batch, seq_len=args.seq_len)
-    target = load_exported(loaded.exported_path) if loaded.exported_path else loaded.model
+    if args.dot:
+        check_output_file(args.dot, "--dot", "graph.dot")
+    loaded = _load(args, "inspect")
+    if loaded.saved_dir:  # a compiled model saved by sparsecc.save: its saved report
+        from sparsecc.report import saved_report
+        from sparsecc.saving import read_manifest
+        if args.dot:
+            raise UsageError("--dot draws a captured graph; a directory written by sparsecc.save holds the compiled "
+                             "graph only: inspect the original model for a picture")
+        manifest = read_manifest(loaded.saved_dir)
+        report = saved_report(manifest["report"])
+        print(f"{loaded.saved_dir}: compiled by sparsecc {manifest.get('sparsecc')} on torch {manifest.get('torch')} "
+              f"({manifest.get('created')}), backend {manifest.get('backend')}, recipe "
+              f"{json.dumps(manifest.get('recipe'))}", file=sys.stderr if args.json else sys.stdout)
+        _print_report(args, report)
+        return 0
+    target = _target(loaded)
     report = sparsecc.inspect(target, loaded.inputs, dynamic=not args.static)
     report.model = loaded.name
     if args.dot:
@@ -37,6 +188,13 @@ def _inspect(args) -> int:
         if gm is None:
             gm = (target if loaded.exported_path else capture(target, loaded.inputs)).gm
         write_dot(args.dot, graph_to_dot(gm, report.regions, title=loaded.name))
+    _print_report(args, report)
+    if args.dot and not args.json and not args.explain:
+        print(f"graph written to {args.dot} (render: dot -Tsvg {args.dot} -o graph.svg)")
+    return 0
+
+
+def _print_report(args, report) -> None:
     if args.explain and args.json:
         print(json.dumps({"model": report.model, "attention": len(report.attention), "ffn": len(report.ffn),
                           "unmatched": report.to_dict()["unmatched"]}, indent=2, default=str))
@@ -46,72 +204,64 @@ def _inspect(args) -> int:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:
         print(report.table())
-        if args.dot:
-            print(f"graph written to {args.dot} (render: dot -Tsvg {args.dot} -o graph.svg)")
-    return 0
 
 
 def _export(args) -> int:
     import sparsecc
     from sparsecc.backends.onnx_inspect import inspect_onnx
-    from sparsecc.capture import load_exported
-    from sparsecc.models import load_model
 
-    loaded = load_model(args.model, batch=args.batch, seq_len=args.seq_len)
-    target = load_exported(loaded.exported_path) if loaded.exported_path else loaded.model
-    recipe = sparsecc.Recipe.load(args.recipe) if args.recipe else sparsecc.Recipe()
-    sm = sparsecc.compile(target, loaded.inputs, recipe=recipe, dynamic=not args.static)
+    check_output_file(args.output, "-o", "model.onnx")
+    recipe = _recipe(args)
+    loaded = _load(args, "export")
+    if loaded.saved_dir:
+        if args.recipe:
+            raise UsageError(f"{args.model} is a compiled model (sparsecc.save): it is exported with the recipe it was "
+                             "compiled with; leave out --recipe")
+        sm = sparsecc.load(loaded.saved_dir)
+    else:
+        target = _target(loaded)
+        sm = sparsecc.compile(target, loaded.inputs, recipe=recipe, dynamic=not args.static,
+                              calibration=_calibration(loaded, args))
     sm.export_onnx(args.output, dynamic=not args.static, opset=args.opset)
     print(inspect_onnx(args.output).table())
     print(f"written {args.output}")
     return 0
 
 
-def _calibration_batches(loaded, batches: int, seq_len: int):
-    """Real text (standard-library docstrings) through the model's tokenizer when it has one, else None."""
-    from sparsecc.models import text_batches
-    return text_batches(loaded, batches, seq_len)
-
-
-def _recapturable(args, command: str):
-    """The MODEL argument loaded as an nn.Module (compile and bench capture it again)."""
-    from sparsecc.models import load_model
-    loaded = load_model(args.model, batch=args.batch, seq_len=args.seq_len)
-    if loaded.model is None:
-        raise SparseccError(f"sparsecc {command} needs a model it can re-capture: a Hugging Face directory, "
-                            "module:function or 'minilm' (a .pt2 file holds no nn.Module)")
-    return loaded
-
-
 def _compile(args) -> int:
     import sparsecc
+    from sparsecc.io import write_text
 
-    loaded = _recapturable(args, "compile")
-    recipe = sparsecc.Recipe.load(args.recipe) if args.recipe else sparsecc.Recipe()
-    calibration = _calibration_batches(loaded, args.calibration_batches, args.seq_len)
-    sm = sparsecc.compile(loaded.model, loaded.inputs, recipe=recipe, calibration=calibration)
+    check_output_dir(args.out)
+    model_dir = os.path.join(args.out, "model")
+    _check_saved_target(model_dir)
+    recipe = _recipe(args)
+    loaded = _load(args, "compile", recapture=True)
+    calibration = _calibration(loaded, args)
+    sm = sparsecc.compile(_target(loaded), loaded.inputs, recipe=recipe, calibration=calibration)
     report = sm.report()
     report.model = loaded.name
-    from sparsecc.io import write_text
     os.makedirs(args.out, exist_ok=True)
+    sparsecc.save(sm, model_dir)  # the whole compiled model: graph, weights, plans (layouts, controllers)
     write_text(os.path.join(args.out, "report.txt"), report.table() + "\n")
     write_text(os.path.join(args.out, "report.json"), json.dumps(report.to_dict(), indent=2, default=str))
     write_text(os.path.join(args.out, "recipe.json"), json.dumps(recipe.to_dict(), indent=2))
     print(report.table())
     if sm.layouts:
-        sm.save_layouts(os.path.join(args.out, "layouts"), png=True)
-        print(f"layouts and their picture written to {os.path.join(args.out, 'layouts')}")
-    print(f"report written to {args.out}")
+        png = _png_wanted(args)
+        sm.save_layouts(os.path.join(args.out, "layouts"), png=png)
+        print(f"layouts{' and their picture' if png else ''} written to {os.path.join(args.out, 'layouts')}")
+    print(f"compiled model written to {model_dir} (sparsecc.load({model_dir!r})), report to {args.out}")
     return 0
 
 
 def _bench(args) -> int:
-    import sparsecc
     from sparsecc.bench import compare
 
-    loaded = _recapturable(args, "bench")
-    recipe = sparsecc.Recipe.load(args.recipe) if args.recipe else sparsecc.Recipe()
-    calibration = _calibration_batches(loaded, args.calibration_batches, args.seq_len)
+    recipe = _recipe(args)
+    loaded = _load(args, "bench", recapture=True)
+    calibration = _calibration(loaded, args)
+    _say(f"capturing {loaded.name} with torch.export (twice: dense and with the recipe) ...")
     result = compare(loaded.model, loaded.inputs, recipe, calibration=calibration, backend=args.backend,
                      repeats=args.repeats, warmup=args.warmup, name=loaded.name)
     print(json.dumps(result.to_dict(), indent=2, default=str) if args.json else result.table())
@@ -120,7 +270,12 @@ def _bench(args) -> int:
 
 def _layout(args) -> int:
     from sparsecc.layouts import LayoutSet, save_layout_png
+    from sparsecc.layouts.plot import PLOT_HINT, plotting_available
 
+    if args.png:
+        if not plotting_available():
+            raise UsageError(f"--png draws with matplotlib, which is not installed ({PLOT_HINT})")
+        check_output_file(os.path.join(args.dir, "layouts.png"), "--png")
     layouts = LayoutSet.load_dir(args.dir)
     print(layouts.summary())
     if args.png:
@@ -130,22 +285,50 @@ def _layout(args) -> int:
     return 0
 
 
+def _methods(args) -> int:
+    from sparsecc.methods.registry import describe_methods
+    from sparsecc.report import format_table
+
+    methods = describe_methods()
+    if args.json:
+        print(json.dumps(methods, indent=2, default=str))
+        return 0
+    for m in methods:
+        print(f"{m['kind']} ({m['config']}, slot {', '.join(m['slots'])}): {m['summary']}")
+        rows = [[f["name"], f["type"], f["default"]] for f in m["fields"]]
+        print(format_table(["field", "type", "default"], rows) if rows else "(no fields)")
+        print()
+    print(f"{len(methods)} methods. In a recipe file, a slot's table names one: [<slot>] kind = \"<kind>\" and any of "
+          "its fields (unknown fields are errors)")
+    return 0
+
+
 def _demo(args) -> int:
     from sparsecc.demo import run_demo
-    run_demo(batch=args.batch, max_len=args.seq_len, out_dir=args.out)
+    check_output_dir(args.out)
+    run_demo(batch=args.batch, max_len=args.seq_len, out_dir=args.out, png=_png_wanted(args))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsecc", description="Sparse Transformer graph compiler.")
+    parser = _Parser(prog="sparsecc", description="Sparse Transformer graph compiler.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each pass")
+    parser.add_argument("--debug", action="store_true", help="on an error, also print its traceback")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def shapes(p):
+        p.add_argument("--seq-len", type=POSITIVE, default=128, help="sequence length of the example inputs (HF dirs)")
+        p.add_argument("--batch", type=POSITIVE, default=1, help="batch size of the example inputs (HF dirs)")
+
+    def calibration(p):
+        p.add_argument("--calibration-batches", type=POSITIVE, default=8,
+                       help="batches of standard-library docstring text for calibration (models with a tokenizer)")
+
+    model_help = ("Hugging Face model directory, saved ExportedProgram (.pt2), directory written by sparsecc.save, "
+                  "module:function returning (model, example_inputs), or 'minilm'")
     p = sub.add_parser("inspect", help="list attention and FFN regions, FLOPs and a graph summary")
-    p.add_argument("model", help="Hugging Face model directory, saved ExportedProgram (.pt2), exported .onnx, "
-                                 "module:function returning (model, example_inputs), or 'minilm'")
-    p.add_argument("--seq-len", type=int, default=128, help="sequence length of the example inputs (HF dirs)")
-    p.add_argument("--batch", type=int, default=1, help="batch size of the example inputs (HF dirs)")
+    p.add_argument("model", help=model_help + "; also an exported .onnx file")
+    shapes(p)
     p.add_argument("--json", action="store_true", help="print a JSON object with a 'regions' list")
     p.add_argument("--explain", action="store_true",
                    help="for each attention / FFN candidate left alone: layer, module path, node, the rule that got "
@@ -155,49 +338,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("export", help="compile MODEL with a recipe and write a sparse ONNX file")
-    p.add_argument("model", help="as for inspect: HF directory, .pt2, module:function, or 'minilm'")
+    p.add_argument("model", help=model_help)
     p.add_argument("--recipe", metavar="FILE", help="recipe file (.toml/.json/.yaml); default: identity")
     p.add_argument("-o", "--output", required=True, metavar="FILE.onnx", help="where to write the ONNX file")
-    p.add_argument("--seq-len", type=int, default=128, help="sequence length of the example inputs (HF dirs)")
-    p.add_argument("--batch", type=int, default=1, help="batch size of the example inputs (HF dirs)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20)")
+    shapes(p)
+    calibration(p)
+    p.add_argument("--opset", type=POSITIVE, default=None, help="ONNX opset (default 20)")
     p.add_argument("--static", action="store_true", help="export with static shapes")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("compile", help="compile MODEL with a recipe; write the report and block layouts to --out")
+    p = sub.add_parser("compile", help="compile MODEL with a recipe; write the compiled model, report and layouts")
     p.add_argument("model", help="Hugging Face model directory, module:function, or 'minilm'")
     p.add_argument("--recipe", help="recipe file (.toml, .json, .yaml); default: the identity recipe")
-    p.add_argument("--out", required=True, help="output directory (report.txt, report.json, layouts/)")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--calibration-batches", type=int, default=8,
-                   help="batches of standard-library docstring text for calibration (models with a tokenizer)")
+    p.add_argument("--out", required=True,
+                   help="output directory: model/ (sparsecc.load), report.txt, report.json, recipe.json, layouts/")
+    shapes(p)
+    calibration(p)
+    p.add_argument("--no-png", action="store_true", help="do not draw layouts.png")
     p.set_defaults(func=_compile)
 
     p = sub.add_parser("bench", help="time MODEL dense and with a recipe, side by side (latency, FLOPs, error)")
     p.add_argument("model", help="Hugging Face model directory, module:function, or 'minilm'")
     p.add_argument("--recipe", help="recipe file (.toml, .json, .yaml); default: the identity recipe")
-    p.add_argument("--backend", default="eager", choices=["eager", "inductor", "onnxruntime"])
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=10, help="timed runs per model (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs per model first")
-    p.add_argument("--calibration-batches", type=int, default=8,
-                   help="batches of standard-library docstring text for calibration (models with a tokenizer)")
+    p.add_argument("--backend", default="eager", choices=["eager", "inductor", "onnxruntime", "triton"])
+    shapes(p)
+    p.add_argument("--repeats", type=POSITIVE, default=10, help="timed runs per model (median reported)")
+    p.add_argument("--warmup", type=NONNEGATIVE, default=2, help="untimed runs per model first")
+    calibration(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("layout", help="summarise block layouts saved by `sparsecc compile` (and draw them)")
     p.add_argument("dir", help="a layouts directory (index.json + one file per layer)")
-    p.add_argument("--png", action="store_true", help="write layouts.png next to them")
+    p.add_argument("--png", action="store_true", help="write layouts.png next to them (needs matplotlib)")
     p.set_defaults(func=_layout)
 
+    p = sub.add_parser("methods", help="list the registered methods: kind, slot, fields with types and defaults")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(func=_methods)
+
     p = sub.add_parser("demo", help="the main job on the embedded all-MiniLM-L6-v2")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch", type=POSITIVE, default=16, help="sentences per batch")
+    p.add_argument("--seq-len", type=POSITIVE, default=128, help="token length (also of the SPION layouts)")
     p.add_argument("--out", default="out/demo", help="where the demo writes its pictures")
+    p.add_argument("--no-png", action="store_true", help="do not draw the layout picture")
     p.set_defaults(func=_demo)
     return parser
+
+
+def _one_line(err: BaseException, args) -> str:
+    """The error as one line, with temporary file names replaced by the user's path."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    for option in ("output", "out", "dot"):
+        path = getattr(args, option, None)
+        if path:
+            name = re.escape(os.path.basename(os.path.normpath(path)))
+            text = re.sub(rf"[^\s'\"]*/\.(?:tmp-[\w]+|{name}\.\w+\.tmp)[\w.]*", path, text)
+    return text
 
 
 def main(argv=None) -> int:
@@ -206,14 +403,37 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if not args.verbose:
-        logging.getLogger("transformers").setLevel(logging.ERROR)
         import warnings
+        for name in ("transformers", "torch"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         warnings.filterwarnings("ignore")
+        warnings.filterwarnings("default", category=UserWarning, module=r"sparsecc\.")  # ours: one line each
+        warnings.formatwarning = lambda message, *_, **__: f"sparsecc: warning: {message}\n"
+    start = time.perf_counter()
     try:
         return args.func(args)
-    except SparseccError as err:
-        print(f"sparsecc: error: {err}", file=sys.stderr)
-        return 2
+    except BaseException as err:  # noqa: BLE001 - every error ends as one line (with --debug: its traceback too)
+        if isinstance(err, SystemExit):
+            raise
+        if args.debug:
+            import traceback
+            traceback.print_exception(err)
+        code, line = _error_line(err, args, time.perf_counter() - start)
+        print(line, file=sys.stderr)
+        return code
+
+
+def _error_line(err: BaseException, args, seconds: float) -> tuple[int, str]:
+    """(exit code, the line): 2 for usage errors, 1 for failures, 130 for Ctrl-C."""
+    where = f"sparsecc {args.command}"
+    if isinstance(err, (UsageError, RecipeError, ModelSpecError)):
+        return 2, f"{where}: error: {_one_line(err, args)}"
+    if isinstance(err, SparseccError):
+        return 1, f"{where}: error: {_one_line(err, args)}"
+    if isinstance(err, KeyboardInterrupt):
+        return 130, f"{where}: interrupted after {seconds:.0f}s"
+    return 1, (f"{where}: error: {type(err).__name__}: {_one_line(err, args)} (unexpected; run again with --debug "
+               "for the traceback and report it)")
 
 
 if __name__ == "__main__":

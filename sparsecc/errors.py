@@ -11,6 +11,10 @@ class CaptureError(SparseccError):
     """torch.export could not capture the model."""
 
 
+class InputError(SparseccError, ValueError):
+    """Example inputs or calibration batches that do not fit the model (or each other)."""
+
+
 class RecipeError(SparseccError, ValueError):
     """A recipe field has a bad value."""
 

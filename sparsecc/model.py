@@ -80,12 +80,24 @@ class SparseModel(nn.Module):
         from sparsecc.backends.onnx import export_onnx
         return export_onnx(self, path, dynamic=dynamic, opset=opset).path
 
-    def save_layouts(self, directory: str, png: bool = True) -> None:
-        """Write the block layouts (one file per layer + index.json) and, optionally, their picture."""
+    def save_layouts(self, directory: str, png: Optional[bool] = None) -> None:
+        """Write the block layouts (one file per layer + index.json) and their picture layouts.png.
+
+        png: None draws the picture when matplotlib is installed (else warns and skips it); True requires
+        it (checked before anything is written); False never draws."""
+        import os
+        import warnings
+
+        from sparsecc.layouts.plot import PLOT_HINT, plotting_available, save_layout_png
         if not self.layouts:
             raise UnsupportedError("this model has no block layouts (its recipe has no block-sparse attention)")
+        if png and not plotting_available():
+            raise UnsupportedError(f"save_layouts(png=True) draws with matplotlib, which is not installed "
+                                   f"({PLOT_HINT}); pass png=False to write the layouts only")
+        if png is None and not plotting_available():
+            warnings.warn(f"matplotlib is not installed: layouts written without layouts.png ({PLOT_HINT})",
+                          UserWarning, stacklevel=2)
+            png = False
         self.layouts.save_dir(directory)
-        if png:
-            import os
-            from sparsecc.layouts import save_layout_png
+        if png is not False:
             save_layout_png(self.layouts, os.path.join(directory, "layouts.png"))

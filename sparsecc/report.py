@@ -106,6 +106,22 @@ def saved_report(data: dict) -> Report:
                   stage_seconds=dict(data["stage_seconds"]))
 
 
+#: a layout whose density differs from the requested one by more than this fraction of it is reported
+DENSITY_TOLERANCE = 0.05
+
+
+def density_changed(facts: dict) -> bool:
+    """Whether a region's used density differs materially from the one its config asked for."""
+    asked = facts.get("density_requested")
+    return asked is not None and abs(facts["density"] - asked) > DENSITY_TOLERANCE * asked
+
+
+def density_cell(facts: dict) -> str:
+    """`0.875 (asked 1.000)` when the density used differs from the requested one, else `0.875`."""
+    used = f"{facts['density']:.3f}"
+    return used + (f" (asked {facts['density_requested']:.3f})" if density_changed(facts) else "")
+
+
 def ratio(before: float, after: float) -> str:
     """'2.00x fewer' / '1.25x more' / 'unchanged': the change from `before` to `after`, the right way round."""
     if after == before:
@@ -142,7 +158,7 @@ def region_table(report) -> str:
         norm = r.residual.norm_position if r.residual is not None else "?"
         row = [r.kind, r.layer, r.path or r.name, r.module_class, detail, causal, norm, human(r.flops)]
         if sparse:
-            row += [r.sparse["method"], r.sparse.get("config", ""), f"{r.sparse['density']:.3f}",
+            row += [r.sparse["method"], r.sparse.get("config", ""), density_cell(r.sparse),
                     human(r.sparse["flops"])] if r.sparse else ["dense", "", "1.000", human(r.flops)]
         rows.append(row)
     headers = ["kind", "layer", "module path", "class", "shape", "causal", "LN", "dense FLOPs"]
@@ -163,6 +179,11 @@ def region_table(report) -> str:
     flow = flow_summary(report)
     if flow:
         lines.insert(2, flow)
+    ours = {k.split(".")[1]: v for k, v in g.ops.items() if k.startswith("sparsecc.")}
+    if ours:
+        lines.insert(1, "this graph was compiled by sparsecc already: it holds "
+                     + ", ".join(f"{name} x{count}" for name, count in ours.items())
+                     + " (regions already rewritten are not listed again)")
     if report.unmatched:
         lines.append("not rewritten (`sparsecc inspect --explain` for a table):")
         lines += [f"  - {note}" for note in report.unmatched]
@@ -196,6 +217,11 @@ def flow_summary(report) -> str:
     if not layers:
         return ""
     kept = ", ".join(f"{name} {frac:.3f}" for name, frac in layers.items())
-    return (f"token flow: kept fraction per layer (of non-padding tokens): {kept}; FLOPs of the flowed regions "
+    line = (f"token flow: kept fraction per layer (of non-padding tokens): {kept}; FLOPs of the flowed regions "
             f"{human(dense)} dense -> {human(flowed)} flowed ({ratio(dense, flowed)}); "
             f"per-token tail packed in {sum(v == 'packed' for v in layouts.values())} of {len(layouts)} layers")
+    if all(frac >= 0.999 for frac in layers.values()):
+        line += ("\ntoken flow keeps every token in every layer, so it saves nothing yet: compiled gates are untrained "
+                 "(with the default TokenFlow(init=3.0) every gate starts open); train them with sparsecc.train.flow.fit_flow(sm, batches, "
+                 "teacher=model), then sm.measure_flow(batches)")
+    return line

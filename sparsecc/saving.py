@@ -199,7 +199,7 @@ def load(directory: str | os.PathLike, backend: Optional[str] = None, backend_op
     """
     from safetensors.torch import load_file
 
-    from sparsecc.capture import Captured
+    from sparsecc.capture import Captured, import_pytree_types
     from sparsecc.layouts import LayoutSet
     from sparsecc.methods import Plan
     from sparsecc.methods.block_sparse import plan_layout
@@ -209,6 +209,7 @@ def load(directory: str | os.PathLike, backend: Optional[str] = None, backend_op
 
     directory = Path(directory)
     manifest = read_manifest(directory)
+    import_pytree_types(str(directory / "program.pt2"))
     try:
         ep = torch.export.load(str(directory / "program.pt2"))
     except Exception as err:  # noqa: BLE001 - the ops or the file itself

@@ -25,11 +25,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
 import torch.fx as fx
 
 from sparsecc.graph.fx_utils import (LINEAR, NOOP_COPY, SDPA, VIEW_LIKE, aten, attention_args, call_args, fake,
                                      is_call, new_call, scalar, shape)
 from sparsecc.graph.match import Match, describe, nearest
+from sparsecc.graph.mask_rows import masked_below
 
 # A masking value at least this negative means "masked" (HF uses finfo(dtype).min).
 _MASKED = -1e30
@@ -299,8 +301,9 @@ class _Scores:
 
 
 def _is_mask_value(value) -> bool:
+    """-inf, <= -1e30, or fp16's lowest value (Hugging Face masks fp16 scores with finfo(float16).min)."""
     v = scalar(value)
-    return v is not None and v <= _MASKED
+    return v is not None and v <= max(_MASKED, masked_below(torch.float16))
 
 
 _SCORES = "eager_attention.scores"
@@ -359,7 +362,8 @@ def _scores_of(node: Any, depth: int = 0) -> Match:
         else:
             cond, value, scores, masked_when_true = node.args[0], node.args[1], node.args[2], True
         if not _is_mask_value(value):
-            return fail(f"{describe(node)} fills with {value!r}, not a masking value (-inf or <= {_MASKED:g})")
+            return fail(f"{describe(node)} fills with {value!r}, not a masking value (-inf, <= {_MASKED:g}, or "
+                        f"<= {masked_below(torch.float16):g} as fp16 masks)")
         inner = _scores_of(scores, depth + 1)
         if inner:
             _add_fill(inner.value, cond, value, masked_when_true)

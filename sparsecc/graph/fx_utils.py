@@ -8,6 +8,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 import torch.fx as fx
+from torch.fx import _pytree as fx_pytree
 from torch.fx.operator_schemas import normalize_function
 
 aten = torch.ops.aten
@@ -277,3 +278,32 @@ def replace_node(old: fx.Node, new: fx.Node) -> None:
             user.target = aten.reshape.default
         stack.extend(user.users)
     old.graph.erase_node(old)
+
+
+def evaluate(gm: fx.GraphModule, nodes: list[fx.Node], args: tuple, kwargs: dict) -> dict:
+    """Values of `nodes` on the given inputs, computing only their ancestors."""
+    needed, stack = set(), list(nodes)
+    while stack:
+        n = stack.pop()
+        if n in needed:
+            continue
+        needed.add(n)
+        stack.extend(n.all_input_nodes)
+    in_spec = gm.graph._codegen.pytree_info.in_spec
+    flat = fx_pytree.tree_flatten_spec((args, kwargs), in_spec)
+    env: dict = {}
+    placeholders = iter(flat)
+    interp = fx.Interpreter(gm)
+    with torch.no_grad():
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                value = next(placeholders)
+                if node in needed:
+                    env[node] = value
+                continue
+            if node not in needed:
+                continue
+            a = fx.node.map_arg(node.args, lambda n: env[n])
+            k = fx.node.map_arg(node.kwargs, lambda n: env[n])
+            env[node] = getattr(interp, node.op)(node.target, a, k)
+    return {n: env[n] for n in nodes}

@@ -22,11 +22,11 @@ from typing import Any, Optional
 
 import torch
 import torch.fx as fx
-from torch.fx import _pytree as fx_pytree
 
 from sparsecc.graph.fx_utils import (LINEAR, SDPA, aten, attention_args, common_path, consumers, fake,
                                      forward_through_view_like, is_call, is_elementwise, layer_index, module_class,
                                      module_path, module_stack, shape, stack_name, through_view_like, weight_name)
+from sparsecc.graph.mask_rows import MaskRows, masked, sample_rows
 from sparsecc.graph.match import Match, describe
 from sparsecc.ops.activations import ACTIVATIONS, identify
 
@@ -170,48 +170,19 @@ def _linear_input(node: Optional[fx.Node]) -> Optional[fx.Node]:
     return through_view_like(node.args[0]) if node is not None else None
 
 
-# ------------------------------------------------------------------ mask probing
-def evaluate(gm: fx.GraphModule, nodes: list[fx.Node], args: tuple, kwargs: dict) -> dict:
-    """Values of `nodes` on the given inputs, computing only their ancestors."""
-    needed, stack = set(), list(nodes)
-    while stack:
-        n = stack.pop()
-        if n in needed:
-            continue
-        needed.add(n)
-        stack.extend(n.all_input_nodes)
-    in_spec = gm.graph._codegen.pytree_info.in_spec
-    flat = fx_pytree.tree_flatten_spec((args, kwargs), in_spec)
-    env: dict = {}
-    placeholders = iter(flat)
-    interp = fx.Interpreter(gm)
-    with torch.no_grad():
-        for node in gm.graph.nodes:
-            if node.op == "placeholder":
-                value = next(placeholders)
-                if node in needed:
-                    env[node] = value
-                continue
-            if node not in needed:
-                continue
-            a = fx.node.map_arg(node.args, lambda n: env[n])
-            k = fx.node.map_arg(node.kwargs, lambda n: env[n])
-            env[node] = getattr(interp, node.op)(node.target, a, k)
-    return {n: env[n] for n in nodes}
+# ------------------------------------------------------------------ mask probing (sparsecc.graph.mask_rows)
 
 
-def _mask_is_causal(mask: torch.Tensor) -> bool:
-    """True when every key after its query is masked in every batch item and head."""
-    if mask.dim() < 2:
+def _mask_is_causal(sample: MaskRows) -> bool:
+    """True when every key after its query is masked in every batch item and head (in the sampled rows)."""
+    mask = sample.values
+    if mask.dim() < 2 or sample.length < 2:
         return False
-    L, S = mask.shape[-2:]
-    if L < 2:
-        return False
-    upper = torch.ones(L, S, dtype=torch.bool).triu(1 + max(S - L, 0))
+    S = mask.shape[-1]
+    upper = torch.arange(S).unsqueeze(0) > sample.rows.unsqueeze(1) + max(S - sample.length, 0)  # [rows, S]
     if not upper.any():
         return False
-    masked = (~mask) if mask.dtype == torch.bool else (mask <= -1e30) | mask.isneginf()
-    return bool(masked[..., upper].all())
+    return bool(masked(mask)[..., upper].all())
 
 
 # ------------------------------------------------------------------ finders
@@ -278,10 +249,10 @@ def _probe_causal_masks(gm, regions: list[AttentionRegion], captured) -> None:
     pending = [r for r in regions if not r.causal and r.mask is not None and not r.cross]
     if not pending or captured is None:
         return
-    values = evaluate(gm, list({r.mask for r in pending}), captured.args,
-                      {**captured.call_defaults, **captured.kwargs})
+    kwargs = {**captured.call_defaults, **captured.kwargs}
+    samples = {m: sample_rows(gm, m, captured.args, kwargs) for m in {r.mask for r in pending}}
     for r in pending:
-        if _mask_is_causal(values[r.mask]):
+        if samples[r.mask] is not None and _mask_is_causal(samples[r.mask]):
             r.causal, r.causal_source = True, "mask"
 
 

@@ -10,6 +10,18 @@ from sparsecc.errors import LayoutError
 from sparsecc.layouts.block_layout import BlockLayout, atomic_write
 
 
+PLOT_HINT = "pip install 'sparsecc[plot]'"
+
+
+def plotting_available() -> bool:
+    """Whether matplotlib imports (pictures are optional: callers skip them with a note when not)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def save_layout_png(
     layouts: Mapping[str, BlockLayout] | BlockLayout,
     path: str | os.PathLike,
@@ -28,7 +40,7 @@ def save_layout_png(
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise LayoutError("save_layout_png needs matplotlib; pip install 'sparsecc[plot]'") from None
+        raise LayoutError(f"save_layout_png needs matplotlib; {PLOT_HINT}") from None
 
     if isinstance(layouts, BlockLayout):
         layouts = {layouts.name or "layout": layouts}

@@ -24,7 +24,8 @@ import torch.fx as fx
 import sparsecc.ops.block_sparse_attention  # noqa: F401  (registers the op)
 from sparsecc.errors import LayoutError
 from sparsecc.graph.fx_utils import SDPA, aten, attention_args, fake, hint, new_call, replace_node
-from sparsecc.graph.regions import attention_core_flops, evaluate, find_attention
+from sparsecc.graph.mask_rows import masked, masked_below, row_slice, sample_rows
+from sparsecc.graph.regions import attention_core_flops, find_attention
 from sparsecc.layouts import BlockLayout
 from sparsecc.methods.base import Match, Method, Plan, Target
 from sparsecc.passes.manager import PassContext
@@ -45,33 +46,39 @@ def plan_layout(plan: Plan) -> BlockLayout:
 
 
 # ------------------------------------------------------------------ mask split
-def split_mask(mask: torch.Tensor, causal: bool) -> Optional[torch.Tensor]:
+def split_mask(mask: torch.Tensor, causal: bool, rows: Optional[torch.Tensor] = None,
+               length: Optional[int] = None) -> Optional[torch.Tensor]:
     """If `mask` (bool keep-mask or additive 0/-inf) equals causal AND a per-key padding mask,
-    return the key padding keep-mask reduced to shape (B or 1, S); else None."""
-    if mask.dtype == torch.bool:
-        keep = mask
-    else:
-        masked = (mask <= -1e30) | mask.isneginf()
-        if not bool(((mask == 0) | masked).all()):
-            return None  # a real bias, not a mask
-        keep = ~masked
+    return the key padding keep-mask reduced to shape (B or 1, S); else None.
+
+    rows / length: `mask` holds only these query rows (ascending, the last row included) of a mask of
+    `length` rows (`sparsecc.graph.mask_rows.sample_rows`); default: every row.
+    """
+    hidden = masked(mask)
+    if mask.dtype != torch.bool and not bool(((mask == 0) | hidden).all()):
+        return None  # a real bias, not a mask
+    keep = ~hidden
     while keep.dim() < 4:
         keep = keep.unsqueeze(0)
-    L, S = keep.shape[-2:]
+    R, S = keep.shape[-2:]
+    L = R if length is None else length
+    rows = torch.arange(R) if rows is None else rows
     keys = keep[..., -1:, :]  # the last query sees every key under a causal mask
     if keys.shape[1] != 1 and not bool((keys == keys[:, :1]).all()):
         return None  # differs across heads
-    rebuilt = keys[:, :1].expand(keep.shape[0], 1, L, S)
+    rebuilt = keys[:, :1].expand(keep.shape[0], 1, R, S)
     if causal:
-        rebuilt = rebuilt & torch.ones(L, S, dtype=torch.bool).tril(S - L)
+        rebuilt = rebuilt & (torch.arange(S).unsqueeze(0) <= rows.unsqueeze(1) + (S - L))
     if not bool((rebuilt.expand(keep.shape) == keep).all()):
         return None
     return keys[:, 0, 0, :]
 
 
 def _key_padding_node(graph: fx.Graph, mask: fx.Node, anchor: fx.Node, query: fx.Node) -> Optional[fx.Node]:
-    """(B, S) keep-mask read from the graph's mask: the last query row, first head."""
-    m = mask
+    """(B, S) keep-mask read from the graph's mask: the last query row, first head. The row is computed
+    from the mask's inputs where the graph allows (sparsecc.graph.mask_rows), so the [B, H, L, S] mask
+    itself is no longer built once the attention that used it is rewritten."""
+    m = row_slice(graph, mask, (-1, None, 1), meta_from=anchor) or mask
     val = fake(m)
     while val.dim() < 4:
         m = new_call(graph, aten.unsqueeze.default, (m, 0), meta_from=anchor)
@@ -79,7 +86,7 @@ def _key_padding_node(graph: fx.Graph, mask: fx.Node, anchor: fx.Node, query: fx
     m = new_call(graph, aten.select.int, (m, 1, 0), meta_from=anchor)
     m = new_call(graph, aten.select.int, (m, 1, -1), meta_from=anchor)
     if fake(m).dtype != torch.bool:
-        m = new_call(graph, aten.gt.Scalar, (m, -1e30), meta_from=anchor)
+        m = new_call(graph, aten.gt.Scalar, (m, masked_below(fake(m).dtype)), meta_from=anchor)
     batch = fake(query).shape[0]
     if fake(m).shape[0] is not batch and fake(m).shape[0] == 1:  # a mask broadcast over the batch
         size = batch if isinstance(batch, int) else new_call(graph, aten.sym_size.int, (query, 0), meta_from=anchor)
@@ -96,12 +103,12 @@ def _buffer_node(gm: fx.GraphModule, name: str, value: torch.Tensor, like: fx.No
 
 
 def _mask_values(ctx: PassContext) -> dict:
-    """Every attention region's mask evaluated on the example inputs (once per compile)."""
+    """Every attention region's mask on the example inputs, whole or sampled rows (once per compile)."""
     if "mask_values" not in ctx.data:
-        regions = [r for r in ctx.regions if r.kind == "attention" and r.mask is not None]
+        masks = {r.mask for r in ctx.regions if r.kind == "attention" and r.mask is not None}
         captured = ctx.captured
-        ctx.data["mask_values"] = evaluate(captured.gm, list({r.mask for r in regions}), captured.args,
-                                           {**captured.call_defaults, **captured.kwargs}) if regions else {}
+        kwargs = {**captured.call_defaults, **captured.kwargs}
+        ctx.data["mask_values"] = {m: sample_rows(captured.gm, m, captured.args, kwargs) for m in masks}
     return ctx.data["mask_values"]
 
 
@@ -115,6 +122,10 @@ class BlockSparseMethod(Method):
         """How the report names the layout (e.g. "spion_cf", "bigbird")."""
         raise NotImplementedError
 
+    def requested_density(self, config) -> Optional[float]:
+        """The density the config asks for (None: the method decides it, e.g. from a quantile)."""
+        return None
+
     def match(self, region, config, ctx) -> Match:
         if region.cross:
             return Match.fail("block_sparse", "cross attention (queries and keys from different sequences) stays dense")
@@ -124,7 +135,12 @@ class BlockSparseMethod(Method):
             return Match.fail("block_sparse", "3-D (batch*heads) attention; block-sparse attention needs (B, H, L, D)")
         if region.mask is not None:
             mask_is_causal = region.causal and region.causal_source == "mask"
-            if split_mask(_mask_values(ctx)[region.mask], mask_is_causal) is None:
+            sample = _mask_values(ctx)[region.mask]
+            if sample is None:
+                return Match.fail("block_sparse", f"its mask ({region.mask.name}, {tuple(region.mask_shape)}) is too "
+                                  "large to evaluate and is not built from its inputs by ops sparsecc can read row "
+                                  "by row; compile at a shorter length or pass a [B, S] padding mask")
+            if split_mask(sample.values, mask_is_causal, sample.rows, sample.length) is None:
                 return Match.fail("block_sparse", "its mask is not causal + key padding (e.g. a learned position bias or a sliding "
                                 "window); block-sparse attention keeps only those")
         return Match.ok()
@@ -161,6 +177,8 @@ class BlockSparseMethod(Method):
             sparse_flops = r.flops - core + int(round(core * layout.density))
             replace_node(node, out)
             facts.sparse = {"method": self.label(target.config), "density": layout.density, "flops": sparse_flops,
-                            "block": layout.block_size}
+                            "block": layout.block_size, "blocks": list(layout.mask.shape)}
+            if self.requested_density(target.config) is not None:
+                facts.sparse["density_requested"] = self.requested_density(target.config)
             changes.append(f"{type(target.config).kind}:{r.name} density {layout.density:.3f}")
         return changes

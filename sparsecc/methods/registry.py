@@ -56,3 +56,25 @@ def kinds(slot: str) -> list[str]:
 
 def config_classes(slot: str) -> list[type]:
     return list(_CONFIGS[slot].values())
+
+
+def describe_methods() -> list[dict]:
+    """Every registered method, from the registry: kind, config class, slots, the first line of the config's
+    docstring, and its fields (name, type as annotated, default)."""
+    import dataclasses
+
+    by_config: dict = {}
+    for slot in SLOTS:
+        for kind, cls in sorted(_CONFIGS[slot].items()):
+            by_config.setdefault(cls, {"kind": kind, "config": cls.__name__, "slots": []})["slots"].append(slot)
+    out = []
+    for cls, entry in by_config.items():
+        doc = (cls.__doc__ or "").strip().splitlines()
+        fields = []
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            fields.append({"name": f.name, "type": kind.replace("typing.", ""), "default": default})
+        out.append({**entry, "summary": doc[0] if doc else "", "fields": fields})
+    return out

@@ -78,6 +78,15 @@ def max_abs_error(reference: Any, out: Any) -> float:
     return err
 
 
+def allowed_error(reference: Any, tolerance: float) -> float:
+    """`tolerance`, or a few units in the last place of the largest fp16 / bf16 output: a rewrite that keeps
+    the math still rounds differently in half precision (e.g. eager attention -> SDPA)."""
+    low = [t for t in flat_tensors(reference) if t.dtype in (torch.float16, torch.bfloat16) and t.numel()]
+    ulps = [4 * torch.finfo(t.dtype).eps * float(t.detach().abs().float().nan_to_num(0.0, 0.0, 0.0).max())
+            for t in low]
+    return max([tolerance] + ulps)
+
+
 class PassManager:
     """Run passes in order over one graph module.
 
@@ -117,9 +126,10 @@ class PassManager:
                 except Exception as err:
                     raise PassError(f"pass {p.name!r} produced a graph that fails to run: "
                                     f"{type(err).__name__}: {err}; it changed: {_short(changes)}") from err
-                if not error <= p.tolerance:
+                allowed = allowed_error(reference, p.tolerance)
+                if not error <= allowed:
                     raise PassError(f"pass {p.name!r} changed the model's outputs by {error:.3g} "
-                                    f"(allowed {p.tolerance:g}); it changed: {_short(changes)}")
+                                    f"(allowed {allowed:g}); it changed: {_short(changes)}")
             if reference is not None and p.tolerance is None and changes:
                 # this pass changes the function on purpose: later passes must preserve the new one
                 reference = ctx.captured.run(gm)

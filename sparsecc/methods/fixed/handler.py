@@ -15,6 +15,9 @@ class FixedMethod(BlockSparseMethod):
     def label(self, config: Fixed) -> str:
         return config.pattern
 
+    def requested_density(self, config: Fixed) -> float:
+        return config.density
+
     def plan(self, target: Target, stats: list, ctx) -> Plan:
         cfg, r = target.config, target.region
         layout = layout_at_density(cfg.pattern, int(hint(r.q_len)), cfg.block, cfg.density, causal=r.causal,

@@ -124,6 +124,31 @@ def longformer(seq_len: int, block_size: int, window: int = 3, global_blocks: in
                        f"longformer(w={window},g={global_blocks})", meta)
 
 
+def _per_offset(n: int, causal: bool) -> torch.Tensor:
+    """Blocks of an n x n grid on each offset d = j - i, d = -(n-1) .. n-1 (causal: none above the diagonal)."""
+    d = torch.arange(-(n - 1), n)
+    count = n - d.abs()
+    return count.masked_fill(d > 0, 0) if causal else count
+
+
+def _band_count(n: int, window: int, causal: bool) -> int:
+    """Blocks of `_band(n, window, causal)`, counted per offset (no n x n mask)."""
+    lo, hi = (-(window - 1), 0) if causal else (-(window // 2), (window - 1) // 2)
+    lo, hi = max(lo, -(n - 1)), min(hi, n - 1)
+    return int(_per_offset(n, causal)[lo + n - 1:hi + n].sum())
+
+
+def _longformer_count(n: int, window: int, global_blocks: int, causal: bool) -> int:
+    """Blocks of `_bigbird_base(n, window, global_blocks, causal)` for global_blocks 0 or 1."""
+    count = _band_count(n, window, causal)
+    if global_blocks:
+        lo, hi = (-(window - 1), 0) if causal else (-(window // 2), (window - 1) // 2)
+        row0 = 0 if causal else (n - 1) - min(hi, n - 1)  # row 0 outside the band: offsets hi+1 .. n-1
+        col0 = (n - 1) - min(-lo, n - 1)  # column 0 outside the band: offsets -(n-1) .. lo-1
+        count += row0 + col0
+    return count
+
+
 def _bigbird_min_density(n: int, causal: bool) -> float:
     """Density of the smallest layout with BigBird's structure: window 3 and one global block."""
     return int(_bigbird_base(n, 3, 1, causal).sum()) / (n * n)
@@ -195,19 +220,20 @@ def layout_at_density(
         layout = random_layout(seq_len, block_size, density, seed, causal)
     elif kind == "local":
         widths = range(1, (n if causal else 2 * n - 1) + 1)
-        w, _ = nearest([(w, int(_band(n, w, causal).sum()) / total) for w in widths])
+        w, _ = nearest([(w, _band_count(n, w, causal) / total) for w in widths])
         layout = local_window(seq_len, block_size, w, causal)
     elif kind == "strided":
+        per_offset = _per_offset(n, causal)
+        offsets = torch.arange(-(n - 1), n)
         counts = []
-        for s in range(1, n + 1):
-            m = (_band(n, 1, causal) | (_offsets(n) % s == 0)) & _allowed(n, causal)
-            counts.append((s, int(m.sum()) / total))
+        for s in range(1, n + 1):  # window 1 (the diagonal, offset 0) plus every offset divisible by s
+            counts.append((s, int(per_offset[offsets % s == 0].sum()) / total))
         s, _ = nearest(counts)
         layout = strided(seq_len, block_size, s, 1, causal)
     elif kind == "longformer":
         widths = range(1, (n if causal else 2 * n - 1) + 1)
         g = 1 if n > 1 else 0
-        w, _ = nearest([(w, int(_bigbird_base(n, w, g, causal).sum()) / total) for w in widths])
+        w, _ = nearest([(w, _longformer_count(n, w, g, causal) / total) for w in widths])
         layout = longformer(seq_len, block_size, w, g, causal)
     elif kind == "bigbird":
         allowed = _allowed(n, causal)

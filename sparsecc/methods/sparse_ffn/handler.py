@@ -17,8 +17,8 @@ from torch import nn
 
 import sparsecc.ops.sparse_ffn  # noqa: F401  (registers the op)
 from sparsecc.calibrate import RowObserver
-from sparsecc.graph.fx_utils import fake, new_call, replace_node, weight_name
-from sparsecc.graph.regions import FFNRegion, evaluate, find_ffn
+from sparsecc.graph.fx_utils import evaluate, fake, new_call, replace_node, weight_name
+from sparsecc.graph.regions import FFNRegion, find_ffn
 from sparsecc.methods.base import Match, Method, Plan, Target
 from sparsecc.methods.registry import register
 from sparsecc.methods.sparse_ffn.config import SparseFFN

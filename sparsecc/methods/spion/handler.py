@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from sparsecc.calibrate import AttentionMapObserver
 from sparsecc.errors import LayoutError
 from sparsecc.layouts import LayoutSet
@@ -16,6 +18,9 @@ from sparsecc.methods.spion.layouts import spion_c, spion_cf, spion_f
 class SpionMethod(BlockSparseMethod):
     def label(self, config: Spion) -> str:
         return config.method
+
+    def requested_density(self, config: Spion) -> Optional[float]:
+        return config.density if config.method == "spion_c" else None
 
     def observers(self, target: Target) -> list:
         if not target.config.needs_calibration:
