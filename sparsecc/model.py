@@ -34,7 +34,8 @@ class SparseModel(nn.Module):
         self._keywords = set(captured.kwargs) | set(self._call_defaults)
         self.dynamic = captured.dynamic
         # the runner comes from the backend (sparsecc.backends): the graph itself, torch.compile, an ORT session
-        self._runner = get_backend(backend, backend_options).lower(graph, LoweringInputs(
+        # (kept out of the module tree: the graph's tensors are graph_module's, once in state_dict())
+        self.__dict__["_runner"] = get_backend(backend, backend_options).lower(graph, LoweringInputs(
             tuple(captured.args), {**self._call_defaults, **captured.kwargs}, recipe=recipe, regions=report.regions,
             dynamic=captured.dynamic))
 

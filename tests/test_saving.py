@@ -40,7 +40,7 @@ def test_save_load_gives_the_same_outputs(tmp_path, name):
     sparsecc.save(sm, tmp_path / "m")
     assert sorted(os.listdir(tmp_path)) == ["m"]  # no temporary directory left behind
     other = {"input_ids": inputs["input_ids"][:1, :24], "attention_mask": inputs["attention_mask"][:1, :24]}
-    backends = ["eager", "inductor"] + (["onnxruntime"] if name != "token_flow" else [])
+    backends = ["eager", "inductor", "onnxruntime"]
     for backend in backends:
         loaded = sparsecc.load(tmp_path / "m", backend=backend)
         for x in (inputs, other):  # the example, and another batch size and length

@@ -5,6 +5,7 @@ import torch
 
 import sparsecc
 from sparsecc import testing as T
+from sparsecc.capture import normalize_inputs
 from sparsecc.ops.token_flow.helpers import valid_tokens
 
 
@@ -31,3 +32,17 @@ def test_sliding_window_model_with_every_gate_open_equals_dense(impl):
         valid = inputs["attention_mask"].bool()
         assert (out - ref)[valid].abs().max().item() <= 1e-5
         assert all(f == pytest.approx(1.0) for f in sm.kept_fractions().values())  # every real token flowed
+
+
+@pytest.mark.parametrize("factory", [lambda: T.bert("sdpa"), lambda: T.gpt2("sdpa"), lambda: T.llama("sdpa")])
+def test_onnxruntime_runs_token_flow_graphs_under_sdpa(factory):
+    """Boolean sdpa masks are gathered too; ORT's CPU Where has no bool kernel (it failed to load the graph)."""
+    model, inputs = factory()
+    recipe = sparsecc.Recipe(flow=sparsecc.TokenFlow(gate="content", keep=0.5, init=0.0))
+    eager = sparsecc.compile(model, inputs, recipe=recipe, progress=False)
+    ort = sparsecc.compile(model, inputs, recipe=recipe, backend="onnxruntime", progress=False)
+    assert ort.state_dict().keys() == eager.state_dict().keys()  # each tensor once (the runner is not a child)
+    assert not any(k.startswith("_runner") for k in eager.state_dict())
+    args, kwargs = normalize_inputs(inputs)
+    got, want = ort(*args, **kwargs)[0], eager(*args, **kwargs)[0]
+    assert (got - want).abs().max().item() <= 1e-4

@@ -37,6 +37,8 @@ def gather_tokens(t: Tensor, index: Tensor, counts: Tensor, dim: int) -> Tensor:
 
     Dim 0 of `t` is the batch (size B, or 1 for a tensor broadcast over the batch).
     """
+    if t.dtype == torch.bool:  # ONNX Runtime's CPU Where (in the gather's translation) has no bool kernel
+        return gather_tokens(t.to(torch.uint8), index, counts, dim).bool()
     B = index.shape[0]
     d = dim % t.dim()
     if d == 0:
