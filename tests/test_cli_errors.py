@@ -169,6 +169,25 @@ def test_compile_saves_the_whole_model_and_inspect_reads_it(files):
               no_matplotlib=True)  # a second compile replaces the saved model; --no-png: no note
     assert out.returncode == 0 and "matplotlib" not in out.stderr
 
+    # `sparsecc layout` reads the layouts compile wrote: local, window 2 on 4x4 blocks = the diagonal and the
+    # block below it, 7 of 16 tiles in each layer
+    from sparsecc.layouts import LayoutSet
+    band = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    saved = LayoutSet.load_dir(o / "layouts")
+    assert sorted(saved) == [f"encoder.layer.{i}.attention.self" for i in range(2)]
+    assert all(torch.equal(saved[name].mask, band) for name in saved)
+    out = run("layout", "o/layouts", cwd=files)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith("encoder.")]
+    assert rows == [[f"encoder.layer.{i}.attention.self", "4x4", "4", "no", "7", "0.4375"] for i in range(2)]
+    out = run("layout", "o/layouts", "--png", cwd=files, no_matplotlib=True)
+    assert out.returncode == 2 and "--png draws with matplotlib, which is not installed" in error_line(out)
+    pytest.importorskip("matplotlib")
+    out = run("layout", "o/layouts", "--png", cwd=files)
+    assert out.returncode == 0, out.stderr[-3000:]
+    png = o / "layouts" / "layouts.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "picture written to o/layouts/layouts.png" in out.stdout
+
 
 def test_export_takes_a_saved_model(files):
     out = run("compile", "sparsecc.testing:hand_written", "--out", "o", "--no-png", cwd=files)
