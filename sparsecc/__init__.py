@@ -20,8 +20,7 @@ from sparsecc.model import SparseModel
 from sparsecc.recipe import Recipe
 from sparsecc.report import Report
 from sparsecc.saving import load, save
-
-__version__ = "0.1.0"
+from sparsecc.version import __version__
 
 __all__ = ["compile", "inspect", "capture", "Recipe", "Identity", "Spion", "Fixed", "SparseFFN", "TokenFlow",
            "SparseModel", "Report", "Plan", "register", "save", "load", "errors", "__version__"]

@@ -48,8 +48,8 @@ def save(sm: Any, directory: str | os.PathLike) -> Path:
     """Write the compiled model `sm` (a `sparsecc.SparseModel`) to `directory`; returns its path."""
     from safetensors.torch import save_file
 
-    from sparsecc import __version__
     from sparsecc.capture import recapture
+    from sparsecc.version import __version__
 
     target = Path(directory)
     if target.exists() and not target.is_dir():

@@ -43,6 +43,7 @@ import torch.fx as fx
 from sparsecc.errors import UnsupportedError
 from sparsecc.ops import FAMILIES
 from sparsecc.ops.onnx_lowering import ExportContext, OnnxOptions
+from sparsecc.version import __version__
 
 __all__ = ["DEFAULT_OPSET", "ExportResult", "OnnxOptions", "TRANSLATIONS", "check_translatable", "export_graph",
            "export_onnx", "op_name", "region_records", "register_translation", "translation_table"]
@@ -213,7 +214,7 @@ def export_graph(gm: fx.GraphModule, args: tuple, kwargs: dict, path: str, dynam
                                "an ONNX lowering; see the chained exception for the full report") from err
     records = region_records(gm, regions)
     is_dynamic = bool(ep.range_constraints)
-    meta = {"sparsecc.version": _version(), "sparsecc.regions": json.dumps(records),
+    meta = {"sparsecc.version": __version__, "sparsecc.regions": json.dumps(records),
             "sparsecc.recipe": json.dumps(recipe.to_dict() if hasattr(recipe, "to_dict") else recipe,
                                           default=str),
             "sparsecc.dynamic": json.dumps(is_dynamic),
@@ -222,14 +223,6 @@ def export_graph(gm: fx.GraphModule, args: tuple, kwargs: dict, path: str, dynam
     program.model.metadata_props.update(meta)
     _save_atomic(program, path)
     return ExportResult(path=path, exported_program=ep, regions=records, dynamic=is_dynamic)
-
-
-def _version() -> str:
-    try:
-        from sparsecc import __version__
-        return __version__
-    except ImportError:
-        return "unknown"
 
 
 def _save_atomic(program: Any, path: str) -> None:
