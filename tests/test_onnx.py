@@ -390,3 +390,41 @@ def test_sparse_recipes_run_in_onnx_runtime(tmp_path, name, recipe_name):
         assert {"GatherND", "ScatterND"} <= graph_ops  # flow_gather / flow_scatter
     else:
         assert ops == {"sparsecc::block_sparse_attention", "sparsecc::sparse_ffn"}
+
+
+def test_exported_file_has_the_model_output_names_and_a_plain_file_mode(tmp_path):
+    """Outputs named after the model's (not `layer_norm_4`), a file mode as open() would give, and the
+    longest length the block layouts cover in the metadata."""
+    import os
+    model, inputs = T.bert()
+    sm = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(
+        attention=sparsecc.Fixed(pattern="local", block=4, density=0.4375)), progress=False)
+    path = tmp_path / "m.onnx"
+    sm.export_onnx(str(path))
+    m = onnx.load(str(path))
+    assert [o.name for o in m.graph.output] == ["last_hidden_state", "pooler_output"]
+    assert [i.name for i in m.graph.input] == ["input_ids", "attention_mask"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert json.loads({p.key: p.value for p in m.metadata_props}["sparsecc.max_len"]) == 16  # 4 blocks of 4
+    hand, (x,) = T.hand_written()
+    sparsecc.compile(hand, (x,), progress=False).export_onnx(str(tmp_path / "h.onnx"))
+    assert [o.name for o in onnx.load(str(tmp_path / "h.onnx")).graph.output] == ["output"]
+    spec = pytree.tree_flatten({"logits": x, "past": [(x, x)]})[1]
+    assert sonnx.output_names(spec) == ["logits", "past.0.0", "past.0.1"]
+    assert sonnx.output_names(pytree.tree_flatten((x, x))[1]) == ["output_0", "output_1"]
+
+
+def test_onnxruntime_past_the_layout_length_says_so(tmp_path):
+    from sparsecc.errors import LayoutError
+    model, inputs = T.bert()
+    recipe = sparsecc.Recipe(attention=sparsecc.Fixed(pattern="local", block=4, density=0.4375))
+    sm = sparsecc.compile(model, inputs, recipe=recipe, backend="onnxruntime", progress=False)
+    ok = sm(**inputs).last_hidden_state
+    assert torch.allclose(ok, sparsecc.compile(model, inputs, recipe=recipe, progress=False)(**inputs)
+                          .last_hidden_state, atol=1e-4)
+    longer = {"input_ids": torch.ones(2, 32, dtype=torch.long), "attention_mask": torch.ones(2, 32, dtype=torch.long)}
+    with pytest.raises(LayoutError, match=r"input input_ids has shape \(2, 32\), longer than the 16 tokens the "
+                                          r"block layouts in model.onnx were made for; compile \(and calibrate\)"):
+        sm(**longer)

@@ -164,6 +164,23 @@ CASES = [
     ("demo-seq-len", "`sparsecc demo --seq-len 32 --batch 4`: the SPION half's length", CLI,
      ["demo", "--seq-len", "32", "--batch", "4", "--out", "demo"], "SPION-CF: calibrating"),
     ("methods", "`sparsecc methods`", CLI, ["methods"], "methods"),
+    ("onnx-mode", "the file mode of an exported .onnx (umask 022)", PY, """
+        import os, stat
+        os.umask(0o022)
+        m, i = T.bert()
+        sparsecc.compile(m, i, progress=False).export_onnx("mode.onnx")
+        print("mode", oct(stat.S_IMODE(os.stat("mode.onnx").st_mode)))"""),
+    ("onnx-names", "the input and output names of an exported BERT", PY, """
+        import onnx
+        m, i = T.bert()
+        sparsecc.compile(m, i, progress=False).export_onnx("names.onnx")
+        g = onnx.load("names.onnx").graph
+        print("inputs", [v.name for v in g.input], "outputs", [v.name for v in g.output])"""),
+    ("ort-past-len", "onnxruntime backend run at L = 32 with block layouts made for L = 16", PY, """
+        m, i = T.bert()
+        sm = sparsecc.compile(m, i, backend="onnxruntime", progress=False, recipe=sparsecc.Recipe(
+            attention=sparsecc.Fixed(pattern="local", block=4, density=0.4375)))
+        sm(input_ids=torch.ones(2, 32, dtype=torch.long), attention_mask=torch.ones(2, 32, dtype=torch.long))"""),
 ]
 
 

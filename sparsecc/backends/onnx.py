@@ -31,7 +31,6 @@ import importlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from types import ModuleType
@@ -41,6 +40,7 @@ import torch
 import torch.fx as fx
 
 from sparsecc.errors import UnsupportedError
+from sparsecc.io import atomic_write
 from sparsecc.ops import FAMILIES
 from sparsecc.ops.onnx_lowering import ExportContext, OnnxOptions
 from sparsecc.version import __version__
@@ -130,6 +130,19 @@ def _density(gm: fx.GraphModule, node: fx.Node, name: str) -> Optional[float]:
     return None
 
 
+def max_len(gm: fx.GraphModule) -> Optional[int]:
+    """The longest sequence every sparsecc op of `gm` covers (block layouts are made for a length), or
+    None when no op limits it."""
+    limits = []
+    for node in gm.graph.nodes:
+        name = op_name(node)
+        for module in _family_modules():
+            if name in getattr(module, "OPS", ()) and hasattr(module, "max_len"):
+                limits.append(module.max_len(gm, node))
+    limits = [n for n in limits if n is not None]
+    return min(limits) if limits else None
+
+
 def region_records(gm: fx.GraphModule, regions: Optional[list] = None) -> list[dict]:
     """One record per sparsecc op in graph order: op, fx node, region, layer, path, density."""
     from sparsecc.graph.fx_utils import module_path
@@ -189,6 +202,34 @@ def _recapture(gm: fx.GraphModule, args: tuple, kwargs: dict, dynamic: bool) -> 
                                "try dynamic=False") from err
 
 
+def output_names(out_spec: Any) -> list[str]:
+    """The names of the model's outputs, from the pytree spec of what it returns: the keys of a
+    ModelOutput or dict ("last_hidden_state", "past_key_values.0.key"), "output" for one tensor,
+    "output_0", "output_1", ... for a tuple."""
+    from torch.utils import _pytree as pytree
+    structure = pytree.tree_unflatten(list(range(out_spec.num_leaves)), out_spec)
+    names = []
+    for path, _ in pytree.tree_flatten_with_path(structure)[0]:
+        keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        names.append(".".join(keys) if keys and not keys[0].isdigit() else "_".join(["output", *keys]))
+    return names
+
+
+def name_outputs(graph: Any, out_spec: Any) -> None:
+    """Rename the ONNX graph's outputs (the exporter names them after internal nodes, `layer_norm_4`) to
+    the model's output names; left as they are where the count differs or a name would repeat."""
+    names = output_names(out_spec) if out_spec is not None else []
+    outputs = list(graph.outputs)
+    taken = {v.name for v in graph.inputs} | {v.name for node in graph for v in node.outputs} - {
+        v.name for v in outputs}
+    if len(names) != len(outputs) or len(set(names)) != len(names) or taken & set(names) \
+            or len({id(v) for v in outputs}) != len(outputs) or any(v in graph.inputs for v in outputs):
+        log.info("ONNX outputs keep the exporter's names (%d outputs, %d names)", len(outputs), len(names))
+        return
+    for value, name in zip(outputs, names):
+        value.name = name
+
+
 def export_graph(gm: fx.GraphModule, args: tuple, kwargs: dict, path: str, dynamic: bool = True,
                  opset: Optional[int] = None, recipe: Any = None, regions: Optional[list] = None,
                  optimize: bool = True, extra_metadata: Optional[dict] = None,
@@ -212,32 +253,19 @@ def export_graph(gm: fx.GraphModule, args: tuple, kwargs: dict, path: str, dynam
                                f"{summary[-1] if summary else str(err).splitlines()[0]} (innermost cause: "
                                f"{summary[0] if summary else type(err).__name__}). Expected every node to have "
                                "an ONNX lowering; see the chained exception for the full report") from err
+    name_outputs(program.model.graph, ep.call_spec.out_spec)
     records = region_records(gm, regions)
     is_dynamic = bool(ep.range_constraints)
     meta = {"sparsecc.version": __version__, "sparsecc.regions": json.dumps(records),
             "sparsecc.recipe": json.dumps(recipe.to_dict() if hasattr(recipe, "to_dict") else recipe,
                                           default=str),
-            "sparsecc.dynamic": json.dumps(is_dynamic),
+            "sparsecc.dynamic": json.dumps(is_dynamic), "sparsecc.max_len": json.dumps(max_len(gm)),
             "sparsecc.inputs": json.dumps([i.name for i in program.model.graph.inputs])}
     meta.update(extra_metadata or {})
     program.model.metadata_props.update(meta)
-    _save_atomic(program, path)
+    # weights inside the file (< 2 GB); readers never see a half-written file
+    atomic_write(path, lambda tmp: program.save(tmp, external_data=False))
     return ExportResult(path=path, exported_program=ep, regions=records, dynamic=is_dynamic)
-
-
-def _save_atomic(program: Any, path: str) -> None:
-    """Write to a temp file in the target directory, then os.replace (weights inside the file if < 2 GB)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", prefix=".tmp-", dir=directory)
-    os.close(fd)
-    try:
-        program.save(tmp, external_data=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def export_onnx(model: Any, path: str, example_inputs: Any = None, dynamic: bool = True,

@@ -20,6 +20,7 @@ tensors in the same order). Runs in inference only (no autograd).
 from __future__ import annotations
 
 import inspect as _inspect
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from sparsecc.backends import LoweringInputs
-from sparsecc.errors import UnsupportedError
+from sparsecc.errors import LayoutError, UnsupportedError
 from sparsecc.ops.onnx_lowering import OnnxOptions
 
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
@@ -95,6 +96,8 @@ class OnnxRuntimeModule(nn.Module):
         self.signature = signature
         self.constants = dict(constants or {})
         self.out_spec = out_spec
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.max_len = json.loads(meta.get("sparsecc.max_len", "null"))  # what the block layouts cover
         self._keep_alive = keep_alive  # e.g. the TemporaryDirectory holding the file
 
     def _flat_inputs(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -127,7 +130,18 @@ class OnnxRuntimeModule(nn.Module):
                                    f"takes {len(self.input_names)} ({self.input_names}); pass the same inputs "
                                    "as at compile time")
         feed = {name: t.detach().cpu().contiguous().numpy() for name, t in zip(self.input_names, tensors)}
-        outs = [torch.from_numpy(np.asarray(o)) for o in self.session.run(self.output_names, feed)]
+        try:
+            outs = [torch.from_numpy(np.asarray(o)) for o in self.session.run(self.output_names, feed)]
+        except Exception as err:  # noqa: BLE001 - ORT's own error classes; explained when the cause is known
+            too_long = [(n, tuple(t.shape)) for n, t in zip(self.input_names, tensors)
+                        if self.max_len is not None and any(d > self.max_len for d in t.shape[1:])]
+            if not too_long:
+                raise
+            name, shape = too_long[0]
+            raise LayoutError(f"onnxruntime backend: input {name} has shape {shape}, longer than the "
+                              f"{self.max_len} tokens the block layouts in {os.path.basename(self.path)} were "
+                              "made for; compile (and calibrate) at the longest length you will run "
+                              f"(ONNX Runtime said: {str(err).splitlines()[0][:200]})") from err
         if self.out_spec is None:
             return tuple(outs)
         return pytree.tree_unflatten(outs, self.out_spec)

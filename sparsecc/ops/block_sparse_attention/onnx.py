@@ -45,6 +45,12 @@ def density(gm: fx.GraphModule, node: fx.Node) -> Optional[float]:
     return round(float(counts.sum()) / (counts.numel() * nk), 6)
 
 
+def max_len(gm: fx.GraphModule, node: fx.Node) -> Optional[int]:
+    """The longest query length the call's layout covers (rows x block size; None when not constant)."""
+    counts = constant(gm, node.args[4])
+    return None if counts is None else int(counts.shape[0]) * int(node.args[5])
+
+
 def translations(ctx: ExportContext) -> dict:
     layouts = constant_layouts(ctx.gm) if ctx.options.known_layouts else {}
     return {"sparsecc::block_sparse_attention": make_translation(layouts, ctx.options.layout_group_keys)}
