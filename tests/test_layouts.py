@@ -403,7 +403,7 @@ def test_switch_criterion_sequence():
     E = torch.full((2, 2), 0.5, dtype=torch.float64)  # ||E||_F = 1
     a = [0.0, 1.0, 2.1, 3.2, 4.3]  # steps 1.0, 1.1, 1.1, 1.1: deltas 10 %, 0 %, 0 %
     b = [0.0, 1.0, 2.2, 3.45, 4.7]  # steps 1.0, 1.2, 1.25, 1.25: deltas 20 %, 4.2 %, 0 %
-    sc = SwitchCriterion(15.0)
+    sc = SwitchCriterion(15.0, rule="consecutive")  # the released rule: tests/test_released.py
     results = [sc.update({"a": a[t] * E, "b": b[t] * E}) for t in range(3)]
     assert results == [False, False, False]
     assert sc.deltas["a"] == pytest.approx(10.0) and sc.deltas["b"] == pytest.approx(20.0)

@@ -312,7 +312,8 @@ def test_hard_final_phase_trains_on_the_calibrated_hard_decisions():
     g = torch.Generator().manual_seed(1)
     batches = [{"input_ids": torch.randint(0, T.VOCAB, (4, 16), generator=g),
                 "attention_mask": torch.ones(4, 16, dtype=torch.long)} for _ in range(3)]
-    result = fit_flow(sm, batches, teacher=model, steps=30, gate_lr=0.3, progress=False, hard_final=True)
+    result = fit_flow(sm, batches, teacher=model, steps=30, gate_lr=0.3, progress=False, hard_final=True,
+                      final_fraction=0.1)
     final = [r for r in result.history if "penalty" not in r]
     assert len(final) == 3  # the last 10 % of 30 steps
     # frozen hard gates: every layer keeps a whole number of the 64 tokens, the calibrated half
@@ -434,7 +435,8 @@ def test_keep_per_layer():
     assert float(sparsity_penalty(gates)) == pytest.approx(0.0, abs=1e-12)  # every block at its own target
     gates.last_gates = {s: (torch.full((2, 8), 0.5), None) for s in range(n)}
     want = sum((s + 1) * (0.5 - k) ** 2 for s, k in enumerate(keeps))  # one stack: layer numbers 1..n
-    assert float(sparsity_penalty(gates)) == pytest.approx(want)
+    assert float(sparsity_penalty(gates, form="pooled")) == pytest.approx(want)
+    assert float(sparsity_penalty(gates)) == pytest.approx(want / sum(range(1, n + 1)))  # released: weighted mean
     assert float(sparsity_penalty(gates, target=0.5)) == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(RecipeError, match=rf"recipe.flow.keep: got {n + 1} kept fractions .* has {n} flowed blocks"):
         sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(flow=sparsecc.TokenFlow(keep=[0.5] * (n + 1))))

@@ -211,6 +211,14 @@ def layer_distillation(sm, model, distill, weight: float):
 
 
 # ------------------------------------------------------------------ main
+# fit_flow options of each way to train the gates (the figures before 2026-12-05 are sparsecc-0.1)
+TRAINING = {
+    "released": {},
+    "sparsecc-0.1": {"router_lr": 0.1, "schedule": "constant", "penalty_form": "pooled", "balance_form": "squares",
+                     "balance": 0.1},
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", type=float, nargs="+", default=[0.5],
@@ -225,6 +233,9 @@ def main() -> None:
     parser.add_argument("--track-keep", type=float, default=0.1,
                         help="with --hard-final: how far each step moves the thresholds to the target (fit_flow "
                              "track_keep; 0 fixes them, as before 2026-12-03)")
+    parser.add_argument("--training", choices=sorted(TRAINING), default="released",
+                        help="released: the authors' losses, router lr and cosine schedule; sparsecc-0.1: "
+                             "pooled penalty, squares balance (0.1), router at the gate lr, constant lr")
     parser.add_argument("--final-fraction", type=float, default=0.1,
                         help="fraction of the steps in the final, penalty-free phase (released: 0.1)")
     parser.add_argument("--token-weight", type=float, default=0.5,
@@ -300,7 +311,7 @@ def main() -> None:
             teacher, distill, handle = layer_distillation(sm, model, distill, args.layer_weight)
         fit_flow(sm, train, teacher=teacher, steps=args.steps, progress=True, lr=args.lr, gate_lr=args.gate_lr,
                  hard_final=args.hard_final, final_fraction=args.final_fraction, track_keep=args.track_keep,
-                 distill=distill)
+                 distill=distill, **TRAINING[args.training])
         if handle is not None:
             handle.remove()
         train_s = time.time() - t0

@@ -168,6 +168,9 @@ def main() -> None:
     p.add_argument("--dense-warmup", type=float, default=0.5,
                    help="fraction of the steps over which sparse FF training anneals from all units on to the "
                         "paper's mask (0: the paper's training from step 0)")
+    p.add_argument("--mask-at", choices=["pre_activation", "post_activation"], default="pre_activation",
+                   help="where sparse FF training multiplies the controller's mask: before the activation "
+                        "(trax: only the selected unit passes a gradient) or after it (sparsecc 0.1)")
     p.add_argument("--variants", default="dense,ff,ffqkv",
                    help="comma list of the models to train: dense, ff (sparse FF), ffqkv (sparse FF + QKV)")
     p.add_argument("--modules", type=int, default=0, help="sparse QKV modules S (0: d_model // 64)")
@@ -195,7 +198,7 @@ def main() -> None:
     train_data, val = load_bytes(args.val_fraction)
     base = DecoderConfig(vocab_size=256, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
                          d_ff=args.d_ff, max_len=args.seq, style=args.style, ffn_n=args.n,
-                         ffn_d_lowrank=args.d_lowrank)
+                         ffn_d_lowrank=args.d_lowrank, ffn_mask_at=args.mask_at)
     target = params_of(base)
     all_variants = {
         "dense": ("dense", base),

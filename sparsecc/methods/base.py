@@ -68,13 +68,14 @@ class Target:
 class FitHooks:
     """What fine-tuning a compiled model needs from one method.
 
-    param_groups(model) -> optimizer groups for the method's own parameters (e.g. gates at their own lr);
-    loss(model, step, steps) -> extra loss terms {name: tensor} added to the distillation loss;
+    param_groups(model, model_lr) -> optimizer groups for the method's own parameters, each with a "role"
+    (e.g. "gates" at their own lr; the rest of the model is the loop's "model" group at model_lr);
+    loss(model, step, steps) -> extra loss terms {name: (weight, tensor)} added to the distillation loss;
     on_step(model, step, steps) -> called before each step (schedules such as a dense-to-sparse warm-up);
     on_end(model, batches) -> called after training (e.g. calibrate thresholds).
     """
 
-    param_groups: Optional[Callable[[Any], list]] = None
+    param_groups: Optional[Callable[..., list]] = None
     loss: Optional[Callable[[Any, int, int], dict]] = None
     on_step: Optional[Callable[[Any, int, int], None]] = None
     on_end: Optional[Callable[[Any, list], None]] = None

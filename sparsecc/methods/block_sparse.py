@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 
 import sparsecc.ops.block_sparse_attention  # noqa: F401  (registers the op)
+from sparsecc.ops.block_sparse_attention.pruned import pruned_as_logit_zero
 from sparsecc.errors import LayoutError
 from sparsecc.graph.fx_utils import SDPA, aten, attention_args, fake, hint, new_call, replace_node
 from sparsecc.graph.mask_rows import masked, masked_below, row_slice, sample_rows
@@ -126,6 +127,11 @@ class BlockSparseMethod(Method):
         """The density the config asks for (None: the method decides it, e.g. from a quantile)."""
         return None
 
+    def pruned_logits(self, config) -> str:
+        """"-inf": keys outside the layout get no weight (exact block-sparse attention); "zero": they count
+        as logit 0 in the softmax denominator, as the released SPION kernels do."""
+        return "-inf"
+
     def match(self, region, config, ctx) -> Match:
         if region.cross:
             return Match.fail("block_sparse", "cross attention (queries and keys from different sequences) stays dense")
@@ -173,6 +179,10 @@ class BlockSparseMethod(Method):
                               (a["query"], a["key"], a["value"], idx_node, cnt_node, layout.block_size, float(scale),
                                bool(causal), kpm), meta_from=node)
                 out = new_call(graph, operator.getitem, (op, 0), meta_from=node)
+                if self.pruned_logits(target.config) == "zero":
+                    lse = new_call(graph, operator.getitem, (op, 1), meta_from=node)
+                    out = new_call(graph, pruned_as_logit_zero, (out, lse, a["query"], a["key"], idx_node, cnt_node,
+                                                                 layout.block_size, bool(causal), kpm), meta_from=node)
             core = attention_core_flops(r)  # read before the SDPA node is erased
             sparse_flops = r.flops - core + int(round(core * layout.density))
             replace_node(node, out)

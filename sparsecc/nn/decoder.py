@@ -62,6 +62,7 @@ class DecoderConfig:
     sparse_ffn: bool = False
     ffn_n: int = 32
     ffn_d_lowrank: int = 64
+    ffn_mask_at: str = "pre_activation"  # SparseFFN.mask_at: trax's gradient, or "post_activation" (sparsecc 0.1)
     sparse_loss: int = 0
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -135,7 +136,7 @@ class FFN(nn.Module):
         return self.down(F.gelu(self.up(x), approximate="tanh"))
 
     def to_sparse(self, n: int, d_lowrank: int, calibration: Optional[torch.Tensor] = None,
-                  steps: int = 300) -> SparseFFN:
+                  steps: int = 300, mask_at: str = "pre_activation") -> SparseFFN:
         """A `SparseFFN` with copies of these weights; its controller is distilled on `calibration`
         (this FFN's inputs, (..., d_model)) when given, random otherwise."""
         controller = None
@@ -145,7 +146,7 @@ class FFN(nn.Module):
                 w_gate=None if self.gate is None else self.gate.weight,
                 b_gate=None if self.gate is None else self.gate.bias, steps=steps).controller
         return SparseFFN.from_linears(self.up, self.down, gate=self.gate, n=n, d_lowrank=d_lowrank,
-                                      activation=self.activation, controller=controller)
+                                      activation=self.activation, controller=controller, mask_at=mask_at)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -219,7 +220,8 @@ class Block(nn.Module):
         self.norm1, self.norm2 = _norm(cfg), _norm(cfg)
         self.attn = Attention(cfg)
         ffn = FFN(cfg)
-        self.ffn: nn.Module = ffn.to_sparse(cfg.ffn_n, cfg.ffn_d_lowrank) if cfg.sparse_ffn else ffn
+        self.ffn: nn.Module = (ffn.to_sparse(cfg.ffn_n, cfg.ffn_d_lowrank, mask_at=cfg.ffn_mask_at)
+                               if cfg.sparse_ffn else ffn)
 
     def forward(self, x: torch.Tensor, cos, sin) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cos, sin)
@@ -363,5 +365,6 @@ def with_sparse_ffn(model: CausalLM, calibration_ids: Optional[torch.Tensor] = N
     out = copy.deepcopy(model)
     out.cfg = dataclasses.replace(model.cfg, sparse_ffn=True, ffn_n=n, ffn_d_lowrank=d_lowrank)
     for i, layer in enumerate(out.layers):
-        layer.ffn = layer.ffn.to_sparse(n, d_lowrank, None if rows is None else rows[i], steps)
+        layer.ffn = layer.ffn.to_sparse(n, d_lowrank, None if rows is None else rows[i], steps,
+                                        mask_at=model.cfg.ffn_mask_at)
     return out.eval()

@@ -115,6 +115,9 @@ def anneal_dense_mix(model: nn.Module, step: int, warmup_steps: int) -> int:
     return len(controllers)
 
 
+MASK_AT = ("pre_activation", "post_activation")  # where training multiplies the mask (SparseFFN)
+
+
 class SparseFFN(nn.Module):
     """Dense FFN weights + `SparseFFNController`; sparse op at eval, masked dense product in training.
 
@@ -124,13 +127,22 @@ class SparseFFN(nn.Module):
     (d_ff, d_model), the layout `sparsecc::sparse_ffn` reads. With w_gate the
     FFN is gated: h = act(x w_gate^T + b_gate) * (x w_in^T + b_in) (SwiGLU with
     "silu", GeGLU with "gelu"); gate and up projections share the selection.
+
+    mask_at: where training multiplies the controller's mask. "pre_activation" (trax's _SparseFFMain):
+    act((x w_in^T + b_in) * mask), the gate's pre-activation for a gated FFN; with the straight-through
+    one-hot and relu only the selected unit of each block passes a gradient to the controller.
+    "post_activation" (sparsecc 0.1): act(x w_in^T + b_in) * mask, every unit passes one. Eval is the
+    same either way (the sparse op reads the selected units).
     """
 
     def __init__(self, w_in: torch.Tensor, b_in: Optional[torch.Tensor], w_out: torch.Tensor,
                  b_out: Optional[torch.Tensor], *, n: int = 32, d_lowrank: int = 64, activation: str = "relu",
                  w_gate: Optional[torch.Tensor] = None, b_gate: Optional[torch.Tensor] = None,
-                 controller: Optional[SparseFFNController] = None) -> None:
+                 controller: Optional[SparseFFNController] = None, mask_at: str = "pre_activation") -> None:
         super().__init__()
+        if mask_at not in MASK_AT:
+            raise UnsupportedError(f"SparseFFN: mask_at {mask_at!r} is not known; use one of {MASK_AT}")
+        self.mask_at = mask_at
         if activation not in ACTIVATIONS:
             raise UnsupportedError(f"SparseFFN: activation {activation!r} is not supported; use one of {ACTIVATIONS}")
         d_ff, d_model = w_in.shape
@@ -167,10 +179,19 @@ class SparseFFN(nn.Module):
             return activation_fn(up, self.activation)
         return activation_fn(F.linear(x, self.w_gate, self.b_gate), self.activation) * up
 
+    def masked_hidden(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Training's hidden activations (..., d_ff) under the controller's `mask` (see `mask_at`)."""
+        if self.mask_at == "post_activation":
+            return self.dense_hidden(x) * mask
+        up = F.linear(x, self.w_in, self.b_in)
+        if self.w_gate is None:
+            return activation_fn(up * mask, self.activation)
+        return activation_fn(F.linear(x, self.w_gate, self.b_gate) * mask, self.activation) * up
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., d_model) -> (..., d_model)."""
         if self.training:
-            h = self.dense_hidden(x) * self.controller(x)
+            h = self.masked_hidden(x, self.controller(x))
             out = h @ self.w_out_t
             return out if self.b_out is None else out + self.b_out
         c = self.controller

@@ -5,10 +5,12 @@
     sm.eval()                                                       # gather / scatter inference
 
 Loss per step (as released): task loss (optional, `task_loss(out, batch)`) + distillation to the dense
-teacher's outputs (`distill(student_out, teacher_out, batch)`; default KL on `.logits`, else a
-token-level cosine on the first output) + `penalty` * sum over layers (layer + 1) * (kept fraction -
-keep)^2 + `balance` * the mixture balance term (released gates). The gates train at `gate_lr`
-(0.1, as released), the model at `lr` (2e-5); the last `final_fraction` of the steps drop the
+teacher's outputs (`distill(student_out, teacher_out, batch)`; default KL(teacher || student) on
+`.logits`, else a token-level cosine on the first output) + `penalty` * the sparsity penalty (per
+example kept fractions, layer-weighted mean: `sparsecc.methods.token_flow.fit.sparsity_penalty`) +
+`balance` * the mixture balance term (released gates). AdamW (eps 1e-8) with the gate table at
+`gate_lr` (0.1), the mixture router and the model at `lr` (2e-5), all under one warm-up + cosine
+schedule over the steps (`sparsecc.train.optim`); the last `final_fraction` of the steps drop the
 penalty and balance terms. Training runs the soft-gate graph of the FlowSparseModel
 (Gumbel-sigmoid gates, temperature from the recipe); nothing of the user's model changes.
 """
@@ -26,6 +28,7 @@ from sparsecc.capture import call_with_inputs
 from sparsecc.methods.token_flow.fit import calibrate_keep, flow_hooks, kept_fractions
 from sparsecc.methods.token_flow.gates import FlowGates
 from sparsecc.train.losses import output_distill
+from sparsecc.train.optim import Schedule, make_optimizer, param_groups
 
 log = logging.getLogger("sparsecc.train.flow")
 
@@ -57,7 +60,9 @@ def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Opti
              distill: Optional[Callable[[Any, Any, Any], Tensor]] = None,
              task_loss: Optional[Callable[[Any, Any], Tensor]] = None,
              inputs_of: Callable[[Any], Any] = lambda batch: batch, lr: float = 2e-5, gate_lr: float = 0.1,
-             penalty: float = 1.0, balance: float = 0.1, final_fraction: float = 0.1, weight_decay: float = 0.0,
+             router_lr: Optional[float] = None, penalty: float = 1.0, balance: float = 1.0,
+             final_fraction: float = 0.05, weight_decay: float = 0.0, schedule: str = "cosine", warmup: int = 0,
+             penalty_form: str = "released", balance_form: str = "released",
              train_model: bool = True, teacher_cache: bool = True, calibrate: bool = True,
              hard_final: bool = False, track_keep: float = 0.1, progress: bool = True) -> FlowFitResult:
     """Train the gates (and, with train_model, the weights) of a token-flow `FlowSparseModel` in place.
@@ -66,6 +71,11 @@ def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Opti
     inputs, a tuple, a tensor). teacher: the dense model whose outputs are distilled (never modified);
     distill(student_out, teacher_out, inputs) -> loss (default `output_distill`); task_loss(out, batch)
     -> loss, for labelled data. teacher_cache: keep the teacher outputs of each distinct batch object.
+    lr / gate_lr / router_lr (None: lr): the model's, the gate table's and the mixture router's learning
+    rates; schedule ("cosine", "linear", "constant") with `warmup` warm-up steps scales all three.
+    penalty_form / balance_form: "released" (default) or sparsecc 0.1's "pooled" / "squares"; to train
+    as sparsecc 0.1 did: router_lr=0.1, schedule="constant", penalty_form="pooled",
+    balance_form="squares", balance=0.1, final_fraction=0.1.
     calibrate: at the end, set the thresholds so the hard gates keep the target fraction on the
     training batches (`calibrate_keep`; threshold gates only).
     hard_final: (threshold gates, not as released) calibrate at the start of the final phase, then
@@ -81,13 +91,12 @@ def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Opti
     if teacher is None and task_loss is None:
         raise ValueError("fit_flow needs a teacher (dense model to distil from) or a task_loss, or both")
     distill = distill or output_distill
-    hooks = flow_hooks(gate_lr=gate_lr, penalty=penalty, balance=balance, final_fraction=final_fraction)
-    groups = hooks.param_groups(sm)
-    own = {id(p) for g in groups for p in g["params"]}
-    model_params = [p for p in sm.parameters() if id(p) not in own and p.requires_grad] if train_model else []
-    if model_params and lr > 0:
-        groups.append({"params": model_params, "lr": lr, "weight_decay": weight_decay})
-    opt = torch.optim.AdamW(groups)
+    hooks = flow_hooks(gate_lr=gate_lr, router_lr=router_lr, penalty=penalty, balance=balance,
+                       final_fraction=final_fraction, penalty_form=penalty_form, balance_form=balance_form)
+    roles = {g["role"]: (g["params"], g["lr"]) for g in hooks.param_groups(sm, lr)}
+    groups = param_groups(sm, roles, model_lr=lr if train_model else None, weight_decay=weight_decay)
+    opt = make_optimizer(groups)
+    sched = Schedule(steps=steps, warmup=warmup, kind=schedule).attach(opt)
     if teacher is not None:
         teacher.eval()
     cache: dict = {}
@@ -110,7 +119,9 @@ def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Opti
                 sm.train()
                 gates.hard_training = True
                 gates.track_keep = track_keep
-                opt.param_groups[0]["lr"] = 0.0  # the gates stay as calibrated; the weights adapt to them
+                for g in opt.param_groups:  # the gates stay as calibrated; the weights adapt to them
+                    if g["role"] in ("gates", "routers"):
+                        g["base_lr"] = g["lr"] = 0.0
             batch = next(stream)
             if len(seen) < 64 and all(b is not batch for b in seen):
                 seen.append(batch)
@@ -140,6 +151,7 @@ def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Opti
                 loss = loss + weight * term
             loss.backward()
             opt.step()
+            sched.step()
             fractions = kept_fractions(gates)
             kept = float(sum(float(f.detach()) for f in fractions.values()) / max(len(fractions), 1))
             record = {"loss": float(loss.detach()), "kept": kept, **{k: float(v.detach()) for k, v in terms.items()}}

@@ -5,16 +5,20 @@
     result.model            # a SparseModel after the switch (the dense copy before it)
 
 Every `check_every` dense steps the mean attention map of every layer is taken on
-a probe batch; d_t = ||A_t - A_{t-1}||_F and delta = |d_t - d_{t-1}| / d_{t-1} * 100.
-When delta < threshold for every layer, layouts are generated once from maps on the
-calibration batches, the model is compiled with them, and training continues on the
-compiled model with a fresh optimizer (the paper restarts the LR schedule there).
+a probe batch and fed to `SwitchCriterion` (as released: the third map against the
+first, then consecutive ones, switch when int(delta) < 15 % for every layer). At the
+switch, layouts are generated once from maps on the calibration batches, the model is
+compiled with them, and training continues on the compiled model with the same AdamW
+state (moments carried over by parameter name) and the learning-rate schedule started
+again, as released. `max_dense_steps` caps the dense phase (with a warning); a run that
+never switches says so. `FitResult.switch_reason` records when and why.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -24,6 +28,7 @@ from torch import nn
 from sparsecc.methods.spion import Spion
 from sparsecc.methods.spion.layouts import SwitchCriterion
 from sparsecc.recipe import Recipe
+from sparsecc.train.optim import Schedule, move_optimizer_state
 
 log = logging.getLogger("sparsecc.train")
 
@@ -33,7 +38,8 @@ class SpionSchedule:
     spion: Any = field(default_factory=Spion)  # the attention config at the switch: Spion, or Fixed for a baseline
     check_every: int = 500  # E: steps between attention-map checks (the paper: 500, or 200)
     threshold_pct: float = 15.0  # switch when every layer's delta is below this
-    max_dense_steps: Optional[int] = None  # switch here at the latest
+    rule: str = "released"  # SwitchCriterion rule: "released" (A3 vs A1, int(delta)) or "consecutive"
+    max_dense_steps: Optional[int] = None  # switch here at the latest (warns)
     calibration_batches: int = 4  # batches whose attention maps make the layouts at the switch
 
 
@@ -42,6 +48,7 @@ class FitResult:
     model: nn.Module
     losses: list = field(default_factory=list)
     switched_at: Optional[int] = None
+    switch_reason: str = ""  # why the switch came then (or why it never did)
     deltas: list = field(default_factory=list)  # per check: {layer: delta %}
 
 
@@ -73,23 +80,25 @@ class _MapProbe:
 def fit(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], torch.Tensor], *,
         steps: int, lr: float = 1e-3, weight_decay: float = 0.01, schedule: Optional[SpionSchedule] = None,
         inputs_of: Callable[[Any], Any] = lambda batch: batch[0], optimizer: Optional[Callable] = None,
-        progress: bool = True) -> FitResult:
+        lr_schedule: str = "constant", warmup: int = 0, progress: bool = True) -> FitResult:
     """Train a copy of `model` for `steps` steps; with a SPION schedule, switch to sparse attention.
 
     loss_fn(module, batch) -> scalar loss; inputs_of(batch) -> the model inputs of a batch (used to
     capture and calibrate). optimizer(params) -> a torch optimizer (default AdamW(lr, weight_decay)).
-    The caller's model is not modified.
+    lr_schedule ("constant", "cosine", "linear") with `warmup` steps, over the dense phase and again
+    from the switch over the steps left. The caller's model is not modified.
     """
     import sparsecc
 
     make_opt = optimizer or (lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay))
     current: nn.Module = copy.deepcopy(model).train()
     opt = make_opt(current.parameters())
+    sched = Schedule(steps=steps, warmup=warmup, kind=lr_schedule).attach(opt)
     result = FitResult(model=current)
     stream = _cycle(batches)
     probe, criterion, recent = None, None, []
     if schedule is not None:
-        criterion = SwitchCriterion(threshold_pct=schedule.threshold_pct)
+        criterion = SwitchCriterion(threshold_pct=schedule.threshold_pct, rule=schedule.rule)
     bar = None
     if progress:
         try:
@@ -105,6 +114,7 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, 
         loss = loss_fn(current, batch)
         loss.backward()
         opt.step()
+        sched.step()
         result.losses.append(float(loss.detach()))
         if bar is not None:
             bar.update(1)
@@ -118,16 +128,32 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, 
         current.eval()
         if probe is None:
             probe = _MapProbe(current, inputs_of(batch))
-        switch = forced
+        stable = False
         if due:
-            switch = criterion.update(probe.maps(current, [inputs_of(recent[-1])])) or forced
+            stable = criterion.update(probe.maps(current, [inputs_of(recent[-1])]))
             result.deltas.append(dict(criterion.deltas))
-        if switch:
+        if stable or forced:
+            worst = (f"{max(criterion.deltas.values()):.1f} %" if criterion.deltas
+                     else "none yet: a delta needs three checks")
+            if stable:
+                result.switch_reason = (f"step {step + 1}: every layer's attention-map delta below "
+                                        f"{schedule.threshold_pct:g} % ({criterion.rule} rule; largest {worst})")
+            else:
+                result.switch_reason = (f"step {step + 1}: max_dense_steps={schedule.max_dense_steps} reached before "
+                                        f"the {criterion.rule} rule held (largest delta at the last check: "
+                                        f"{worst}; threshold {schedule.threshold_pct:g} %)")
+                warnings.warn(f"SPION: switching to sparse attention because {result.switch_reason}", stacklevel=2)
             calibration = [inputs_of(b) for b in recent]
-            log.info("switching to sparse attention at step %d", step + 1)
+            log.info("switching to sparse attention: %s", result.switch_reason)
+            old = dict(current.named_parameters())
             current = sparsecc.compile(current, inputs_of(batch), recipe=Recipe(attention=schedule.spion, ffn=None),
                                        calibration=calibration, check=False)
-            opt = make_opt(current.parameters())  # the paper restarts the schedule at the switch
+            # as released: AdamW keeps its moments, the learning-rate schedule starts again
+            carried, fresh = move_optimizer_state(opt, old, dict(current.named_parameters()))
+            if fresh:
+                log.info("SPION switch: %d parameters start with a fresh optimizer state (%s ...)", len(fresh),
+                         fresh[0])
+            sched.restart(steps - step - 1)
             result.switched_at = step + 1
             if bar is not None:
                 bar.set_description("training (sparse)")
@@ -135,5 +161,13 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, 
         result.model = current
     if bar is not None:
         bar.close()
+    if schedule is not None and result.switched_at is None:
+        worst = (f"{max(criterion.deltas.values()):.1f} %" if criterion.deltas
+                 else "none: a delta needs three checks")
+        result.switch_reason = (f"never: the {criterion.rule} rule did not hold in {criterion.steps} checks of "
+                                f"{steps} steps (largest delta at the last check: {worst}; threshold "
+                                f"{schedule.threshold_pct:g} %)")
+        warnings.warn(f"SPION: the model stayed dense; switch {result.switch_reason}. Train longer, raise "
+                      "threshold_pct, or set SpionSchedule(max_dense_steps=...)", stacklevel=2)
     result.model = current
     return result

@@ -21,6 +21,8 @@ class Spion:
     blocks at `density`), "spion_f" (flood fill without conv). All calibrate on data: pass
     calibration batches. Fixed patterns (BigBird, local, ...) are `sparsecc.Fixed`.
     layouts: a directory written by `sm.save_layouts` to reuse instead of calibrating.
+    pruned_logits: "-inf" (keys outside the layout get no weight: exact block-sparse attention) or
+    "zero" (they count as logit 0 in the softmax denominator, as the released SPION kernels do).
     """
 
     kind: typing.ClassVar[str] = "spion"
@@ -31,6 +33,7 @@ class Spion:
     density: float = 0.04
     layouts: Optional[str] = None
     seed: int = 0
+    pruned_logits: str = "-inf"
 
     def __post_init__(self):
         if self.method in FIXED_PATTERNS:
@@ -40,7 +43,7 @@ class Spion:
         if not (isinstance(self.quantile, float) and 0.0 < self.quantile < 1.0):
             raise RecipeError(f"recipe.attention.quantile: got {self.quantile!r}; expected 0 < quantile < 1 "
                               "(the paper uses 0.96, 0.98 or 0.99)")
-        check_fields(self, "recipe.attention", choices={"method": SPION_METHODS},
+        check_fields(self, "recipe.attention", choices={"method": SPION_METHODS, "pruned_logits": ("-inf", "zero")},
                      positive_ints=("block", "kernel_size"), unit=("density",))
 
     @property

@@ -22,6 +22,9 @@ class SpionMethod(BlockSparseMethod):
     def requested_density(self, config: Spion) -> Optional[float]:
         return config.density if config.method == "spion_c" else None
 
+    def pruned_logits(self, config: Spion) -> str:
+        return config.pruned_logits
+
     def observers(self, target: Target) -> list:
         if not target.config.needs_calibration:
             return []

@@ -251,31 +251,39 @@ def spion_layouts(maps: Mapping[str, torch.Tensor], method: str = "spion_cf", **
     return LayoutSet((name, gen(A, name=name, **kwargs)) for name, A in maps.items())
 
 
+SWITCH_RULES = ("released", "consecutive")
+
+
 class SwitchCriterion:
     """Dense -> sparse switch rule of SPION, checked every E steps on each layer's attention map.
 
-    update() takes {layer: A_t} and computes d_t = ||A_t - A_{t-1}||_F and
-    delta_t = |d_t - d_{t-1}| / d_{t-1} * 100 per layer. It returns True (and stays True) once
-    delta_t < threshold_pct for every layer; the first two calls only collect history. The
-    released code compares its third map with the first one (it does not advance A_{t-1} on
-    the second check); this class uses consecutive maps, as the paper states.
+    rule="released" (main_conv_ff.py): the first check stores A1 as the reference; the second stores
+    d = ||A2 - A1||_F and keeps A1; from the third on d_t = ||A_t - reference||_F,
+    delta = |d_t - d_prev| / d_prev * 100, d_prev <- d_t, and the switch comes when int(delta) <
+    threshold for every layer, else reference <- A_t. So the first comparison is A3 against A1, later
+    ones consecutive. rule="consecutive" (the paper's text, sparsecc 0.1): d_t = ||A_t - A_{t-1}||_F
+    from the second check on and delta < threshold (no truncation). Either way update() returns True
+    (and stays True) once the rule holds; `deltas` has the last check's delta per layer.
     """
 
-    def __init__(self, threshold_pct: float = 15.0):
+    def __init__(self, threshold_pct: float = 15.0, rule: str = "released"):
         if threshold_pct <= 0:
             raise LayoutError(f"threshold_pct must be positive, found {threshold_pct}; the paper uses 15")
+        if rule not in SWITCH_RULES:
+            raise LayoutError(f"switch rule {rule!r} is not known; expected one of {SWITCH_RULES}")
         self.threshold_pct = float(threshold_pct)
+        self.rule = rule
         self.switched = False
         self.steps = 0
         self.deltas: dict[str, float] = {}
-        self._prev_map: dict[str, torch.Tensor] = {}
+        self._reference: dict[str, torch.Tensor] = {}
         self._prev_dist: dict[str, float] = {}
 
     def update(self, layer_maps: Mapping[str, torch.Tensor]) -> bool:
         """Feed one check's averaged attention maps; True once every layer is stable."""
-        if self._prev_map and set(layer_maps) != set(self._prev_map):
+        if self._reference and set(layer_maps) != set(self._reference):
             raise LayoutError(
-                f"layer names changed between checks: had {sorted(self._prev_map)}, got {sorted(layer_maps)}; "
+                f"layer names changed between checks: had {sorted(self._reference)}, got {sorted(layer_maps)}; "
                 "pass the same layers every time"
             )
         self.steps += 1
@@ -283,15 +291,16 @@ class SwitchCriterion:
         if self.switched:
             return True
         dists: dict[str, float] = {}
-        if self._prev_map:
-            for name, A in maps.items():
-                prev = self._prev_map[name]
-                if prev.shape != A.shape:
-                    raise LayoutError(
-                        f"layer {name!r}: attention map shape changed from {tuple(prev.shape)} to "
-                        f"{tuple(A.shape)}; calibrate with a fixed sequence length"
-                    )
-                dists[name] = float(torch.linalg.norm((A - prev).double()))
+        for name, A in maps.items():
+            if name not in self._reference:
+                continue
+            prev = self._reference[name]
+            if prev.shape != A.shape:
+                raise LayoutError(
+                    f"layer {name!r}: attention map shape changed from {tuple(prev.shape)} to "
+                    f"{tuple(A.shape)}; calibrate with a fixed sequence length"
+                )
+            dists[name] = float(torch.linalg.norm((A - prev).double()))
         if self._prev_dist:
             self.deltas = {}
             for name, d in dists.items():
@@ -300,6 +309,11 @@ class SwitchCriterion:
                     self.deltas[name] = 0.0 if d == 0.0 else math.inf
                 else:
                     self.deltas[name] = abs(d - before) / before * 100.0
-            self.switched = all(v < self.threshold_pct for v in self.deltas.values())
-        self._prev_map, self._prev_dist = maps, dists
+            stable = (lambda v: math.isfinite(v) and int(v) < self.threshold_pct) if self.rule == "released" \
+                else (lambda v: v < self.threshold_pct)
+            self.switched = all(stable(v) for v in self.deltas.values())
+        keep_first = self.rule == "released" and self.steps == 2  # A1 stays the reference for A3
+        if not keep_first:
+            self._reference = maps
+        self._prev_dist = dists
         return self.switched

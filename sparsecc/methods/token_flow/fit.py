@@ -1,10 +1,16 @@
 """What fine-tuning a token-flow model needs: the gate losses, the thresholds, the parameter groups.
 
-As released: the sparsity penalty sum over layers (layer + 1) * (kept fraction - keep)^2 and the
-mixture balance term train the gates at their own learning rate (0.1) while the model trains at its
-(2e-5); the last `final_fraction` of the steps drop both terms; afterwards `calibrate_keep` sets the
-thresholds so the hard decisions keep the target fraction. `flow_hooks` hands these to a training
-loop (`sparsecc.train.flow.fit_flow`).
+As released (yeachan-kr/sparseflow, solvers/popu_multi_solver.py): the sparsity penalty is, per layer
+i, the kept fraction of each example over its non-padding tokens, (kept - keep)^2 averaged over the
+batch, weighted by (i + 1), the sum divided by sum(i + 1); the balance term is, per layer, the one-hot
+of each example's arg-max mixture averaged over the batch times the mean mixture probabilities,
+summed over the mixtures. The gate table trains at its own learning rate (0.1), the mixture router and
+the model at the model's (2e-5); the last `final_fraction` of the steps drop both terms; afterwards
+`calibrate_keep` sets the thresholds so the hard decisions keep the target fraction. `flow_hooks`
+hands these to a training loop (`sparsecc.train.flow.fit_flow`). The forms sparsecc 0.1 used
+(`penalty_form="pooled"`: one kept fraction over the whole batch, the weighted sum not normalised;
+`balance_form="squares"`: n_mix * sum_m (mean_b w[b, m])^2 - 1; the router at the gate lr) stay
+reachable as options.
 """
 
 from __future__ import annotations
@@ -44,26 +50,58 @@ def kept_fractions(gates: FlowGates) -> dict:
     return out
 
 
-def sparsity_penalty(gates: FlowGates, target: Optional[float] = None) -> Tensor:
-    """sum over layers (layer + 1) * (kept fraction - target)^2 (as released); 0 for top-k gates (fixed budget).
-    target: one for every segment (default: each segment's own, `TokenFlow.keep`)."""
-    fractions = kept_fractions(gates)
-    if not fractions or gates.select == "topk":
+PENALTY_FORMS = ("released", "pooled")
+BALANCE_FORMS = ("released", "squares")
+
+
+def _per_example(g: Tensor, valid: Optional[Tensor]) -> Tensor:
+    """[B] kept fraction of each example over its non-padding tokens."""
+    if valid is None:
+        return g.mean(1)
+    v = valid.to(g.dtype)
+    return (g * v).sum(1) / v.sum(1).clamp_min(1.0)
+
+
+def sparsity_penalty(gates: FlowGates, target: Optional[float] = None, form: str = "released") -> Tensor:
+    """The gates' distance from their kept-fraction targets; 0 for top-k gates (a fixed budget).
+
+    form="released": sum_i (i + 1) * mean_b (kept_b,i - keep_i)^2 / sum_i (i + 1), kept_b,i per example
+    over its non-padding tokens. form="pooled": sum_i (i + 1) * (kept_i - keep_i)^2 with kept_i over the
+    whole batch (sparsecc 0.1; 21x the released value at 6 layers). i counts the layers of each
+    stack from 0. target: one for every segment (default: each segment's own, `TokenFlow.keep`)."""
+    if form not in PENALTY_FORMS:
+        raise ValueError(f"penalty form {form!r} is not known; expected one of {PENALTY_FORMS}")
+    if not gates.last_gates or gates.select == "topk":
         return torch.zeros(())
     weights = _layer_weights(gates)
     targets = gates.keep_targets if target is None else [target] * gates.n_segments
-    return sum(weights[s] * (f - targets[s]) ** 2 for s, f in fractions.items())
+    if form == "pooled":
+        return sum(weights[s] * (f - targets[s]) ** 2 for s, f in kept_fractions(gates).items())
+    total = sum(weights[s] * ((_per_example(g, valid) - targets[s]) ** 2).mean()
+                for s, (g, valid) in gates.last_gates.items())
+    return total / sum(weights[s] for s in gates.last_gates)
 
 
-def balance_loss(gates: FlowGates) -> Tensor:
-    """n_mix * sum_m (mean_b w[b, m])^2 - 1 over each stack's router: 0 when the mixture is used evenly."""
+def balance_loss(gates: FlowGates, form: str = "released") -> Tensor:
+    """How unevenly the examples use the gate mixtures (released gates; 0 without a router).
+
+    form="released": per router, sum_m onehot(argmax_m w[b, m]).mean_b * w[b, m].mean_b, mean over
+    the routers (the released code has one router, the same value at every layer).
+    form="squares": n_mix * sum_m (mean_b w[b, m])^2 - 1 per router, summed (sparsecc 0.1)."""
+    if form not in BALANCE_FORMS:
+        raise ValueError(f"balance form {form!r} is not known; expected one of {BALANCE_FORMS}")
     if not gates.last_mix:
         return torch.zeros(())
-    total = torch.zeros(())
+    terms = []
     for mix in gates.last_mix.values():
         p = mix.mean(0)
-        total = total + p.numel() * (p * p).sum() - 1.0
-    return total
+        if form == "squares":
+            terms.append(p.numel() * (p * p).sum() - 1.0)
+        else:
+            chosen = torch.nn.functional.one_hot(mix.argmax(-1), mix.shape[-1]).to(mix.dtype).mean(0)
+            terms.append((chosen * p).sum())
+    total = torch.stack(terms)
+    return total.sum() if form == "squares" else total.mean()
 
 
 def calibrate_keep(sm: nn.Module, batches: Iterable[Any], keep: Optional[float] = None,
@@ -108,17 +146,33 @@ def calibrate_keep(sm: nn.Module, batches: Iterable[Any], keep: Optional[float] 
     return shifts
 
 
-def flow_hooks(config: Any = None, *, gate_lr: float = 0.1, penalty: float = 1.0, balance: float = 0.1,
-               final_fraction: float = 0.1) -> FitHooks:
-    """The gates as their own parameter group at `gate_lr`; penalty and balance terms until the final phase."""
-    def param_groups(sm: nn.Module) -> list:
-        return [{"params": list(sm.flow_gates.parameters()), "lr": gate_lr, "weight_decay": 0.0}]
+def flow_hooks(config: Any = None, *, gate_lr: float = 0.1, router_lr: Optional[float] = None,
+               penalty: float = 1.0, balance: float = 1.0, final_fraction: float = 0.05,
+               penalty_form: str = "released", balance_form: str = "released") -> FitHooks:
+    """The gate table (and content scorers) as the "gates" group at `gate_lr`; the mixture routers as the
+    "routers" group at `router_lr` (None: the model's lr, as released); penalty and balance terms until
+    the final phase (released: the last of 20 epochs, 0.05)."""
+    if penalty_form not in PENALTY_FORMS or balance_form not in BALANCE_FORMS:
+        raise ValueError(f"penalty_form must be one of {PENALTY_FORMS} and balance_form one of {BALANCE_FORMS}; "
+                         f"got {penalty_form!r}, {balance_form!r}")
+
+    def param_groups(sm: nn.Module, model_lr: float = 2e-5) -> list:
+        gates = sm.flow_gates
+        routers = list(gates.routers.parameters()) if hasattr(gates, "routers") else []
+        own = {id(p) for p in routers}
+        table = [p for p in gates.parameters() if id(p) not in own]
+        groups = [{"params": table, "lr": gate_lr, "weight_decay": 0.0, "role": "gates"}]
+        if routers:
+            groups.append({"params": routers, "lr": model_lr if router_lr is None else router_lr,
+                           "weight_decay": 0.0, "role": "routers"})
+        return [g for g in groups if g["params"]]
 
     def loss(sm: nn.Module, step: int, steps: int) -> dict:
         if step >= steps - int(round(final_fraction * steps)):
             return {}
         gates = sm.flow_gates
-        return {"penalty": (penalty, sparsity_penalty(gates)), "balance": (balance, balance_loss(gates))}
+        return {"penalty": (penalty, sparsity_penalty(gates, form=penalty_form)),
+                "balance": (balance, balance_loss(gates, form=balance_form))}
 
     return FitHooks(param_groups=param_groups, loss=loss,
                     on_end=lambda sm, batches: calibrate_keep(sm, batches))
