@@ -215,7 +215,7 @@ def layer_distillation(sm, model, distill, weight: float):
 TRAINING = {
     "released": {},
     "sparsecc-0.1": {"router_lr": 0.1, "schedule": "constant", "penalty_form": "pooled", "balance_form": "squares",
-                     "balance": 0.1},
+                     "balance": 0.1, "final_fraction": 0.1},
 }
 
 
@@ -236,8 +236,9 @@ def main() -> None:
     parser.add_argument("--training", choices=sorted(TRAINING), default="released",
                         help="released: the authors' losses, router lr and cosine schedule; sparsecc-0.1: "
                              "pooled penalty, squares balance (0.1), router at the gate lr, constant lr")
-    parser.add_argument("--final-fraction", type=float, default=0.1,
-                        help="fraction of the steps in the final, penalty-free phase (released: 0.1)")
+    parser.add_argument("--final-fraction", type=float, default=None,
+                        help="fraction of the steps in the final, penalty-free phase (default: the --training's, "
+                             "0.05 released = the last of 20 epochs, 0.1 sparsecc-0.1)")
     parser.add_argument("--token-weight", type=float, default=0.5,
                         help="weight of the token-state cosine next to the sentence-embedding cosine in the "
                              "distillation loss (embedding_distill)")
@@ -309,9 +310,14 @@ def main() -> None:
         handle = None
         if args.layer_weight:
             teacher, distill, handle = layer_distillation(sm, model, distill, args.layer_weight)
-        fit_flow(sm, train, teacher=teacher, steps=args.steps, progress=True, lr=args.lr, gate_lr=args.gate_lr,
-                 hard_final=args.hard_final, final_fraction=args.final_fraction, track_keep=args.track_keep,
-                 distill=distill, **TRAINING[args.training])
+        fit = fit_flow(sm, train, teacher=teacher, steps=args.steps, progress=True, lr=args.lr,
+                       gate_lr=args.gate_lr, hard_final=args.hard_final, track_keep=args.track_keep,
+                       distill=distill, **{**TRAINING[args.training], **(
+                           {} if args.final_fraction is None else {"final_fraction": args.final_fraction})})
+        penalised = [h for h in fit.history if "penalty" in h]
+        print(f"{key}: training {args.training}; the gates kept {fit.history[-1]['kept']:.3f} at the last step "
+              f"and {penalised[-1]['kept'] if penalised else float('nan'):.3f} at the last step with the penalty "
+              "(mean over layers; soft gates unless --hard-final)", flush=True)
         if handle is not None:
             handle.remove()
         train_s = time.time() - t0
