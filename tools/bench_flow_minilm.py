@@ -261,6 +261,8 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="replace the SparseFlow section of BENCHMARKS.md")
     parser.add_argument("--out", help="also write the section to this file")
     args = parser.parse_args()
+    if args.final_fraction is None:  # the training's own (fit_flow's default for "released")
+        args.final_fraction = TRAINING[args.training].get("final_fraction", 0.05)
     if not 0.0 <= args.final_fraction < 1.0:
         parser.error(f"--final-fraction must be in [0, 1), got {args.final_fraction}")
     if args.threads:
@@ -312,8 +314,7 @@ def main() -> None:
             teacher, distill, handle = layer_distillation(sm, model, distill, args.layer_weight)
         fit = fit_flow(sm, train, teacher=teacher, steps=args.steps, progress=True, lr=args.lr,
                        gate_lr=args.gate_lr, hard_final=args.hard_final, track_keep=args.track_keep,
-                       distill=distill, **{**TRAINING[args.training], **(
-                           {} if args.final_fraction is None else {"final_fraction": args.final_fraction})})
+                       distill=distill, **{**TRAINING[args.training], "final_fraction": args.final_fraction})
         penalised = [h for h in fit.history if "penalty" in h]
         print(f"{key}: training {args.training}; the gates kept {fit.history[-1]['kept']:.3f} at the last step "
               f"and {penalised[-1]['kept'] if penalised else float('nan'):.3f} at the last step with the penalty "
@@ -358,7 +359,7 @@ def render(args, rows, lat_rows, machine: str, seconds: float, train_text: list)
              f"on {len(train_text)} training paragraphs ({args.corpus}) "
              f"(model lr {args.lr:g}, gate lr {args.gate_lr:g}, token weight {args.token_weight:g}, "
              f"{f'layer weight {args.layer_weight:g}, ' if args.layer_weight else ''}"
-             f"final phase {args.final_fraction:g} of the steps"
+             f"final phase {args.final_fraction:g} of the steps, training {args.training}"
              f"{f', on hard decisions, track_keep {args.track_keep:g}' if args.hard_final else ''}). "
              "Held-out text: "
              f"{args.eval_paragraphs} paragraphs (cosine, FLOPs), {args.queries} queries (first half of a paragraph) "
