@@ -414,6 +414,13 @@ def test_exported_file_has_the_model_output_names_and_a_plain_file_mode(tmp_path
     spec = pytree.tree_flatten({"logits": x, "past": [(x, x)]})[1]
     assert sonnx.output_names(spec) == ["logits", "past.0.0", "past.0.1"]
     assert sonnx.output_names(pytree.tree_flatten((x, x))[1]) == ["output_0", "output_1"]
+    from transformers import GPT2Config, GPT2LMHeadModel  # use_cache is on by default: a constant, not an input
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+    ids = torch.randint(0, 128, (2, 16))
+    sparsecc.compile(lm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, progress=False).export_onnx(
+        str(tmp_path / "lm.onnx"))
+    g = onnx.load(str(tmp_path / "lm.onnx")).graph
+    assert [v.name for v in g.input] == ["input_ids", "attention_mask"] and [v.name for v in g.output] == ["logits"]
 
 
 def test_onnxruntime_past_the_layout_length_says_so(tmp_path):

@@ -176,6 +176,14 @@ CASES = [
         sparsecc.compile(m, i, progress=False).export_onnx("names.onnx")
         g = onnx.load("names.onnx").graph
         print("inputs", [v.name for v in g.input], "outputs", [v.name for v in g.output])"""),
+    ("onnx-lm", "the input and output names of an exported GPT-2 LM head model (use_cache on by default)", PY, """
+        import onnx
+        from transformers import GPT2Config, GPT2LMHeadModel
+        m = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+        ids = torch.randint(0, 128, (2, 16))
+        sparsecc.compile(m, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}).export_onnx("lm.onnx")
+        g = onnx.load("lm.onnx").graph
+        print("inputs", [v.name for v in g.input], "outputs", [v.name for v in g.output])"""),
     ("ort-past-len", "onnxruntime backend run at L = 32 with block layouts made for L = 16", PY, """
         m, i = T.bert()
         sm = sparsecc.compile(m, i, backend="onnxruntime", progress=False, recipe=sparsecc.Recipe(
