@@ -15,7 +15,8 @@ class GraphSummary:
     nodes: int
     ops: dict
     parameters: int
-    inputs: list
+    inputs: list  # the tensor inputs, as the compiled model and its ONNX export take them
+    constants: dict = field(default_factory=dict)  # non-tensor inputs fixed at capture, e.g. use_cache=False
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -23,9 +24,16 @@ class GraphSummary:
 
 def graph_summary(gm: fx.GraphModule) -> GraphSummary:
     ops = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-    inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = [n.name for n in placeholders if not _is_constant(n.meta.get("val"))]
+    constants = {n.name: n.meta["val"] for n in placeholders if _is_constant(n.meta.get("val"))}
     params = sum(p.numel() for p in gm.parameters())
-    return GraphSummary(nodes=len(gm.graph.nodes), ops=dict(ops.most_common()), parameters=params, inputs=inputs)
+    return GraphSummary(nodes=len(gm.graph.nodes), ops=dict(ops.most_common()), parameters=params, inputs=inputs,
+                        constants=constants)
+
+
+def _is_constant(value) -> bool:
+    return isinstance(value, (bool, int, float, str)) or value is None
 
 
 @dataclass
@@ -174,7 +182,8 @@ def region_table(report) -> str:
         summary += f", {human(after)} after sparsification ({ratio(report.dense_flops(), after)})"
     lines = [f"{report.model}: {len(report.attention)} attention and {len(report.ffn)} FFN regions, {summary}",
              table,
-             f"graph: {g.nodes} nodes, {human(g.parameters)} parameters, inputs {g.inputs}",
+             f"graph: {g.nodes} nodes, {human(g.parameters)} parameters, inputs {g.inputs}"
+             + (f", constants {', '.join(f'{k}={v!r}' for k, v in g.constants.items())}" if g.constants else ""),
              f"ops: {top}"]
     flow = flow_summary(report)
     if flow:

@@ -24,6 +24,15 @@ def test_inspect_factory_json(capsys):
     assert data["graph"]["nodes"] > 0
 
 
+def test_report_lists_tensor_inputs_and_the_constants_apart(capsys):
+    """use_cache=False is fixed at capture: a constant of the graph, not an input (nor in the ONNX export)."""
+    data = _json(capsys, ["inspect", "sparsecc.testing:bert", "--json"])
+    assert data["graph"]["inputs"] == ["input_ids", "attention_mask"]
+    assert data["graph"]["constants"] == {"use_cache": False}
+    main(["inspect", "sparsecc.testing:bert"])
+    assert "inputs ['input_ids', 'attention_mask'], constants use_cache=False" in capsys.readouterr().out
+
+
 def test_inspect_hf_directory_table_and_dot(tmp_path, capsys):
     model, _ = T.bert("sdpa", layers=3)
     model.save_pretrained(tmp_path / "bert")
