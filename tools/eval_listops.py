@@ -301,6 +301,9 @@ def parse_args(argv=None):
     p.add_argument("--block", type=int, default=None, help="block size (default 64; 32 with --quick)")
     p.add_argument("--quantile", type=float, default=0.98, help="SPION-CF quantile (ListOps as released: 0.98)")
     p.add_argument("--switch-threshold", type=float, default=15.0, help="SwitchCriterion threshold in %%")
+    p.add_argument("--switch-rule", choices=["released", "consecutive"], default="released",
+                   help="SwitchCriterion rule: released (the third map against the first, then consecutive, "
+                        "int(delta)) or consecutive (the paper's text; sparsecc 0.1)")
     p.add_argument("--check-every", type=int, default=None, help="steps between switch checks (default steps/20)")
     p.add_argument("--max-dense-frac", type=float, default=0.3, help="force the switch after this fraction of steps")
     p.add_argument("--bigbird-block", type=int, default=None,
@@ -471,7 +474,7 @@ def main(argv=None) -> int:
         base.sched_total = S
         need_switch = any(v in args.variants for v in ("spion_cf", "spion_c", "bigbird"))
         state = {"maps": None, "reason": None, "deltas": {}}
-        crit = SwitchCriterion(args.switch_threshold)
+        crit = SwitchCriterion(args.switch_threshold, rule=args.switch_rule)
 
         def on_step(run: Run) -> bool:
             if run.step % check_every and run.step < max_dense:
@@ -486,7 +489,8 @@ def main(argv=None) -> int:
                 print(f"  check at step {run.step}: deltas {state['deltas']} ({time.perf_counter() - t:.1f}s)",
                       flush=True)
             if switched:
-                state["reason"] = f"SwitchCriterion < {args.switch_threshold:g} % in every layer"
+                state["reason"] = (f"SwitchCriterion ({args.switch_rule}) < {args.switch_threshold:g} % in every "
+                                   f"layer at step {run.step}")
                 return True
             if run.step >= max_dense:
                 state["reason"] = f"forced after {max_dense} dense steps (max-dense-frac {args.max_dense_frac})"
