@@ -30,7 +30,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from types import ModuleType
