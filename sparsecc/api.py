@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch.fx as fx
 from torch import nn
 
+from sparsecc import distributed
 from sparsecc.backends import get_backend
 from sparsecc.calibrate import calibrate
 from sparsecc.capture import Captured, capture, check_calibration, normalize_inputs
@@ -127,8 +128,12 @@ def _groups(targets: dict) -> list[tuple[str, Any, list[Target]]]:
 
 def _calibrate_and_plan(ctx: PassContext, groups: list, calibration: Any, plans: Optional[dict],
                         progress: bool) -> None:
-    """One calibration pass with every observer of every method, then each method plans its regions."""
+    """One calibration pass with every observer of every method, then each method plans its regions.
+
+    Under torch.distributed every rank calibrates on its own batches, the statistics are reduced, rank 0
+    plans, and the plans are broadcast and checked (sparsecc.distributed)."""
     plans = plans or {}
+    comm = distributed.current()
     observed = []
     for _, handler, group in groups:
         for t in group:
@@ -138,19 +143,54 @@ def _calibrate_and_plan(ctx: PassContext, groups: list, calibration: Any, plans:
                 continue
             observed.append((handler, t, handler.observers(t)))
     observers = [o for _, _, obs in observed for o in obs]
+    if comm is not None:
+        comm.check_same("the regions to plan and their observers",
+                        {t.name: (type(t.config).kind, [type(o).__name__ for o in obs]) for _, t, obs in observed},
+                        "Every rank must compile the same model with the same recipe and the same plans=.")
+    start = time.perf_counter()
     if observers:
         if calibration is None:
             kinds = sorted({type(t.config).kind for _, t, obs in observed if obs})
             log.warning("methods %s calibrate on data; no calibration batches were given, so the example inputs are "
                         "used. Pass calibration=[inputs, ...] with real data.", kinds)
             calibration = [(ctx.captured.args, ctx.captured.kwargs)]
-        calibrate(ctx.captured, ctx.captured.gm, observers, calibration, progress=progress)
-    for handler, t, obs in observed:
-        try:
-            t.plan = handler.plan(t, obs, ctx)
-        except SparseccError as err:  # name the region: the message alone may not say which layer
-            raise type(err)(f"region {t.name} (layer {t.region.layer}), recipe.{handler.slots[0]} = "
-                            f"{describe_config(t.config)}: {err}") from err
+        _on_every_rank(comm, "calibration", lambda: calibrate(ctx.captured, ctx.captured.gm, observers, calibration,
+                                                              progress=progress))
+        if comm is not None:
+            for o in observers:
+                o.reduce(comm)
+    plan_all = lambda: [_plan(handler, t, obs, ctx) for handler, t, obs in observed]  # noqa: E731
+    _on_every_rank(comm, "planning", plan_all if comm is None or comm.rank == 0 else (lambda: None))
+    if comm is not None:
+        made = comm.broadcast({t.name: t.plan for _, t, _ in observed})
+        for _, t, _ in observed:
+            t.plan = made[t.name]
+        comm.check_same("plans", {t.name: t.plan.digest() if t.plan else None for _, _, g in groups for t in g},
+                        "Ranks were given different plans= (or a plan changed on its way); pass every rank the same.")
+        ctx.data["distributed"] = {"world_size": comm.world_size, "rank": comm.rank, "backend": comm.backend,
+                                   "bytes_sent": comm.bytes_sent, "seconds": time.perf_counter() - start}
+
+
+def _on_every_rank(comm: Optional[distributed.Comm], stage: str, work) -> None:
+    """Run `work`; with several ranks, end the stage on all of them together (an error anywhere raises
+    everywhere, naming the rank)."""
+    if comm is None:
+        work()
+        return
+    error = None
+    try:
+        work()
+    except Exception as err:  # told to every rank by settle, which raises
+        error = err
+    comm.settle(stage, error)
+
+
+def _plan(handler: Any, t: Target, observers: list, ctx: PassContext) -> None:
+    try:
+        t.plan = handler.plan(t, observers, ctx)
+    except SparseccError as err:  # name the region: the message alone may not say which layer
+        raise type(err)(f"region {t.name} (layer {t.region.layer}), recipe.{handler.slots[0]} = "
+                        f"{describe_config(t.config)}: {err}") from err
 
 
 def _rewrite_pass(handler: Any, group: list[Target]):
@@ -210,6 +250,7 @@ def compile(model: nn.Module, example_inputs: Any, recipe: Optional[Recipe] = No
                                            dump_dir=dump_dir).run(a.captured.gm, ctx)
     times["rewrite"] = time.perf_counter() - start
     report.unmatched += notes + ctx.data.get("skipped", [])
+    report.distributed = ctx.data.get("distributed", {})
     _warn_changed_densities(report)
     all_targets = [t for _, _, group in groups for t in group]
     from sparsecc.layouts import LayoutSet

@@ -5,6 +5,9 @@ and keeps its statistics as sums and counts (or a capped sample of rows), so sta
 several batches, or of several processes, combine by addition. `calibrate` runs the graph
 once per batch with every observer of every method, then each method plans from them.
 
+On several processes (torch.distributed), `Observer.reduce` combines every rank's statistics so that each
+rank holds those of the union of the shards (sparsecc.distributed drives it).
+
 Attention maps (SPION) are the softmax probabilities of an attention region summed over batch
 items and heads: one [L, S] sum per region plus the number of items that covered each cell,
 computed in chunks of query rows so no [B, H, L, S] tensor is ever held. Batches of different
@@ -75,6 +78,10 @@ class Observer:
     def empty(self) -> bool:
         raise NotImplementedError
 
+    def reduce(self, comm: Any) -> None:
+        """Combine with the same observer on every other rank (`comm`: a sparsecc.distributed.Comm)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot combine statistics across processes")
+
 
 class AttentionMapObserver(Observer):
     """Sum of the attention probabilities at an SDPA node and, per (L, S), how many items were seen."""
@@ -82,7 +89,9 @@ class AttentionMapObserver(Observer):
     def __init__(self, node: fx.Node, region: str, chunk: int = 256):
         super().__init__(node, region)
         self.chunk = chunk
-        self.sum: Optional[torch.Tensor] = None  # [L_max, S_max]
+        # [L_max, S_max] in float64: sums of a few fp32 maps are then exact, so the order of the additions
+        # (one process, or several ranks reduced) does not change the map
+        self.sum: Optional[torch.Tensor] = None
         self.counts: dict[tuple[int, int], int] = {}  # (L, S) of a batch -> items (batch x heads) seen
 
     def observe(self, args: tuple, kwargs: dict, output: Any) -> None:
@@ -93,7 +102,7 @@ class AttentionMapObserver(Observer):
 
     def add(self, total: torch.Tensor, counts: dict) -> None:
         if self.sum is None:
-            self.sum = total.clone()
+            self.sum = total.double()
         else:
             L, S = max(self.sum.shape[0], total.shape[0]), max(self.sum.shape[1], total.shape[1])
             if (L, S) != tuple(self.sum.shape):
@@ -107,6 +116,21 @@ class AttentionMapObserver(Observer):
     @property
     def empty(self) -> bool:
         return self.sum is None
+
+    def reduce(self, comm: Any) -> None:
+        """Every rank's sums added into the largest (L, S) any rank saw; counts added (all_reduce of O(L x S))."""
+        seen = comm.all_gather((tuple(self.sum.shape) if self.sum is not None else (0, 0), self.counts))
+        L, S = max(shape[0] for shape, _ in seen), max(shape[1] for shape, _ in seen)
+        if L == 0 or S == 0:
+            return
+        grid = torch.zeros(L, S, dtype=torch.float64)
+        if self.sum is not None:
+            grid[:self.sum.shape[0], :self.sum.shape[1]] = self.sum
+        self.sum = comm.all_reduce_sum(grid)
+        self.counts = {}
+        for _, counts in seen:
+            for key, n in counts.items():
+                self.counts[key] = self.counts.get(key, 0) + n
 
     def cell_counts(self) -> torch.Tensor:
         """[L_max, S_max]: how many items covered each cell."""
@@ -142,6 +166,13 @@ class RowObserver(Observer):
     @property
     def empty(self) -> bool:
         return self.count == 0
+
+    def reduce(self, comm: Any) -> None:
+        """The ranks' samples in rank order, capped at `max_rows` (with contiguous shards: the rows one process
+        would have kept)."""
+        gathered = [rows for rows in comm.all_gather(self.value() if self.count else None) if rows is not None]
+        self.rows = [torch.cat(gathered)[: self.max_rows]] if gathered else []
+        self.count = self.rows[0].shape[0] if self.rows else 0
 
     def value(self) -> torch.Tensor:
         return torch.cat(self.rows)

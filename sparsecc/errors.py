@@ -33,3 +33,7 @@ class LayoutError(SparseccError, ValueError):
 
 class UnsupportedError(SparseccError):
     """An input the current version cannot handle (says what would be needed)."""
+
+
+class DistributedError(SparseccError):
+    """Processes of one torch.distributed run disagree, or one of them failed or stopped answering."""

@@ -48,6 +48,8 @@ class Report:
     # the free-text notes of methods (regions a method's match refused)
     unmatched: list = field(default_factory=list)
     stage_seconds: dict = field(default_factory=dict)
+    # calibration on several processes: world_size, rank, backend, bytes_sent (by this rank), seconds
+    distributed: dict = field(default_factory=dict)
 
     @property
     def attention(self) -> list:
@@ -65,7 +67,7 @@ class Report:
                 "graph": self.graph.to_dict(), "unmatched": [as_miss(u).to_dict() for u in self.unmatched],
                 "passes": [{"name": p.name, "changes": len(p.changes), "notes": [str(c) for c in p.changes],
                             "seconds": p.seconds, "max_abs_error": p.max_abs_error} for p in self.passes],
-                "stage_seconds": dict(self.stage_seconds)}
+                "stage_seconds": dict(self.stage_seconds), "distributed": dict(self.distributed)}
 
     def table(self) -> str:
         return region_table(self)
@@ -111,7 +113,7 @@ def saved_report(data: dict) -> Report:
                   passes=[PassResult(p["name"], list(p.get("notes", [])), p["seconds"], p["max_abs_error"])
                           for p in data["passes"]],
                   unmatched=[Miss(**u) if isinstance(u, dict) else u for u in data["unmatched"]],
-                  stage_seconds=dict(data["stage_seconds"]))
+                  stage_seconds=dict(data["stage_seconds"]), distributed=dict(data.get("distributed", {})))
 
 
 #: a layout whose density differs from the requested one by more than this fraction of it is reported

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent / "sparsecc"
 
 # lowest first; a module belongs to the longest prefix listed. Within one layer imports are free (no circles).
 LAYERS: list[tuple[str, ...]] = [
-    ("sparsecc.errors", "sparsecc.io", "sparsecc.progress", "sparsecc.version", "sparsecc.data"),
+    ("sparsecc.errors", "sparsecc.io", "sparsecc.progress", "sparsecc.version", "sparsecc.data",
+     "sparsecc.distributed"),
     ("sparsecc.layouts", "sparsecc.capture", "sparsecc.passes"),
     ("sparsecc.ops",),
     ("sparsecc.nn", "sparsecc.graph"),

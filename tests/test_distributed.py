@@ -1,0 +1,145 @@
+"""Calibration on 2 real processes (gloo, CPU, a FileStore): the reduced statistics give the plans of one
+process calibrating on all the batches, bit for bit; a rank with different plans, a rank that raises and a
+rank that dies end the run on every rank with an error naming it."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import sparsecc
+from sparsecc import distributed
+from sparsecc import testing as T
+from sparsecc.errors import DistributedError
+
+WORLD = 2
+
+
+def _recipe():
+    return sparsecc.Recipe(attention=sparsecc.Spion(block=8, quantile=0.9),
+                           ffn=sparsecc.SparseFFN(n=4, d_lowrank=4, steps=5, max_tokens=80))
+
+
+def _batches(n: int = 4, seq: int = 32) -> list:
+    out = []
+    for i in range(n):
+        ids = T._ids(seq=seq - 8 * (i % 2), seed=10 + i)  # two lengths: maps add into the top-left corner
+        mask = torch.ones_like(ids)
+        mask[i % 2, -(i + 1):] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def _digests(sm) -> dict:
+    return {name: plan.digest() for name, plan in sm.plans.items()}
+
+
+class _DiesAt:
+    """Batches that end the process (no exception, no clean-up) when the second one is read."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        yield self.batches[0]
+        os._exit(7)
+
+
+def _worker(rank: int, store: str, out_dir: str, scenario: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    os.environ[distributed.TIMEOUT_ENV] = "20"
+    model, inputs = T.bert("sdpa", seq=32)
+    result: dict = {}
+    try:
+        if scenario == "plans":
+            mine = distributed.shard(_batches())
+            sm = sparsecc.compile(model, inputs, recipe=_recipe(), calibration=mine, progress=False)
+            result["digests"] = _digests(sm)
+            result["report"] = sm.report().distributed
+            result["layouts"] = {k: v.mask.clone() for k, v in sm.layouts.items()}
+            # the same plans, except that rank 1 holds one layout with a block flipped
+            plans = dict(sm.plans)
+            if rank == 1:
+                name = sorted(n for n, p in plans.items() if "mask" in p.tensors)[0]
+                changed = plans[name].tensors["mask"].clone()
+                changed[-1, 0] = not changed[-1, 0]
+                plans[name] = sparsecc.Plan(plans[name].method, name, dict(plans[name].values),
+                                            {**plans[name].tensors, "mask": changed})
+            try:
+                sparsecc.compile(model, inputs, recipe=_recipe(), plans=plans, progress=False)
+            except DistributedError as err:
+                result["mismatch"] = str(err)
+        elif scenario == "raises":
+            mine = distributed.shard(_batches())
+            if rank == 1:
+                mine = [mine[0], {"input_ids": mine[1]["input_ids"]}]  # a batch without its attention_mask
+            try:
+                sparsecc.compile(model, inputs, recipe=_recipe(), calibration=mine, progress=False)
+            except DistributedError as err:
+                result["raised"] = str(err)
+            if rank == 1:
+                torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
+            mine = distributed.shard(_batches())
+            try:
+                sparsecc.compile(model, inputs, recipe=_recipe(), progress=False,
+                                 calibration=_DiesAt(mine) if rank == 1 else mine)
+            except DistributedError as err:
+                result["died"] = str(err)
+    finally:
+        torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
+        if scenario != "raises":
+            dist.destroy_process_group()
+
+
+def _spawn(scenario: str) -> tuple[list, list]:
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = mp.spawn(_worker, args=(os.path.join(tmp, "store"), tmp, scenario), nprocs=WORLD, join=False)
+        for proc in ctx.processes:
+            proc.join(120)
+        codes = [proc.exitcode for proc in ctx.processes]
+        results = [torch.load(os.path.join(tmp, f"{r}.pt")) if os.path.exists(os.path.join(tmp, f"{r}.pt"))
+                   else None for r in range(WORLD)]
+    return results, codes
+
+
+def test_two_ranks_make_the_plans_of_one_process_on_all_batches_and_catch_different_plans():
+    results, codes = _spawn("plans")
+    assert codes == [0, 0]
+    model, inputs = T.bert("sdpa", seq=32)
+    single = sparsecc.compile(model, inputs, recipe=_recipe(), calibration=_batches(), progress=False)
+    expected = _digests(single)
+    assert len(expected) == 4  # 2 attention layouts + 2 FFN controllers
+    for r in results:
+        assert r["digests"] == expected
+        for name, mask in r["layouts"].items():
+            assert torch.equal(mask, single.layouts[name].mask)
+        assert r["report"]["world_size"] == WORLD and r["report"]["backend"] == "gloo"
+    # every rank sends O(L x S) per attention map and max_tokens rows per FFN, whatever the data
+    assert 2 * 32 * 32 * 8 < results[1]["report"]["bytes_sent"] < 200_000
+    for r in results:
+        assert "plans differ across ranks: rank(s) [1] differ from rank 0" in r["mismatch"]
+
+
+def test_a_rank_that_raises_or_dies_during_calibration_is_named_on_every_rank():
+    results, codes = _spawn("raises")
+    assert codes[1] == 7  # rank 1 died in the second scenario
+    for r in results:
+        assert "calibration failed on 1 of 2 rank(s): rank 1: InputError" in r["raised"]
+        assert "attention_mask" in r["raised"]
+    assert "died" not in results[1]
+    assert "Ranks 1 failed to pass monitoredBarrier" in results[0]["died"]
+
+
+def test_shard_is_contiguous_and_refuses_fewer_batches_than_ranks():
+    assert [distributed.shard(range(5), r, 2) for r in (0, 1)] == [[0, 1], [2, 3, 4]]
+    assert distributed.shard([1, 2]) == [1, 2]  # one process: everything
+    with pytest.raises(DistributedError, match="1 calibration batch"):
+        distributed.shard([1], 0, 2)
