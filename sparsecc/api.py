@@ -130,8 +130,8 @@ def _calibrate_and_plan(ctx: PassContext, groups: list, calibration: Any, plans:
                         progress: bool) -> None:
     """One calibration pass with every observer of every method, then each method plans its regions.
 
-    Under torch.distributed every rank calibrates on its own batches, the statistics are reduced, rank 0
-    plans, and the plans are broadcast and checked (sparsecc.distributed)."""
+    Under torch.distributed every rank calibrates on its own batches, the statistics are reduced, the ranks
+    share the planning, and the plans are exchanged and checked (sparsecc.distributed)."""
     plans = plans or {}
     comm = distributed.current()
     observed = []
@@ -159,10 +159,14 @@ def _calibrate_and_plan(ctx: PassContext, groups: list, calibration: Any, plans:
         if comm is not None:
             for o in observers:
                 o.reduce(comm)
-    plan_all = lambda: [_plan(handler, t, obs, ctx) for handler, t, obs in observed]  # noqa: E731
-    _on_every_rank(comm, "planning", plan_all if comm is None or comm.rank == 0 else (lambda: None))
+    # with several ranks each plans every world_size-th region (plans are independent: controller distillation
+    # and layout search split across the ranks) and the plans are then exchanged
+    mine = observed if comm is None else observed[comm.rank::comm.world_size]
+    _on_every_rank(comm, "planning", lambda: [_plan(handler, t, obs, ctx) for handler, t, obs in mine])
     if comm is not None:
-        made = comm.broadcast({t.name: t.plan for _, t, _ in observed})
+        made = {}
+        for part in comm.all_gather({t.name: t.plan for _, t, _ in mine}):
+            made.update(part)
         for _, t, _ in observed:
             t.plan = made[t.name]
         comm.check_same("plans", {t.name: t.plan.digest() if t.plan else None for _, _, g in groups for t in g},

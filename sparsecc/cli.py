@@ -141,9 +141,37 @@ def _target(loaded):
 
 def _calibration(loaded, args):
     """Real text (standard-library docstrings) through the model's tokenizer when it has one, else None
-    (the methods that calibrate then use the example inputs, with a warning)."""
+    (the methods that calibrate then use the example inputs, with a warning). Under torchrun each rank
+    calibrates on its contiguous share of the batches."""
+    from sparsecc import distributed
     from sparsecc.models import text_batches
-    return text_batches(loaded, args.calibration_batches, args.seq_len)
+    batches = text_batches(loaded, args.calibration_batches, args.seq_len)
+    return batches if batches is None else distributed.shard(batches)
+
+
+# commands whose calibration torchrun splits across processes (the others have no calibration to split)
+DISTRIBUTED_COMMANDS = ("compile", "export")
+
+
+def _join_process_group(args) -> bool:
+    """Under torchrun (WORLD_SIZE > 1 in the environment): join the process group (gloo: the CLI calibrates on
+    CPU tensors). True when this process is one of several."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if args.command not in DISTRIBUTED_COMMANDS:
+        raise UsageError(f"sparsecc {args.command} runs in one process; under torchrun only "
+                         f"{' and '.join(DISTRIBUTED_COMMANDS)} split their calibration across processes. "
+                         "Run it without torchrun")
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return True
+
+
+def _writes_output() -> bool:
+    """One process writes the results: the only one, or rank 0 of a torchrun group."""
+    import torch.distributed as dist
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 # ------------------------------------------------------------------ commands
@@ -222,6 +250,8 @@ def _export(args) -> int:
         target = _target(loaded)
         sm = sparsecc.compile(target, loaded.inputs, recipe=recipe, dynamic=not args.static,
                               calibration=_calibration(loaded, args))
+    if not _writes_output():
+        return 0
     sm.export_onnx(args.output, dynamic=not args.static, opset=args.opset)
     print(inspect_onnx(args.output).table())
     print(f"written {args.output}")
@@ -239,6 +269,8 @@ def _compile(args) -> int:
     loaded = _load(args, "compile", recapture=True)
     calibration = _calibration(loaded, args)
     sm = sparsecc.compile(_target(loaded), loaded.inputs, recipe=recipe, calibration=calibration)
+    if not _writes_output():
+        return 0
     report = sm.report()
     report.model = loaded.name
     os.makedirs(args.out, exist_ok=True)
@@ -410,7 +442,9 @@ def main(argv=None) -> int:
         warnings.filterwarnings("default", category=UserWarning, module=r"sparsecc\.")  # ours: one line each
         warnings.formatwarning = lambda message, *_, **__: f"sparsecc: warning: {message}\n"
     start = time.perf_counter()
+    several = False
     try:
+        several = _join_process_group(args)
         return args.func(args)
     except BaseException as err:  # noqa: BLE001 - every error ends as one line (with --debug: its traceback too)
         if isinstance(err, SystemExit):
@@ -419,8 +453,16 @@ def main(argv=None) -> int:
             import traceback
             traceback.print_exception(err)
         code, line = _error_line(err, args, time.perf_counter() - start)
+        if several:
+            import torch.distributed as dist
+            line = f"[rank {dist.get_rank()}] {line}"
         print(line, file=sys.stderr)
         return code
+    finally:
+        if several:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def _error_line(err: BaseException, args, seconds: float) -> tuple[int, str]:

@@ -2,8 +2,8 @@
 
 Every rank observes its own shard of the calibration batches; the statistics (sums and counts, or capped
 row samples) are combined with all_reduce / all_gather so that every rank holds the statistics of the union
-of the shards; rank 0 plans, the plans are broadcast, and every rank checks a digest of the plans it will
-use. Between stages every rank reports its outcome, so an error on one rank ends the stage on all of them
+of the shards; the ranks share the planning (each plans every world_size-th region), exchange the plans,
+and check a digest of the plans each will use. Between stages every rank reports its outcome, so an error on one rank ends the stage on all of them
 with a message naming the rank, and a rank that died is named (gloo's monitored barrier) instead of
 leaving the others waiting.
 """
@@ -47,14 +47,6 @@ class Comm:
         out: list = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self.group)
         return out
-
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        """Rank `src`'s `obj` on every rank."""
-        if self.rank == src:
-            self.bytes_sent += len(pickle.dumps(obj))
-        box = [obj if self.rank == src else None]
-        dist.broadcast_object_list(box, src=src, group=self.group)
-        return box[0]
 
     # -- agreement ----------------------------------------------------------------------------------------
     def settle(self, stage: str, error: Optional[BaseException] = None) -> None:

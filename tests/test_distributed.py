@@ -143,3 +143,33 @@ def test_shard_is_contiguous_and_refuses_fewer_batches_than_ranks():
     assert distributed.shard([1, 2]) == [1, 2]  # one process: everything
     with pytest.raises(DistributedError, match="1 calibration batch"):
         distributed.shard([1], 0, 2)
+
+
+def test_torchrun_compile_splits_calibration_and_rank_0_writes_the_result(tmp_path):
+    import json
+    import subprocess
+    import sys
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[attention]\nkind = "spion"\nblock = 8\nquantile = 0.9\n')
+    out = tmp_path / "out"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    run = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "sparsecc.cli", "compile",
+                          "sparsecc.testing:bert_sdpa", "--recipe", str(recipe), "--out", str(out), "--no-png"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["distributed"]["world_size"] == 2 and report["distributed"]["rank"] == 0
+    assert sum(1 for r in report["regions"] if r.get("sparse")) == 2
+    assert run.stdout.count("compiled model written to") == 1  # rank 1 computed the same and wrote nothing
+    loaded = sparsecc.load(str(out / "model"))
+    model, inputs = T.bert_sdpa()
+    single = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(attention=sparsecc.Spion(block=8, quantile=0.9)),
+                              progress=False)
+    assert {k: p.digest() for k, p in loaded.plans.items()} == _digests(single)
+
+
+def test_commands_without_calibration_refuse_torchrun(monkeypatch, capsys):
+    from sparsecc.cli import main
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["inspect", "sparsecc.testing:bert"]) == 2
+    assert "only compile and export split their calibration" in capsys.readouterr().err
