@@ -156,9 +156,10 @@ def _calibrate_and_plan(ctx: PassContext, groups: list, calibration: Any, plans:
             calibration = [(ctx.captured.args, ctx.captured.kwargs)]
         _on_every_rank(comm, "calibration", lambda: calibrate(ctx.captured, ctx.captured.gm, observers, calibration,
                                                               progress=progress))
-        if comm is not None:
-            for o in observers:
-                o.reduce(comm)
+        if comm is not None:  # each region's statistics go to the rank that plans it
+            for i, (_, _, obs) in enumerate(observed):
+                for o in obs:
+                    o.reduce(comm, owner=i % comm.world_size)
     # with several ranks each plans every world_size-th region (plans are independent: controller distillation
     # and layout search split across the ranks) and the plans are then exchanged
     mine = observed if comm is None else observed[comm.rank::comm.world_size]

@@ -5,8 +5,8 @@ and keeps its statistics as sums and counts (or a capped sample of rows), so sta
 several batches, or of several processes, combine by addition. `calibrate` runs the graph
 once per batch with every observer of every method, then each method plans from them.
 
-On several processes (torch.distributed), `Observer.reduce` combines every rank's statistics so that each
-rank holds those of the union of the shards (sparsecc.distributed drives it).
+On several processes (torch.distributed), `Observer.reduce` combines every rank's statistics on the rank
+that plans the region, which then holds those of the union of the shards (sparsecc.distributed).
 
 Attention maps (SPION) are the softmax probabilities of an attention region summed over batch
 items and heads: one [L, S] sum per region plus the number of items that covered each cell,
@@ -78,8 +78,9 @@ class Observer:
     def empty(self) -> bool:
         raise NotImplementedError
 
-    def reduce(self, comm: Any) -> None:
-        """Combine with the same observer on every other rank (`comm`: a sparsecc.distributed.Comm)."""
+    def reduce(self, comm: Any, owner: int) -> None:
+        """Combine with the same observer on every other rank, on rank `owner` (`comm`: a
+        sparsecc.distributed.Comm); the other ranks' statistics are then undefined."""
         raise NotImplementedError(f"{type(self).__name__} cannot combine statistics across processes")
 
 
@@ -117,8 +118,8 @@ class AttentionMapObserver(Observer):
     def empty(self) -> bool:
         return self.sum is None
 
-    def reduce(self, comm: Any) -> None:
-        """Every rank's sums added into the largest (L, S) any rank saw; counts added (all_reduce of O(L x S))."""
+    def reduce(self, comm: Any, owner: int) -> None:
+        """Every rank's sums added into the largest (L, S) any rank saw, counts added: O(L x S) per rank."""
         seen = comm.all_gather((tuple(self.sum.shape) if self.sum is not None else (0, 0), self.counts))
         L, S = max(shape[0] for shape, _ in seen), max(shape[1] for shape, _ in seen)
         if L == 0 or S == 0:
@@ -126,7 +127,7 @@ class AttentionMapObserver(Observer):
         grid = torch.zeros(L, S, dtype=torch.float64)
         if self.sum is not None:
             grid[:self.sum.shape[0], :self.sum.shape[1]] = self.sum
-        self.sum = comm.all_reduce_sum(grid)
+        self.sum = comm.reduce_sum(grid, owner)
         self.counts = {}
         for _, counts in seen:
             for key, n in counts.items():
@@ -167,10 +168,11 @@ class RowObserver(Observer):
     def empty(self) -> bool:
         return self.count == 0
 
-    def reduce(self, comm: Any) -> None:
+    def reduce(self, comm: Any, owner: int) -> None:
         """The ranks' samples in rank order, capped at `max_rows` (with contiguous shards: the rows one process
         would have kept)."""
-        gathered = [rows for rows in comm.all_gather(self.value() if self.count else None) if rows is not None]
+        everyone = comm.gather(self.value() if self.count else None, owner)
+        gathered = [rows for rows in everyone or [] if rows is not None]
         self.rows = [torch.cat(gathered)[: self.max_rows]] if gathered else []
         self.count = self.rows[0].shape[0] if self.rows else 0
 

@@ -1,9 +1,9 @@
 """Calibration on several processes: the collectives compile() needs when torch.distributed is initialised.
 
-Every rank observes its own shard of the calibration batches; the statistics (sums and counts, or capped
-row samples) are combined with all_reduce / all_gather so that every rank holds the statistics of the union
-of the shards; the ranks share the planning (each plans every world_size-th region), exchange the plans,
-and check a digest of the plans each will use. Between stages every rank reports its outcome, so an error on one rank ends the stage on all of them
+Every rank observes its own shard of the calibration batches. The ranks share the planning (each plans
+every world_size-th region), so each region's statistics (sums and counts, or capped row samples; never
+averages: gloo has no AVG) are reduced onto the rank that plans it, which then holds the statistics of
+the union of the shards. The plans are exchanged and every rank checks a digest of the plans it will use. Between stages every rank reports its outcome, so an error on one rank ends the stage on all of them
 with a message naming the rank, and a rank that died is named (gloo's monitored barrier) instead of
 leaving the others waiting.
 """
@@ -35,11 +35,20 @@ class Comm:
         self.bytes_sent = 0
 
     # -- data ---------------------------------------------------------------------------------------------
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum of `tensor` over ranks, in place (gloo has no AVG: statistics travel as sums)."""
-        self.bytes_sent += tensor.numel() * tensor.element_size()
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+    def reduce_sum(self, tensor: torch.Tensor, dst: int) -> torch.Tensor:
+        """Sum of `tensor` over ranks, on rank `dst` (the other ranks' tensors are left undefined)."""
+        if self.rank != dst:
+            self.bytes_sent += tensor.numel() * tensor.element_size()
+        dist.reduce(tensor, dst=dst, op=dist.ReduceOp.SUM, group=self.group)
         return tensor
+
+    def gather(self, obj: Any, dst: int) -> Optional[list]:
+        """Every rank's `obj` in rank order, on rank `dst` (None elsewhere)."""
+        if self.rank != dst:
+            self.bytes_sent += len(pickle.dumps(obj))
+        out: Optional[list] = [None] * self.world_size if self.rank == dst else None
+        dist.gather_object(obj, out, dst=dst, group=self.group)
+        return out
 
     def all_gather(self, obj: Any) -> list:
         """Every rank's `obj`, in rank order."""
