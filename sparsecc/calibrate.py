@@ -217,8 +217,16 @@ def calibrate(captured: Captured, gm: fx.GraphModule, observers: list[Observer],
 
 
 def collect_attention_maps(captured: Captured, gm: fx.GraphModule, regions: list, batches: Iterable[Any],
-                           chunk: int = 256, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Mean attention probability map [L, S] of every region over all calibration batches."""
+                           chunk: int = 256, progress: bool = True, comm: Any = None) -> dict[str, torch.Tensor]:
+    """Mean attention probability map [L, S] of every region over all calibration batches.
+
+    With a `sparsecc.distributed.Comm`, over every rank's batches: the maps are returned on rank 0 only
+    (an empty dict on the other ranks)."""
     observers = [AttentionMapObserver(r.sdpa, r.name, chunk) for r in regions]
     calibrate(captured, gm, observers, batches, progress)
+    if comm is not None:
+        for o in observers:
+            o.reduce(comm, owner=0)
+        if comm.rank != 0:
+            return {}
     return {o.region: o.mean() for o in observers if not o.empty}

@@ -1,4 +1,5 @@
-"""Calibration on several processes: the collectives compile() needs when torch.distributed is initialised.
+"""Calibration and training on several processes: the collectives sparsecc needs when torch.distributed is
+initialised.
 
 Every rank observes its own shard of the calibration batches. The ranks share the planning (each plans
 every world_size-th region), so each region's statistics (sums and counts, or capped row samples; never
@@ -41,6 +42,21 @@ class Comm:
             self.bytes_sent += tensor.numel() * tensor.element_size()
         dist.reduce(tensor, dst=dst, op=dist.ReduceOp.SUM, group=self.group)
         return tensor
+
+    def mean(self, value: float) -> float:
+        """The mean of a number over the ranks (a loss to log: every rank gets the same value)."""
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        self.bytes_sent += t.numel() * t.element_size()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return float(t) / self.world_size
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """Rank `src`'s `obj`, on every rank (a decision one rank takes for all)."""
+        if self.rank == src:
+            self.bytes_sent += len(pickle.dumps(obj)) * (self.world_size - 1)
+        box = [obj]
+        dist.broadcast_object_list(box, src=src, group=self.group)
+        return box[0]
 
     def gather(self, obj: Any, dst: int) -> Optional[list]:
         """Every rank's `obj` in rank order, on rank `dst` (None elsewhere)."""

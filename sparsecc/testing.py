@@ -134,6 +134,32 @@ def torch_encoder(norm_first: bool = False, layers: int = 2):
     return model.eval(), (torch.randn(2, 16, 32),)
 
 
+class CountingClassifier(nn.Module):
+    """A pre-norm encoder classifying token sequences: is token 1 more frequent than token 2? (The answer
+    needs attention over the whole sequence; for training tests: `counting_batches` makes the data.)"""
+
+    def __init__(self, vocab: int = 16, d: int = 32, layers: int = 2, length: int = 32):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(length, d) * 0.02)
+        layer = nn.TransformerEncoderLayer(d, 4, 64, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, ids):
+        return self.head(self.encoder(self.embed(ids) + self.pos).mean(1))
+
+
+def counting_batches(n: int, seed: int = 0, batch: int = 16, length: int = 32) -> list:
+    """`n` batches of (ids [batch, length] in 0..15, labels: 1 where token 1 outnumbers token 2)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 16, (batch, length), generator=g)
+        out.append((ids, ((ids == 1).sum(1) > (ids == 2).sum(1)).long()))
+    return out
+
+
 class HandWrittenAttention(nn.Module):
     """Eager attention written the long way: div scaling, masked_fill causal mask, fp32 softmax."""
 

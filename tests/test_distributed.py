@@ -1,6 +1,7 @@
-"""Calibration on 2 real processes (gloo, CPU, a FileStore): the reduced statistics give the plans of one
-process calibrating on all the batches, bit for bit; a rank with different plans, a rank that raises and a
-rank that dies end the run on every rank with an error naming it."""
+"""Calibration and training on 2 real processes (gloo, CPU, a FileStore): the reduced statistics give the
+plans of one process calibrating on all the batches, bit for bit; DDP training with the SPION switch gives
+the run of one process on the whole batches; a rank with different plans, a rank that raises and a rank
+that dies end the run on every rank with an error naming it."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import sparsecc
 from sparsecc import distributed
 from sparsecc import testing as T
 from sparsecc.errors import DistributedError
+from sparsecc.train.spion import SpionSchedule, fit
 
 WORLD = 2
 
@@ -34,6 +36,18 @@ def _batches(n: int = 4, seq: int = 32) -> list:
         mask[i % 2, -(i + 1):] = 0
         out.append({"input_ids": ids, "attention_mask": mask})
     return out
+
+
+def _fit(batches: list) -> dict:
+    """SPION training of a small classifier: dense, the switch at the third map check (step 9), sparse."""
+    torch.manual_seed(0)
+    schedule = SpionSchedule(sparsecc.Spion(method="spion_cf", block=8, quantile=0.5, kernel_size=3),
+                             check_every=3, threshold_pct=1e9, calibration_batches=2)
+    out = fit(T.CountingClassifier(), batches, lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]),
+              steps=14, lr=3e-3, schedule=schedule, progress=False)
+    return {"losses": out.losses, "switched_at": out.switched_at, "deltas": out.deltas,
+            "layouts": {k: v.mask.clone() for k, v in out.model.layouts.items()},
+            "state": {k: v.detach().clone() for k, v in out.model.state_dict().items()}}
 
 
 def _digests(sm) -> dict:
@@ -77,6 +91,9 @@ def _worker(rank: int, store: str, out_dir: str, scenario: str) -> None:
                 sparsecc.compile(model, inputs, recipe=_recipe(), plans=plans, progress=False)
             except DistributedError as err:
                 result["mismatch"] = str(err)
+        elif scenario == "fit":
+            result.update(_fit([(ids[rank * 8:(rank + 1) * 8], labels[rank * 8:(rank + 1) * 8])
+                                for ids, labels in T.counting_batches(6)]))
         elif scenario == "raises":
             mine = distributed.shard(_batches())
             if rank == 1:
@@ -136,6 +153,31 @@ def test_a_rank_that_raises_or_dies_during_calibration_is_named_on_every_rank():
         assert "attention_mask" in r["raised"]
     assert "died" not in results[1]
     assert "Ranks 1 failed to pass monitoredBarrier" in results[0]["died"]
+
+
+def test_two_rank_ddp_training_with_the_spion_switch_equals_one_process_on_the_whole_batches():
+    results, codes = _spawn("fit")
+    assert codes == [0, 0]
+    single = _fit(T.counting_batches(6))
+    assert single["switched_at"] == 9 and len(single["layouts"]) == 2
+    for r in results:
+        assert r["switched_at"] == single["switched_at"]
+        # the maps of the checks were summed over both halves: the deltas of the whole batches
+        for mine, whole in zip(r["deltas"], single["deltas"], strict=True):
+            assert mine == pytest.approx(whole, rel=1e-4)
+        for name, mask in single["layouts"].items():  # layouts at the switch from both ranks' batches
+            assert torch.equal(r["layouts"][name], mask)
+        # each step: the mean over the ranks of their half-batch losses = the loss of the whole batch
+        assert r["losses"] == pytest.approx(single["losses"], abs=1e-5)
+        for name, whole in single["state"].items():
+            mine = r["state"][name]
+            if name.endswith("self_attn.in_proj_bias"):
+                # the key bias: its true gradient is 0 (a shift of every score of a query), so AdamW turns
+                # rounding noise into steps of +-lr; its moves differ up to 14 steps x lr, the rest match
+                assert (mine[32:64] - whole[32:64]).abs().max() <= 14 * 3e-3
+                mine, whole = torch.cat([mine[:32], mine[64:]]), torch.cat([whole[:32], whole[64:]])
+            if whole.is_floating_point():
+                assert (mine - whole).abs().max() < 1e-5, name
 
 
 def test_shard_is_contiguous_and_refuses_fewer_batches_than_ranks():

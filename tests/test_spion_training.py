@@ -7,32 +7,14 @@ import torch
 from torch import nn
 
 import sparsecc
+from sparsecc import testing as T
 from sparsecc.train.spion import SpionSchedule, fit
 
 warnings.filterwarnings("ignore")
 
 
-class Classifier(nn.Module):
-    def __init__(self, vocab=16, d=32, layers=2, length=32):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        self.pos = nn.Parameter(torch.randn(length, d) * 0.02)
-        layer = nn.TransformerEncoderLayer(d, 4, 64, dropout=0.0, batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.head = nn.Linear(d, 2)
-
-    def forward(self, ids):
-        return self.head(self.encoder(self.embed(ids) + self.pos).mean(1))
-
-
-def _batches(n, seed=0, batch=16, length=32):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, 16, (batch, length), generator=g)
-        labels = ((ids == 1).sum(1) > (ids == 2).sum(1)).long()  # needs attention over the whole sequence
-        out.append((ids, labels))
-    return out
+Classifier = T.CountingClassifier
+_batches = T.counting_batches
 
 
 def _loss(model, batch):

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 from torch import nn
 
+from sparsecc import distributed
 from sparsecc.methods.spion import Spion
 from sparsecc.methods.spion.layouts import SwitchCriterion
 from sparsecc.recipe import Recipe
@@ -71,27 +72,38 @@ class _MapProbe:
         self.captured = a.captured
         self.regions = [r for r in a.ctx.regions if r.kind == "attention" and not r.cross]
 
-    def maps(self, model: nn.Module, batches: list) -> dict:
+    def maps(self, model: nn.Module, batches: list, comm: Optional[distributed.Comm] = None) -> dict:
         from sparsecc.calibrate import collect_attention_maps
         self.captured.gm.load_state_dict(model.state_dict(), strict=False)
-        return collect_attention_maps(self.captured, self.captured.gm, self.regions, batches, progress=False)
+        return collect_attention_maps(self.captured, self.captured.gm, self.regions, batches, progress=False,
+                                      comm=comm)
 
 
 def fit(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], torch.Tensor], *,
         steps: int, lr: float = 1e-3, weight_decay: float = 0.01, schedule: Optional[SpionSchedule] = None,
         inputs_of: Callable[[Any], Any] = lambda batch: batch[0], optimizer: Optional[Callable] = None,
-        lr_schedule: str = "constant", warmup: int = 0, progress: bool = True) -> FitResult:
+        lr_schedule: str = "constant", warmup: int = 0, ddp: Optional[dict] = None,
+        progress: bool = True) -> FitResult:
     """Train a copy of `model` for `steps` steps; with a SPION schedule, switch to sparse attention.
 
     loss_fn(module, batch) -> scalar loss; inputs_of(batch) -> the model inputs of a batch (used to
     capture and calibrate). optimizer(params) -> a torch optimizer (default AdamW(lr, weight_decay)).
     lr_schedule ("constant", "cosine", "linear") with `warmup` steps, over the dense phase and again
     from the switch over the steps left. The caller's model is not modified.
+
+    Under torch.distributed (more than one process) every rank passes its own shard of every batch:
+    the model trains under DistributedDataParallel (`ddp`: its keyword options, e.g.
+    find_unused_parameters), the attention maps of the switch checks are summed over the ranks and
+    rank 0's decision holds for all, the layouts at the switch are calibrated on every rank's recent
+    batches (compile's distributed calibration), and `losses` are the mean over the ranks: with equal
+    shards, the run of one process on the whole batches.
     """
     import sparsecc
 
     make_opt = optimizer or (lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay))
+    comm = distributed.current()
     current: nn.Module = copy.deepcopy(model).train()
+    trained = _data_parallel(current, comm, ddp)
     opt = make_opt(current.parameters())
     sched = Schedule(steps=steps, warmup=warmup, kind=lr_schedule).attach(opt)
     result = FitResult(model=current)
@@ -100,7 +112,7 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, 
     if schedule is not None:
         criterion = SwitchCriterion(threshold_pct=schedule.threshold_pct, rule=schedule.rule)
     bar = None
-    if progress:
+    if progress and (comm is None or comm.rank == 0):
         try:
             from tqdm.auto import tqdm
             bar = tqdm(total=steps, desc="training (dense)", unit="step", leave=False)
@@ -111,11 +123,11 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, 
         recent.append(batch)
         recent = recent[-max(1, schedule.calibration_batches if schedule else 1):]
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(current, batch)
+        loss = loss_fn(trained, batch)
         loss.backward()
         opt.step()
         sched.step()
-        result.losses.append(float(loss.detach()))
+        result.losses.append(float(loss.detach()) if comm is None else comm.mean(float(loss.detach())))
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
@@ -130,7 +142,13 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, 
             probe = _MapProbe(current, inputs_of(batch))
         stable = False
         if due:
-            stable = criterion.update(probe.maps(current, [inputs_of(recent[-1])]))
+            maps = probe.maps(current, [inputs_of(recent[-1])], comm)
+            if comm is None:
+                stable = criterion.update(maps)
+            else:  # rank 0 saw every rank's maps: its decision holds for all
+                stable = criterion.update(maps) if comm.rank == 0 else False
+                stable, criterion.deltas, criterion.steps = comm.broadcast(
+                    (stable, dict(criterion.deltas), criterion.steps))
             result.deltas.append(dict(criterion.deltas))
         if stable or forced:
             worst = (f"{max(criterion.deltas.values()):.1f} %" if criterion.deltas
@@ -153,6 +171,7 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, 
             if fresh:
                 log.info("SPION switch: %d parameters start with a fresh optimizer state (%s ...)", len(fresh),
                          fresh[0])
+            trained = _data_parallel(current, comm, ddp)
             sched.restart(steps - step - 1)
             result.switched_at = step + 1
             if bar is not None:
@@ -171,3 +190,10 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, 
                       "threshold_pct, or set SpionSchedule(max_dense_steps=...)", stacklevel=2)
     result.model = current
     return result
+
+
+def _data_parallel(module: nn.Module, comm: Optional[distributed.Comm], options: Optional[dict]) -> nn.Module:
+    """`module` under DistributedDataParallel when several processes train it (itself otherwise)."""
+    if comm is None:
+        return module
+    return nn.parallel.DistributedDataParallel(module, **(options or {}))
