@@ -43,12 +43,21 @@ class Comm:
         dist.reduce(tensor, dst=dst, op=dist.ReduceOp.SUM, group=self.group)
         return tensor
 
-    def mean(self, value: float) -> float:
-        """The mean of a number over the ranks (a loss to log: every rank gets the same value)."""
-        t = torch.tensor([float(value)], dtype=torch.float64)
+    def mean(self, values: Any) -> Any:
+        """The mean over the ranks of a number, or of each number of a dict (losses to log: every rank
+        gets the same values), in one all-reduce."""
+        keys = sorted(values) if isinstance(values, dict) else None
+        t = torch.tensor([float(values[k]) for k in keys] if keys else [float(values)], dtype=torch.float64)
         self.bytes_sent += t.numel() * t.element_size()
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
-        return float(t) / self.world_size
+        t /= self.world_size
+        return {k: float(v) for k, v in zip(keys, t)} if keys else float(t)
+
+    def average_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` replaced, in place, by its mean over the ranks (a buffer each rank updated on its shard)."""
+        self.bytes_sent += tensor.numel() * tensor.element_size()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return tensor.div_(self.world_size)
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         """Rank `src`'s `obj`, on every rank (a decision one rank takes for all)."""

@@ -18,6 +18,8 @@ import sparsecc
 from sparsecc import distributed
 from sparsecc import testing as T
 from sparsecc.errors import DistributedError
+from sparsecc.methods.token_flow.fit import calibrate_keep
+from sparsecc.train.flow import fit_flow
 from sparsecc.train.spion import SpionSchedule, fit
 
 WORLD = 2
@@ -48,6 +50,25 @@ def _fit(batches: list) -> dict:
     return {"losses": out.losses, "switched_at": out.switched_at, "deltas": out.deltas,
             "layouts": {k: v.mask.clone() for k, v in out.model.layouts.items()},
             "state": {k: v.detach().clone() for k, v in out.model.state_dict().items()}}
+
+
+def _flowed(model, inputs, spread: bool = False):
+    sm = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(flow=sparsecc.TokenFlow(keep=0.5)), progress=False)
+    if spread:  # gate logits that differ by token (untrained, every gate opens with the same logit)
+        table = sm.flow_gates.table
+        with torch.no_grad():
+            table.copy_(torch.randn(table.shape, generator=torch.Generator().manual_seed(3)))
+    return sm
+
+
+def _flow_batches() -> list:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(3):
+        mask = torch.ones(4, 16, dtype=torch.long)
+        mask[1 + i, 10:] = 0  # padding on one rank or the other
+        out.append({"input_ids": torch.randint(0, T.VOCAB, (4, 16), generator=g), "attention_mask": mask})
+    return out
 
 
 def _digests(sm) -> dict:
@@ -94,6 +115,16 @@ def _worker(rank: int, store: str, out_dir: str, scenario: str) -> None:
         elif scenario == "fit":
             result.update(_fit([(ids[rank * 8:(rank + 1) * 8], labels[rank * 8:(rank + 1) * 8])
                                 for ids, labels in T.counting_batches(6)]))
+        elif scenario == "flow":
+            model, inputs = T.bert()
+            mine = [{k: v[rank * 2:(rank + 1) * 2] for k, v in b.items()} for b in _flow_batches()]
+            comm = distributed.current()
+            result["calibrated"] = calibrate_keep(_flowed(model, inputs, spread=True), mine, comm=comm)
+            sm = _flowed(model, inputs)
+            trained = fit_flow(sm, mine, teacher=model, steps=10, gate_lr=0.3, hard_final=True, final_fraction=0.2,
+                               progress=False)
+            result.update(shifts=trained.shifts, history=trained.history,
+                          state={k: v.clone() for k, v in sm.state_dict().items()})
         elif scenario == "raises":
             mine = distributed.shard(_batches())
             if rank == 1:
@@ -178,6 +209,24 @@ def test_two_rank_ddp_training_with_the_spion_switch_equals_one_process_on_the_w
                 mine, whole = torch.cat([mine[:32], mine[64:]]), torch.cat([whole[:32], whole[64:]])
             if whole.is_floating_point():
                 assert (mine - whole).abs().max() < 1e-5, name
+
+
+def test_two_rank_flow_training_keeps_the_ranks_equal_and_sets_thresholds_on_all_their_tokens():
+    results, codes = _spawn("flow")
+    assert codes == [0, 0]
+    model, inputs = T.bert()
+    single = calibrate_keep(_flowed(model, inputs, spread=True), _flow_batches())
+    halves = [calibrate_keep(_flowed(model, inputs, spread=True), [{k: v[r * 2:(r + 1) * 2] for k, v in b.items()}
+                                                                    for b in _flow_batches()]) for r in range(2)]
+    assert len(single) == 2 and all(abs(h[0] - single[0]) > 1e-2 for h in halves)  # each half alone: other shifts
+    for r in results:  # thresholds on both ranks' halves = on the whole batches
+        assert r["calibrated"] == pytest.approx(single, abs=1e-6)
+    first, second = results
+    assert first["shifts"] == second["shifts"] and len(first["shifts"]) == 2
+    assert first["history"] == second["history"]  # means over the ranks
+    assert abs(first["history"][-1]["kept"] - 0.5) <= 1 / 16
+    for name, value in first["state"].items():  # DDP: one update on every rank
+        assert torch.equal(value, second["state"][name]), name
 
 
 def test_shard_is_contiguous_and_refuses_fewer_batches_than_ranks():

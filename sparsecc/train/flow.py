@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from sparsecc import distributed
 from sparsecc.capture import call_with_inputs
 from sparsecc.methods.token_flow.fit import calibrate_keep, flow_hooks, kept_fractions
 from sparsecc.methods.token_flow.gates import FlowGates
@@ -64,7 +65,8 @@ def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Opti
              final_fraction: float = 0.05, weight_decay: float = 0.0, schedule: str = "cosine", warmup: int = 0,
              penalty_form: str = "released", balance_form: str = "released",
              train_model: bool = True, teacher_cache: bool = True, calibrate: bool = True,
-             hard_final: bool = False, track_keep: float = 0.1, progress: bool = True) -> FlowFitResult:
+             hard_final: bool = False, track_keep: float = 0.1, ddp: Optional[dict] = None,
+             progress: bool = True) -> FlowFitResult:
     """Train the gates (and, with train_model, the weights) of a token-flow `FlowSparseModel` in place.
 
     batches: an iterable (cycled) of batches; inputs_of(batch) -> the model inputs (a dict of keyword
@@ -85,6 +87,11 @@ def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Opti
     track_keep: in the hard final phase, each step moves every threshold this fraction of the way to
     the one that keeps the target on the batch: content scores move as the weights train, and with
     frozen thresholds the kept fraction drifts away from the target (0 freezes them).
+    Under torch.distributed (more than one process) every rank passes its own shard of every batch: the
+    model trains under DistributedDataParallel (`ddp`: its keyword options; find_unused_parameters is on
+    by default with hard_final, whose frozen gates get no gradient), the thresholds are set on the
+    logits of every rank (the hard phase's tracking moves them by the mean over the ranks), and the history
+    holds the means over the ranks.
     Returns the model (in eval mode: the gather / scatter graph) and the per-step history.
     """
     gates: FlowGates = sm.flow_gates
@@ -97,13 +104,16 @@ def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Opti
     groups = param_groups(sm, roles, model_lr=lr if train_model else None, weight_decay=weight_decay)
     opt = make_optimizer(groups)
     sched = Schedule(steps=steps, warmup=warmup, kind=schedule).attach(opt)
+    comm = distributed.current()
+    trained = sm if comm is None else nn.parallel.DistributedDataParallel(
+        sm, **{"find_unused_parameters": hard_final, **(ddp or {})})
     if teacher is not None:
         teacher.eval()
     cache: dict = {}
     final_start = steps - int(round(final_fraction * steps))
     stream = _cycle(batches)
     bar = None
-    if progress:
+    if progress and (comm is None or comm.rank == 0):
         try:
             from tqdm.auto import tqdm
             bar = tqdm(total=steps, desc="training flow gates", unit="step", leave=False)
@@ -115,7 +125,7 @@ def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Opti
     try:
         for step in range(steps):
             if hard_final and step == final_start and gates.select == "threshold":
-                calibrate_keep(sm, seen, inputs_of=inputs_of)
+                calibrate_keep(sm, seen, inputs_of=inputs_of, comm=comm)
                 sm.train()
                 gates.hard_training = True
                 gates.track_keep = track_keep
@@ -137,7 +147,7 @@ def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Opti
                     if teacher_cache:
                         cache[key] = (batch, teacher_out)  # keeps the batch alive, so its id stays unique
             opt.zero_grad(set_to_none=True)
-            out = call_with_inputs(sm, inputs)
+            out = call_with_inputs(trained, inputs)
             terms = {}
             loss = torch.zeros(())
             if teacher_out is not None:
@@ -152,9 +162,13 @@ def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Opti
             loss.backward()
             opt.step()
             sched.step()
+            if comm is not None and gates.hard_training and gates.track_keep > 0:
+                comm.average_(gates.shift)  # each rank tracked the target on its shard
             fractions = kept_fractions(gates)
             kept = float(sum(float(f.detach()) for f in fractions.values()) / max(len(fractions), 1))
             record = {"loss": float(loss.detach()), "kept": kept, **{k: float(v.detach()) for k, v in terms.items()}}
+            if comm is not None:
+                record = comm.mean(record)
             result.history.append(record)
             if bar is not None:
                 bar.update(1)
@@ -168,5 +182,5 @@ def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Opti
         gates.track_keep = 0.0
         sm.eval()
     if calibrate:
-        result.shifts = calibrate_keep(sm, seen, inputs_of=inputs_of)
+        result.shifts = calibrate_keep(sm, seen, inputs_of=inputs_of, comm=comm)
     return result

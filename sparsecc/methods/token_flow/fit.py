@@ -105,13 +105,15 @@ def balance_loss(gates: FlowGates, form: str = "released") -> Tensor:
 
 
 def calibrate_keep(sm: nn.Module, batches: Iterable[Any], keep: Optional[float] = None,
-                   inputs_of: Callable[[Any], Any] = lambda batch: batch) -> dict:
+                   inputs_of: Callable[[Any], Any] = lambda batch: batch, comm: Any = None) -> dict:
     """Set each segment's logit shift so the HARD decisions keep `keep` (default: each segment's target) of the
     non-padding tokens of `batches`, layer after layer (a layer's shift changes the next one's inputs).
 
     Soft training matches the MEAN gate to the target; hard thresholding at 0.5 keeps the tokens
     whose logit is > 0, which is the same fraction only once the logits have polarised. Only for
     select="threshold" (top-k keeps its budget by construction). Returns segment -> shift.
+    With a `sparsecc.distributed.Comm`, over every rank's batches: rank 0 sets each threshold on the
+    logits of all ranks, and every rank applies it.
     """
     gates: FlowGates = sm.flow_gates
     if gates.select != "threshold":
@@ -129,15 +131,23 @@ def calibrate_keep(sm: nn.Module, batches: Iterable[Any], keep: Optional[float] 
                     call_with_inputs(sm, inputs_of(batch))
             rows = gates.capture.get(seg, [])
             gates.capture = None
-            if not rows:
-                continue
-            logits = torch.cat([lg.flatten() for lg, _ in rows])
+            logits = torch.cat([lg.flatten() for lg, _ in rows]) if rows else torch.zeros(0)
             valid = torch.cat([(torch.ones_like(lg, dtype=torch.bool) if v is None else v).flatten()
-                               for lg, v in rows])
+                               for lg, v in rows]) if rows else torch.zeros(0, dtype=torch.bool)
             pinned = torch.cat([torch.zeros_like(lg, dtype=torch.bool).index_fill_(1, torch.tensor([0]),
                                                                                  gates.pin_first).flatten()
-                                for lg, _ in rows]) & valid
-            threshold = keep_threshold(logits, valid, pinned, keeps[seg])
+                                for lg, _ in rows]) & valid if rows else valid.clone()
+            if comm is not None:
+                seen = comm.gather((logits, valid, pinned), dst=0)
+                threshold = None
+                if comm.rank == 0 and any(v.numel() for _, v, _ in seen):
+                    logits, valid, pinned = (torch.cat(parts) for parts in zip(*seen))
+                    threshold = keep_threshold(logits, valid, pinned, keeps[seg])
+                threshold = comm.broadcast(threshold)
+            else:
+                threshold = keep_threshold(logits, valid, pinned, keeps[seg]) if rows else None
+            if threshold is None:
+                continue
             gates.shift[seg] -= threshold
             shifts[seg] = float(gates.shift[seg])
     finally:
