@@ -8,18 +8,21 @@ from __future__ import annotations
 import datetime
 import os
 import tempfile
+from typing import Optional
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.fsdp import FSDPModule
 
 import sparsecc
 from sparsecc import distributed
 from sparsecc import testing as T
-from sparsecc.errors import DistributedError
+from sparsecc.errors import DistributedError, UnsupportedError
 from sparsecc.methods.token_flow.fit import calibrate_keep
 from sparsecc.train.flow import fit_flow
+from sparsecc.train.parallel import fully_shard_blocks, load_checkpoint
 from sparsecc.train.spion import SpionSchedule, fit
 
 WORLD = 2
@@ -50,6 +53,32 @@ def _fit(batches: list) -> dict:
     return {"losses": out.losses, "switched_at": out.switched_at, "deltas": out.deltas,
             "layouts": {k: v.mask.clone() for k, v in out.model.layouts.items()},
             "state": {k: v.detach().clone() for k, v in out.model.state_dict().items()}}
+
+
+def _fsdp_model():
+    model, inputs = T.bert("sdpa", seq=32)
+    sm = sparsecc.compile(model, inputs, recipe=_recipe(), calibration=_batches(), progress=False)
+    steps = [{"input_ids": T._ids(batch=4, seq=32, seed=20 + i), "attention_mask": torch.ones(4, 32, dtype=torch.long)}
+             for i in range(3)]
+    return sm, steps
+
+
+def _train(module, steps: list) -> list:
+    """AdamW steps on a distillation-like loss (the hidden states against fixed targets); the mean loss
+    over the ranks."""
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    target = torch.randn(4, 32, 32, generator=torch.Generator().manual_seed(5))
+    losses = []
+    comm = distributed.current()
+    for batch in steps:
+        opt.zero_grad()
+        hidden = module(**batch)[0]
+        rows = slice(comm.rank * 2, comm.rank * 2 + 2) if comm else slice(None)
+        loss = ((hidden - target[rows]) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(comm.mean(float(loss.detach())) if comm else float(loss.detach()))
+    return losses
 
 
 def _flowed(model, inputs, spread: bool = False):
@@ -125,6 +154,17 @@ def _worker(rank: int, store: str, out_dir: str, scenario: str) -> None:
                                progress=False)
             result.update(shifts=trained.shifts, history=trained.history,
                           state={k: v.clone() for k, v in sm.state_dict().items()})
+        elif scenario == "fsdp":
+            sm, steps = _fsdp_model()
+            sharded = fully_shard_blocks(sm)
+            result["blocks"] = sharded.blocks
+            result["groups"] = sum(isinstance(m, FSDPModule) for m in sharded.modules())
+            result["sharded"] = all(type(p).__name__ == "DTensor" for p in sharded.parameters())
+            result["at_rest"] = sum(p.to_local().numel() for p in sharded.parameters())
+            result["losses"] = _train(sharded, [{k: v[rank * 2:(rank + 1) * 2] for k, v in b.items()} for b in steps])
+            sharded.save_checkpoint(os.path.join(out_dir, "checkpoint"))
+            sharded.gather_into(sm)
+            result["state"] = {k: v.detach().clone() for k, v in sm.state_dict().items()}
         elif scenario == "raises":
             mine = distributed.shard(_batches())
             if rank == 1:
@@ -147,13 +187,15 @@ def _worker(rank: int, store: str, out_dir: str, scenario: str) -> None:
             dist.destroy_process_group()
 
 
-def _spawn(scenario: str) -> tuple[list, list]:
+def _spawn(scenario: str, keep: Optional[str] = None) -> tuple[list, list]:
+    """Run `scenario` on WORLD processes; their results and exit codes (`keep`: a folder for what they write)."""
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.spawn(_worker, args=(os.path.join(tmp, "store"), tmp, scenario), nprocs=WORLD, join=False)
+        out = keep or tmp
+        ctx = mp.spawn(_worker, args=(os.path.join(tmp, "store"), out, scenario), nprocs=WORLD, join=False)
         for proc in ctx.processes:
             proc.join(120)
         codes = [proc.exitcode for proc in ctx.processes]
-        results = [torch.load(os.path.join(tmp, f"{r}.pt")) if os.path.exists(os.path.join(tmp, f"{r}.pt"))
+        results = [torch.load(os.path.join(out, f"{r}.pt")) if os.path.exists(os.path.join(out, f"{r}.pt"))
                    else None for r in range(WORLD)]
     return results, codes
 
@@ -227,6 +269,31 @@ def test_two_rank_flow_training_keeps_the_ranks_equal_and_sets_thresholds_on_all
     assert abs(first["history"][-1]["kept"] - 0.5) <= 1 / 16
     for name, value in first["state"].items():  # DDP: one update on every rank
         assert torch.equal(value, second["state"][name]), name
+
+
+def test_fsdp2_with_one_group_per_block_trains_as_one_process(tmp_path):
+    results, codes = _spawn("fsdp", keep=str(tmp_path))
+    assert codes == [0, 0]
+    sm, steps = _fsdp_model()
+    total = sum(p.numel() for p in sm.parameters())
+    single_losses = _train(sm, steps)
+    single = sm.state_dict()
+    for r in results:
+        assert r["blocks"] == ["encoder.layer.0", "encoder.layer.1"]
+        assert r["groups"] == 5  # embeddings, 2 blocks, the pooler after them, the root
+        assert r["sharded"] and r["at_rest"] <= total // 2 + 64  # each rank holds about half
+        assert r["losses"] == pytest.approx(single_losses, abs=1e-5)
+        for name, value in single.items():
+            if value.is_floating_point() and not name.endswith("key.bias"):  # key bias: see the DDP test
+                assert (r["state"][name] - value).abs().max() < 1e-5, name
+    # the distributed checkpoint (each rank wrote its shards) read on one process: the gathered weights
+    fresh, _ = _fsdp_model()
+    load_checkpoint(fresh, str(tmp_path / "checkpoint"))
+    for name, value in fresh.named_parameters():
+        assert torch.equal(value, results[0]["state"][name]), name
+    other, _ = T.bert("sdpa", layers=1, seq=32)
+    with pytest.raises(UnsupportedError, match="does not fit this model: .* parameter"):
+        load_checkpoint(sparsecc.compile(other, _fsdp_model()[1][0], progress=False), str(tmp_path / "checkpoint"))
 
 
 def test_shard_is_contiguous_and_refuses_fewer_batches_than_ranks():

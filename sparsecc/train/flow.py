@@ -30,6 +30,7 @@ from sparsecc.methods.token_flow.fit import calibrate_keep, flow_hooks, kept_fra
 from sparsecc.methods.token_flow.gates import FlowGates
 from sparsecc.train.losses import output_distill
 from sparsecc.train.optim import Schedule, make_optimizer, param_groups
+from sparsecc.train.parallel import data_parallel
 
 log = logging.getLogger("sparsecc.train.flow")
 
@@ -105,8 +106,7 @@ def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Opti
     opt = make_optimizer(groups)
     sched = Schedule(steps=steps, warmup=warmup, kind=schedule).attach(opt)
     comm = distributed.current()
-    trained = sm if comm is None else nn.parallel.DistributedDataParallel(
-        sm, **{"find_unused_parameters": hard_final, **(ddp or {})})
+    trained = data_parallel(sm, {"find_unused_parameters": hard_final, **(ddp or {})})
     if teacher is not None:
         teacher.eval()
     cache: dict = {}

@@ -30,6 +30,7 @@ from sparsecc.methods.spion import Spion
 from sparsecc.methods.spion.layouts import SwitchCriterion
 from sparsecc.recipe import Recipe
 from sparsecc.train.optim import Schedule, move_optimizer_state
+from sparsecc.train.parallel import data_parallel
 
 log = logging.getLogger("sparsecc.train")
 
@@ -103,7 +104,7 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, 
     make_opt = optimizer or (lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay))
     comm = distributed.current()
     current: nn.Module = copy.deepcopy(model).train()
-    trained = _data_parallel(current, comm, ddp)
+    trained = data_parallel(current, ddp)
     opt = make_opt(current.parameters())
     sched = Schedule(steps=steps, warmup=warmup, kind=lr_schedule).attach(opt)
     result = FitResult(model=current)
@@ -171,7 +172,7 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, 
             if fresh:
                 log.info("SPION switch: %d parameters start with a fresh optimizer state (%s ...)", len(fresh),
                          fresh[0])
-            trained = _data_parallel(current, comm, ddp)
+            trained = data_parallel(current, ddp)
             sched.restart(steps - step - 1)
             result.switched_at = step + 1
             if bar is not None:
@@ -191,9 +192,3 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, 
     result.model = current
     return result
 
-
-def _data_parallel(module: nn.Module, comm: Optional[distributed.Comm], options: Optional[dict]) -> nn.Module:
-    """`module` under DistributedDataParallel when several processes train it (itself otherwise)."""
-    if comm is None:
-        return module
-    return nn.parallel.DistributedDataParallel(module, **(options or {}))

@@ -1,0 +1,199 @@
+"""Training a compiled model on several processes: DDP, and FSDP2 with one shard group per block.
+
+    sharded = fully_shard_blocks(sm)          # after dist.init_process_group; sm is not used after this
+    opt = torch.optim.AdamW(sharded.parameters())
+    ... train sharded on each rank's share of every batch ...
+    sharded.gather_into(sm)                   # every rank: sm holds the trained weights; rank 0 saves it
+    sharded.save_checkpoint("ckpt/")          # or: each rank writes its shards (torch.distributed.checkpoint);
+    load_checkpoint(sm, "ckpt/")              #     read into a compiled model on one process
+
+FSDP2's `fully_shard` gathers a module's parameters in that module's forward. A compiled graph is flat:
+the blocks' parameters are read by `get_attr` nodes of one forward, so sharding a block of it (the
+usual `for block in model.layers: fully_shard(block)`) leaves its parameters sharded when the graph
+reads them ("got mixed torch.Tensor and DTensor"). `fully_shard_blocks` therefore cuts a copy of the
+graph into one submodule per transformer block (the numbered module of each node's `nn_module_stack`:
+`encoder.layer.3`, `model.layers.0`, ...), with what comes before the first block and after the last
+in submodules of their own; each submodule reads its parameters itself (through one small module per
+parameter) and is one FSDP2 group. Buffers (layouts, position ids) stay unsharded on every rank.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import fx, nn
+
+from sparsecc import distributed
+from sparsecc.errors import DistributedError, UnsupportedError
+
+_NUMBERED = re.compile(r"^(.*\.)?\d+$")  # a module path ending in an index: a block of a ModuleList
+_PARAMS = "sparsecc_params"  # where the parameter holders live in the cut graph
+
+
+def data_parallel(module: nn.Module, options: Optional[dict] = None) -> nn.Module:
+    """`module` under DistributedDataParallel when several processes train it (itself otherwise)."""
+    if distributed.current() is None:
+        return module
+    return nn.parallel.DistributedDataParallel(module, **(options or {}))
+
+
+class _Parameter(nn.Module):
+    """Holds one parameter of the graph; calling it reads the parameter (gathered by FSDP2 in the forward of
+    the block that holds it)."""
+
+    def __init__(self, param: nn.Parameter):
+        super().__init__()
+        self.param = param
+
+    def forward(self) -> torch.Tensor:
+        return self.param
+
+
+class ShardedModel(nn.Module):
+    """The blocks of a compiled model, each an FSDP2 group: train it like the SparseModel it came from."""
+
+    def __init__(self, graph: fx.GraphModule, call_defaults: dict, names: dict, blocks: list):
+        super().__init__()
+        self.graph_module = graph
+        self._call_defaults = dict(call_defaults)
+        self.names = dict(names)  # parameter name here -> name in the SparseModel
+        self.blocks = list(blocks)  # module path of each block, in order
+
+    def forward(self, *args, **kwargs):
+        return self.graph_module(*args, **{**self._call_defaults, **kwargs})
+
+    def save_checkpoint(self, directory: str) -> None:
+        """Write the parameters as a distributed checkpoint (torch.distributed.checkpoint: every rank writes
+        its shards, in parallel), under the SparseModel's parameter names: `load_checkpoint(sm, directory)`
+        reads it on one process, or on any number of ranks. A collective: every rank calls it."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        state = get_model_state_dict(self)
+        dcp.save({self.names[k]: v for k, v in state.items() if k in self.names}, checkpoint_id=directory)
+
+    def gather_into(self, sm: nn.Module) -> None:
+        """Copy the trained parameters, gathered from every rank, into `sm` (a collective: every rank calls it)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        full = get_model_state_dict(self, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+        own = {self.names[k]: v for k, v in full.items() if k in self.names}
+        with torch.no_grad():
+            for name, param in sm.named_parameters():
+                param.copy_(own[name])
+
+
+def _block_of(node: fx.Node) -> Optional[str]:
+    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        if path and _NUMBERED.match(path):
+            return path
+    return None
+
+
+def _with_parameter_modules(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict]:
+    """A copy of `gm` whose parameters are read by calling a module each (FSDP2 can gather those in the
+    forward of the submodule that holds them); buffers and constants stay attributes of the root."""
+    params = dict(gm.named_parameters())
+    root, holders, names = nn.Module(), nn.Module(), {}
+    root.add_module(_PARAMS, holders)
+    graph, env = fx.Graph(), {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target in params:
+            flat = node.target.replace(".", "_")
+            if not hasattr(holders, flat):
+                holders.add_module(flat, _Parameter(params[node.target]))
+            env[node] = graph.call_module(f"{_PARAMS}.{flat}", ())
+            env[node].meta = dict(node.meta)
+            names[flat] = node.target
+            continue
+        if node.op == "get_attr":
+            flat = node.target.replace(".", "_")
+            if not hasattr(root, flat):
+                value = gm.get_buffer(node.target) if node.target in dict(gm.named_buffers()) else \
+                    getattr(gm.get_submodule(node.target.rpartition(".")[0]), node.target.rpartition(".")[2])
+                root.register_buffer(flat, value) if isinstance(value, torch.Tensor) else setattr(root, flat, value)
+            env[node] = graph.get_attr(flat)
+            env[node].meta = dict(node.meta)
+            continue
+        if node.op == "call_module" and not hasattr(root, node.target):
+            root.add_module(node.target, gm.get_submodule(node.target))
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    return fx.GraphModule(root, graph), names
+
+
+def fully_shard_blocks(sm: Any, **fsdp_options: Any) -> ShardedModel:
+    """`sm`'s graph cut into one submodule per block, each sharded with FSDP2's `fully_shard` (`fsdp_options`:
+    its keyword options, e.g. mp_policy, reshard_after_forward). Needs an initialised process group.
+
+    The returned model takes over `sm`'s parameters (FSDP2 replaces them by their shards): train the
+    returned model, then `gather_into(sm)` to read, save or export the result on one process."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.fx.passes.split_module import split_module
+    from sparsecc.model import SparseModel
+
+    if distributed.current() is None:
+        raise DistributedError("fully_shard_blocks needs torch.distributed initialised with more than one process "
+                               "(torchrun, or dist.init_process_group); on one process train the model itself")
+    if type(sm) is not SparseModel or sm.backend != "eager":
+        raise UnsupportedError(f"fully_shard_blocks takes a SparseModel compiled with backend='eager'; got "
+                               f"{type(sm).__name__}" + (f" on {sm.backend!r}" if hasattr(sm, "backend") else "")
+                               + ". Token-flow models (two graphs) train under DDP (sparsecc.train.fit_flow)")
+    flat, names = _with_parameter_modules(sm.graph_module)
+    # one partition per block, in graph order; nodes between blocks join the block before them, what
+    # precedes the first block is partition 0 and what follows the last block's last node the tail
+    order: dict[str, int] = {}
+    computed = [n for n in flat.graph.nodes if n.op not in ("placeholder", "get_attr", "output")
+                and not (n.op == "call_module" and n.target.startswith(_PARAMS))]
+    last_block_node = max((i for i, n in enumerate(computed) if _block_of(n)), default=-1)
+    partition, current = {}, 0
+    for i, node in enumerate(computed):
+        block = _block_of(node)
+        if block is not None and block not in order:
+            order[block] = len(order) + 1
+        current = order[block] if block is not None else current
+        partition[node] = current if i <= last_block_node else len(order) + 1
+    if not order:
+        raise UnsupportedError("fully_shard_blocks found no blocks in the graph (no node belongs to a numbered "
+                               "module such as encoder.layer.0); shard the whole model with fully_shard(sm)")
+    for node in flat.graph.nodes:
+        if node.op == "call_module" and node.target.startswith(_PARAMS):
+            users = {partition[u] for u in node.users}
+            if len(users) > 1:
+                raise UnsupportedError(f"parameter {names[node.target.split('.', 1)[1]]!r} is read by blocks "
+                                       f"{sorted(users)} (a weight shared across blocks); FSDP2 groups cannot "
+                                       "share a parameter: shard the whole model with fully_shard(sm)")
+            partition[node] = users.pop()
+    cut = split_module(flat, flat, lambda n: partition[n])
+    prefix, here = _PARAMS + "_", {}  # split_module names a submodule's call_module targets with "_" for "."
+    for sub_name, sub in cut.named_children():
+        for name, _ in sub.named_children():
+            if name.startswith(prefix):
+                here[f"graph_module.{sub_name}.{name}.param"] = f"graph_module.{names[name[len(prefix):]]}"
+        if any(True for _ in sub.parameters()):
+            fully_shard(sub, **fsdp_options)
+    fully_shard(cut, **fsdp_options)
+    return ShardedModel(cut, sm.call_defaults, here, list(order))
+
+
+def load_checkpoint(sm: nn.Module, directory: str) -> nn.Module:
+    """Read the parameters a `ShardedModel.save_checkpoint` wrote into `sm` (a SparseModel compiled with the
+    same recipe; one process, no process group needed). Returns `sm`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    wanted = dict(sm.named_parameters())
+    stored = {k: m.size for k, m in dcp.FileSystemReader(directory).read_metadata().state_dict_metadata.items()
+              if isinstance(m, TensorStorageMetadata)}
+    differ = sorted(set(wanted) ^ set(stored)) or [k for k in wanted if tuple(stored[k]) != tuple(wanted[k].shape)]
+    if differ:
+        raise UnsupportedError(f"the checkpoint in {directory} does not fit this model: {len(differ)} parameter(s) "
+                               f"differ in name or shape (first {differ[0]!r}); load it into a model compiled "
+                               "with the recipe and model it was trained from")
+    state = {k: torch.empty_like(v.detach()) for k, v in wanted.items()}
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process": yes
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=directory, no_dist=distributed.current() is None)
+    with torch.no_grad():
+        for name, param in wanted.items():
+            param.copy_(state[name])
+    return sm
