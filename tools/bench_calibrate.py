@@ -21,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
-from common import machine_line, write_atomic  # noqa: E402
+from common import emit, machine_line  # noqa: E402
 
 
 class CountedIds(torch.Tensor):
@@ -78,10 +78,7 @@ def main() -> None:
         lines.append(f"| {steps} | {passes:g} | {statistics.median(seconds):.2f} | "
                      f"{', '.join(f'{s:.2f}' for s in seconds)} | {statistics.median(totals):.2f} |")
     lines += ["", f"machine: {machine_line()}; torch {torch.__version__}"]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        write_atomic(args.out, text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import time
 import torch
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
-from common import machine_line, write_atomic  # noqa: E402
+from common import emit, machine_line  # noqa: E402
 
 
 def build(layers: int, seq_len: int):
@@ -84,10 +84,7 @@ def main() -> None:
     lines += [f"| (for scale) one dense forward | {forward:.2f} |",
               f"| `sparsecc.compile(..., check=True)` end to end, numerics checked after every pass | {checked:.2f} |",
               "", f"machine: {machine_line()}"]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        write_atomic(args.out, text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine_line, write_atomic  # noqa: E402
+from common import emit, machine_line  # noqa: E402
 
 
 def _rank(rank: int, world: int, store: str, out_dir: str, args: argparse.Namespace, n_batches: int) -> None:
@@ -153,10 +153,7 @@ def main() -> None:
         lines += fit_lines(args)
         print("\n".join(lines[-8:]), flush=True)
     lines += ["", f"machine: {machine_line()}; torch {torch.__version__}"]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        write_atomic(args.out, text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

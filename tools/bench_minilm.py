@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_onnx import fuse_for_ort, ort_session  # noqa: E402
-from common import machine_line, median_seconds, write_atomic  # noqa: E402
+from common import emit, machine_line, median_seconds  # noqa: E402
 
 
 def main() -> None:
@@ -96,10 +96,7 @@ def main() -> None:
             print(lines[-1], flush=True)
     lines += ["", "vs ORT dense > 1 means faster. Sparse rows are without any fine-tuning after sparsifying.",
               f"machine: {machine_line()}"]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        write_atomic(args.out, text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

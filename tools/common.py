@@ -1,5 +1,5 @@
 """Shared bits of the benchmark tools: machine/version line, medians, atomic writes (one definition each,
-in the package)."""
+in the package), and printing a result table."""
 
 from __future__ import annotations
 
@@ -10,3 +10,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sparsecc.bench import machine_line, median_seconds  # noqa: E402,F401
 from sparsecc.io import write_text as write_atomic  # noqa: E402,F401
+
+
+def emit(lines: list, out: str | None = None) -> str:
+    """Print a result table and, with `out`, also write it there (atomically). Returns the text."""
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        write_atomic(out, text + "\n")
+    return text
