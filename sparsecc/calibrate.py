@@ -170,8 +170,11 @@ class RowObserver(Observer):
 
     def reduce(self, comm: Any, owner: int) -> None:
         """The ranks' samples in rank order, capped at `max_rows` (with contiguous shards: the rows one process
-        would have kept)."""
-        everyone = comm.gather(self.value() if self.count else None, owner)
+        would have kept). A rank sends only the rows the cap leaves room for after the ranks before it."""
+        counts = comm.all_gather(self.count)
+        room = max(0, self.max_rows - sum(counts[:comm.rank]))
+        mine = self.value()[:room] if self.count and room else None
+        everyone = comm.gather(mine, owner)
         gathered = [rows for rows in everyone or [] if rows is not None]
         self.rows = [torch.cat(gathered)[: self.max_rows]] if gathered else []
         self.count = self.rows[0].shape[0] if self.rows else 0

@@ -78,8 +78,9 @@ def _fit_rank(rank: int, world: int, store: str, out_dir: str, args: argparse.Na
                              calibration_batches=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        optimizer = (lambda params: torch.optim.SGD(params, lr=0.1)) if args.fit_optimizer == "sgd" else None
         out = fit(T.CountingClassifier(), batches, lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]),
-                  steps=args.fit_steps, lr=1e-3, schedule=schedule, progress=False)
+                  steps=args.fit_steps, lr=1e-3, schedule=schedule, optimizer=optimizer, progress=False)
     torch.save({"losses": out.losses, "switched_at": out.switched_at, "reason": out.switch_reason,
                 "layouts": {k: v.mask for k, v in out.model.layouts.items()},
                 "state": out.model.state_dict()}, os.path.join(out_dir, f"{rank}.pt"))
@@ -107,8 +108,10 @@ def fit_lines(args: argparse.Namespace) -> list:
                 d = torch.cat([d[:32], d[64:]])
             params["other"] = max(params.get("other", 0.0), float(d.max()))
     worst_at = max(range(len(diffs)), key=diffs.__getitem__)
+    first_over = next((i + 1 for i, d in enumerate(diffs) if d > 1e-5), None)
+    optimizer = "SGD lr 0.1" if args.fit_optimizer == "sgd" else "AdamW lr 1e-3"
     return ["", f"SPION training (`sparsecc.train.fit`) of sparsecc.testing.CountingClassifier, global batch "
-            f"{args.fit_batch}, {args.fit_steps} steps, AdamW lr 1e-3; 2 ranks under DDP each on half of every "
+            f"{args.fit_batch}, {args.fit_steps} steps, {optimizer}; 2 ranks under DDP each on half of every "
             "batch, against 1 process on the whole batches", "",
             "| | 1 process | 2 ranks (DDP) |", "|---|---|---|",
             f"| switch | {one['reason']} | {two['reason']} |",
@@ -117,9 +120,10 @@ def fit_lines(args: argparse.Namespace) -> list:
             + " / ".join(f"{one['losses'][i]:.6f}" for i in (0, len(diffs) // 2 - 1, -1)) + " | "
             + " / ".join(f"{two['losses'][i]:.6f}" for i in (0, len(diffs) // 2 - 1, -1)) + " |",
             f"| max abs loss difference per step | - | {max(diffs):.2e} (step {worst_at + 1}); "
-            f"steps within 1e-5: {sum(d <= 1e-5 for d in diffs)} of {len(diffs)} |",
+            f"steps within 1e-5: {sum(d <= 1e-5 for d in diffs)} of {len(diffs)}, the first above at "
+            f"{first_over or '-'} |",
             f"| max abs parameter difference at the end | - | {params['other']:.2e} (key biases: "
-            f"{params['key bias']:.2e}: their true gradient is 0, AdamW scales rounding noise to +-lr) |"]
+            f"{params['key bias']:.2e}: their true gradient is 0, which AdamW turns into steps of +-lr) |"]
 
 
 def main() -> None:
@@ -130,6 +134,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="controller distillation steps")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--fit-steps", type=int, default=200, help="steps of the DDP training comparison (0: none)")
+    parser.add_argument("--fit-optimizer", choices=["adamw", "sgd"], default="adamw",
+                        help="optimizer of the DDP training comparison")
     parser.add_argument("--fit-batch", type=int, default=32, help="global batch of the DDP training comparison")
     parser.add_argument("--out", help="also write the markdown table to this file")
     args = parser.parse_args()
