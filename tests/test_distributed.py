@@ -19,7 +19,7 @@ from torch.distributed.fsdp import FSDPModule
 import sparsecc
 from sparsecc import distributed
 from sparsecc import testing as T
-from sparsecc.errors import DistributedError, UnsupportedError
+from sparsecc.errors import DistributedError, InputError, UnsupportedError
 from sparsecc.methods.token_flow.fit import calibrate_keep
 from sparsecc.train.flow import fit_flow
 from sparsecc.train.parallel import fully_shard_blocks, load_checkpoint
@@ -294,6 +294,8 @@ def test_fsdp2_with_one_group_per_block_trains_as_one_process(tmp_path):
     for name, value in fresh.named_parameters():
         assert torch.equal(value, results[0]["state"][name]), name
     other, _ = T.bert("sdpa", layers=1, seq=32)
+    with pytest.raises(InputError, match="holds no complete distributed checkpoint"):
+        load_checkpoint(fresh, str(tmp_path))
     with pytest.raises(UnsupportedError, match="does not fit this model: .* parameter"):
         load_checkpoint(sparsecc.compile(other, _fsdp_model()[1][0], progress=False), str(tmp_path / "checkpoint"))
 

@@ -19,6 +19,7 @@ parameter) and is one FSDP2 group. Buffers (layouts, position ids) stay unsharde
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from typing import Any, Optional
@@ -27,7 +28,7 @@ import torch
 from torch import fx, nn
 
 from sparsecc import distributed
-from sparsecc.errors import DistributedError, UnsupportedError
+from sparsecc.errors import DistributedError, InputError, UnsupportedError
 
 _NUMBERED = re.compile(r"^(.*\.)?\d+$")  # a module path ending in an index: a block of a ModuleList
 _PARAMS = "sparsecc_params"  # where the parameter holders live in the cut graph
@@ -68,7 +69,8 @@ class ShardedModel(nn.Module):
     def save_checkpoint(self, directory: str) -> None:
         """Write the parameters as a distributed checkpoint (torch.distributed.checkpoint: every rank writes
         its shards, in parallel), under the SparseModel's parameter names: `load_checkpoint(sm, directory)`
-        reads it on one process, or on any number of ranks. A collective: every rank calls it."""
+        reads it on one process, or on any number of ranks. A collective: every rank calls it. The checkpoint's
+        metadata is written last, so an interrupted save leaves a folder that `load_checkpoint` refuses."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
         state = get_model_state_dict(self)
@@ -107,12 +109,15 @@ def _with_parameter_modules(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict]:
             env[node].meta = dict(node.meta)
             names[flat] = node.target
             continue
-        if node.op == "get_attr":
+        if node.op == "get_attr":  # a buffer (layout, position ids) or a constant: replicated, at the root
             flat = node.target.replace(".", "_")
             if not hasattr(root, flat):
-                value = gm.get_buffer(node.target) if node.target in dict(gm.named_buffers()) else \
-                    getattr(gm.get_submodule(node.target.rpartition(".")[0]), node.target.rpartition(".")[2])
-                root.register_buffer(flat, value) if isinstance(value, torch.Tensor) else setattr(root, flat, value)
+                owner, _, attr = node.target.rpartition(".")
+                value = getattr(gm.get_submodule(owner), attr)
+                if isinstance(value, torch.Tensor):
+                    root.register_buffer(flat, value)
+                else:
+                    setattr(root, flat, value)
             env[node] = graph.get_attr(flat)
             env[node].meta = dict(node.meta)
             continue
@@ -181,6 +186,10 @@ def load_checkpoint(sm: nn.Module, directory: str) -> nn.Module:
     same recipe; one process, no process group needed). Returns `sm`."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    if not os.path.isfile(os.path.join(directory, ".metadata")):
+        raise InputError(f"{directory} holds no complete distributed checkpoint (no .metadata file, which "
+                         "torch.distributed.checkpoint writes last): the save did not finish, or the path is "
+                         "not a folder ShardedModel.save_checkpoint wrote")
     wanted = dict(sm.named_parameters())
     stored = {k: m.size for k, m in dcp.FileSystemReader(directory).read_metadata().state_dict_metadata.items()
               if isinstance(m, TensorStorageMetadata)}
