@@ -11,7 +11,9 @@ and controller distillation) and the whole compile, medians over the ranks; the 
 one process on all the batches. The bytes should not grow with the number of batches.
 
 Then (--fit-steps) SPION training under DDP: the loss curve of 2 ranks, each on half of every batch,
-against one process on the whole batches, the switch step and the layouts at the switch.
+against one process on the whole batches and one process accumulating the gradients of the same halves
+(the same arithmetic as DDP's averaged gradients: equal bit for bit when every kernel is deterministic),
+the switch step and the layouts at the switch.
 """
 
 from __future__ import annotations
@@ -58,8 +60,9 @@ def _rank(rank: int, world: int, store: str, out_dir: str, args: argparse.Namesp
         dist.destroy_process_group()
 
 
-def _fit_rank(rank: int, world: int, store: str, out_dir: str, args: argparse.Namespace, _: int) -> None:
-    """SPION training of sparsecc.testing's counting classifier, every rank on its share of each batch."""
+def _fit_rank(rank: int, world: int, store: str, out_dir: str, args: argparse.Namespace, micro: int) -> None:
+    """SPION training of sparsecc.testing's counting classifier, every rank on its share of each batch;
+    micro > 1 (one process): the loss is the mean over `micro` equal micro-batches (gradient accumulation)."""
     torch.set_num_threads(args.threads)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
@@ -79,8 +82,11 @@ def _fit_rank(rank: int, world: int, store: str, out_dir: str, args: argparse.Na
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         optimizer = (lambda params: torch.optim.SGD(params, lr=0.1)) if args.fit_optimizer == "sgd" else None
-        out = fit(T.CountingClassifier(), batches, lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]),
-                  steps=args.fit_steps, lr=1e-3, schedule=schedule, optimizer=optimizer, progress=False)
+        def loss_fn(model, batch):
+            parts = zip(batch[0].chunk(max(micro, 1)), batch[1].chunk(max(micro, 1)))
+            return sum(torch.nn.functional.cross_entropy(model(x), y) for x, y in parts) / max(micro, 1)
+        out = fit(T.CountingClassifier(), batches, loss_fn, steps=args.fit_steps, lr=1e-3, schedule=schedule,
+                  optimizer=optimizer, progress=False)
     torch.save({"losses": out.losses, "switched_at": out.switched_at, "reason": out.switch_reason,
                 "layouts": {k: v.mask for k, v in out.model.layouts.items()},
                 "state": out.model.state_dict()}, os.path.join(out_dir, f"{rank}.pt"))
@@ -95,35 +101,37 @@ def run(world: int, args: argparse.Namespace, n_batches: int, target=_rank) -> l
 
 
 def fit_lines(args: argparse.Namespace) -> list:
-    """The loss curve of 2-rank DDP against 1 process on the same global batches."""
-    one, two = run(1, args, 0, _fit_rank)[0], run(2, args, 0, _fit_rank)[0]
-    diffs = [abs(a - b) for a, b in zip(one["losses"], two["losses"], strict=True)]
-    key_bias = slice(32, 64)  # nn.MultiheadAttention's in_proj_bias holds q, k, v biases of width 32
-    params = {}
-    for name, value in one["state"].items():
-        if value.is_floating_point():
-            d = (two["state"][name] - value).abs()
-            if name.endswith("in_proj_bias"):
-                params["key bias"] = max(params.get("key bias", 0.0), float(d[key_bias].max()))
-                d = torch.cat([d[:32], d[64:]])
-            params["other"] = max(params.get("other", 0.0), float(d.max()))
-    worst_at = max(range(len(diffs)), key=diffs.__getitem__)
-    first_over = next((i + 1 for i, d in enumerate(diffs) if d > 1e-5), None)
+    """The loss curve of 2-rank DDP against 1 process on the same global batches, whole and as 2 micro-batches."""
+    two = run(2, args, 0, _fit_rank)[0]
     optimizer = "SGD lr 0.1" if args.fit_optimizer == "sgd" else "AdamW lr 1e-3"
-    return ["", f"SPION training (`sparsecc.train.fit`) of sparsecc.testing.CountingClassifier, global batch "
-            f"{args.fit_batch}, {args.fit_steps} steps, {optimizer}; 2 ranks under DDP each on half of every "
-            "batch, against 1 process on the whole batches", "",
-            "| | 1 process | 2 ranks (DDP) |", "|---|---|---|",
-            f"| switch | {one['reason']} | {two['reason']} |",
-            f"| layouts at the switch equal | - | {'yes' if all(torch.equal(m, two['layouts'][k]) for k, m in one['layouts'].items()) else 'NO'} |",
-            f"| loss at steps 1 / {len(diffs) // 2} / {len(diffs)} | "
-            + " / ".join(f"{one['losses'][i]:.6f}" for i in (0, len(diffs) // 2 - 1, -1)) + " | "
-            + " / ".join(f"{two['losses'][i]:.6f}" for i in (0, len(diffs) // 2 - 1, -1)) + " |",
-            f"| max abs loss difference per step | - | {max(diffs):.2e} (step {worst_at + 1}); "
-            f"steps within 1e-5: {sum(d <= 1e-5 for d in diffs)} of {len(diffs)}, the first above at "
-            f"{first_over or '-'} |",
-            f"| max abs parameter difference at the end | - | {params['other']:.2e} (key biases: "
-            f"{params['key bias']:.2e}: their true gradient is 0, which AdamW turns into steps of +-lr) |"]
+    lines = ["", f"SPION training (`sparsecc.train.fit`) of sparsecc.testing.CountingClassifier, global batch "
+             f"{args.fit_batch}, {args.fit_steps} steps, {optimizer}; 2 ranks under DDP each on half of every "
+             f"batch (switch: {two['reason']}), against 1 process on the same batches", "",
+             "| 1 process | switch step | layouts at the switch | loss at steps 1 / mid / end (2 ranks: "
+             + " / ".join(f"{two['losses'][i]:.6f}" for i in (0, len(two["losses"]) // 2 - 1, -1))
+             + ") | max abs loss difference | steps within 1e-5 | max abs parameter difference (key biases) |",
+             "|---|---|---|---|---:|---|---|"]
+    for label, micro in (("whole batches", 1), ("2 micro-batches (the ranks' halves), gradients accumulated", 2)):
+        one = run(1, args, micro, _fit_rank)[0]
+        diffs = [abs(a - b) for a, b in zip(one["losses"], two["losses"], strict=True)]
+        key_bias = slice(32, 64)  # nn.MultiheadAttention's in_proj_bias holds q, k, v biases of width 32
+        params = {"other": 0.0, "key bias": 0.0}
+        for name, value in one["state"].items():
+            if value.is_floating_point():
+                d = (two["state"][name] - value).abs()
+                if name.endswith("in_proj_bias"):
+                    params["key bias"] = max(params["key bias"], float(d[key_bias].max()))
+                    d = torch.cat([d[:32], d[64:]])
+                params["other"] = max(params["other"], float(d.max()))
+        first_over = next((i + 1 for i, d in enumerate(diffs) if d > 1e-5), None)
+        same_layouts = all(torch.equal(m, two["layouts"][k]) for k, m in one["layouts"].items())
+        lines.append(f"| {label} | {one['switched_at']} (2 ranks: {two['switched_at']}) | "
+                     f"{'equal' if same_layouts else 'DIFFERENT'} | "
+                     + " / ".join(f"{one['losses'][i]:.6f}" for i in (0, len(diffs) // 2 - 1, -1))
+                     + f" | {max(diffs):.2e} | {sum(d <= 1e-5 for d in diffs)} of {len(diffs)}"
+                     + (f" (the first above: step {first_over})" if first_over else "")
+                     + f" | {params['other']:.2e} ({params['key bias']:.2e}) |")
+    return lines
 
 
 def main() -> None:
@@ -157,7 +165,7 @@ def main() -> None:
             print(lines[-1], flush=True)
     if args.fit_steps:
         lines += fit_lines(args)
-        print("\n".join(lines[-8:]), flush=True)
+        print("\n".join(lines[-4:]), flush=True)
     lines += ["", f"machine: {machine_line()}; torch {torch.__version__}"]
     emit(lines, args.out)
 
