@@ -151,7 +151,7 @@ def main() -> None:
              f"sparse FFN (n 32, d_lowrank 64, {args.steps} controller steps); {args.threads} thread(s) per "
              "process; gloo", "",
              "| batches | processes | tokens per rank | calibrate stage s | compile s | bytes sent per rank | "
-             "plans equal to 1 process |", "|---:|---:|---|---:|---:|---|---|"]
+             "plans equal to 1 process |", "|---:|---:|---|---:|---:|---|---|"] if args.batches else []
     for n in args.batches:
         single = run(1, args, n)[0]
         for world, results in ((1, [single]), (2, run(2, args, n))):
