@@ -32,7 +32,7 @@ from typing import Any, Optional
 
 import torch
 
-from sparsecc.errors import SparseccError
+from sparsecc.errors import InputError, SparseccError, UnsupportedError
 
 FORMAT = "sparsecc.SavedModel"
 FORMAT_VERSION = 1
@@ -190,11 +190,44 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     return manifest
 
 
-def load(directory: str | os.PathLike, backend: Optional[str] = None, backend_options: Optional[dict] = None):
+def read_checkpoint(params: dict, directory: str | os.PathLike) -> None:
+    """Fill `params` (name -> parameter, named as a SparseModel's `named_parameters()`) from the distributed
+    checkpoint (torch.distributed.checkpoint) in `directory`, on one process or on every rank."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from sparsecc import distributed
+    directory = str(directory)
+    if not os.path.isfile(os.path.join(directory, ".metadata")):
+        raise InputError(f"{directory} holds no complete distributed checkpoint (no .metadata file, which "
+                         "torch.distributed.checkpoint writes last): the save did not finish, or the path is "
+                         "not a folder ShardedModel.save_checkpoint wrote")
+    stored = {k: m.size for k, m in dcp.FileSystemReader(directory).read_metadata().state_dict_metadata.items()
+              if isinstance(m, TensorStorageMetadata)}
+    differ = sorted(set(params) ^ set(stored)) or [k for k in params if tuple(stored[k]) != tuple(params[k].shape)]
+    if differ:
+        raise UnsupportedError(f"the checkpoint in {directory} does not fit this model: {len(differ)} parameter(s) "
+                               f"differ in name or shape (first {differ[0]!r}); load it into a model compiled "
+                               "with the recipe and model it was trained from")
+    state = {k: torch.empty_like(v.detach()) for k, v in params.items()}
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process": yes
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=directory, no_dist=distributed.current() is None)
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(state[name])
+
+
+def load(directory: str | os.PathLike, backend: Optional[str] = None, backend_options: Optional[dict] = None,
+         checkpoint: str | os.PathLike | None = None):
     """Rebuild the compiled model saved in `directory` (no Python class of the original model needed).
 
     backend: where to run it (default: the backend it was saved from); "eager", "inductor",
     "onnxruntime" ("triton" needs a CUDA device). A model with token flow loads as its inference graph.
+    checkpoint: a distributed checkpoint of trained weights (`ShardedModel.save_checkpoint`, written by
+    every rank of an FSDP2 run) to load in place of the saved weights.
     Methods defined outside sparsecc must be imported (registered) before loading their recipe.
     """
     from safetensors.torch import load_file
@@ -225,6 +258,8 @@ def load(directory: str | os.PathLike, backend: Optional[str] = None, backend_op
     except RuntimeError as err:
         raise SaveError(f"{directory / 'weights.safetensors'} does not fit {directory / 'program.pt2'}: "
                         f"{str(err).splitlines()[0]}") from err
+    if checkpoint is not None:  # before the backend lowers the graph: ONNX Runtime copies the weights
+        read_checkpoint({f"graph_module.{name}": p for name, p in gm.named_parameters()}, checkpoint)
     example = load_file(str(directory / "example.safetensors"))
 
     def value(entry: dict) -> Any:

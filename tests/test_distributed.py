@@ -304,9 +304,14 @@ def test_fsdp2_with_one_group_per_block_trains_as_one_process(tmp_path):
                 assert (r["state"][name] - value).abs().max() < 1e-5, name
     # the distributed checkpoint (each rank wrote its shards) read on one process: the gathered weights
     fresh, _ = _fsdp_model()
+    sparsecc.save(fresh, tmp_path / "compiled")  # as compiled, before training
     load_checkpoint(fresh, str(tmp_path / "checkpoint"))
     for name, value in fresh.named_parameters():
         assert torch.equal(value, results[0]["state"][name]), name
+    loaded = sparsecc.load(tmp_path / "compiled", checkpoint=tmp_path / "checkpoint")
+    trained = dict(fresh.named_parameters())
+    assert all(torch.equal(p, trained[n]) for n, p in loaded.named_parameters())
+    assert torch.equal(loaded(**steps[0])[0], fresh(**steps[0])[0])
     other, _ = T.bert("sdpa", layers=1, seq=32)
     with pytest.raises(InputError, match="holds no complete distributed checkpoint"):
         load_checkpoint(fresh, str(tmp_path))

@@ -19,16 +19,15 @@ parameter) and is one FSDP2 group. Buffers (layouts, position ids) stay unsharde
 
 from __future__ import annotations
 
-import os
 import re
-import warnings
 from typing import Any, Optional
 
 import torch
 from torch import fx, nn
 
 from sparsecc import distributed
-from sparsecc.errors import DistributedError, InputError, UnsupportedError
+from sparsecc.errors import DistributedError, UnsupportedError
+from sparsecc.saving import read_checkpoint
 
 _NUMBERED = re.compile(r"^(.*\.)?\d+$")  # a module path ending in an index: a block of a ModuleList
 _PARAMS = "sparsecc_params"  # where the parameter holders live in the cut graph
@@ -183,26 +182,7 @@ def fully_shard_blocks(sm: Any, **fsdp_options: Any) -> ShardedModel:
 
 def load_checkpoint(sm: nn.Module, directory: str) -> nn.Module:
     """Read the parameters a `ShardedModel.save_checkpoint` wrote into `sm` (a SparseModel compiled with the
-    same recipe; one process, no process group needed). Returns `sm`."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-    if not os.path.isfile(os.path.join(directory, ".metadata")):
-        raise InputError(f"{directory} holds no complete distributed checkpoint (no .metadata file, which "
-                         "torch.distributed.checkpoint writes last): the save did not finish, or the path is "
-                         "not a folder ShardedModel.save_checkpoint wrote")
-    wanted = dict(sm.named_parameters())
-    stored = {k: m.size for k, m in dcp.FileSystemReader(directory).read_metadata().state_dict_metadata.items()
-              if isinstance(m, TensorStorageMetadata)}
-    differ = sorted(set(wanted) ^ set(stored)) or [k for k in wanted if tuple(stored[k]) != tuple(wanted[k].shape)]
-    if differ:
-        raise UnsupportedError(f"the checkpoint in {directory} does not fit this model: {len(differ)} parameter(s) "
-                               f"differ in name or shape (first {differ[0]!r}); load it into a model compiled "
-                               "with the recipe and model it was trained from")
-    state = {k: torch.empty_like(v.detach()) for k, v in wanted.items()}
-    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process": yes
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=directory, no_dist=distributed.current() is None)
-    with torch.no_grad():
-        for name, param in wanted.items():
-            param.copy_(state[name])
+    same recipe; one process, no process group needed). Returns `sm`. For a model saved with
+    `sparsecc.save`: `sparsecc.load(model_dir, checkpoint=directory)`."""
+    read_checkpoint(dict(sm.named_parameters()), directory)
     return sm
