@@ -96,8 +96,9 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, 
     the model trains under DistributedDataParallel (`ddp`: its keyword options, e.g.
     find_unused_parameters), the attention maps of the switch checks are summed over the ranks and
     rank 0's decision holds for all, the layouts at the switch are calibrated on every rank's recent
-    batches (compile's distributed calibration), and `losses` are the mean over the ranks: with equal
-    shards, the run of one process on the whole batches.
+    batches (compile's distributed calibration), and `losses` are the mean over the ranks. With equal
+    shards: the run of one process on the whole batches up to float rounding, and bit for bit the run
+    of one process whose loss averages the shards' losses (their gradients accumulated).
     """
     import sparsecc
 
