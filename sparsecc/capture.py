@@ -35,6 +35,8 @@ class Captured:
     model_name: str
     dynamic: bool
     call_defaults: dict = field(default_factory=dict)  # kwargs added at capture (e.g. use_cache=False)
+    max_positions: Optional[int] = None  # the longest sequence the model's config allows, when it says
+    omittable: dict = field(default_factory=dict)  # keyword input -> the input whose shape its all-ones stand-in takes
 
     def run(self, gm: Optional[fx.GraphModule] = None, args: Optional[tuple] = None,
             kwargs: Optional[dict] = None) -> Any:
@@ -287,7 +289,55 @@ def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True) -> Capt
     gm = ep.module()
     _own_parameters(gm)
     return Captured(gm=gm, args=args, kwargs=kwargs, model_name=type(model).__name__,
-                    dynamic=ep.range_constraints != {} and spec is not None, call_defaults=defaults)
+                    dynamic=ep.range_constraints != {} and spec is not None, call_defaults=defaults,
+                    max_positions=max_positions(model), omittable=omittable_inputs(model, args, kwargs, defaults))
+
+
+def _same_outputs(a: Any, b: Any, atol: float = 1e-5) -> bool:
+    left = [t for t in pytree.tree_leaves(a) if isinstance(t, torch.Tensor)]
+    right = [t for t in pytree.tree_leaves(b) if isinstance(t, torch.Tensor)]
+    return len(left) == len(right) and all(
+        x.shape == y.shape and bool(torch.allclose(x.float(), y.float(), atol=atol, rtol=0)) for x, y in zip(left, right))
+
+
+def omittable_inputs(model: nn.Module, args: tuple, kwargs: dict, call_defaults: dict) -> dict:
+    """Keyword mask inputs a caller may leave out of the compiled model: {name: like} where the forward's
+    default for `name` is None and leaving it out gives the same outputs as all ones shaped like input
+    `like` (checked on the example inputs: one forward each way). Hugging Face attention masks are the case:
+    None means "every token is real"."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    out = {}
+    for name, value in kwargs.items():
+        p = params.get(name)
+        if p is None or p.default is not None or "mask" not in name or not isinstance(value, torch.Tensor):
+            continue
+        like = next((k for k, v in kwargs.items() if "mask" not in k and isinstance(v, torch.Tensor)
+                     and v.shape == value.shape), None)
+        if like is None:
+            continue
+        rest = {k: v for k, v in kwargs.items() if k != name}
+        try:
+            with torch.no_grad(), _eval_mode(model):
+                same = _same_outputs(model(*args, **call_defaults, **rest, **{name: torch.ones_like(value)}),
+                                     model(*args, **call_defaults, **rest))
+        except Exception:  # noqa: BLE001 - the model needs the input: it is not omittable
+            same = False
+        if same:
+            out[name] = like
+    return out
+
+
+def max_positions(model: nn.Module) -> Optional[int]:
+    """The longest sequence a Hugging Face model's config allows (absolute position tables), else None."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_source_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def recapture(gm: fx.GraphModule, args: tuple, kwargs: dict, dynamic: bool = True) -> torch.export.ExportedProgram:

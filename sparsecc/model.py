@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -32,6 +33,7 @@ class SparseModel(nn.Module):
         self._report = report
         self.example_inputs = (captured.args, captured.kwargs)  # for export_onnx and save
         self._keywords = set(captured.kwargs) | set(self._call_defaults)
+        self.omittable = dict(getattr(captured, "omittable", {}))  # mask inputs a call may leave out
         self.dynamic = captured.dynamic
         # the runner comes from the backend (sparsecc.backends): the graph itself, torch.compile, an ORT session
         # (kept out of the module tree: the graph's tensors are graph_module's, once in state_dict())
@@ -41,12 +43,17 @@ class SparseModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         kwargs = {**self._call_defaults, **kwargs}
+        for name, like in self.omittable.items():  # left out: all ones, as the model's own default was checked to be
+            if name not in kwargs and like in kwargs:
+                kwargs[name] = torch.ones(kwargs[like].shape, dtype=self.example_inputs[1][name].dtype,
+                                          device=kwargs[like].device)
         if len(args) != len(self.example_inputs[0]) or kwargs.keys() != self._keywords:
             raise UnsupportedError(
                 f"the compiled graph takes {len(self.example_inputs[0])} positional input(s) and the keyword inputs "
                 f"{sorted(self._keywords - set(self._call_defaults))} (what it was compiled with); got {len(args)} "
                 f"positional and {sorted(set(kwargs) - set(self._call_defaults))}. Pass the same inputs (e.g. an "
-                "all-ones attention_mask), or compile with example inputs that leave the optional one out")
+                "all-ones attention_mask), or compile with example inputs that leave the optional one out"
+                + (f"; {sorted(self.omittable)} may be left out" if self.omittable else ""))
         return self._runner(*args, **kwargs)
 
     def __reduce_ex__(self, protocol):

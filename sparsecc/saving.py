@@ -82,7 +82,7 @@ def save(sm: Any, directory: str | os.PathLike) -> Path:
             "format": FORMAT, "format_version": FORMAT_VERSION, "sparsecc": __version__, "torch": torch.__version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": sm.report().model,
             "recipe": sm.recipe.to_dict(), "backend": sm.backend, "dynamic": bool(sm.dynamic),
-            "call_defaults": sm.call_defaults, "example": example_values, "tied": aliases,
+            "call_defaults": sm.call_defaults, "omittable": sm.omittable, "example": example_values, "tied": aliases,
             "plans": {region: {"method": p.method, "version": p.version, "values": p.values,
                                "tensors": sorted(p.tensors)} for region, p in plans.items()},
             "report": sm.report().to_dict(),
@@ -268,7 +268,8 @@ def load(directory: str | os.PathLike, backend: Optional[str] = None, backend_op
     args = tuple(value(e) for e in manifest["example"]["args"])
     kwargs = {k: value(e) for k, e in manifest["example"]["kwargs"].items()}
     captured = Captured(gm=gm, args=args, kwargs=kwargs, model_name=manifest["model"],
-                        dynamic=bool(manifest["dynamic"]), call_defaults=dict(manifest["call_defaults"]))
+                        dynamic=bool(manifest["dynamic"]), call_defaults=dict(manifest["call_defaults"]),
+                        omittable=dict(manifest.get("omittable", {})))
     plan_data = load_file(str(directory / "plans.safetensors"))
     plans = {region: Plan(method=p["method"], region=region, values=p["values"], version=p["version"],
                           tensors={name: plan_data[f"{region}/{name}"] for name in p["tensors"]})

@@ -1,7 +1,9 @@
 """Small models for tests, demos and the CLI (`sparsecc inspect sparsecc.testing:bert`).
 
 Each factory returns (model, example_inputs) built from a small config with
-random weights (seeded), so nothing is downloaded.
+random weights (seeded), so nothing is downloaded. Besides the models the tests use, the
+coverage matrix (tools/coverage.py) adds opt, phi, qwen2, gemma, gpt_neox, distilbert,
+roberta, albert, deberta_v2, whisper_encoder and t5_encoder.
 """
 
 from __future__ import annotations
@@ -274,6 +276,133 @@ def check_block_sparse_calls(sm, inputs, atol: float = 1e-5) -> list[float]:
         want = block_sparse_reference(q, k, v, idx, cnt, block, scale, causal, kpm)
         err = (out - want).abs().max().item()
         assert err <= atol, f"block_sparse_attention differs from masked dense attention by {err}"
-        nq = -(-q.shape[-2] // block)
-        kept.append(float(cnt[:nq].sum()) / (nq * (-(-k.shape[-2] // block))))
+        nq, nk = -(-q.shape[-2] // block), -(-k.shape[-2] // block)
+        slots = torch.arange(idx.shape[1]) < cnt[:nq, None]  # a layout made for longer sequences keeps keys past S
+        kept.append(float((slots & (idx[:nq] < nk)).sum()) / (nq * nk))
     return kept
+
+
+# More architectures for the coverage matrix (tools/coverage.py): same sizes as above (hidden 32, 2 layers,
+# 4 heads, intermediate 64), random seeded weights.
+
+def _padded(seq: int = 16, pad: int = 3) -> dict:
+    """input_ids [2, seq] and an attention_mask whose second example is right-padded by `pad` tokens."""
+    ids = _ids(seq=seq)
+    mask = torch.ones_like(ids)
+    mask[1, -pad:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@_seeded
+def opt(attn_implementation: str = "eager"):
+    """OPT: learned positions (offset 2), ReLU FFNs, pre-LN, causal."""
+    from transformers import OPTConfig, OPTModel
+    cfg = OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+                    word_embed_proj_dim=32, max_position_embeddings=64, attn_implementation=attn_implementation,
+                    bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    return OPTModel(cfg).eval(), (_ids(),)
+
+
+@_seeded
+def phi(attn_implementation: str = "eager"):
+    """Phi: partial rotary, parallel attention + MLP sharing one LayerNorm, gelu_new FFNs."""
+    from transformers import PhiConfig, PhiModel
+    cfg = PhiConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                    attn_implementation=attn_implementation, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return PhiModel(cfg).eval(), (_ids(),)
+
+
+@_seeded
+def qwen2(attn_implementation: str = "eager"):
+    """Qwen2: Llama-like (rotary, RMSNorm, SwiGLU) with biased Q/K/V projections, GQA."""
+    from transformers import Qwen2Config, Qwen2Model
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      attn_implementation=attn_implementation, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return Qwen2Model(cfg).eval(), (_ids(),)
+
+
+@_seeded
+def gemma(attn_implementation: str = "eager"):
+    """Gemma: GeGLU (gelu_tanh gate) FFNs, RMSNorm with (1 + w), scaled embeddings, head_dim 8."""
+    from transformers import GemmaConfig, GemmaModel
+    cfg = GemmaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                      attn_implementation=attn_implementation, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return GemmaModel(cfg).eval(), (_ids(),)
+
+
+@_seeded
+def gpt_neox(attn_implementation: str = "eager"):
+    """GPT-NeoX (Pythia): fused QKV, partial rotary, parallel residual."""
+    from transformers import GPTNeoXConfig, GPTNeoXModel
+    cfg = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=64, attn_implementation=attn_implementation,
+                        bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return GPTNeoXModel(cfg).eval(), (_ids(),)
+
+
+@_seeded
+def distilbert(attn_implementation: str = "eager"):
+    """DistilBERT: post-LN encoder, GELU FFNs, one padded example."""
+    from transformers import DistilBertConfig, DistilBertModel
+    cfg = DistilBertConfig(vocab_size=VOCAB, dim=32, hidden_dim=64, n_layers=2, n_heads=4,
+                           max_position_embeddings=64, attn_implementation=attn_implementation, pad_token_id=0)
+    return DistilBertModel(cfg).eval(), _padded()
+
+
+@_seeded
+def roberta(attn_implementation: str = "eager"):
+    """RoBERTa: BERT's encoder, positions counted from the padding index; one padded example."""
+    from transformers import RobertaConfig, RobertaModel
+    cfg = RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, attn_implementation=attn_implementation,
+                        pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    return RobertaModel(cfg).eval(), _padded()
+
+
+@_seeded
+def albert(attn_implementation: str = "eager"):
+    """ALBERT: one layer's weights shared by both layers (num_hidden_groups=1), factorised embeddings."""
+    from transformers import AlbertConfig, AlbertModel
+    cfg = AlbertConfig(vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                       num_hidden_groups=1, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                       attn_implementation=attn_implementation, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    return AlbertModel(cfg).eval(), _padded()
+
+
+@_seeded
+def deberta_v2(attn_implementation: str = "eager"):
+    """DeBERTa-v2/v3: disentangled relative attention (c2p + p2c bias terms), no absolute positions."""
+    from transformers import DebertaV2Config, DebertaV2Model
+    cfg = DebertaV2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=64, max_position_embeddings=64, relative_attention=True,
+                          pos_att_type=["p2c", "c2p"], position_biased_input=False, max_relative_positions=-1,
+                          position_buckets=16, norm_rel_ebd="layer_norm", share_att_key=True,
+                          attn_implementation=attn_implementation, pad_token_id=0)
+    return DebertaV2Model(cfg).eval(), _padded()
+
+
+@_seeded
+def whisper_encoder(attn_implementation: str = "eager"):
+    """Whisper's audio encoder alone: two convolutions over log-mel features, sinusoidal positions, pre-LN
+    GELU blocks; input_features [2, num_mel_bins, 2 * max_source_positions]."""
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+    cfg = WhisperConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, encoder_attention_heads=4,
+                        encoder_ffn_dim=64, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
+                        num_mel_bins=16, max_source_positions=24, max_target_positions=32,
+                        attn_implementation=attn_implementation, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+                        decoder_start_token_id=0)
+    return WhisperEncoder(cfg).eval(), (torch.randn(2, cfg.num_mel_bins, 2 * cfg.max_source_positions),)
+
+
+@_seeded
+def t5_encoder(attn_implementation: str = "eager"):
+    """T5's encoder alone (T5EncoderModel): bidirectional attention with the learned relative position bias,
+    no decoder (so recipes that refuse causal layers can be tried on the encoder)."""
+    from transformers import T5Config, T5EncoderModel
+    cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                   attn_implementation=attn_implementation, decoder_start_token_id=0)
+    return T5EncoderModel(cfg).eval(), {"input_ids": _ids()}

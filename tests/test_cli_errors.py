@@ -20,7 +20,7 @@ import sparsecc
 from sparsecc import testing as T
 
 ROOT = Path(__file__).resolve().parent.parent
-SPARSE = ('[attention]\nkind = "fixed"\npattern = "local"\nblock = 4\ndensity = 0.4375\n'
+SPARSE = ('[attention]\nkind = "fixed"\npattern = "local"\nblock = 4\ndensity = 0.4375\nmax_len = 16\n'
           '[ffn]\nkind = "sparse_ffn"\nn = 4\nd_lowrank = 2\nsteps = 5\n')
 
 

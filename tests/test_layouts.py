@@ -299,6 +299,25 @@ def test_fit_crop_extend_rules_and_error():
         lay.fit(128, extend="stretch")
 
 
+def test_fit_structure_rule_by_hand():
+    # bands: d=0 (4/4), d=+1 (3/3), d=+2 (1/2), d=+3 (1/1), d=-2 (1/2), d=-3 (1/1) continue; d=-1 (1/3) does not.
+    # column 0 (4/4) and row 0 (4/4) are global; row 1 (3/4) and column 3 (3/4) are not.
+    lay = BlockLayout(B([[1, 1, 1, 1], [1, 1, 1, 0], [1, 0, 1, 1], [1, 0, 0, 1]]), 8)
+    grown = lay.fit(48, extend="structure")
+    assert torch.equal(grown.mask, B([[1, 1, 1, 1, 1, 1],
+                                      [1, 1, 1, 0, 1, 0],  # (1, 5): offset +4 was never calibrated
+                                      [1, 0, 1, 1, 1, 1],
+                                      [1, 0, 0, 1, 1, 1],
+                                      [1, 1, 1, 0, 1, 1],
+                                      [1, 0, 1, 1, 0, 1]]))
+    assert grown.meta["extend"] == "structure" and grown.meta["fitted_from"] == [4, 4]
+    assert torch.equal(grown.fit(32).mask, lay.mask)  # the calibrated corner is kept as it was
+    # causal: shares count only the tiles a query may see (j <= i); nothing above the diagonal
+    causal = BlockLayout(B([[1, 0, 0], [1, 1, 0], [1, 0, 1]]), 8, causal=True).fit(40, extend="structure")
+    assert torch.equal(causal.mask, B([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0],
+                                       [1, 1, 1, 1, 0], [1, 0, 1, 1, 1]]))
+
+
 def test_save_load_round_trip(tmp_path):
     lay = BlockLayout(B([[1, 0, 0], [1, 1, 0], [0, 1, 1]]), 16, True, "enc.0", {"method": "x", "t": 0.5})
     path = tmp_path / "sub" / "layout.pt"

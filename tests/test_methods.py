@@ -154,7 +154,8 @@ def test_spion_calibrated_on_longer_batches_than_the_example_serves_both_lengths
     _, long = T.bert("sdpa", seq=32)
     sm = sparsecc.compile(model, short, recipe=sparsecc.Recipe(attention=sparsecc.Spion(block=8, quantile=0.9)),
                           calibration=[short, long], progress=False)
-    assert all(layout.shape == (4, 4) for layout in sm.layouts.values())  # the longest calibrated length, 32
+    # planned at the longest calibrated length (32: 4x4 blocks), served up to BERT's 512 positions
+    assert all(layout.shape == (64, 64) and layout.meta["fitted_from"] == [4, 4] for layout in sm.layouts.values())
     for inputs in (short, long):
         out = sm(**inputs).last_hidden_state
         assert out.shape[1] == inputs["input_ids"].shape[1] and torch.isfinite(out).all()
@@ -234,7 +235,8 @@ def test_longformer_layout_by_hand():
     sm = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(attention=sparsecc.Fixed(
         pattern="longformer", block=8, density=0.625)))
     assert {lay.meta["kind"] for lay in sm.layouts.values()} == {"longformer"}
-    assert all(lay.density == pytest.approx(0.625) for lay in sm.layouts.values())
+    assert all(lay.fit(32).density == pytest.approx(0.625) for lay in sm.layouts.values())
+    assert all(r.sparse["density"] == pytest.approx(0.625) for r in sm.report().attention)
 
 
 def test_a_batch_of_one_example_compiles_a_graph_for_any_batch():
@@ -251,9 +253,29 @@ def test_a_batch_of_one_example_compiles_a_graph_for_any_batch():
     assert out.shape[0] == 3 and max_abs_error(out[1:2], sm(**one).last_hidden_state) <= 1e-5
 
 
-def test_calling_without_an_input_the_graph_was_compiled_with_says_which():
+def test_an_optional_mask_may_be_left_out_and_other_missing_inputs_say_which(tmp_path):
     model, inputs = T.bert("sdpa", seq=16)
-    sm = sparsecc.compile(model, inputs)
+    sm = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(attention=sparsecc.Fixed(pattern="local", block=8,
+                                                                                    density=0.75)))
+    assert sm.omittable == {"attention_mask": "input_ids"}  # BERT's forward: attention_mask=None means all ones
+    ids = torch.cat([inputs["input_ids"], inputs["input_ids"][:1]])  # another batch size too
+    want = sm(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    assert torch.equal(sm(input_ids=ids).last_hidden_state, want)
+    dense = sparsecc.compile(model, inputs)
+    assert max_abs_error(dense(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state) <= 1e-5
+    sparsecc.save(sm, str(tmp_path / "m"))
+    assert torch.equal(sparsecc.load(str(tmp_path / "m"))(input_ids=ids).last_hidden_state, want)
     with pytest.raises(UnsupportedError, match=r"keyword inputs \['attention_mask', 'input_ids'\].* got 0 positional "
-                                                r"and \['input_ids'\]"):
-        sm(input_ids=inputs["input_ids"])
+                                                r"and \['attention_mask'\].*\['attention_mask'\] may be left out"):
+        sm(attention_mask=inputs["attention_mask"])
+
+    class DefaultIsNotAllOnes(torch.nn.Module):  # None means "mask tokens 0-2": leaving it out differs from ones
+        def forward(self, ids, key_mask=None):
+            key_mask = (ids > 2) if key_mask is None else key_mask.bool()
+            return (ids.float() * key_mask).cumsum(1)
+
+    x = {"ids": torch.arange(16).view(2, 8) % 6, "key_mask": torch.ones(2, 8, dtype=torch.long)}
+    other = sparsecc.compile(DefaultIsNotAllOnes(), x)
+    assert other.omittable == {}
+    with pytest.raises(UnsupportedError, match=r"got 0 positional and \['ids'\]"):
+        other(ids=x["ids"])

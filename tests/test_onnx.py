@@ -398,7 +398,7 @@ def test_exported_file_has_the_model_output_names_and_a_plain_file_mode(tmp_path
     import os
     model, inputs = T.bert()
     sm = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(
-        attention=sparsecc.Fixed(pattern="local", block=4, density=0.4375)), progress=False)
+        attention=sparsecc.Fixed(pattern="local", block=4, density=0.4375, max_len=20)), progress=False)
     path = tmp_path / "m.onnx"
     sm.export_onnx(str(path))
     m = onnx.load(str(path))
@@ -407,7 +407,7 @@ def test_exported_file_has_the_model_output_names_and_a_plain_file_mode(tmp_path
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
-    assert json.loads({p.key: p.value for p in m.metadata_props}["sparsecc.max_len"]) == 16  # 4 blocks of 4
+    assert json.loads({p.key: p.value for p in m.metadata_props}["sparsecc.max_len"]) == 20  # 5 blocks of 4
     hand, (x,) = T.hand_written()
     sparsecc.compile(hand, (x,), progress=False).export_onnx(str(tmp_path / "h.onnx"))
     assert [o.name for o in onnx.load(str(tmp_path / "h.onnx")).graph.output] == ["output"]
@@ -426,12 +426,12 @@ def test_exported_file_has_the_model_output_names_and_a_plain_file_mode(tmp_path
 def test_onnxruntime_past_the_layout_length_says_so(tmp_path):
     from sparsecc.errors import LayoutError
     model, inputs = T.bert()
-    recipe = sparsecc.Recipe(attention=sparsecc.Fixed(pattern="local", block=4, density=0.4375))
+    recipe = sparsecc.Recipe(attention=sparsecc.Fixed(pattern="local", block=4, density=0.4375, max_len=16))
     sm = sparsecc.compile(model, inputs, recipe=recipe, backend="onnxruntime", progress=False)
     ok = sm(**inputs).last_hidden_state
     assert torch.allclose(ok, sparsecc.compile(model, inputs, recipe=recipe, progress=False)(**inputs)
                           .last_hidden_state, atol=1e-4)
     longer = {"input_ids": torch.ones(2, 32, dtype=torch.long), "attention_mask": torch.ones(2, 32, dtype=torch.long)}
     with pytest.raises(LayoutError, match=r"input input_ids has shape \(2, 32\), longer than the 16 tokens the "
-                                          r"block layouts in model.onnx were made for; compile \(and calibrate\)"):
+                                          r"block layouts in model.onnx were made for; compile with the attention config's max_len"):
         sm(**longer)

@@ -1,5 +1,6 @@
 """SPION through sparsecc.compile: calibration, layouts per region, the rewrite, the report."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -74,7 +75,9 @@ def test_spion_cf_calibrates_rewrites_and_reports(factory):
     report = sm.report()
     assert len(sm.layouts) == len(report.attention) == 2
     for r in report.attention:
-        layout = sm.layouts[r.name]
+        # planned at the calibration length, served up to the model's maximum positions
+        assert sm.layouts[r.name].seq_lens[0] == r.sparse["max_len"] == model.config.max_position_embeddings
+        layout = sm.layouts[r.name].fit(r.q_len, r.kv_len)
         assert r.sparse["density"] == pytest.approx(layout.density)
         assert torch.equal(layout.mask.diagonal(), torch.ones(layout.mask.shape[0], dtype=torch.bool))
         assert layout.causal == r.causal
@@ -83,8 +86,9 @@ def test_spion_cf_calibrates_rewrites_and_reports(factory):
     # at the calibrated (real) densities each call equals masked dense attention under its layout
     kept = T.check_block_sparse_calls(sm, inputs)
     assert kept == pytest.approx([sm.layouts[r.name].fit(r.q_len, r.kv_len).density for r in report.attention])
-    dropped = [r for r in report.attention if sm.layouts[r.name].num_blocks < (
-        (lambda n: n * (n + 1) // 2)(sm.layouts[r.name].shape[0]) if r.causal else sm.layouts[r.name].mask.numel())]
+    here = {r.name: sm.layouts[r.name].fit(r.q_len, r.kv_len) for r in report.attention}
+    dropped = [r for r in report.attention if here[r.name].num_blocks < (
+        (lambda n: n * (n + 1) // 2)(here[r.name].shape[0]) if r.causal else here[r.name].mask.numel())]
     if dropped:  # a layout that drops an allowed block changes the output (2x2 causal ones cannot drop any)
         assert max_abs_error(_run(model, inputs), _run(sm, inputs)) > 1e-4
     # it trains: gradients reach the attention projections through the block-sparse op
@@ -142,9 +146,28 @@ def test_spion_recipe_validation_and_save(tmp_path):
 def test_spion_model_runs_shorter_sequences_by_cropping_its_layouts():
     model, inputs = T.bert("sdpa", seq=32)
     sm = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(
-        attention=sparsecc.Fixed(pattern="random", block=8, density=1.0), ffn=None))
+        attention=sparsecc.Fixed(pattern="random", block=8, density=1.0, max_len=32), ffn=None))
     short = {"input_ids": inputs["input_ids"][:, :20], "attention_mask": inputs["attention_mask"][:, :20]}
     assert max_abs_error(_run(model, short), _run(sm, short)) <= 1e-5
     longer = {k: torch.cat([v, v[:, :8]], 1) for k, v in inputs.items()}
-    with pytest.raises(sparsecc.errors.LayoutError, match="calibrate at the longest length you will run"):
+    with pytest.raises(sparsecc.errors.LayoutError, match=r"made for 32 tokens.*max_len"):
         _run(sm, longer)
+
+
+def test_spion_layouts_serve_one_and_a_half_times_the_calibration_length():
+    """Planned at 32 tokens, served by default up to the model's maximum positions (BERT: 512): a batch of 48
+    tokens runs, each call equal to masked dense attention under the extended layout."""
+    model, inputs = T.bert("sdpa", seq=32)
+    recipe = sparsecc.Recipe(attention=sparsecc.Spion(block=8, quantile=0.6, kernel_size=3))
+    sm = sparsecc.compile(model, inputs, recipe=recipe, calibration=[inputs])
+    planned = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(attention=dataclasses.replace(
+        recipe.attention, max_len=32)), calibration=[inputs])
+    longer = {k: torch.cat([v, v[:, :16]], 1) for k, v in inputs.items()}
+    for r in sm.report().attention:
+        layout = sm.layouts[r.name]
+        assert layout.shape == (64, 64) and layout.meta["extend"] == "structure"
+        assert planned.layouts[r.name].shape == (4, 4)
+        assert torch.equal(layout.fit(32).mask, planned.layouts[r.name].mask)  # the calibrated corner as planned
+    kept = T.check_block_sparse_calls(sm, longer)
+    assert kept == pytest.approx([sm.layouts[r.name].fit(48).density for r in sm.report().attention])
+    assert torch.isfinite(_run(sm, longer).last_hidden_state).all()

@@ -46,3 +46,21 @@ def test_onnxruntime_runs_token_flow_graphs_under_sdpa(factory):
     args, kwargs = normalize_inputs(inputs)
     got, want = ort(*args, **kwargs)[0], eager(*args, **kwargs)[0]
     assert (got - want).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_parallel_attention_and_ffn_on_one_residual_flow_as_one_segment(impl):
+    """Falcon: x + attention(ln(x)) + mlp(ln(x)). The layer is one segment from x to the shared add: at keep 1
+    it equals dense; scope='ffn' cannot route the FFN alone and says why."""
+    model, inputs = T.falcon(impl)
+    ref = model(*inputs).last_hidden_state
+    sm = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(flow=sparsecc.TokenFlow(gate="content", keep=1.0)),
+                          progress=False)
+    assert all(r.residual.parallel and r.sparse["method"] == "token_flow" for r in sm.report().regions)
+    assert sorted(sm.kept_fractions()) == ["h.0", "h.1"]
+    assert (sm(*inputs).last_hidden_state - ref).abs().max().item() <= 1e-5
+    routes = [n for n in sm.graph_module.graph.nodes if n.target is torch.ops.sparsecc.flow_route.default]
+    assert len(routes) == 2
+    with pytest.raises(sparsecc.errors.UnsupportedError, match=r"add to one residual in parallel.*scope='layer'"):
+        sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(flow=sparsecc.TokenFlow(gate="content", scope="ffn")),
+                         progress=False)

@@ -140,7 +140,7 @@ class OnnxRuntimeModule(nn.Module):
             name, shape = too_long[0]
             raise LayoutError(f"onnxruntime backend: input {name} has shape {shape}, longer than the "
                               f"{self.max_len} tokens the block layouts in {os.path.basename(self.path)} were "
-                              "made for; compile (and calibrate) at the longest length you will run "
+                              "made for; compile with the attention config's max_len at least the longest length you will run "
                               f"(ONNX Runtime said: {str(err).splitlines()[0][:200]})") from err
         if self.out_spec is None:
             return tuple(outs)

@@ -78,7 +78,17 @@ def find_segments(regions: list[Region], scope: str) -> tuple[list[FlowSegment],
                 notes.append(f"token flow: {', '.join(missing)}: no residual block found (x + sublayer(x)); "
                              "left dense")
                 continue
-            chained = all(b.residual.residual is a.residual.output for a, b in zip(block, block[1:]))
+            parallel = [r for r in block if r.residual.parallel]
+            if parallel and scope == "ffn":
+                notes.append(f"token flow: {block[0].name}: attention and FFN add to one residual in parallel "
+                             "(x + attention(x) + ffn(x)); route the whole layer with TokenFlow(scope='layer'); "
+                             "left dense")
+                continue
+            if parallel and not (len(parallel) == len(block) and len({r.residual.add for r in block}) == 1):
+                notes.append(f"token flow: layer {stack}.{layer}: {parallel[0].name} adds to the residual in "
+                             "parallel with a sublayer that is not in this layer's regions; left dense")
+                continue
+            chained = parallel or all(b.residual.residual is a.residual.output for a, b in zip(block, block[1:]))
             if not chained:
                 notes.append(f"token flow: layer {stack}.{layer}: its blocks do not follow each other on the "
                               "residual stream; left dense")

@@ -45,9 +45,10 @@ class ResidualBlock:
     norm_position: str  # "pre" | "post" | "none"
     norm: Optional[fx.Node] = None
     output: Optional[fx.Node] = None  # the block's output: the norm after the add (post-LN) or the add
+    parallel: bool = False  # x + (attention(n(x)) + ffn(n'(x))): one add of x for both sublayers (Phi, Falcon)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "region": self.region, "norm_position": self.norm_position,
+        return {"kind": self.kind, "region": self.region, "norm_position": self.norm_position, "parallel": self.parallel,
                 "residual": self.residual.name, "add": self.add.name,
                 "norm": self.norm.name if self.norm is not None else None,
                 "output": self.output.name if self.output is not None else None}
@@ -515,6 +516,19 @@ def _is_norm_output(node: fx.Node, stop: fx.Node, depth: int = 12) -> Optional[f
     return norm if stop in seen else None
 
 
+def _parallel_residual(add: fx.Node, sublayer_in: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
+    """(x, the add of x) when `add` sums this sublayer's output with another branch and that sum is then
+    added to x, the stream both sublayers normalise: parallel attention + FFN on one residual."""
+    users = [u for u in add.users if is_call(u, aten.add.Tensor)]
+    if len(users) != 1 or len(add.users) != 1:
+        return None
+    outer = users[0]
+    residual = outer.args[1] if outer.args[0] is add else outer.args[0]
+    if not isinstance(residual, fx.Node) or _is_norm_output(sublayer_in, residual) is None:
+        return None
+    return residual, outer  # the other branch is the other sublayer: find_segments checks both name this add
+
+
 def find_residual(region: Region, sublayer_in: Optional[fx.Node], sublayer_out: Optional[fx.Node]) -> Optional[ResidualBlock]:
     if sublayer_in is None or sublayer_out is None:
         return None
@@ -526,6 +540,11 @@ def find_residual(region: Region, sublayer_in: Optional[fx.Node], sublayer_out: 
     residual = add.args[1] if add.args[0] is out else add.args[0]
     if not isinstance(residual, fx.Node):
         return None
+    parallel = _parallel_residual(add, sublayer_in)
+    if parallel is not None:
+        residual, add = parallel
+        return ResidualBlock(kind=region.kind, region=region.name, residual=residual, add=add, norm_position="pre",
+                             norm=sublayer_in, output=add, parallel=True)
     if through_view_like(sublayer_in) is through_view_like(residual):
         position, norm = "post", None
         after = [u for u in add.users if is_call(u, aten.layer_norm.default)]

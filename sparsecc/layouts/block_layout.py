@@ -28,7 +28,7 @@ from sparsecc.errors import LayoutError
 from sparsecc.io import atomic_write  # noqa: F401  (re-exported)
 from sparsecc.layouts.indexing import block_mask_to_csr, block_mask_to_ell
 
-ExtendRule = Literal["error", "diagonal", "repeat_band"]
+ExtendRule = Literal["error", "diagonal", "repeat_band", "structure"]
 _FORMAT = "sparsecc.BlockLayout"
 _SET_FORMAT = "sparsecc.LayoutSet"
 _VERSION = 1
@@ -41,6 +41,35 @@ def ceil_blocks(length: int, block_size: int) -> int:
             f"length and block_size must be positive ints, found length={length}, block_size={block_size}"
         )
     return -(-int(length) // int(block_size))
+
+
+BAND_SHARE = 0.5  # a diagonal kept in at least this share of its calibrated tiles continues
+GLOBAL_SHARE = 0.9  # a row / column kept in at least this share of the tiles it may see is global
+
+
+def _structure_extension(mask: torch.Tensor, causal: bool, nq: int, nk: int) -> torch.Tensor:
+    """The tiles of an (nq x nk) layout beyond `mask` under the "structure" rule (see BlockLayout.fit)."""
+    cq, ck = mask.shape
+    i = torch.arange(cq).unsqueeze(1)
+    j = torch.arange(ck).unsqueeze(0)
+    visible = (j <= i) if causal else torch.ones(cq, ck, dtype=torch.bool)
+    kept = (mask & visible).float()
+    # diagonal d = j - i sits at index d + cq - 1; share of its visible tiles that are kept
+    d = (j - i + cq - 1).flatten()
+    tiles = torch.zeros(cq + ck - 1).index_add_(0, d, visible.float().flatten())
+    share = torch.zeros(cq + ck - 1).index_add_(0, d, kept.flatten()) / tiles.clamp(min=1)
+    band = share >= BAND_SHARE
+    global_col = kept.sum(0) >= GLOBAL_SHARE * visible.sum(0).clamp(min=1)
+    global_row = kept.sum(1) >= GLOBAL_SHARE * visible.sum(1).clamp(min=1)
+    qi = torch.arange(nq).unsqueeze(1)
+    kj = torch.arange(nk).unsqueeze(0)
+    offset = kj - qi + cq - 1
+    inside = (offset >= 0) & (offset < band.numel())
+    out = qi == kj
+    out[inside] |= band[offset[inside]]
+    out[:, :min(nk, ck)] |= global_col[:min(nk, ck)].unsqueeze(0)
+    out[:min(nq, cq)] |= global_row[:min(nq, cq)].unsqueeze(1)
+    return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -182,8 +211,8 @@ class BlockLayout:
             raise LayoutError(
                 f"layout {self.name or ''} has {self.shape[0]}x{self.shape[1]} blocks of {self.block_size} "
                 f"(covers q_len <= {self.seq_lens[0]}, kv_len <= {self.seq_lens[1]}), but attention with "
-                f"q_len={q_len}, kv_len={kv_len} needs {need[0]}x{need[1]} blocks; calibrate at the longest "
-                "length you will run, or call layout.fit(q_len, kv_len, extend=...)"
+                f"q_len={q_len}, kv_len={kv_len} needs {need[0]}x{need[1]} blocks; compile with max_len (Spion/Fixed) at least the longest "
+                "length you will run, or call layout.fit(q_len, kv_len, extend='structure')"
             )
 
     def _resolve(self, q_len: int | None, kv_len: int | None) -> tuple[int, int]:
@@ -214,6 +243,12 @@ class BlockLayout:
           - "repeat_band": a new tile (i, j) is kept iff the calibrated layout keeps any tile at
             offset j - i (extends every diagonal the calibration found; suits shift-invariant
             patterns such as local windows).
+          - "structure": a new tile (i, j) is kept iff i == j, or the calibrated layout keeps at least
+            half the tiles of diagonal j - i (a band), or key block j is a global column (kept by at
+            least 90 % of the calibrated query rows that may see it), or query block i is a global
+            row (keeps at least 90 % of the key blocks it may see). This continues what attention
+            maps show on real models (a local band, [CLS]/sink tokens) without copying one-off
+            blocks; the rule SPION and the fixed patterns use for `max_len`.
         The causal rule then drops tiles above the block diagonal (never any for these rules).
         """
         kv_len = q_len if kv_len is None else kv_len
@@ -229,7 +264,7 @@ class BlockLayout:
                     f"layout {self.name or ''} was calibrated for q_len <= {self.seq_lens[0]}, "
                     f"kv_len <= {self.seq_lens[1]} ({cq}x{ck} blocks of {self.block_size}); requested "
                     f"q_len={q_len}, kv_len={kv_len} ({nq}x{nk} blocks). Recalibrate at the longer "
-                    "length, or pass extend='diagonal' or extend='repeat_band' to fit()"
+                    "length, or pass extend='structure', 'diagonal' or 'repeat_band' to fit()"
                 )
             i = torch.arange(nq).unsqueeze(1)
             j = torch.arange(nk).unsqueeze(0)
@@ -243,9 +278,11 @@ class BlockLayout:
                 inside = (d >= 0) & (d < present.numel())
                 mask = torch.zeros(nq, nk, dtype=torch.bool)
                 mask[inside] = present[d[inside]]
+            elif extend == "structure":
+                mask = _structure_extension(self.mask, self.causal, nq, nk)
             else:
                 raise LayoutError(
-                    f"extend={extend!r} is not a known rule; use 'error', 'diagonal' or 'repeat_band'"
+                    f"extend={extend!r} is not a known rule; use 'error', 'diagonal', 'repeat_band' or 'structure'"
                 )
             keep_q, keep_k = min(nq, cq), min(nk, ck)
             mask[:keep_q, :keep_k] = self.mask[:keep_q, :keep_k]

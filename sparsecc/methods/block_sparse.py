@@ -113,11 +113,37 @@ def _mask_values(ctx: PassContext) -> dict:
     return ctx.data["mask_values"]
 
 
+MAX_DEFAULT_BLOCKS = 1024  # a default max_len (the model's maximum positions) covers at most this many blocks
+
+
+def serving_layout(layout: BlockLayout, config, captured) -> BlockLayout:
+    """`layout` fitted to the longest sequence it must serve: `config.max_len` (cropped or extended), or by
+    default the model's maximum positions (extended only, up to MAX_DEFAULT_BLOCKS blocks). Beyond the
+    planned length the "structure" rule continues bands and global rows/columns (BlockLayout.fit)."""
+    if config.max_len is not None:
+        return layout.fit(config.max_len, extend="structure")
+    known = getattr(captured, "max_positions", None)
+    if known is None:
+        return layout
+    want = min(known, MAX_DEFAULT_BLOCKS * layout.block_size)
+    if -(-want // layout.block_size) <= min(layout.shape):
+        return layout
+    return layout.fit(want, extend="structure")
+
+
 class BlockSparseMethod(Method):
-    """Base of the layout methods: match and rewrite; subclasses say how a layout is made (`plan`)."""
+    """Base of the layout methods: match and rewrite; subclasses say how a layout is made (`make_layout`)
+    at the planned length; the plan holds it fitted to the longest sequence it serves (`serving_layout`)."""
 
     slots = ("attention",)
     needs_every_query = True
+
+    def make_layout(self, target: Target, stats: list, ctx) -> BlockLayout:
+        raise NotImplementedError
+
+    def plan(self, target: Target, stats: list, ctx) -> Plan:
+        layout = serving_layout(self.make_layout(target, stats, ctx), target.config, ctx.captured)
+        return layout_plan(type(target.config).kind, target.region.name, layout)
 
     def label(self, config) -> str:
         """How the report names the layout (e.g. "spion_cf", "bigbird")."""
@@ -184,10 +210,12 @@ class BlockSparseMethod(Method):
                     out = new_call(graph, pruned_as_logit_zero, (out, lse, a["query"], a["key"], idx_node, cnt_node,
                                                                  layout.block_size, bool(causal), kpm), meta_from=node)
             core = attention_core_flops(r)  # read before the SDPA node is erased
-            sparse_flops = r.flops - core + int(round(core * layout.density))
+            here = layout.fit(hint(r.q_len), hint(r.kv_len))  # the part the example's length runs
+            sparse_flops = r.flops - core + int(round(core * here.density))
             replace_node(node, out)
-            facts.sparse = {"method": self.label(target.config), "density": layout.density, "flops": sparse_flops,
-                            "block": layout.block_size, "blocks": list(layout.mask.shape)}
+            facts.sparse = {"method": self.label(target.config), "density": here.density, "flops": sparse_flops,
+                            "block": layout.block_size, "blocks": list(here.mask.shape),
+                            "max_len": layout.seq_lens[0]}
             if self.requested_density(target.config) is not None:
                 facts.sparse["density_requested"] = self.requested_density(target.config)
             changes.append(f"{type(target.config).kind}:{r.name} density {layout.density:.3f}")

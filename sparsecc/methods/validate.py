@@ -69,3 +69,10 @@ def check_fields(cfg: Any, where: str, *, choices: dict | None = None, positive_
     for name in open_unit:
         if not 0.0 < getattr(cfg, name) < 1.0:
             raise RecipeError(f"{where}.{name}: got {getattr(cfg, name)!r}; expected 0 < {name} < 1")
+
+
+def check_max_len(cfg: Any, where: str) -> None:
+    """`max_len` is None (the model's maximum positions) or a length of at least one block."""
+    if cfg.max_len is not None and cfg.max_len < cfg.block:
+        raise RecipeError(f"{where}.max_len: got {cfg.max_len!r}; expected None (the model's maximum positions) "
+                          f"or a sequence length >= block ({cfg.block})")

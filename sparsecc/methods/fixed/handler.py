@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from sparsecc.methods.base import Plan, Target
-from sparsecc.methods.block_sparse import BlockSparseMethod, layout_plan
+from sparsecc.layouts import BlockLayout
+from sparsecc.methods.base import Target
+from sparsecc.methods.block_sparse import BlockSparseMethod
 from sparsecc.methods.fixed.config import Fixed
 from sparsecc.methods.fixed.layouts import layout_at_density
 from sparsecc.methods.registry import register
@@ -18,8 +19,8 @@ class FixedMethod(BlockSparseMethod):
     def requested_density(self, config: Fixed) -> float:
         return config.density
 
-    def plan(self, target: Target, stats: list, ctx) -> Plan:
+    def make_layout(self, target: Target, stats: list, ctx) -> BlockLayout:
         cfg, r = target.config, target.region
         layout = layout_at_density(cfg.pattern, int(hint(r.q_len)), cfg.block, cfg.density, causal=r.causal,
                                    seed=cfg.seed)
-        return layout_plan(cfg.kind, r.name, layout.with_name(r.name))
+        return layout.with_name(r.name)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from sparsecc.errors import RecipeError
-from sparsecc.methods.validate import check_fields
+from sparsecc.methods.validate import check_fields, check_max_len
 
 SPION_METHODS = ("spion_cf", "spion_c", "spion_f")
 FIXED_PATTERNS = ("bigbird", "local", "strided", "random", "longformer")
@@ -23,6 +23,10 @@ class Spion:
     layouts: a directory written by `sm.save_layouts` to reuse instead of calibrating.
     pruned_logits: "-inf" (keys outside the layout get no weight: exact block-sparse attention) or
     "zero" (they count as logit 0 in the softmax denominator, as the released SPION kernels do).
+    max_len: the longest sequence the layouts serve. Layouts are planned at the calibration length
+    and extended beyond it by BlockLayout.fit's "structure" rule (bands, global rows/columns).
+    None: the model's maximum positions when its config says (up to MAX_DEFAULT_BLOCKS blocks),
+    else the calibration length.
     """
 
     kind: typing.ClassVar[str] = "spion"
@@ -34,6 +38,7 @@ class Spion:
     layouts: Optional[str] = None
     seed: int = 0
     pruned_logits: str = "-inf"
+    max_len: Optional[int] = None
 
     def __post_init__(self):
         if self.method in FIXED_PATTERNS:
@@ -45,6 +50,7 @@ class Spion:
                               "(the paper uses 0.96, 0.98 or 0.99)")
         check_fields(self, "recipe.attention", choices={"method": SPION_METHODS, "pruned_logits": ("-inf", "zero")},
                      positive_ints=("block", "kernel_size"), unit=("density",))
+        check_max_len(self, "recipe.attention")
 
     @property
     def needs_calibration(self) -> bool:

@@ -6,9 +6,9 @@ from typing import Optional
 
 from sparsecc.calibrate import AttentionMapObserver
 from sparsecc.errors import LayoutError
-from sparsecc.layouts import LayoutSet
-from sparsecc.methods.base import Plan, Target
-from sparsecc.methods.block_sparse import BlockSparseMethod, layout_plan
+from sparsecc.layouts import BlockLayout, LayoutSet
+from sparsecc.methods.base import Target
+from sparsecc.methods.block_sparse import BlockSparseMethod
 from sparsecc.methods.registry import register
 from sparsecc.methods.spion.config import Spion
 from sparsecc.methods.spion.layouts import spion_c, spion_cf, spion_f
@@ -30,7 +30,7 @@ class SpionMethod(BlockSparseMethod):
             return []
         return [AttentionMapObserver(target.region.sdpa, target.name)]
 
-    def plan(self, target: Target, stats: list, ctx) -> Plan:
+    def make_layout(self, target: Target, stats: list, ctx) -> BlockLayout:
         cfg, r = target.config, target.region
         if cfg.layouts is not None:
             saved = ctx.data.setdefault("saved_layouts", {})
@@ -39,7 +39,7 @@ class SpionMethod(BlockSparseMethod):
             if r.name not in saved[cfg.layouts]:
                 raise LayoutError(f"{cfg.layouts} has no layout for region {r.name} (it has "
                                   f"{sorted(saved[cfg.layouts])[:4]}...); save layouts of the same model")
-            return layout_plan(cfg.kind, r.name, saved[cfg.layouts][r.name].with_name(r.name))
+            return saved[cfg.layouts][r.name].with_name(r.name)
         maps = [o for o in stats if not o.empty]
         if not maps:
             raise LayoutError(f"no calibrated attention map for region {r.name}; pass calibration=[batches] "
@@ -53,4 +53,4 @@ class SpionMethod(BlockSparseMethod):
         else:
             layout = spion_c(attn, block_size=cfg.block, density=cfg.density, kernel_size=cfg.kernel_size,
                              causal=r.causal, name=r.name)
-        return layout_plan(cfg.kind, r.name, layout)
+        return layout

@@ -76,10 +76,10 @@ def make_translation(layouts: dict, group_keys: int) -> Callable:
         """
         b = int(block_size)
         L, S = dim(q, 2), dim(k, 2)
-        nq = dim(kv_indices, 0)
-        # Key blocks: those S covers, and at least those the layout names, so a layout made for a longer
-        # sequence runs on its top-left corner (like crop_ell in PyTorch): keys past S are zero padding,
-        # masked by the key-range check, and query blocks past L are sliced off at the end.
+        nq = op.Div(op.Add(L, [b - 1]), [b])  # the query blocks L needs: a layout made for longer sequences
+        # (max_len) computes only its first nq rows, like crop_ell in PyTorch.
+        # Key blocks: those S covers, and at least those the layout names: keys past S are zero padding,
+        # masked by the key-range check; query blocks are padded to whole blocks and sliced to L at the end.
         nk = op.Max(op.Div(op.Add(S, b - 1), [b]), op.Add(op.ReduceMax(kv_indices, keepdims=1), [1]))
         nk = op.Reshape(nk, [1])
         zero = ints(0)
@@ -103,24 +103,28 @@ def make_translation(layouts: dict, group_keys: int) -> Callable:
         ctx = dict(qb=qb, kb=kb, vb=vb, kpm=kpm, S=S, B=B, Hkv=Hkv, D=D, b=b, causal=causal, partial_keys=partial_keys)
 
         if known is None:  # one ELL group: every query block padded to the widest row
-            out, lse = _bsa_group(ctx, None, kv_indices, kv_counts, op.Range(0, op.Squeeze(nq, [0]), 1), True)
+            out, lse = _bsa_group(ctx, None, op.Slice(kv_indices, zero, nq, zero), op.Slice(kv_counts, zero, nq, zero),
+                                  op.Range(0, op.Squeeze(nq, [0]), 1), True)
         else:  # layout known at export: one group per kept count (no padding slots)
-            outs, lses, order = [], [], []
-            for rows, idx, cnt in buckets(*known, b, group_keys):
+            outs, lses, orders = [], [], []
+            groups = buckets(*known, b, group_keys)
+            for rows, idx, cnt in groups:
+                # rows ascend: those below nq are a prefix, sliced at run time
                 rows_c = ints(*rows)
-                o, s_ = _bsa_group(ctx, rows_c, op.Constant(value=_int_tensor(idx)), ints(*cnt), rows_c,
-                                   min(cnt) < idx.shape[1])
+                here = op.ReduceSum(op.Cast(op.Less(rows_c, nq), to=7), keepdims=1)
+                rows_v = op.Slice(rows_c, zero, here, zero)
+                o, s_ = _bsa_group(ctx, rows_v, op.Slice(op.Constant(value=_int_tensor(idx)), zero, here, zero),
+                                   op.Slice(ints(*cnt), zero, here, zero), rows_v, min(cnt) < idx.shape[1], here)
                 outs.append(o)
                 lses.append(s_)
-                order += rows
-            inverse = [0] * len(order)
-            for pos, row in enumerate(order):
-                inverse[row] = pos
-            if len(outs) == 1 and order == sorted(order):
+                orders.append(rows_v)
+            if len(outs) == 1:  # one group of rows 0..n-1
                 out, lse = outs[0], lses[0]
-            else:
-                out = op.Gather(op.Concat(*outs, axis=3), ints(*inverse), axis=3)
-                lse = op.Gather(op.Concat(*lses, axis=3), ints(*inverse), axis=3)
+            else:  # back to row order: the positions that sort the concatenated rows
+                order = op.Concat(*orders, axis=0)
+                inverse = op.TopK(order, nq, largest=0, sorted=1)[1]
+                out = op.Gather(op.Concat(*outs, axis=3), inverse, axis=3)
+                lse = op.Gather(op.Concat(*lses, axis=3), inverse, axis=3)
         H = op.Mul(Hkv, dim(qb, 2))
         out = op.Slice(op.Reshape(out, op.Concat(B, H, ints(-1), D, axis=0)), zero, L, ints(2))
         lse = op.Slice(op.Reshape(lse, op.Concat(B, H, ints(-1), axis=0)), zero, L, ints(2))
@@ -151,24 +155,30 @@ def buckets(indices: Any, counts: Any, block: int, group_keys: int) -> list[tupl
     return out
 
 
-def _bsa_group(ctx: dict, rows: Any, idx: Any, cnt: Any, q_blocks: Any, padded_slots: bool) -> tuple[Any, Any]:
+def _bsa_group(ctx: dict, rows: Any, idx: Any, cnt: Any, q_blocks: Any, padded_slots: bool,
+               n: Any = None) -> tuple[Any, Any]:
     """Attention for n query blocks (rows of qb, None = all) with kept key blocks idx [n, W], counts [n].
 
-    padded_slots: some row keeps fewer than W blocks. Returns out [B, Hkv, G, n, b, D] and
-    logsumexp [B, Hkv, G, n, b, 1]."""
+    padded_slots: some row keeps fewer than W blocks. n: the row count as a [1] tensor when it is computed
+    (the exporter's shape folding must not read it off a constant idx). Returns out [B, Hkv, G, n, b, D]
+    and logsumexp [B, Hkv, G, n, b, 1]."""
     b, B, Hkv, D = ctx["b"], ctx["B"], ctx["Hkv"], ctx["D"]
     qb = ctx["qb"] if rows is None else op.Gather(ctx["qb"], rows, axis=3)
-    n, width = dim(idx, 0), dim(idx, 1)
+    n, width = dim(idx, 0) if n is None else n, dim(idx, 1)
     gathered_shape = op.Concat(B, Hkv, ints(1), n, op.Mul(width, ints(b)), D, axis=0)
-    kg, vg = (op.Reshape(op.Gather(t, idx, axis=2), gathered_shape) for t in (ctx["kb"], ctx["vb"]))
+    # allowzero: n may be 0 (a group with no row below L), a size, not "copy the input's dimension"
+    kg, vg = (op.Reshape(op.Gather(t, idx, axis=2), gathered_shape, allowzero=1) for t in (ctx["kb"], ctx["vb"]))
     scores = op.MatMul(qb, op.Transpose(kg, perm=[0, 1, 2, 3, 5, 4]))  # q was scaled before
 
     # allowed entries, on the small pattern shared by heads: [n, 1 or b, W*b] (x [B, ...] with padding)
-    kpos = op.Reshape(op.Add(op.Unsqueeze(op.Mul(idx, b), [2]), op.Range(0, b, 1)), op.Concat(n, ints(-1), axis=0))
+    keys = op.Mul(width, ints(b))  # explicit, not -1: n may be 0
+    kpos = op.Reshape(op.Add(op.Unsqueeze(op.Mul(idx, b), [2]), op.Range(0, b, 1)), op.Concat(n, keys, axis=0),
+                      allowzero=1)
     allowed = None
     if padded_slots:
         slot_ok = op.Less(op.Range(0, op.Squeeze(width, [0]), 1), op.Unsqueeze(cnt, [1]))  # [n, W]
-        allowed = op.Reshape(op.Expand(op.Unsqueeze(slot_ok, [2]), [1, 1, b]), op.Concat(n, ints(1), ints(-1), axis=0))
+        allowed = op.Reshape(op.Expand(op.Unsqueeze(slot_ok, [2]), [1, 1, b]), op.Concat(n, ints(1), keys, axis=0),
+                             allowzero=1)
     if ctx["partial_keys"]:
         in_range = op.Unsqueeze(op.Less(kpos, ctx["S"]), [1])  # [n, 1, W*b]
         allowed = in_range if allowed is None else op.And(allowed, in_range)

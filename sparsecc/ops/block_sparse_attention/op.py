@@ -49,7 +49,8 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts:
             f"[>= {nq}, max_kept] and kv_counts of the same length (see "
             f"sparsecc.layouts.indexing.block_mask_to_ell), got {tuple(kv_indices.shape)} and "
             f"{tuple(kv_counts.shape)}. A layout made for {kv_indices.shape[0] * block_size} tokens runs "
-            "sequences up to that length; calibrate at the longest length you will run.")
+            "sequences up to that length; compile with the attention config's max_len (Spion(max_len=...), "
+            "Fixed(max_len=...)) at least the longest length you will run.")
     if kv_indices.is_floating_point() or kv_counts.is_floating_point():
         raise LayoutError("kv_indices and kv_counts must be integer tensors")
     if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
