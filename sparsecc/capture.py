@@ -145,7 +145,9 @@ def hf_call_defaults(model: nn.Module, kwargs: dict) -> dict:
     accepts_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     defaults = {}
     # A DynamicCache in the outputs is not a pytree type export can return.
-    if ("use_cache" in params or accepts_kw) and "use_cache" not in kwargs and getattr(
+    # Only where there is a cache: an encoder taking **kwargs (Whisper's) would get use_cache in its dynamic
+    # shapes spec, which torch.export then refuses (the model lost its dynamic batch).
+    if ("use_cache" in params or accepts_kw and "past_key_values" in params) and "use_cache" not in kwargs and getattr(
             model.config, "use_cache", False):
         defaults["use_cache"] = False
     return defaults

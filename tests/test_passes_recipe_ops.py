@@ -50,8 +50,8 @@ def test_pass_manager_names_the_pass_that_breaks_the_graph():
 def test_pass_results_time_and_count():
     sm = sparsecc.compile(*T.hand_written())
     names = [p.name for p in sm.report().passes]
-    assert names == ["drop_noops", "addmm_to_linear", "matmul_to_linear", "gelu_to_aten", "eager_attention_to_sdpa",
-                     "repeat_kv_to_gqa", "attention_identity", "ffn_identity"]
+    assert names == ["drop_noops", "sdpa_views_to_reshapes", "addmm_to_linear", "matmul_to_linear", "gelu_to_aten",
+                     "eager_attention_to_sdpa", "repeat_kv_to_gqa", "attention_identity", "ffn_identity"]
     by_name = {p.name: p for p in sm.report().passes}
     assert len(by_name["attention_identity"].changes) == 1 and len(by_name["ffn_identity"].changes) == 1
     assert by_name["attention_identity"].max_abs_error <= 1e-5

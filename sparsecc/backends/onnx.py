@@ -184,6 +184,35 @@ class ExportResult:
     dynamic: bool
 
 
+def _copies_before_attention_views(gm: fx.GraphModule) -> int:
+    """A contiguous copy before every view/reshape downstream of an SDPA (through view-like ops). The exporter
+    decomposes SDPA again, into a kernel whose output strides differ from those the re-capture traced with,
+    and a reshape traced as a view of `transpose(sdpa(...))` (T5's `.transpose(1, 2).contiguous().view(...)`
+    when the CPU flash kernel left no copy to make) then fails. In ONNX the copy is an Identity."""
+    from sparsecc.graph.fx_utils import SDPA, VIEW_LIKE, aten, is_call
+    reshapes = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+    added = 0
+    for node in list(gm.graph.nodes):
+        if not is_call(node, SDPA):
+            continue
+        stack = list(node.users)
+        while stack:
+            user = stack.pop()
+            if user.op != "call_function" or user.target not in VIEW_LIKE:
+                continue
+            if user.target in reshapes and isinstance(user.args[0], fx.Node) \
+                    and not is_call(user.args[0], aten.clone.default):
+                with gm.graph.inserting_before(user):
+                    copy = gm.graph.call_function(aten.clone.default, (user.args[0],),
+                                                  {"memory_format": torch.contiguous_format})
+                copy.meta = dict(user.args[0].meta)
+                user.args = (copy, *user.args[1:])
+                added += 1
+                continue
+            stack.extend(user.users)
+    return added
+
+
 def _recapture(gm: fx.GraphModule, args: tuple, kwargs: dict, dynamic: bool) -> Any:
     """torch.export of the compiled graph: dynamic batch / sequence dims where it allows, else static."""
     from sparsecc.capture import dynamic_shapes_for
@@ -241,6 +270,8 @@ def export_graph(gm: fx.GraphModule, args: tuple, kwargs: dict, path: str, dynam
     """
     check_translatable(gm)
     ep = _recapture(gm, args, kwargs, dynamic)
+    if _copies_before_attention_views(ep.graph_module):
+        ep.graph_module.recompile()
     opset = DEFAULT_OPSET if opset is None else int(opset)
     table = translation_table(gm, options)
     try:

@@ -2,6 +2,8 @@
 
 - drop_noops: eval-mode dropout, clone/contiguous copies, dtype asserts and
   same-dtype casts disappear.
+- sdpa_views_to_reshapes: views of an SDPA output become reshapes (their legality depends on the
+  attention kernel's output strides, which a re-capture or another backend may change).
 - addmm_to_linear: GPT-2's Conv1D (addmm with an (in, out) weight) becomes linear.
 - matmul_to_linear: `x @ W.T (+ b)` with a parameter W (Falcon's linears) becomes linear.
 - gelu_to_aten: GELU written out in arithmetic (tanh and erf forms) becomes aten.gelu.
@@ -29,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from sparsecc.graph.fx_utils import (LINEAR, NOOP_COPY, SDPA, VIEW_LIKE, aten, attention_args, call_args, fake,
-                                     is_call, new_call, scalar, shape)
+                                     is_call, new_call, scalar, shape, views_to_reshapes)
 from sparsecc.graph.match import Match, describe, nearest
 from sparsecc.graph.mask_rows import masked_below
 
@@ -589,8 +591,23 @@ def repeat_kv_to_gqa(gm: fx.GraphModule, ctx=None) -> list[str]:
     return changes
 
 
+def sdpa_views_to_reshapes(gm: fx.GraphModule, ctx=None) -> list[str]:
+    """Views of an attention output become reshapes. The capture recorded the strides of the kernel that ran
+    (CPU flash attention returns [B, L, H, D] memory, so `transpose(1, 2).view(B, L, H*D)` needed no copy and
+    the model's `.contiguous()` left no node); a re-capture (ONNX export, save) or another backend may pick
+    a kernel with other strides, where that view is illegal."""
+    changes = []
+    for node in list(gm.graph.nodes):
+        if is_call(node, SDPA):
+            n = views_to_reshapes(node)
+            if n:
+                changes.append(f"sdpa_views:{node.name} ({n} view(s) -> reshape)")
+    return changes
+
+
 CANONICALIZE = [
     ("drop_noops", drop_noops),
+    ("sdpa_views_to_reshapes", sdpa_views_to_reshapes),
     ("addmm_to_linear", addmm_to_linear),
     ("matmul_to_linear", matmul_to_linear),
     ("gelu_to_aten", gelu_to_aten),

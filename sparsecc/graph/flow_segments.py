@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from sparsecc.errors import UnsupportedError
-from sparsecc.graph.fx_utils import SDPA, attention_args, fake, is_call
+from sparsecc.graph.fx_utils import SDPA, attention_args, fake, forward_through_view_like, is_call, through_view_like
 from sparsecc.graph.regions import AttentionRegion, Region
 
 def attention_targets() -> tuple:
@@ -62,11 +62,11 @@ def find_segments(regions: list[Region], scope: str) -> tuple[list[FlowSegment],
     """Segments in graph order, and a note for every region left out (and why)."""
     notes: list[str] = []
     groups: dict = {}
-    for r in regions:
-        groups.setdefault((r.stack, r.layer), []).append(r)
+    for r in regions:  # a module applied several times (ALBERT's shared layer): one segment, one gate per application
+        groups.setdefault((r.stack, r.layer, _application(r.name)), []).append(r)
     stacks: dict = {}
     segments: list[FlowSegment] = []
-    for (stack, layer), members in groups.items():
+    for (stack, layer, application), members in groups.items():
         attn = _self_attention(members)
         if scope == "ffn":
             blocks = [[r] for r in members if r.kind == "ffn"]
@@ -88,7 +88,9 @@ def find_segments(regions: list[Region], scope: str) -> tuple[list[FlowSegment],
                 notes.append(f"token flow: layer {stack}.{layer}: {parallel[0].name} adds to the residual in "
                              "parallel with a sublayer that is not in this layer's regions; left dense")
                 continue
-            chained = parallel or all(b.residual.residual is a.residual.output for a, b in zip(block, block[1:]))
+            # blocks follow each other on the stream, maybe through a reshape (OPT flattens to [B*L, D] for its FFN)
+            chained = parallel or all(through_view_like(b.residual.residual) is through_view_like(a.residual.output)
+                                      for a, b in zip(block, block[1:]))
             if not chained:
                 notes.append(f"token flow: layer {stack}.{layer}: its blocks do not follow each other on the "
                               "residual stream; left dense")
@@ -99,15 +101,42 @@ def find_segments(regions: list[Region], scope: str) -> tuple[list[FlowSegment],
                 notes.append(f"token flow: {block[0].name}: the residual stream is not [batch, tokens, features] "
                              f"(got {None if val is None else tuple(val.shape)}); left dense")
                 continue
+            output = _as_stream(last.output, val)
+            if output is None:
+                notes.append(f"token flow: {block[-1].name}: the block's output {tuple(fake(last.output).shape)} is "
+                             f"not the residual stream {tuple(val.shape)} and no reshape makes it so; left dense")
+                continue
             stack_id = stacks.setdefault(stack, len(stacks))
-            name = f"{stack}.{layer}" if scope == "layer" and stack else block[0].name
+            name = f"{stack}.{layer}" + (f"#{application}" if application else "") \
+                if scope == "layer" and stack else block[0].name
             segments.append(FlowSegment(
                 index=len(segments), name=name, stack=stack, stack_id=stack_id, layer=int(layer or 0),
-                regions=block, input=first.residual, output=last.output,
+                regions=block, input=first.residual, output=output,
                 mask=attn.mask if attn is not None else None, causal=any(getattr(r, "causal", False)
                                                                           for r in members),
                 d_model=int(val.shape[-1])))
     return segments, notes
+
+
+def _application(name: str) -> int:
+    """k for the k-th further application of a module (region names end in "#k"), else 0."""
+    head, _, tail = name.rpartition("#")
+    return int(tail) if head and tail.isdigit() else 0
+
+
+def _as_stream(node: fx.Node, stream: torch.Tensor) -> Optional[fx.Node]:
+    """`node`, or the reshape after it, holding the residual stream's [batch, tokens, features] shape."""
+    for n in (node, forward_through_view_like(node)):
+        val = fake(n)
+        if val is not None and val.dim() == 3 and all(_same_size(a, b) for a, b in zip(val.shape, stream.shape)):
+            return n
+    return None
+
+
+def _same_size(a, b) -> bool:
+    if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt):
+        return a.node.expr == b.node.expr
+    return a == b if isinstance(a, int) and isinstance(b, int) else False
 
 
 # ------------------------------------------------------------------ node sets

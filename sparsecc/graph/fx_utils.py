@@ -269,15 +269,23 @@ def replace_node(old: fx.Node, new: fx.Node) -> None:
     reshapes, which copy only when the strides require it.
     """
     old.replace_all_uses_with(new)
-    stack = list(new.users)
+    views_to_reshapes(new)
+    old.graph.erase_node(old)
+
+
+def views_to_reshapes(node: fx.Node) -> int:
+    """Turn the views downstream of `node` (through view-like ops) into reshapes, which copy only when the
+    strides require it: their legality depends on how `node`'s kernel lays out its output. Returns how many."""
+    stack, changed = list(node.users), 0
     while stack:
         user = stack.pop()
         if user.op != "call_function" or user.target not in VIEW_LIKE:
             continue
         if user.target in (aten.view.default, aten._unsafe_view.default):
             user.target = aten.reshape.default
+            changed += 1
         stack.extend(user.users)
-    old.graph.erase_node(old)
+    return changed
 
 
 def evaluate(gm: fx.GraphModule, nodes: list[fx.Node], args: tuple, kwargs: dict) -> dict:

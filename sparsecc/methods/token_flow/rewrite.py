@@ -241,7 +241,9 @@ class _SegmentRewrite:
             return m
         if len(dims) > 1:
             raise UnsupportedError(f"token flow: segment {self.seg.name}: {m.name} {tuple(val.shape)} has several "
-                                   "token dims and is used by a per-token node; not supported")
+                                   f"dims of the token count {self.L} and is used by a per-token node, so which one "
+                                   "indexes tokens is ambiguous; capture with dynamic shapes, or with a sequence "
+                                   "length that differs from the model's other sizes")
         return self._gathered(m, dims[0])
 
     def _gathered(self, m: fx.Node, dim: int) -> fx.Node:
