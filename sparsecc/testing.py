@@ -43,6 +43,13 @@ def bert_sdpa():
     return bert("sdpa")
 
 
+def bert_returning_attentions():
+    """BERT (eager) called with output_attentions=True: the attention probabilities are also returned, so no
+    attention region can be rewritten (each softmax is an unmatched candidate `inspect --explain` lists)."""
+    model, inputs = bert("eager")
+    return model, {**inputs, "output_attentions": True}
+
+
 @_seeded
 def gpt2(attn_implementation: str = "eager"):
     from transformers import GPT2Config, GPT2Model

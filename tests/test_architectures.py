@@ -64,3 +64,28 @@ def test_t5_encoder_under_sdpa_exports_to_onnx_with_its_attention_left_as_sdpa(r
     assert any(p.name == "sdpa_views_to_reshapes" and p.changes for p in eager.report().passes)
     ort = sparsecc.compile(model, inputs, recipe=recipe, plans=eager.plans, backend="onnxruntime", progress=False)
     assert (ort(**inputs)[0] - eager(**inputs)[0]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("factory", [T.bloom, T.deberta_v2], ids=["bloom_alibi", "deberta_v2_relative"])
+def test_attention_with_a_score_bias_on_folded_heads_is_found(factory):
+    """BLOOM (ALiBi through baddbmm) and DeBERTa-v2 (content + relative-position terms) compute scores on
+    [B*H, L, S] and unfold the heads before the mask: both become SDPA with the bias as its additive mask.
+    The identity rewrite equals dense; block-sparse attention refuses them, naming the bias."""
+    model, inputs = factory()
+    args, kwargs = normalize_inputs(inputs)
+    report = sparsecc.inspect(model, inputs, check=True)
+    assert len(report.attention) == 2 and not report.unmatched
+    sm = sparsecc.compile(model, inputs, progress=False)
+    ops = [n for n in sm.graph_module.graph.nodes if n.target is torch.ops.sparsecc.attention.default]
+    assert len(ops) == 2 and all(n.args[3] is not None for n in ops)  # the bias travels as the mask
+    assert (sm(*args, **kwargs)[0] - model(*args, **kwargs)[0]).abs().max().item() <= 1e-5
+    with pytest.raises(sparsecc.errors.UnsupportedError, match="adds a score bias"):
+        sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(attention=sparsecc.Fixed(pattern="local", block=4,
+                                                                                        density=0.5)), progress=False)
+
+
+def test_bloom_token_flow_at_keep_1_equals_dense():
+    model, inputs = T.bloom()
+    sm = _flow(model, inputs, gate="content", keep=1.0)
+    assert sorted(sm.kept_fractions()) == ["h.0", "h.1"]
+    assert _max_err_on_real_tokens(model, sm, inputs) <= 1e-5

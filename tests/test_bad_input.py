@@ -116,8 +116,8 @@ def test_t5_bigbird_names_every_region_and_why_it_stays_dense():
                                                                ffn=None))
     text = str(err.value)
     assert "fixed(density=0.3) fits none of the 6 attention region(s)" in text
-    assert "encoder.block.0.layer.0.SelfAttention: its mask is not causal + key padding" in text
-    assert "decoder.block.0.layer.0.SelfAttention: its mask is not causal + key padding" in text
+    assert "encoder.block.0.layer.0.SelfAttention: its mask adds a score bias" in text
+    assert "decoder.block.0.layer.0.SelfAttention: its mask adds a score bias" in text
     assert "decoder.block.0.layer.1.EncDecAttention: cross attention" in text
 
 

@@ -32,7 +32,9 @@ MODELS = {
     "clip_text_sdpa": (lambda: T.clip_text("sdpa"), 2, 2, "quick_gelu", {}),
     "clip_vision_eager": (lambda: T.clip_vision("eager"), 2, 2, "quick_gelu", {}),
     "clip_vision_sdpa": (lambda: T.clip_vision("sdpa"), 2, 2, "quick_gelu", {}),
-    "bloom": (T.bloom, 0, 2, "gelu_tanh", {"eager_attention.scores": 2}),  # ALiBi scores reshaped: explained
+    "bloom": (T.bloom, 2, 2, "gelu_tanh", {}),  # ALiBi: baddbmm scores on [B*H, L, S], heads unfolded
+    "deberta_v2": (T.deberta_v2, 2, 2, "gelu", {}),  # content + relative-position terms on [B*H, L, S]
+    "bert_returning_attentions": (T.bert_returning_attentions, 0, 2, "gelu", {"eager_attention.probs": 2}),
     "falcon_eager": (lambda: T.falcon("eager"), 2, 2, "gelu", {}),
     "falcon_sdpa": (lambda: T.falcon("sdpa"), 2, 2, "gelu", {}),
     "falcon_bias": (lambda: T.falcon("sdpa", bias=True), 2, 2, "gelu", {}),
@@ -70,7 +72,7 @@ def test_sparse_ffn_rewrites_every_layer(name):
 
 
 def test_spion_without_attention_points_to_explain():
-    model, inputs = T.bloom()
+    model, inputs = T.bert_returning_attentions()
     recipe = sparsecc.Recipe(attention=sparsecc.Spion(block=8), ffn=None)
     with pytest.raises(SparseccError, match=r"no attention region was found \(see `sparsecc inspect --explain`"):
         sparsecc.compile(model, inputs, recipe=recipe, calibration=[inputs])
@@ -78,20 +80,22 @@ def test_spion_without_attention_points_to_explain():
 
 # ------------------------------------------------------------------ report and CLI
 def test_report_explain_text_and_json(capsys):
-    assert main(["inspect", "sparsecc.testing:bloom", "--explain"]) == 0
+    name = "bert_returning_attentions"
+    assert main(["inspect", f"sparsecc.testing:{name}", "--explain"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "bloom: 0 attention and 2 FFN regions; 2 candidate(s) not matched"
+    assert out[0] == f"{name}: 0 attention and 2 FFN regions; 2 candidate(s) not matched"
     assert out[1].split() == ["kind", "layer", "module", "path", "node", "rule", "reason"]
-    assert out[3].split()[:5] == ["attention", "0", "h.0.self_attention", "softmax", "eager_attention.scores"]
-    assert "reshaped by view_1 from baddbmm" in out[3] and out[4].split()[:2] == ["attention", "1"]
-    assert main(["inspect", "sparsecc.testing:bloom", "--explain", "--json"]) == 0
+    assert out[3].split()[:5] == ["attention", "0", "encoder.layer.0.attention.self", "softmax",
+                                  "eager_attention.probs"]
+    assert "are used by 2 nodes" in out[3] and out[4].split()[:2] == ["attention", "1"]
+    assert main(["inspect", f"sparsecc.testing:{name}", "--explain", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert (data["model"], data["attention"], data["ffn"]) == ("bloom", 0, 2)
+    assert (data["model"], data["attention"], data["ffn"]) == (name, 0, 2)
     assert [(u["kind"], u["rule"], u["node"], u["path"], u["layer"]) for u in data["unmatched"]] == [
-        ("attention", "eager_attention.scores", "softmax", "h.0.self_attention", 0),
-        ("attention", "eager_attention.scores", "softmax_1", "h.1.self_attention", 1)]
-    report = sparsecc.inspect(*T.bloom())
-    assert report.explain().splitlines()[0] == out[0].replace("bloom", "BloomModel")
+        ("attention", "eager_attention.probs", "softmax", "encoder.layer.0.attention.self", 0),
+        ("attention", "eager_attention.probs", "softmax_1", "encoder.layer.1.attention.self", 1)]
+    report = sparsecc.inspect(*T.bert_returning_attentions())
+    assert report.explain().splitlines()[0] == out[0].replace(name, "BertModel")
     assert "not rewritten" in report.table() and str(report.unmatched[0]) in report.table()
     assert report.to_dict()["unmatched"] == data["unmatched"]
     report.unmatched.append("a pass's free-text note")  # what rewrite passes add today

@@ -106,7 +106,7 @@ def test_t5_position_bias_regions_are_refused_with_the_reason():
     with pytest.raises(sparsecc.errors.UnsupportedError, match="fits none of the 6 attention") as err:
         sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(attention=sparsecc.Spion(block=8, quantile=0.5),
                                                                ffn=None), calibration=[inputs])
-    assert str(err.value).count("learned position bias") == 3 and "cross attention" in str(err.value)
+    assert str(err.value).count("adds a score bias") == 3 and "cross attention" in str(err.value)
     # per layer: the T5 self-attention regions stay dense with the reason in the report, the rest is rewritten
     sm = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(attention=sparsecc.Identity(), ffn=None))
     assert max_abs_error(_run(model, inputs), _run(sm, inputs)) <= 1e-5

@@ -300,6 +300,10 @@ class _Scores:
     additive: list = field(default_factory=list)  # float tensors added to the scores
     keep: list = field(default_factory=list)  # (node, keep_when_true) boolean masks, masked -> -inf
     fill: list = field(default_factory=list)  # (bool node, value) masked_fill with a finite value
+    # Heads folded into the batch (BLOOM, DeBERTa: [B*H, L, S] scores viewed to [B, H, L, S] before the
+    # masks): the view, and how many additive terms were found below it (on the [B*H, ...] scores).
+    heads_view: Optional[fx.Node] = None
+    folded_terms: int = 0
 
 
 def _is_mask_value(value) -> bool:
@@ -370,14 +374,44 @@ def _scores_of(node: Any, depth: int = 0) -> Match:
         if inner:
             _add_fill(inner.value, cond, value, masked_when_true)
         return inner
-    if is_call(node, aten.baddbmm.default):
-        return fail(f"the scores come from {describe(node)}, a bias fused into QK^T (ALiBi, as in BLOOM); "
-                    + _SCORES_EXPECTED)
+    if is_call(node, aten.baddbmm.default):  # beta * bias + alpha * (q @ k^T): ALiBi in BLOOM
+        a = call_args(node)
+        if not isinstance(a["input"], fx.Node):
+            return fail(f"{describe(node)} adds the number {a['input']!r} to the scores")
+        found = _Scores(node, scale=float(a["alpha"]))
+        found.additive.append((a["input"], float(a["beta"])) if a["beta"] != 1 else a["input"])
+        return Match.ok(found)
+    if is_call(node, aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+        src = node.args[0]
+        if _unfolds_heads(src, node):
+            inner = _scores_of(src, depth + 1)
+            if inner:
+                if inner.value.heads_view is not None or inner.value.keep or inner.value.fill:
+                    return fail(f"the scores are reshaped twice, or masked before {describe(node)} unfolds the heads")
+                inner.value.heads_view, inner.value.folded_terms = node, len(inner.value.additive)
+            return inner
+        return fail(f"the scores are reshaped by {describe(node)} from {describe(src)} ({shape(src)} -> "
+                    f"{shape(node)}) before the softmax; only [B*H, L, S] -> [B, H, L, S] is matched")
     if is_call(node, *VIEW_LIKE):
         src = node.args[0]
         return fail(f"the scores are reshaped by {describe(node)} from {describe(src)} ({shape(src)} -> "
                     f"{shape(node)}) before the softmax; reshaped scores are not matched")
     return fail(f"{describe(node)} is not part of attention scores; " + _SCORES_EXPECTED)
+
+
+def _unfolds_heads(src: Any, view: fx.Node) -> bool:
+    """`view` turns [B*H, L, S] into [B, H, L, S]."""
+    a, b = fake(src) if isinstance(src, fx.Node) else None, fake(view)
+    if a is None or b is None or a.dim() != 3 or b.dim() != 4:
+        return False
+    return bool(a.shape[1:] == b.shape[2:]) and _same_size(a.shape[0], b.shape[0] * b.shape[1])
+
+
+def _same_size(x, y) -> bool:
+    try:
+        return bool(x == y)
+    except Exception:  # a symbolic comparison that needs a guard
+        return False
 
 
 def _add_fill(scores: _Scores, cond, value, masked_when_true: bool) -> None:
@@ -415,8 +449,9 @@ def _query(q: fx.Node) -> tuple[fx.Node, float]:
     return q, 1.0
 
 
-def _probs_consumer(softmax: fx.Node) -> Match:
-    """The matmul(P, V) that consumes the probabilities, through casts; or why there is none."""
+def _probs_consumer(softmax: fx.Node, folded: bool = False) -> Match:
+    """The matmul(P, V) that consumes the probabilities, through casts (and the view folding the heads back
+    into the batch when the scores were unfolded); or why there is none."""
     node = softmax
     while True:
         users = list(node.users)
@@ -426,8 +461,12 @@ def _probs_consumer(softmax: fx.Node) -> Match:
                               f"({names}), not by matmul(P, V) alone: they are also used elsewhere (e.g. returned "
                               "with output_attentions=True)", softmax, *users, progress=20)
         user = users[0]
-        if is_call(user, aten._to_copy.default) and set(user.kwargs) <= {"dtype"}:
+        if is_call(user, aten._to_copy.default) and set(user.kwargs) <= {"dtype"} or is_call(user, *NOOP_COPY):
             node = user
+            continue
+        if folded and is_call(user, aten.view.default, aten.reshape.default, aten._unsafe_view.default) \
+                and _unfolds_heads(user, node):  # [B, H, L, S] folded back to [B*H, L, S]
+            node, folded = user, False
             continue
         if is_call(user, aten.matmul.default, aten.bmm.default) and user.args[0] is node:
             return Match.ok(user)
@@ -466,12 +505,14 @@ def match_eager_attention(sm: fx.Node) -> Match:
         others = [u for u in qk.users if u is not sm]
         return Match.fail("eager_attention.scores", f"QK^T ({qk.name}) is also used by "
                           f"{', '.join(describe(u) for u in others)}", sm, qk, progress=15)
-    pv = _probs_consumer(sm)
+    folded = scores.value.heads_view is not None
+    pv = _probs_consumer(sm, folded)
     if not pv:
         return pv
     pv = pv.value
-    q, q_scale = _query(_strip_cast(qk.args[0]))
-    kt = _strip_cast(qk.args[1])
+    q_arg, kt_arg = qk.args[1:3] if is_call(qk, aten.baddbmm.default) else qk.args[:2]
+    q, q_scale = _query(_strip_cast(q_arg))
+    kt = _strip_cast(kt_arg)
     k, k_scale = _key_from_kt(kt)
     v = pv.args[1]
     fq, fv, fo = fake(q), fake(v), fake(pv)
@@ -497,9 +538,14 @@ def eager_attention_to_sdpa(gm: fx.GraphModule, ctx=None) -> list[str]:
         e: _EagerAttention = m.value
         with graph.inserting_before(e.pv):
             k = e.k if e.k is not None else new_call(graph, aten.transpose.int, (e.kt, -2, -1), meta_from=e.pv)
+            q, v, heads = e.q, e.v, e.scores.heads_view
+            if heads is not None:  # attention on [B, H, L, D]: the heads unfolded from the batch, as the scores were
+                bh = list(heads.args[1][:2])
+                q, k, v = (new_call(graph, aten.unflatten.int, (t, 0, bh), meta_from=e.pv) for t in (q, k, v))
             mask = _combine_masks(graph, e.scores, e.pv, fake(sm).dtype)
-            sdpa = new_call(graph, SDPA, (e.q, k, e.v), {"attn_mask": mask, "scale": e.scale}, meta_from=sm)
-        e.pv.replace_all_uses_with(sdpa)
+            sdpa = new_call(graph, SDPA, (q, k, v), {"attn_mask": mask, "scale": e.scale}, meta_from=sm)
+            out = sdpa if heads is None else new_call(graph, aten.flatten.using_ints, (sdpa, 0, 1), meta_from=e.pv)
+        e.pv.replace_all_uses_with(out)
         changes.append(f"eager-attention->sdpa:{sdpa.name} (softmax {sm.name})")
     return changes
 
@@ -515,7 +561,13 @@ def _combine_masks(graph: fx.Graph, s: _Scores, anchor: fx.Node, dtype) -> Optio
             mask = term if mask is None else new_call(graph, aten.logical_and.default, (mask, term), meta_from=anchor)
         return mask
     mask = None
-    terms = list(s.additive)
+    terms = []
+    for i, term in enumerate(s.additive):
+        if isinstance(term, tuple):  # (bias, beta) of a baddbmm
+            term = new_call(graph, aten.mul.Tensor, term, meta_from=anchor)
+        if i < s.folded_terms:  # on the [B*H, ...] scores: unfold like them
+            term = new_call(graph, aten.unflatten.int, (term, 0, list(s.heads_view.args[1][:2])), meta_from=anchor)
+        terms.append(term)
     for cond, value, masked_when_true in s.fill:
         # masked_fill(x, m, v) with v ~ finfo.min equals x + where(m, v, 0) in floating point.
         args = (cond, value, 0.0) if masked_when_true else (cond, 0.0, value)

@@ -173,8 +173,13 @@ class BlockSparseMethod(Method):
                                   "large to evaluate and is not built from its inputs by ops sparsecc can read row "
                                   "by row; compile at a shorter length or pass a [B, S] padding mask")
             if split_mask(sample.values, mask_is_causal, sample.rows, sample.length) is None:
-                return Match.fail("block_sparse", "its mask is not causal + key padding (e.g. a learned position bias or a sliding "
-                                "window); block-sparse attention keeps only those")
+                values = sample.values
+                if values.dtype != torch.bool and not bool(((values == 0) | masked(values)).all()):
+                    return Match.fail("block_sparse", "its mask adds a score bias (ALiBi, relative positions, T5's "
+                                      "position bias); block-sparse attention takes only causal + key padding masks "
+                                      "and cannot apply a bias yet")
+                return Match.fail("block_sparse", "its mask is not causal + key padding (e.g. a sliding window); "
+                                  "block-sparse attention keeps only those")
         return Match.ok()
 
     def rewrite(self, gm: fx.GraphModule, ctx: PassContext, targets: list[Target]) -> list[str]:
