@@ -279,11 +279,14 @@ def _warn_changed_densities(report: Report) -> None:
     for config, regions in changed.items():
         used = sorted({f"{r.sparse['density']:.3f}" for r in regions})
         n = regions[0].sparse.get("blocks")
+        windows = sorted({r.window for r in regions if getattr(r, "window", None)})
+        why = (f"the sliding window of {' / '.join(map(str, windows))} keys the model's mask keeps leaves only "
+               "the tiles that meet it" if windows else "the nearest this method reaches"
+               + (f" on {n[0]}x{n[1]} blocks" if n else "") + "; a smaller block gives finer steps")
         message = (f"{config}: asked for density {regions[0].sparse['density_requested']:g}, the layouts have "
                    f"density {' / '.join(used)} in {len(regions)} region(s) ({regions[0].name}"
-                   f"{', ...' if len(regions) > 1 else ''}): the nearest this method reaches"
-                   + (f" on {n[0]}x{n[1]} blocks" if n else "") + "; a smaller block gives finer steps. The report "
-                   "shows both (density column, `density_requested` in its JSON)")
+                   f"{', ...' if len(regions) > 1 else ''}): {why}. The report shows both (density column, "
+                   "`density_requested` in its JSON)")
         log.warning("%s", message)
         warnings.warn(message, UserWarning, stacklevel=3)
 

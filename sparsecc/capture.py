@@ -36,6 +36,7 @@ class Captured:
     dynamic: bool
     call_defaults: dict = field(default_factory=dict)  # kwargs added at capture (e.g. use_cache=False)
     max_positions: Optional[int] = None  # the longest sequence the model's config allows, when it says
+    sliding_window: Optional[int] = None  # the causal sliding window the model's config declares, when it does
     omittable: dict = field(default_factory=dict)  # keyword input -> the input whose shape its all-ones stand-in takes
 
     def run(self, gm: Optional[fx.GraphModule] = None, args: Optional[tuple] = None,
@@ -292,7 +293,8 @@ def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True) -> Capt
     _own_parameters(gm)
     return Captured(gm=gm, args=args, kwargs=kwargs, model_name=type(model).__name__,
                     dynamic=ep.range_constraints != {} and spec is not None, call_defaults=defaults,
-                    max_positions=max_positions(model), omittable=omittable_inputs(model, args, kwargs, defaults))
+                    max_positions=max_positions(model), sliding_window=sliding_window(model),
+                    omittable=omittable_inputs(model, args, kwargs, defaults))
 
 
 def _same_outputs(a: Any, b: Any, atol: float = 1e-5) -> bool:
@@ -340,6 +342,15 @@ def max_positions(model: nn.Module) -> Optional[int]:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def sliding_window(model: nn.Module) -> Optional[int]:
+    """The sliding window a Hugging Face config declares and uses (Mistral; Qwen2 only with use_sliding_window)."""
+    config = getattr(model, "config", None)
+    value = getattr(config, "sliding_window", None)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        return None
+    return None if getattr(config, "use_sliding_window", True) is False else value
 
 
 def recapture(gm: fx.GraphModule, args: tuple, kwargs: dict, dynamic: bool = True) -> torch.export.ExportedProgram:

@@ -251,9 +251,10 @@ def check_sparse_ffn_calls(sm, inputs, atol: float = 1e-5) -> int:
 
 
 def block_sparse_reference(q, k, v, kv_indices, kv_counts, block_size: int, scale: float, causal: bool,
-                           key_padding_mask=None):
+                           key_padding_mask=None, bias=None):
     """Masked dense attention with the block layout given in ELL form: softmax over the kept (query, key)
-    pairs only; rows that keep no key give 0. The definition block_sparse_attention must meet."""
+    pairs only, plus the additive score bias; rows that keep no key give 0. The definition
+    block_sparse_attention must meet."""
     L, S = q.shape[-2], k.shape[-2]
     nq, nk = -(-L // block_size), -(-S // block_size)
     blocks = torch.zeros(kv_indices.shape[0], max(nk, int(kv_indices.max()) + 1 if kv_indices.numel() else nk),
@@ -269,18 +270,21 @@ def block_sparse_reference(q, k, v, kv_indices, kv_counts, block_size: int, scal
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
-    scores = (q.double() @ k.double().transpose(-1, -2) * scale).masked_fill(~keep, float("-inf"))
+    scores = q.double() @ k.double().transpose(-1, -2) * scale
+    if bias is not None:
+        scores = scores + bias.double()
+    scores = scores.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(scores, -1).nan_to_num(0.0)
     return (probs @ v.double()).to(q.dtype)
 
 
 def check_block_sparse_calls(sm, inputs, atol: float = 1e-5) -> list[float]:
     """Every block_sparse_attention call of `sm` on `inputs` equals masked dense attention under its own
-    layout, causal flag and key padding; returns each call's kept fraction of the (query, key) pairs."""
+    layout, causal flag, key padding and score bias; returns each call's kept fraction of the (query, key) pairs."""
     calls = op_calls(sm, inputs, torch.ops.sparsecc.block_sparse_attention.default)
     kept = []
-    for (q, k, v, idx, cnt, block, scale, causal, kpm), (out, _lse) in calls:
-        want = block_sparse_reference(q, k, v, idx, cnt, block, scale, causal, kpm)
+    for (q, k, v, idx, cnt, block, scale, causal, kpm, *bias), (out, _lse) in calls:
+        want = block_sparse_reference(q, k, v, idx, cnt, block, scale, causal, kpm, *bias)
         err = (out - want).abs().max().item()
         assert err <= atol, f"block_sparse_attention differs from masked dense attention by {err}"
         nq, nk = -(-q.shape[-2] // block), -(-k.shape[-2] // block)

@@ -349,3 +349,63 @@ def test_native_ops_opcheck(causal, padding):
     assert "blas=sgemm_" in torch.ops.sparsecc_cpu.block_sparse_attention_info()
     with pytest.raises(RuntimeError, match="fp32"):
         fwd(q.double(), k.double(), v.double(), idx, cnt, kpm, b, scale, c)
+
+
+def _window_bias(B: int, H: int, L: int, S: int, window: int, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
+    """A random score bias (ALiBi-like terms) that is -inf outside a causal sliding window of `window` keys."""
+    g = torch.Generator().manual_seed(seed)
+    bias = torch.randn(B, H, L, S, generator=g, dtype=dtype)
+    return bias.masked_fill(torch.arange(S)[None] <= torch.arange(L)[:, None] - window, float("-inf"))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("causal,padding,bias_heads", [(False, False, 1), (True, True, 4), (True, False, 1),
+                                                       (False, True, 4)])
+def test_score_bias_matches_the_dense_definition_with_gradients(path, causal, padding, bias_heads):
+    """An additive bias (per head or shared, -inf outside a window) equals dense attention with the bias on
+    the kept entries; q, k, v and the bias get the dense gradients (dbias zero off the kept entries)."""
+    B, H, Hkv, L, S, b = 2, 4, 2, 37, 37, 8
+    q, k, v, bm, kpm = make_case(B, H, Hkv, L, S, 16, b, 0.6, causal, padding)
+    q, k, v = (t.float().requires_grad_(True) for t in (q, k, v))
+    idx, cnt = block_mask_to_ell(bm)
+    bias = _window_bias(B if bias_heads > 1 else 1, bias_heads, L, S, 11, torch.float32).requires_grad_(True)
+    with kernel_path(path):
+        out, lse = block_sparse_attention_op(q, k, v, idx, cnt, b, 0.3, causal, kpm, bias)
+        want, want_lse = op_reference(q, k, v, idx, cnt, b, 0.3, causal, kpm, bias)
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v, bias), grad)
+        ref = torch.autograd.grad(want, (q, k, v, bias), grad)
+    assert (out - want).abs().max() <= 2e-6
+    finite = want_lse.isfinite()
+    assert torch.equal(lse.isfinite(), finite) and (lse - want_lse)[finite].abs().max() <= 2e-6
+    for name, a, r in zip(("dq", "dk", "dv", "dbias"), got, ref):
+        assert (a - r).abs().max() <= 5e-6, f"{name} differs by {(a - r).abs().max():.3g}"
+    kept = clean_block_mask(idx, cnt, L, S, b, causal).repeat_interleave(b, 0).repeat_interleave(b, 1)[:L, :S]
+    assert float(got[3][..., ~kept].abs().max()) == 0.0  # no gradient where the layout computes nothing
+
+
+def test_score_bias_opcheck_and_export():
+    q, k, v, idx, cnt, b, scale, causal, kpm = _sample_args(True, True)
+    bias = _window_bias(1, q.shape[1], q.shape[2], k.shape[2], 9, torch.float32).requires_grad_(True)
+    torch.library.opcheck(block_sparse_attention_op, (q, k, v, idx, cnt, b, scale, causal, kpm, bias))
+    ep = torch.export.export(_BiasedAttn(idx, cnt, b), (q.detach(), k.detach(), v.detach(), bias.detach()))
+    targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}
+    assert torch.ops.sparsecc.block_sparse_attention.default in targets
+    torch.testing.assert_close(ep.module()(q, k, v, bias), _BiasedAttn(idx, cnt, b)(q, k, v, bias))
+
+
+class _BiasedAttn(torch.nn.Module):
+    def __init__(self, idx, cnt, b):
+        super().__init__()
+        self.register_buffer("idx", idx)
+        self.register_buffer("cnt", cnt)
+        self.b = b
+
+    def forward(self, q, k, v, bias):
+        return block_sparse_attention(q, k, v, self.idx, self.cnt, self.b, None, True, None, bias)
+
+
+def test_bias_with_the_wrong_shape_says_what_it_expected():
+    q, k, v, idx, cnt, b, scale, causal, kpm = _sample_args(True, False, requires_grad=False)
+    with pytest.raises(ValueError, match=r"bias must be a floating \(B or 1, H or 1, L, S\)"):
+        block_sparse_attention_op(q, k, v, idx, cnt, b, scale, causal, kpm, torch.zeros(1, 1, 3, 3))

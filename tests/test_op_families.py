@@ -61,6 +61,23 @@ def _bsa_samples() -> list[tuple]:
     return [(q, k, v, idx, cnt, 8, 0.35, False, None), (q, k, v, idx, cnt, 8, 0.35, True, kpm)]
 
 
+def _bsa_bias_samples() -> list[tuple]:
+    """With a per-head score bias, -inf outside a window of 9 keys (the op's `bias` input)."""
+    q, k, v, idx, cnt, b, scale, causal, kpm = _bsa_samples()[1]
+    bias = torch.randn(1, 4, 40, 24, generator=_g(3))
+    bias = bias.masked_fill(torch.arange(24)[None] <= torch.arange(40)[:, None] - 9, float("-inf"))
+    return [(q, k, v, idx, cnt, b, scale, causal, kpm, bias.requires_grad_(True))]
+
+
+def _bsa_bias_grad_samples() -> list[tuple]:
+    out = []
+    for q, k, v, idx, cnt, b, scale, causal, kpm, bias in _bsa_bias_samples():
+        q, k, v, bias = q.detach(), k.detach(), v.detach(), bias.detach()
+        o, lse = torch.ops.sparsecc.block_sparse_attention(q, k, v, idx, cnt, b, scale, causal, kpm, bias)
+        out.append((torch.randn_like(o), q, k, v, o, lse, idx, cnt, b, scale, causal, kpm, bias))
+    return out
+
+
 def _bsa_backward_samples() -> list[tuple]:
     out = []
     for q, k, v, idx, cnt, b, scale, causal, kpm in _bsa_samples():
@@ -98,8 +115,9 @@ def _flow_samples(op: str) -> list[tuple]:
 SAMPLES = {
     "sparsecc::attention": _attention_samples,
     "sparsecc::ffn": _ffn_samples,
-    "sparsecc::block_sparse_attention": _bsa_samples,
-    "sparsecc::block_sparse_attention_backward": _bsa_backward_samples,
+    "sparsecc::block_sparse_attention": lambda: _bsa_samples() + _bsa_bias_samples(),
+    "sparsecc::block_sparse_attention_backward": lambda: _bsa_backward_samples() + _bsa_bias_grad_samples(),
+    "sparsecc::block_sparse_attention_bias_grad": _bsa_bias_grad_samples,
     "sparsecc::sparse_ffn": _sparse_ffn_samples,
     "sparsecc::flow_route": lambda: _flow_samples("flow_route"),
     "sparsecc::flow_gather": lambda: _flow_samples("flow_gather"),

@@ -13,6 +13,7 @@ from sparsecc.capture import capture, normalize_inputs
 from sparsecc.graph.regions import find_regions
 from sparsecc.passes.manager import max_abs_error
 from sparsecc.methods.block_sparse import split_mask
+from sparsecc.testing import check_block_sparse_calls, op_calls
 
 warnings.filterwarnings("ignore")
 
@@ -99,17 +100,24 @@ def test_spion_cf_calibrates_rewrites_and_reports(factory):
     assert q_weight.grad is not None and q_weight.grad.abs().sum() > 0
 
 
-def test_t5_position_bias_regions_are_refused_with_the_reason():
-    """SPION fits none of T5's attention (position bias in every self-attention, cross attention stays
-    dense): the compile fails and names each region's reason instead of returning an unchanged model."""
+def test_t5_position_bias_is_applied_on_the_kept_blocks():
+    """T5 adds a learned position bias to every self-attention's scores: SPION rewrites those regions with the
+    bias as the op's score bias (each call equals masked dense attention plus the bias); cross attention stays
+    dense, and the report says why."""
     model, inputs = T.t5()
-    with pytest.raises(sparsecc.errors.UnsupportedError, match="fits none of the 6 attention") as err:
-        sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(attention=sparsecc.Spion(block=8, quantile=0.5),
-                                                               ffn=None), calibration=[inputs])
-    assert str(err.value).count("adds a score bias") == 3 and "cross attention" in str(err.value)
-    # per layer: the T5 self-attention regions stay dense with the reason in the report, the rest is rewritten
-    sm = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(attention=sparsecc.Identity(), ffn=None))
-    assert max_abs_error(_run(model, inputs), _run(sm, inputs)) <= 1e-5
+    sm = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(attention=sparsecc.Spion(block=8, quantile=0.5),
+                                                                ffn=None), calibration=[inputs], progress=False)
+    report = sm.report()
+    rewritten = [r for r in report.attention if r.sparse]
+    assert len(rewritten) == 4 and all("score bias" in r.sparse["score_bias"] for r in rewritten)
+    assert min(r.sparse["density"] for r in rewritten) < 1.0
+    misses = [m for m in report.misses() if m.kind == "attention"]
+    assert len(misses) == 2 and all("cross attention" in m.reason for m in misses)
+    calls = op_calls(sm, inputs, torch.ops.sparsecc.block_sparse_attention.default)
+    assert len(calls) == 4 and all(len(args) == 10 and args[9] is not None for args, _ in calls)
+    assert len(check_block_sparse_calls(sm, inputs)) == 4  # each call: masked dense attention + the bias
+    identity = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(attention=sparsecc.Identity(), ffn=None))
+    assert max_abs_error(_run(model, inputs), _run(identity, inputs)) <= 1e-5
 
 
 def test_split_mask_cases():

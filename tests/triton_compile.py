@@ -43,15 +43,15 @@ def kernels(full: bool, dtypes: tuple = ("bfloat16", "float16", "float32")):
         prec = "ieee" if dt == "float32" else "tf32"
         types = {n: p for n in "Q K V O DO DQ DK DV".split()}
         types.update(LSE="*fp32", DELTA="*fp32", KPM="*u8", IDX="*i32", CNT="*i32", CIDX="*i32", CCNT="*i32",
-                     scale_log2="fp32", scale="fp32")
-        flags = [(False, False), (True, True)] if full else [(True, True)]
-        for causal, kpm in flags:
+                     BIAS=p, scale_log2="fp32", scale="fp32")
+        flags = [(False, False, False), (True, True, False), (True, False, True)] if full else [(True, True, True)]
+        for causal, kpm, bias in flags:
             for bs, bd in ((64, 64), (128, 128), (16, 32)) if full else ((64, 64),):
-                consts = dict(BS=bs, BLOCK_D=bd, CAUSAL=causal, HAS_KPM=kpm, PREC=prec)
+                consts = dict(BS=bs, BLOCK_D=bd, CAUSAL=causal, HAS_KPM=kpm, HAS_BIAS=bias, PREC=prec)
                 for k in (A.tuned("_fwd_kernel"), A.tuned("_bwd_dq_kernel"), A.tuned("_bwd_dkdv_kernel")):
                     cfgs = A._prune(k.configs, {"BS": bs})
-                    yield f"attention {k.fn.__name__} {dt} BS={bs} D={bd} causal={causal} kpm={kpm}", k, types, \
-                        consts, cfgs if full else cfgs[:1]
+                    yield f"attention {k.fn.__name__} {dt} BS={bs} D={bd} causal={causal} kpm={kpm} bias={bias}", \
+                        k, types, consts, cfgs if full else cfgs[:1]
         yield f"attention _bwd_delta_kernel {dt}", A._bwd_delta_kernel, dict(O=p, DO=p, DELTA="*fp32"), \
             dict(BLOCK_M=64, BLOCK_D=128), [None]
         ftypes = dict(X=p, LOGITS=p, IDX_IN="*i32", W=p, BIAS=p, WG=p, BG=p, H="*fp32", IDX="*i32", A="*fp32",

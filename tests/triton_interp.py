@@ -41,7 +41,8 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _attention_case(dtype: torch.dtype, B=1, H=2, Hkv=2, L=32, S=32, D=16, b=16, causal=False, padding=False,
                     density=0.6, empty_row: Optional[int] = None, layout_len: Optional[int] = None,
-                    pad_block: bool = False, seed=0) -> dict:
+                    pad_block: bool = False, bias_heads: Optional[int] = None, window: Optional[int] = None,
+                    seed=0) -> dict:
     """Max abs errors of the Triton forward/backward vs the CPU op on the same (upcast) inputs."""
     from sparsecc.ops.block_sparse_attention.triton import (block_sparse_attention_backward,
                                                             block_sparse_attention_forward)
@@ -62,14 +63,22 @@ def _attention_case(dtype: torch.dtype, B=1, H=2, Hkv=2, L=32, S=32, D=16, b=16,
     kpm = (torch.rand(B, S, generator=g) < 0.7) if padding else None
     if pad_block:  # the whole first key block is padding for item 0: rows keeping only it are empty
         kpm[0, :b] = False
+    bias = None
+    if bias_heads is not None:  # a per-head (or shared) score bias, -inf outside a sliding window
+        bias = torch.randn(B, bias_heads, L, S, generator=g)
+        if window is not None:
+            bias = bias.masked_fill(torch.arange(S)[None] <= torch.arange(L)[:, None] - window, float("-inf"))
+        bias = bias.to(dtype)
     scale = 1.0 / math.sqrt(D)
-    out, lse = block_sparse_attention_forward(q, k, v, idx, cnt, b, scale, causal, kpm)
+    out, lse = block_sparse_attention_forward(q, k, v, idx, cnt, b, scale, causal, kpm, bias)
     q32, k32, v32 = q.float(), k.float(), v.float()
-    ref_out, ref_lse = block_sparse_attention_op(q32, k32, v32, idx, cnt, b, scale, causal, kpm)
+    b32 = None if bias is None else bias.float()
+    ref_out, ref_lse = block_sparse_attention_op(q32, k32, v32, idx, cnt, b, scale, causal, kpm, b32)
     grad = torch.randn(ref_out.shape, generator=g)
-    dq, dk, dv = block_sparse_attention_backward(grad.to(dtype), q, k, v, out, lse, idx, cnt, b, scale, causal, kpm)
+    dq, dk, dv = block_sparse_attention_backward(grad.to(dtype), q, k, v, out, lse, idx, cnt, b, scale, causal, kpm,
+                                                 bias)
     rdq, rdk, rdv = block_sparse_attention_backward_op(grad, q32, k32, v32, ref_out, ref_lse, idx, cnt, b, scale,
-                                                       causal, kpm)
+                                                       causal, kpm, b32)
     finite = torch.isfinite(ref_lse)
     return {
         "dtypes_ok": out.dtype == dtype and dq.dtype == dtype and dk.dtype == dtype and lse.dtype == torch.float32,
@@ -97,6 +106,8 @@ ATTENTION = {
     "small_block": dict(H=4, Hkv=2, L=29, S=29, b=8, causal=True, padding=True, empty_row=2),  # b smaller than a tile
     "multi_tile_block": dict(L=64, S=64, b=32, D=24, causal=True),  # b = 2 tiles; D not a power of two
     "cropped_layout": dict(L=40, S=40, layout_len=80, causal=True),  # a layout made for a longer sequence
+    "bias_per_head": dict(B=2, H=4, Hkv=2, L=37, S=37, causal=True, padding=True, bias_heads=4),  # ALiBi-like
+    "bias_window": dict(B=2, L=48, S=48, b=8, causal=True, bias_heads=1, window=12),  # a sliding window as -inf
 }
 for _name, _kw in ATTENTION.items():
     for _dt, _tag in ((torch.float32, "fp32"), (torch.float16, "fp16")):

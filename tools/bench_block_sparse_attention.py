@@ -11,7 +11,11 @@ medians after warm-up, and Flex's compile time separately.
 Our fp32 forward runs the C++ kernel when it builds; `SPARSECC_NATIVE=0` times the PyTorch path
 (`SPARSECC_NATIVE=require` refuses to fall back, so a missing compiler cannot pass unnoticed).
 
-    python tools/bench_block_sparse_attention.py [--quick] [--repeats 5] [--out results.md]
+`--bias` adds an ALiBi score bias (per head, slope_h * (j - i), as BLOOM's) to every candidate: our
+op's `bias` input (the PyTorch path: the C++ kernel takes no bias), dense SDPA's additive mask, and
+Flex's `score_mod`.
+
+    python tools/bench_block_sparse_attention.py [--quick] [--bias] [--repeats 5] [--out results.md]
 """
 
 from __future__ import annotations
@@ -75,27 +79,39 @@ def time_round_robin(fns: dict[str, Callable[[], object]], repeats: int, warmup:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def alibi(L: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slopes [H], bias [1, H, L, L] = slope_h * (j - i)): the ALiBi score bias."""
+    slopes = 2.0 ** (-8.0 * torch.arange(1, H + 1) / H)
+    pos = torch.arange(L, dtype=torch.float32)
+    return slopes, slopes[None, :, None, None] * (pos[None, :] - pos[:, None])
+
+
 def bench_case(L: int, density: float, repeats: int, warmup: int, seed: int, flex: Optional[Callable],
-               backward: bool) -> dict:
+               backward: bool, bias: bool = False) -> dict:
     """Timings (seconds) of one (L, density) case."""
     torch.manual_seed(seed)
     q, k, v = (torch.randn(1, H, L, D) for _ in range(3))
     mask = structured_layout(L // BLOCK, density, seed)
     kv_indices, kv_counts = block_mask_to_ell(mask)
     row = {"L": L, "density": density, "kept": int(mask.sum()), "blocks": mask.numel()}
+    slopes, b = alibi(L) if bias else (None, None)
+
+    def score_mod(score, batch, head, q_idx, kv_idx):
+        return score + slopes[head] * (kv_idx - q_idx)
 
     fwd: dict[str, Callable[[], object]] = {
-        "ours": lambda: block_sparse_attention(q, k, v, kv_indices, kv_counts, BLOCK),
-        "dense": lambda: F.scaled_dot_product_attention(q, k, v),
+        "ours": lambda: block_sparse_attention(q, k, v, kv_indices, kv_counts, BLOCK, bias=b),
+        "dense": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=b),
     }
     if flex is not None:
         bm = flex_block_mask(mask)
+        mod = score_mod if bias else None
         t = time.perf_counter()
-        out_flex = flex(q, k, v, block_mask=bm)
+        out_flex = flex(q, k, v, score_mod=mod, block_mask=bm)
         row["flex_compile"] = time.perf_counter() - t
-        ours = block_sparse_attention(q, k, v, kv_indices, kv_counts, BLOCK)
+        ours = block_sparse_attention(q, k, v, kv_indices, kv_counts, BLOCK, bias=b)
         row["max_diff_vs_flex"] = float((ours - out_flex).abs().max())
-        fwd["flex"] = lambda: flex(q, k, v, block_mask=bm)
+        fwd["flex"] = lambda: flex(q, k, v, score_mod=mod, block_mask=bm)
     row.update({f"fwd_{name}": t for name, t in time_round_robin(fwd, repeats, warmup).items()})
 
     if backward:
@@ -109,8 +125,8 @@ def bench_case(L: int, density: float, repeats: int, warmup: int, seed: int, fle
                 fn(*leaves).backward(grad)
             return step
 
-        fb = {"ours": run(lambda a, b, c: block_sparse_attention(a, b, c, kv_indices, kv_counts, BLOCK)),
-              "dense": run(lambda a, b, c: F.scaled_dot_product_attention(a, b, c))}
+        fb = {"ours": run(lambda x, y, z: block_sparse_attention(x, y, z, kv_indices, kv_counts, BLOCK, bias=b)),
+              "dense": run(lambda x, y, z: F.scaled_dot_product_attention(x, y, z, attn_mask=b))}
         row.update({f"fb_{name}": t for name, t in time_round_robin(fb, repeats, warmup).items()})
     return row
 
@@ -142,7 +158,7 @@ def fmt_x(a: Optional[float], b: Optional[float]) -> str:
     return "n/a" if a is None or b is None else f"{a / b:.1f}x"
 
 
-def table(rows: list[dict], repeats: int) -> str:
+def table(rows: list[dict], repeats: int, bias: bool = False) -> str:
     lines = [
         "| L | density | kept blocks | ours fwd (ms) | dense fwd (ms) | flex fwd (ms) | vs dense | vs flex "
         "| ours fwd+bwd (ms) | dense fwd+bwd (ms) | flex fwd+bwd | vs dense (f+b) | flex compile (s) | max abs diff vs flex |",
@@ -157,8 +173,10 @@ def table(rows: list[dict], repeats: int) -> str:
             f"| {fmt_x(g('fb_dense'), g('fb_ours'))} "
             f"| {'n/a' if g('flex_compile') is None else format(g('flex_compile'), '.1f')} "
             f"| {'n/a' if g('max_diff_vs_flex') is None else format(g('max_diff_vs_flex'), '.1e')} |")
+    path = ("Every candidate adds an ALiBi score bias [1, H, L, L] (ours: the op's bias input on the PyTorch "
+            "path; dense: SDPA's additive mask; Flex: score_mod)." if bias else our_forward_path())
     lines += ["", f"Median of {repeats} round-robin runs after warm-up; B=1, H={H}, D={D}, block {BLOCK}, fp32. "
-              "Flex backward raises NotImplementedError on CPU. " + our_forward_path(), machine_line()]
+              "Flex backward raises NotImplementedError on CPU. " + path, machine_line()]
     return "\n".join(lines)
 
 
@@ -185,6 +203,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="L in (1024, 2048), density 1/8, 3 repeats")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (no compile)")
     p.add_argument("--no-backward", action="store_true", help="skip forward+backward")
+    p.add_argument("--bias", action="store_true", help="add an ALiBi score bias to every candidate")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--out", help="also write the table to this file")
     args = p.parse_args(argv)
@@ -204,8 +223,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for L, d in it:
         if tqdm is not None:
             it.set_postfix(L=L, density=f"1/{round(1 / d)}")
-        rows.append(bench_case(L, d, args.repeats, args.warmup, args.seed, flex, not args.no_backward))
-    text = table(rows, args.repeats)
+        rows.append(bench_case(L, d, args.repeats, args.warmup, args.seed, flex, not args.no_backward, args.bias))
+    text = table(rows, args.repeats, args.bias)
     print(text)
     if args.out:
         write_atomic(args.out, text + "\n")

@@ -107,6 +107,7 @@ class AttentionRegion(Region):
     cross: bool = False
     rotary: bool = False
     scale: Optional[float] = None
+    window: Optional[int] = None  # a causal sliding window of this many keys, read from the mask's values
 
 
 @dataclass
@@ -186,6 +187,27 @@ def _mask_is_causal(sample: MaskRows) -> bool:
     return bool(masked(mask)[..., upper].all())
 
 
+def _mask_window(sample: MaskRows) -> Optional[int]:
+    """w when the mask's keys, over every batch item and head together, are exactly a causal sliding window
+    of w keys (query i sees i-w < j <= i, the last query aligned with the last key) and w is shorter than
+    the sequence; else None. Padding hides keys in some items only, so the union shows the window."""
+    mask = sample.values
+    if mask.dim() < 2 or sample.length < 2:
+        return None
+    R, S = mask.shape[-2:]
+    seen = (~masked(mask)).reshape(-1, R, S).any(0)  # [rows, S]
+    rows = (sample.rows + (S - sample.length)).unsqueeze(1)  # key-aligned query positions
+    j = torch.arange(S).unsqueeze(0)
+    lowest = torch.where(seen, j, S).min(1).values
+    has = seen.any(1)
+    if not bool(has.any()):
+        return None
+    w = int((rows.squeeze(1) - lowest)[has].max()) + 1
+    if w >= S or not bool((seen == ((j <= rows) & (j > rows - w))).all()):
+        return None
+    return w
+
+
 # ------------------------------------------------------------------ finders
 def find_attention(gm: fx.GraphModule, captured=None) -> list[AttentionRegion]:
     regions = []
@@ -247,14 +269,24 @@ def _attention_flops(r: AttentionRegion) -> int:
 
 
 def _probe_causal_masks(gm, regions: list[AttentionRegion], captured) -> None:
-    pending = [r for r in regions if not r.causal and r.mask is not None and not r.cross]
+    """Causality and sliding windows read from the masks' values on the example inputs."""
+    pending = [r for r in regions if r.mask is not None and not r.cross]
     if not pending or captured is None:
         return
     kwargs = {**captured.call_defaults, **captured.kwargs}
     samples = {m: sample_rows(gm, m, captured.args, kwargs) for m in {r.mask for r in pending}}
     for r in pending:
-        if samples[r.mask] is not None and _mask_is_causal(samples[r.mask]):
+        sample = samples[r.mask]
+        if sample is None:
+            continue
+        if not r.causal and _mask_is_causal(sample):
             r.causal, r.causal_source = True, "mask"
+        if r.causal:
+            r.window = _mask_window(sample)
+            declared = getattr(captured, "sliding_window", None)
+            if r.window is None and declared is not None and sample.length <= declared:
+                # the example is too short to show the window the config declares: longer calls will
+                r.window = declared
 
 
 def _dedupe_names(regions: list[Region]) -> None:

@@ -182,6 +182,19 @@ class BlockLayout:
         """The same layout under another name."""
         return BlockLayout(self.mask, self.block_size, self.causal, name, self.meta)
 
+    def within_window(self, window: int) -> BlockLayout:
+        """The tiles that meet a causal sliding window of `window` keys (query i sees keys i-window < j <= i,
+        positions aligned at the start): the window as a block layout of its own, intersected with this one.
+        Partial tiles at the window's edge stay; the attention's mask still hides the keys outside it."""
+        if window < 1:
+            raise LayoutError(f"window must be a positive number of keys, found {window}")
+        b = self.block_size
+        rows = torch.arange(self.shape[0]).unsqueeze(1)
+        cols = torch.arange(self.shape[1]).unsqueeze(0)
+        # tile (I, J) holds some j <= i with j > i - window: J <= I and J's last key > I's first query - window
+        meets = (cols <= rows) & ((cols + 1) * b - 1 > rows * b - window)
+        return BlockLayout(self.mask & meets, b, self.causal, self.name, {**self.meta, "window": int(window)})
+
     # ----------------------------------------------------------------- indices
     def ell(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded-row view: (indices int64 [nq, max_kept], counts int64 [nq]); see indexing.py."""

@@ -6,10 +6,12 @@ handler base checks that a region fits and rewrites its SDPA into
 key_padding_mask)`. The layout's ELL indices are buffers of the compiled module, so they
 travel with its state_dict and with exported graphs.
 
-The op takes a causal flag and a key-padding vector, not an arbitrary mask. A region's mask
-is therefore split into (causal, key padding) at compile time and the split is checked on
-the example inputs' real mask values; a region whose mask is something else (a learned bias
-such as T5's position bias, a sliding window) does not match, and the report says why.
+The op takes a causal flag, a key-padding vector and an optional additive score bias. A region's
+mask is split into (causal, key padding) at compile time where the example inputs' real mask values
+show that it is exactly that (then the [B, H, L, S] mask is no longer built); any other mask (ALiBi,
+relative-position terms, T5's position bias, a sliding window) is passed whole as the bias, applied
+on the kept blocks. A causal sliding window found in the mask (`AttentionRegion.window`) is also a
+block layout of its own: the plan keeps only the tiles that meet it (`BlockLayout.within_window`).
 """
 
 from __future__ import annotations
@@ -95,6 +97,50 @@ def _key_padding_node(graph: fx.Graph, mask: fx.Node, anchor: fx.Node, query: fx
     return m
 
 
+def _key_padding_split(region, ctx: PassContext) -> Optional[bool]:
+    """True when the region's mask is exactly causal + key padding on the example inputs (it is then passed
+    as a key-padding vector), None when it is something else (it is then the op's score bias)."""
+    splits = ctx.data.setdefault("mask_splits", {})
+    if region.name not in splits:
+        sample = _mask_values(ctx)[region.mask]
+        if getattr(region, "window", None):  # a window (maybe longer than the example) is never key padding
+            sample = None
+        mask_is_causal = region.causal and region.causal_source == "mask"
+        ok = sample is not None and split_mask(sample.values, mask_is_causal, sample.rows, sample.length) is not None
+        splits[region.name] = True if ok else None
+    return splits[region.name]
+
+
+def _mask_kind(region, ctx: PassContext) -> str:
+    """What a mask that is not causal + key padding holds, for the report."""
+    if getattr(region, "window", None):
+        return f"a sliding window of {region.window} keys"
+    sample = _mask_values(ctx)[region.mask]
+    if sample is None:
+        return "too large to read on the example inputs"
+    values = sample.values
+    if values.dtype != torch.bool and not bool(((values == 0) | masked(values)).all()):
+        return "a score bias: ALiBi, relative positions, T5's position bias"
+    return "another mask"
+
+
+def _bias_node(graph: fx.Graph, mask: fx.Node, anchor: fx.Node, query: fx.Node, key: fx.Node) -> fx.Node:
+    """The mask as the op's additive score bias: float in q's dtype, (B or 1, H or 1, L, S)."""
+    m, dtype = mask, fake(query).dtype
+    while fake(m).dim() < 4:
+        m = new_call(graph, aten.unsqueeze.default, (m, 0), meta_from=anchor)
+    if fake(m).dtype == torch.bool:
+        m = new_call(graph, aten.where.Scalar, (m, 0.0, float("-inf")), meta_from=anchor)
+    if fake(m).dtype != dtype:
+        m = new_call(graph, aten._to_copy.default, (m,), {"dtype": dtype}, meta_from=anchor)
+    L, S = fake(query).shape[2], fake(key).shape[2]
+    if fake(m).shape[2] is not L or fake(m).shape[3] is not S:
+        sizes = [size if isinstance(size, int) else new_call(graph, aten.sym_size.int, (t, 2), meta_from=anchor)
+                 for size, t in ((L, query), (S, key))]
+        m = new_call(graph, aten.expand.default, (m, [-1, -1, *sizes]), meta_from=anchor)
+    return m
+
+
 def _buffer_node(gm: fx.GraphModule, name: str, value: torch.Tensor, like: fx.Node) -> fx.Node:
     gm.register_buffer(name, value)
     node = gm.graph.get_attr(name)
@@ -143,6 +189,8 @@ class BlockSparseMethod(Method):
 
     def plan(self, target: Target, stats: list, ctx) -> Plan:
         layout = serving_layout(self.make_layout(target, stats, ctx), target.config, ctx.captured)
+        if getattr(target.region, "window", None):
+            layout = layout.within_window(target.region.window)
         return layout_plan(type(target.config).kind, target.region.name, layout)
 
     def label(self, config) -> str:
@@ -165,21 +213,11 @@ class BlockSparseMethod(Method):
             return Match.fail("block_sparse", f"already rewritten ({region.sdpa.target})")
         if len(fake(attention_args(region.sdpa)["query"]).shape) != 4:
             return Match.fail("block_sparse", "3-D (batch*heads) attention; block-sparse attention needs (B, H, L, D)")
-        if region.mask is not None:
-            mask_is_causal = region.causal and region.causal_source == "mask"
-            sample = _mask_values(ctx)[region.mask]
-            if sample is None:
-                return Match.fail("block_sparse", f"its mask ({region.mask.name}, {tuple(region.mask_shape)}) is too "
-                                  "large to evaluate and is not built from its inputs by ops sparsecc can read row "
-                                  "by row; compile at a shorter length or pass a [B, S] padding mask")
-            if split_mask(sample.values, mask_is_causal, sample.rows, sample.length) is None:
-                values = sample.values
-                if values.dtype != torch.bool and not bool(((values == 0) | masked(values)).all()):
-                    return Match.fail("block_sparse", "its mask adds a score bias (ALiBi, relative positions, T5's "
-                                      "position bias); block-sparse attention takes only causal + key padding masks "
-                                      "and cannot apply a bias yet")
-                return Match.fail("block_sparse", "its mask is not causal + key padding (e.g. a sliding window); "
-                                  "block-sparse attention keeps only those")
+        if region.mask is not None and _key_padding_split(region, ctx) is None:
+            if self.pruned_logits(config) == "zero":
+                return Match.fail("block_sparse", f"its mask is not causal + key padding ({_mask_kind(region, ctx)}), "
+                                  "and pruned_logits='zero' (released SPION's softmax counting pruned keys) is "
+                                  "defined for those only; use pruned_logits='-inf'")
         return Match.ok()
 
     def rewrite(self, gm: fx.GraphModule, ctx: PassContext, targets: list[Target]) -> list[str]:
@@ -204,11 +242,15 @@ class BlockSparseMethod(Method):
             with graph.inserting_before(node):
                 idx_node = _buffer_node(gm, f"{prefix}_indices", indices, a["query"])
                 cnt_node = _buffer_node(gm, f"{prefix}_counts", counts, a["query"])
-                kpm = _key_padding_node(graph, r.mask, node, a["query"]) if r.mask is not None else None
+                kpm = bias = None
+                if r.mask is not None and _key_padding_split(facts, ctx):
+                    kpm = _key_padding_node(graph, r.mask, node, a["query"])
+                elif r.mask is not None:
+                    bias = _bias_node(graph, r.mask, node, a["query"], a["key"])
                 scale = a["scale"] if a["scale"] is not None else fake(a["query"]).shape[-1] ** -0.5
                 op = new_call(graph, torch.ops.sparsecc.block_sparse_attention.default,
                               (a["query"], a["key"], a["value"], idx_node, cnt_node, layout.block_size, float(scale),
-                               bool(causal), kpm), meta_from=node)
+                               bool(causal), kpm, *([bias] if bias is not None else [])), meta_from=node)
                 out = new_call(graph, operator.getitem, (op, 0), meta_from=node)
                 if self.pruned_logits(target.config) == "zero":
                     lse = new_call(graph, operator.getitem, (op, 1), meta_from=node)
@@ -221,6 +263,8 @@ class BlockSparseMethod(Method):
             facts.sparse = {"method": self.label(target.config), "density": here.density, "flops": sparse_flops,
                             "block": layout.block_size, "blocks": list(here.mask.shape),
                             "max_len": layout.seq_lens[0]}
+            if bias is not None:
+                facts.sparse["score_bias"] = _mask_kind(facts, ctx)
             if self.requested_density(target.config) is not None:
                 facts.sparse["density_requested"] = self.requested_density(target.config)
             changes.append(f"{type(target.config).kind}:{r.name} density {layout.density:.3f}")

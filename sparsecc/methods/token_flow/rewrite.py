@@ -240,10 +240,16 @@ class _SegmentRewrite:
         if not dims:
             return m
         if len(dims) > 1:
-            raise UnsupportedError(f"token flow: segment {self.seg.name}: {m.name} {tuple(val.shape)} has several "
-                                   f"dims of the token count {self.L} and is used by a per-token node, so which one "
-                                   "indexes tokens is ambiguous; capture with dynamic shapes, or with a sequence "
-                                   "length that differs from the model's other sizes")
+            where = f"token flow: segment {self.seg.name}: {m.name} {tuple(val.shape)}"
+            if isinstance(self.L, torch.SymInt):  # a dynamic capture: every one of these dims is the sequence
+                raise UnsupportedError(f"{where} has {len(dims)} token dims (a per-(query, key) tensor such as a "
+                                       "relative-position bias computed outside the layer's blocks) and is used "
+                                       "inside the segment; token flow routes tensors with one token dim only. "
+                                       "Leave this model's layers dense for token flow (a block layout takes the "
+                                       "bias) or assign TokenFlow to other layers in the recipe")
+            raise UnsupportedError(f"{where} has several dims of the token count {self.L} and is used by a per-token "
+                                   "node, so which one indexes tokens is ambiguous; capture with dynamic shapes, or "
+                                   "with a sequence length that differs from the model's other sizes")
         return self._gathered(m, dims[0])
 
     def _gathered(self, m: fx.Node, dim: int) -> fx.Node:

@@ -7,7 +7,7 @@ built on first use by `sparsecc.ops.native`): forward one task per (batch item, 
 block), scores and P @ V by BLAS calls on the kept K/V blocks where they lie (a run of consecutive
 blocks is one call), an exact softmax over the row in between; backward one task per (batch item,
 kv head), recomputing P from the saved logsumexp. Otherwise (other dtypes, no compiler,
-SPARSECC_NATIVE=0) the PyTorch path:
+SPARSECC_NATIVE=0, or a score bias) the PyTorch path:
 1. Plan: the layout cleaned (`layout.clean_layout`: padding entries, duplicates and causal blocks
    above the diagonal dropped), then the query blocks bucketed by their number of kept key blocks
    m, so no padded block is ever computed.
@@ -140,6 +140,8 @@ class _Chunk(NamedTuple):
     """n query blocks that keep m key blocks each, in the flat row views used by the kernel."""
     n: int
     m: int
+    q_blocks: Tensor  # [n] query block ids
+    kv: Tensor  # [n, m] their kept key block ids
     q_rows: Tensor  # [B*Hkv*n] rows of the [B*Hkv*nq, G*b*D] query-block view
     kv_rows: Tensor  # [B*Hkv*n*m] rows of the [B*Hkv*nk, b*D] key-block view
     mask: Optional[Tensor]  # additive [1 or B, 1 or n, G*b, m*b] (0 / -inf), None when nothing is masked
@@ -198,12 +200,42 @@ def _plan(kv_indices: Tensor, kv_counts: Tensor, B: int, H: int, kv_heads: int, 
                     if key is not None:
                         masks[key] = mask, empty
             q_rows, kv_rows = (heads * nq + q_blocks).flatten(), (heads * nk + kv.flatten()).flatten()
-            chunks.append(_Chunk(n, m, q_rows, kv_rows, mask, empty))
+            chunks.append(_Chunk(n, m, q_blocks, kv, q_rows, kv_rows, mask, empty))
     return chunks
 
 
-def _batches(c: _Chunk, B: int, kv_heads: int) -> list[tuple[slice, Optional[Tensor], Optional[Tensor]]]:
-    """(rows of the B*Hkv dimension, mask, empty rows): one call, or one per batch item (key padding)."""
+def _padded_bias(bias: Optional[Tensor], nq: int, nk: int, b: int) -> Optional[Tensor]:
+    """The bias padded to whole blocks: keys past S masked (-inf), query rows past L zero (discarded)."""
+    if bias is None:
+        return None
+    L, S = bias.shape[-2:]
+    bias = torch.nn.functional.pad(bias, (0, nk * b - S), value=float("-inf"))
+    return torch.nn.functional.pad(bias, (0, 0, 0, nq * b - L), value=0.0)
+
+
+def _chunk_bias(c: _Chunk, bias: Tensor, B: int, H: int, kv_heads: int, b: int, dtype: torch.dtype
+                ) -> tuple[Tensor, Optional[Tensor]]:
+    """The chunk's full additive mask with the bias on its entries: ([B*Hkv, n, G*b, m*b], empty rows or None)."""
+    ar = torch.arange(b)
+    qpos = c.q_blocks.unsqueeze(1) * b + ar  # [n, b]
+    kpos = (c.kv.unsqueeze(-1) * b + ar).flatten(1)  # [n, m*b]
+    tile = bias[:, :, qpos.unsqueeze(-1), kpos.unsqueeze(1)].to(dtype)  # [1|B, 1|H, n, b, m*b]
+    g, mb = H // kv_heads, c.m * b
+    tile = tile.expand(B, H, c.n, b, mb).reshape(B, kv_heads, g, c.n, b, mb).transpose(2, 3)
+    tile = tile.reshape(B, kv_heads, c.n, g * b, mb)
+    if c.mask is not None:
+        tile = tile + c.mask.unsqueeze(1)
+    tile = tile.reshape(B * kv_heads, c.n, g * b, mb)
+    empty = tile.isneginf().all(-1)
+    return tile, (empty if bool(empty.any()) else None)
+
+
+def _batches(c: _Chunk, B: int, kv_heads: int, bias: Optional[Tensor] = None, H: int = 0, b: int = 0,
+             dtype: torch.dtype = torch.float32) -> list[tuple[slice, Optional[Tensor], Optional[Tensor]]]:
+    """(rows of the B*Hkv dimension, mask, empty rows): one call, or one per batch item (key padding).
+    With a (padded) bias: one call whose mask holds the bias."""
+    if bias is not None:
+        return [(slice(None), *_chunk_bias(c, bias, B, H, kv_heads, b, dtype))]
     if c.mask is None or c.mask.shape[0] == 1:
         return [(slice(None), c.mask, c.empty_rows)]
     return [(slice(i * kv_heads, (i + 1) * kv_heads), c.mask[i:i + 1],
@@ -283,15 +315,18 @@ def backward_native(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, b: int,
-            scale: float, causal: bool, key_padding_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """(out, logsumexp) of the op on CPU tensors: the C++ kernel for fp32, else the PyTorch path."""
+            scale: float, causal: bool, key_padding_mask: Optional[Tensor],
+            bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(out, logsumexp) of the op on CPU tensors: the C++ kernel for fp32 without a bias, else the PyTorch path."""
     B, H, L, D = q.shape
     kvh, S = k.shape[1], k.shape[2]
     g, nq, nk = H // kvh, -(-L // b), -(-S // b)
     kv_indices, kv_counts = crop_ell(kv_indices, kv_counts, nq, nk)
-    result = forward_native(q, k, v, kv_indices, kv_counts, b, scale, causal, key_padding_mask)
-    if result is not None:
-        return result
+    if bias is None:
+        result = forward_native(q, k, v, kv_indices, kv_counts, b, scale, causal, key_padding_mask)
+        if result is not None:
+            return result
+    biasp = _padded_bias(bias, nq, nk, b)
     opts = options()
     chunks = _plan(kv_indices, kv_counts, B, H, kvh, L, S, D, b, causal, key_padding_mask, q.dtype,
                    opts.chunk_elements)
@@ -304,7 +339,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tens
         kc = kb.index_select(0, c.kv_rows).view(-1, c.n, c.m * b, D)
         vc = vb.index_select(0, c.kv_rows).view(-1, c.n, c.m * b, D)
         q_rows = c.q_rows.view(-1, c.n)
-        for rows, mask, empty in _batches(c, B, kvh):
+        for rows, mask, empty in _batches(c, B, kvh, biasp, H, b, q.dtype):
             o, s = _flash_fwd(qc[rows], kc[rows], vc[rows], attn_mask=mask, scale=scale)
             if empty is not None:  # rows with no allowed key: logsumexp is -inf
                 s = s.masked_fill(empty, float("-inf"))
@@ -318,16 +353,18 @@ def forward(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tens
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
              kv_indices: Tensor, kv_counts: Tensor, b: int, scale: float, causal: bool,
-             key_padding_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) of the op on CPU tensors: the C++ kernel for fp32, else the PyTorch path."""
+             key_padding_mask: Optional[Tensor], bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of the op on CPU tensors: the C++ kernel for fp32 without a bias, else the PyTorch path."""
     B, H, L, D = q.shape
     kvh, S = k.shape[1], k.shape[2]
     g, nq, nk = H // kvh, -(-L // b), -(-S // b)
     kv_indices, kv_counts = crop_ell(kv_indices, kv_counts, nq, nk)
-    result = backward_native(grad_out, q, k, v, out, lse, kv_indices, kv_counts, b, scale, causal,
-                             key_padding_mask)
-    if result is not None:
-        return result
+    if bias is None:
+        result = backward_native(grad_out, q, k, v, out, lse, kv_indices, kv_counts, b, scale, causal,
+                                 key_padding_mask)
+        if result is not None:
+            return result
+    biasp = _padded_bias(bias, nq, nk, b)
     opts = options()
     chunks = _plan(kv_indices, kv_counts, B, H, kvh, L, S, D, b, causal, key_padding_mask, q.dtype,
                    opts.chunk_elements)
@@ -349,7 +386,7 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
         kc = kb.index_select(0, c.kv_rows).view(-1, c.n, c.m * b, D)
         vc = vb.index_select(0, c.kv_rows).view(-1, c.n, c.m * b, D)
         q_rows, kv_rows = c.q_rows.view(-1, c.n), c.kv_rows.view(-1, c.n * c.m)
-        for rows, mask, _ in _batches(c, B, kvh):
+        for rows, mask, _ in _batches(c, B, kvh, biasp, H, b, q.dtype):
             dqc, dkc, dvc = _flash_bwd(doc[rows], qc[rows], kc[rows], vc[rows], oc[rows], lc[rows], 0.0,
                                        False, attn_mask=mask, scale=scale)
             r, kr = q_rows[rows].flatten(), kv_rows[rows].flatten()

@@ -60,7 +60,7 @@ def make_translation(layouts: dict, group_keys: int) -> Callable:
     """The translation for one export: `layouts` maps initializer names to known (indices, counts)."""
 
     def block_sparse_attention(q, k, v, kv_indices, kv_counts, block_size: int = 64, scale: float = 1.0,
-                               causal: bool = False, key_padding_mask=None):
+                               causal: bool = False, key_padding_mask=None, bias=None):
         """Block-sparse attention on the ELL layout; returns (out (B,H,L,D), logsumexp (B,H,L)).
 
         Pad L and S to whole blocks; view q as [B, Hkv, G, nq, b, D] and k, v as [B, Hkv, nk, b, D].
@@ -70,7 +70,8 @@ def make_translation(layouts: dict, group_keys: int) -> Callable:
 
         Masking is one additive bias, built on the small [n, b, W*b] (or [B, n, W*b] with key padding)
         pattern and added only where some entry can be masked: a slot past the row's count, a key past
-        S, the causal triangle, a padded key. A row with no allowed key gives 0 and logsumexp -inf, like
+        S, the causal triangle, a padded key. A score bias (B or 1, H or 1, L, S) is gathered on the kept
+        entries of each group ([.., n, b, W*b]) and added there. A row with no allowed key gives 0 and logsumexp -inf, like
         the PyTorch op. When the layout is known at export, query blocks are grouped by their exact kept
         count, so no ELL padding slot is ever computed.
         """
@@ -100,7 +101,13 @@ def make_translation(layouts: dict, group_keys: int) -> Callable:
         # keys can fall outside [0, S): a dynamic or partial last block, or a layout made for longer sequences
         partial_keys = (s_static is None or s_static % b != 0 or known is None
                         or int(known[0].max()) >= s_static // b)
-        ctx = dict(qb=qb, kb=kb, vb=vb, kpm=kpm, S=S, B=B, Hkv=Hkv, D=D, b=b, causal=causal, partial_keys=partial_keys)
+        biasp = None
+        if bias is not None:  # padded to whole blocks; the padding is masked by the key-range check or sliced
+            biasp = op.Pad(bias, op.Concat(zero, zero, zero, zero, zero, zero, op.Sub(op.Mul(nq, ints(b)), L),
+                                           op.Sub(op.Mul(nk, ints(b)), S), axis=0))
+            biasp = op.Reshape(biasp, op.Concat(dim(bias, 0), dim(bias, 1), nq, ints(b), op.Mul(nk, ints(b)), axis=0))
+        ctx = dict(qb=qb, kb=kb, vb=vb, kpm=kpm, S=S, B=B, Hkv=Hkv, D=D, b=b, causal=causal, partial_keys=partial_keys,
+                   bias=biasp, bias_heads=None if bias is None else static(bias.shape[1]))
 
         if known is None:  # one ELL group: every query block padded to the widest row
             out, lse = _bsa_group(ctx, None, op.Slice(kv_indices, zero, nq, zero), op.Slice(kv_counts, zero, nq, zero),
@@ -189,10 +196,15 @@ def _bsa_group(ctx: dict, rows: Any, idx: Any, cnt: Any, q_blocks: Any, padded_s
     if ctx["kpm"] is not None:
         kpm = op.Unsqueeze(op.Gather(ctx["kpm"], kpos, axis=1), [1, 2, 4])  # [B, 1, 1, n, 1, W*b]
         allowed = kpm if allowed is None else op.And(allowed, kpm)
-    if allowed is not None:
-        # A large finite negative (not -inf) keeps Softmax finite on rows with no allowed key;
-        # those rows are zeroed below.
-        low = -3.0e4 if scores.dtype is not None and scores.dtype.name == "FLOAT16" else -1.0e30
+    # A large finite negative (not -inf) keeps Softmax finite on rows with no allowed key;
+    # those rows are zeroed below.
+    low = -3.0e4 if scores.dtype is not None and scores.dtype.name == "FLOAT16" else -1.0e30
+    if ctx["bias"] is not None:
+        tile = _bias_tile(ctx, q_blocks, kpos, n, keys, dim(qb, 2))
+        finite = op.Not(op.IsInf(tile, detect_positive=0))  # -inf: a masked entry, like the PyTorch op
+        allowed = finite if allowed is None else op.And(allowed, finite)
+        scores = op.Add(scores, op.Where(allowed, op.Max(tile, op.CastLike(low, tile)), op.CastLike(low, scores)))
+    elif allowed is not None:
         scores = op.Add(scores, op.Where(allowed, op.CastLike(0.0, scores), op.CastLike(low, scores)))
     p = op.Softmax(scores, axis=-1)
     out = op.MatMul(p, vg)
@@ -204,3 +216,16 @@ def _bsa_group(ctx: dict, rows: Any, idx: Any, cnt: Any, q_blocks: Any, padded_s
     return out, lse
 
 
+
+
+def _bias_tile(ctx: dict, q_blocks: Any, kpos: Any, n: Any, keys: Any, groups: Any) -> Any:
+    """The bias on a group's entries, [B or 1, Hkv or 1, G or 1, n, b, W*b]: its query blocks' rows
+    (Gather), then each row's kept keys (GatherElements with the key positions kpos [n, W*b])."""
+    bias = ctx["bias"]  # [B|1, H|1, nq, b, nk*b]
+    rows = op.Gather(bias, q_blocks, axis=2)  # [B|1, H|1, n, b, nk*b]
+    lead = op.Concat(dim(bias, 0), dim(bias, 1), n, ints(ctx["b"]), keys, axis=0)
+    index = op.Expand(op.Reshape(kpos, op.Concat(ints(1, 1), n, ints(1), keys, axis=0), allowzero=1), lead)
+    tile = op.GatherElements(rows, index, axis=4)
+    if ctx["bias_heads"] == 1:
+        return op.Unsqueeze(tile, [1])
+    return op.Reshape(tile, op.Concat(dim(bias, 0), ctx["Hkv"], groups, n, ints(ctx["b"]), keys, axis=0), allowzero=1)

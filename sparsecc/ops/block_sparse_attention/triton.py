@@ -73,14 +73,15 @@ FWD_CONFIGS = ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2
 BWD_CONFIGS = ((64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 32, 4, 2),
                (16, 16, 2, 2))
 INTERPRETER_CONFIG = (16, 16, 1, 1)
-_TUNE = dict(key=["BS", "D", "CAUSAL", "HAS_KPM"], prune_configs_by={"early_config_prune": _prune})
+_TUNE = dict(key=["BS", "D", "CAUSAL", "HAS_KPM", "HAS_BIAS"], prune_configs_by={"early_config_prune": _prune})
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, KPM, IDX, CNT,
-                s_qb, s_qh, s_ql, s_kb, s_kh, s_ks,
+def _fwd_kernel(Q, K, V, O, LSE, KPM, IDX, CNT, BIAS,
+                s_qb, s_qh, s_ql, s_kb, s_kh, s_ks, s_bb, s_bh, s_bl,
                 H, G, L, S, IDX_W, D, scale_log2,
                 BS: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                HAS_BIAS: tl.constexpr,
                 PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     TILES_M = (BS + BLOCK_M - 1) // BLOCK_M
     TILES_N = (BS + BLOCK_N - 1) // BLOCK_N
@@ -115,6 +116,11 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM, IDX, CNT,
         k = tl.load(k_base + cols[:, None] * s_ks + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
         ok = col_ok[None, :] & row_ok[:, None]
+        if HAS_BIAS:  # additive score bias, -inf where masked (scores are in log2 units here)
+            bt = tl.load(BIAS + bi.to(tl.int64) * s_bb + hi.to(tl.int64) * s_bh + rows[:, None] * s_bl + cols[None, :],
+                         mask=ok, other=0.0).to(tl.float32)
+            s = s + bt * 1.4426950408889634
+            ok = ok & (bt != float("-inf"))
         if CAUSAL:
             ok = ok & (cols[None, :] <= rows[:, None])
         if HAS_KPM:
@@ -140,10 +146,11 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM, IDX, CNT,
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KPM, IDX, CNT,
-                   s_qb, s_qh, s_ql, s_kb, s_kh, s_ks,
+def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KPM, IDX, CNT, BIAS,
+                   s_qb, s_qh, s_ql, s_kb, s_kh, s_ks, s_bb, s_bh, s_bl,
                    H, G, L, S, IDX_W, D, scale, scale_log2,
                    BS: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                   HAS_BIAS: tl.constexpr,
                    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     TILES_M = (BS + BLOCK_M - 1) // BLOCK_M
     TILES_N = (BS + BLOCK_N - 1) // BLOCK_N
@@ -181,6 +188,11 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KPM, IDX, CNT,
         v = tl.load(v_base + cols[:, None] * s_ks + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
         ok = col_ok[None, :] & row_ok[:, None]
+        if HAS_BIAS:  # additive score bias, -inf where masked (scores are in log2 units here)
+            bt = tl.load(BIAS + bi.to(tl.int64) * s_bb + hi.to(tl.int64) * s_bh + rows[:, None] * s_bl + cols[None, :],
+                         mask=ok, other=0.0).to(tl.float32)
+            s = s + bt * 1.4426950408889634
+            ok = ok & (bt != float("-inf"))
         if CAUSAL:
             ok = ok & (cols[None, :] <= rows[:, None])
         if HAS_KPM:
@@ -195,10 +207,11 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KPM, IDX, CNT,
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CIDX, CCNT,
-                     s_qb, s_qh, s_ql, s_kb, s_kh, s_ks,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CIDX, CCNT, BIAS,
+                     s_qb, s_qh, s_ql, s_kb, s_kh, s_ks, s_bb, s_bh, s_bl,
                      H, HKV, G, L, S, CIDX_W, D, scale, scale_log2,
                      BS: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                     HAS_BIAS: tl.constexpr,
                      PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     TILES_M = (BS + BLOCK_M - 1) // BLOCK_M
     TILES_N = (BS + BLOCK_N - 1) // BLOCK_N
@@ -243,6 +256,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CIDX, CCNT,
         delta = tl.load(DELTA + r_off, mask=row_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
         ok = key_ok[None, :] & row_ok[:, None]
+        if HAS_BIAS:
+            bt = tl.load(BIAS + bi.to(tl.int64) * s_bb + hi.to(tl.int64) * s_bh + rows[:, None] * s_bl + cols[None, :],
+                         mask=ok, other=0.0).to(tl.float32)
+            s = s + bt * 1.4426950408889634
+            ok = ok & (bt != float("-inf"))
         if CAUSAL:
             ok = ok & (cols[None, :] <= rows[:, None])
         p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
@@ -322,9 +340,9 @@ def prepare_layout(kv_indices: Tensor, kv_counts: Tensor, L: int, S: int, b: int
 
 
 def _common(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, block_size: int,
-            causal: bool, key_padding_mask: Optional[Tensor]):
-    check_inputs(q, k, v, kv_indices, kv_counts, block_size, key_padding_mask)
-    check_device(q, k, v, key_padding_mask, op=_OP)
+            causal: bool, key_padding_mask: Optional[Tensor], bias: Optional[Tensor]):
+    check_inputs(q, k, v, kv_indices, kv_counts, block_size, key_padding_mask, bias)
+    check_device(q, k, v, key_padding_mask, bias, op=_OP)
     check_dtype(q, _OP)
     B, H, L, D = q.shape
     S = k.shape[2]
@@ -334,12 +352,22 @@ def _common(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tens
     return layout, kpm, B, H, L, S, D
 
 
+def _bias_args(bias: Optional[Tensor], q: Tensor) -> tuple:
+    """(pointer, batch stride, head stride, row stride): keys contiguous, broadcast dimensions stride 0."""
+    if bias is None:
+        return q, 0, 0, 0
+    bias = bias if bias.stride(3) == 1 else bias.contiguous()
+    return (bias, *(0 if bias.shape[d] == 1 else bias.stride(d) for d in (0, 1)), bias.stride(2))
+
+
 def block_sparse_attention_forward(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor,
                                    block_size: int, scale: float, causal: bool,
-                                   key_padding_mask: Optional[Tensor], *, options: TritonOptions = DEFAULT_OPTIONS
-                                   ) -> tuple[Tensor, Tensor]:
+                                   key_padding_mask: Optional[Tensor], bias: Optional[Tensor] = None, *,
+                                   options: TritonOptions = DEFAULT_OPTIONS) -> tuple[Tensor, Tensor]:
     """Triton forward: (out (B, H, L, D) in q's dtype, logsumexp (B, H, L) fp32), like the CPU op."""
-    layout, kpm, B, H, L, S, D = _common(q, k, v, kv_indices, kv_counts, block_size, causal, key_padding_mask)
+    layout, kpm, B, H, L, S, D = _common(q, k, v, kv_indices, kv_counts, block_size, causal, key_padding_mask,
+                                         bias)
+    bias_ptr, *bias_strides = _bias_args(bias, q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
     lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
@@ -347,20 +375,22 @@ def block_sparse_attention_forward(q: Tensor, k: Tensor, v: Tensor, kv_indices: 
         return out, lse.fill_(float("-inf"))
     nq, b = -(-L // block_size), block_size
     grid = lambda meta: (nq * triton.cdiv(b, meta["BLOCK_M"]), B * H)  # noqa: E731
-    tuned("_fwd_kernel", options)[grid](q, k, v, out, lse, kpm, layout.row_idx, layout.row_cnt,
-                      q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+    tuned("_fwd_kernel", options)[grid](q, k, v, out, lse, kpm, layout.row_idx, layout.row_cnt, bias_ptr,
+                      q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), *bias_strides,
                       H, H // k.shape[1], L, S, layout.row_idx.shape[1], D, float(scale) * LOG2E,
                       BS=b, BLOCK_D=next_pow2(D), CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None,
-                      PREC=dot_precision(q.dtype))
+                      HAS_BIAS=bias is not None, PREC=dot_precision(q.dtype))
     return out, lse
 
 
 def block_sparse_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                     kv_indices: Tensor, kv_counts: Tensor, block_size: int, scale: float,
-                                    causal: bool, key_padding_mask: Optional[Tensor], *,
-                                    options: TritonOptions = DEFAULT_OPTIONS) -> tuple[Tensor, Tensor, Tensor]:
+                                    causal: bool, key_padding_mask: Optional[Tensor], bias: Optional[Tensor] = None,
+                                    *, options: TritonOptions = DEFAULT_OPTIONS) -> tuple[Tensor, Tensor, Tensor]:
     """Triton backward: (dq, dk, dv) from the forward's out and logsumexp, like the CPU backward op."""
-    layout, kpm, B, H, L, S, D = _common(q, k, v, kv_indices, kv_counts, block_size, causal, key_padding_mask)
+    layout, kpm, B, H, L, S, D = _common(q, k, v, kv_indices, kv_counts, block_size, causal, key_padding_mask,
+                                         bias)
+    bias_ptr, *bias_strides = _bias_args(bias, q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     do = grad_out.to(q.dtype).contiguous()
     lse = lse.float().contiguous()
@@ -375,14 +405,16 @@ def block_sparse_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: T
     hkv = k.shape[1]
     nq, nk, b = -(-L // block_size), -(-S // block_size), block_size
     common = dict(BS=b, BLOCK_D=next_pow2(D), CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None,
-                  PREC=dot_precision(q.dtype))
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
+                  HAS_BIAS=bias is not None, PREC=dot_precision(q.dtype))
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), *bias_strides)
     grid_q = lambda meta: (nq * triton.cdiv(b, meta["BLOCK_M"]), B * H)  # noqa: E731
-    tuned("_bwd_dq_kernel", options)[grid_q](q, k, v, do, dq, lse, delta, kpm, layout.row_idx, layout.row_cnt, *strides,
+    tuned("_bwd_dq_kernel", options)[grid_q](q, k, v, do, dq, lse, delta, kpm, layout.row_idx, layout.row_cnt, bias_ptr,
+                           *strides,
                            H, H // hkv, L, S, layout.row_idx.shape[1], D, float(scale), float(scale) * LOG2E,
                            **common)
     grid_k = lambda meta: (nk * triton.cdiv(b, meta["BLOCK_N"]), B * hkv)  # noqa: E731
-    tuned("_bwd_dkdv_kernel", options)[grid_k](q, k, v, do, dk, dv, lse, delta, kpm, layout.col_idx, layout.col_cnt, *strides,
+    tuned("_bwd_dkdv_kernel", options)[grid_k](q, k, v, do, dk, dv, lse, delta, kpm, layout.col_idx, layout.col_cnt,
+                             bias_ptr, *strides,
                              H, hkv, H // hkv, L, S, layout.col_idx.shape[1], D, float(scale),
                              float(scale) * LOG2E, **common)
     return dq, dk, dv
