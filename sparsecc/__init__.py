@@ -20,7 +20,8 @@ from sparsecc.model import SparseModel
 from sparsecc.recipe import Recipe
 from sparsecc.report import Report
 from sparsecc.saving import load, save
+from sparsecc.train.finetune import finetune
 from sparsecc.version import __version__
 
-__all__ = ["compile", "inspect", "capture", "Recipe", "Identity", "Spion", "Fixed", "SparseFFN", "TokenFlow",
+__all__ = ["compile", "finetune", "inspect", "capture", "Recipe", "Identity", "Spion", "Fixed", "SparseFFN", "TokenFlow",
            "SparseModel", "Report", "Plan", "register", "save", "load", "errors", "__version__"]

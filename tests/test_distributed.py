@@ -104,6 +104,20 @@ def _flow_batches() -> list:
     return out
 
 
+def _finetune_batches() -> list:
+    """Three batches of 4 with every token real: the rank means average to the whole batch's mean."""
+    return [{"input_ids": T._ids(batch=4, seq=16, seed=30 + i), "attention_mask": torch.ones(4, 16, dtype=torch.long)}
+            for i in range(3)]
+
+
+def _finetuned(batches: list) -> dict:
+    model, inputs = T.bert()
+    recipe = sparsecc.Recipe(attention=sparsecc.Fixed(pattern="local", block=4, density=0.5), ffn=None)
+    sm = sparsecc.compile(model, inputs, recipe=recipe, progress=False)
+    result = sparsecc.finetune(sm, batches, teacher=model, steps=4, lr=1e-3, progress=False)
+    return {"losses": result.losses, "state": {k: v.detach().clone() for k, v in sm.state_dict().items()}}
+
+
 def _digests(sm) -> dict:
     return {name: plan.digest() for name, plan in sm.plans.items()}
 
@@ -158,6 +172,9 @@ def _worker(rank: int, store: str, out_dir: str, scenario: str) -> None:
                                progress=False)
             result.update(shifts=trained.shifts, history=trained.history,
                           state={k: v.clone() for k, v in sm.state_dict().items()})
+        elif scenario == "finetune":
+            result.update(_finetuned([{k: v[rank * 2:(rank + 1) * 2] for k, v in b.items()}
+                                      for b in _finetune_batches()]))
         elif scenario == "fsdp":
             sm, steps = _fsdp_model()
             sharded = fully_shard_blocks(sm)
@@ -285,6 +302,17 @@ def test_two_rank_flow_training_keeps_the_ranks_equal_and_sets_thresholds_on_all
     assert abs(first["history"][-1]["kept"] - 0.5) <= 1 / 16
     for name, value in first["state"].items():  # DDP: one update on every rank
         assert torch.equal(value, second["state"][name]), name
+
+
+def test_two_rank_finetune_equals_one_process_on_the_whole_batches():
+    """sparsecc.finetune under torch.distributed trains under DDP: the mean loss per step and the final
+    weights of 2 ranks (each on half of every batch) equal one process on the whole batches."""
+    results, codes = _spawn("finetune")
+    assert codes == [0, 0]
+    one = _finetuned(_finetune_batches())
+    for r in results:
+        assert max(abs(a - b) for a, b in zip(r["losses"], one["losses"])) <= 1e-5
+        assert max((r["state"][k] - v).abs().max().item() for k, v in one["state"].items()) <= 1e-5
 
 
 def test_fsdp2_with_one_group_per_block_trains_as_one_process(tmp_path):

@@ -298,9 +298,10 @@ def init_controller_from_activations(
     opt = torch.optim.Adam(ctrl.parameters(), lr=lr)
     for step in range(1, steps + 1):
         rows = torch.randint(0, x2.shape[0], (min(batch_size, x2.shape[0]),), generator=gen)
-        loss = cross_entropy(rows)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with torch.enable_grad():  # also when compile() is called under no_grad / inference code
+            loss = cross_entropy(rows)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         opt.step()
         if step % 25 == 0 or step == steps:  # keep the best arg-max agreement seen (CE is only a proxy)
             current = agreement()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-__all__ = ["embedding_distill", "hidden_distill", "kl_distill", "output_distill"]
+__all__ = ["embedding_distill", "first_float_tensor", "hidden_distill", "kl_distill", "output_distill"]
 
 
 def kl_distill(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -39,7 +39,7 @@ def embedding_distill(student: Tensor, teacher: Tensor, mask: Optional[Tensor] =
     return pooled + token_weight * hidden_distill(student, teacher, mask)
 
 
-def _first_tensor(out: Any) -> Tensor:
+def first_float_tensor(out: Any) -> Tensor:
     for leaf in pytree.tree_leaves(out):
         if isinstance(leaf, Tensor) and leaf.is_floating_point():
             return leaf
@@ -53,4 +53,4 @@ def output_distill(student_out: Any, teacher_out: Any, batch: Any = None) -> Ten
     if s is not None and t is not None:
         return kl_distill(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]))
     mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-    return hidden_distill(_first_tensor(student_out), _first_tensor(teacher_out), mask)
+    return hidden_distill(first_float_tensor(student_out), first_float_tensor(teacher_out), mask)
