@@ -134,12 +134,23 @@ def slot_regions(report, slot: str) -> int:
     return len(report.regions) if slot == "flow" else sum(1 for r in report.regions if r.kind == slot)
 
 
-def fixed_density(report, inputs) -> float:
-    """The densest local layout: 1.0, or (n + 1) / 2n for a causal model of n blocks (the most it can keep)."""
+def fixed_layout(report) -> tuple[int, float]:
+    """(block, density) of the densest local layout: block 8 with density 1.0, or (n + 1) / 2n for causal
+    regions of n blocks (the most a causal layout keeps). Where regions disagree on that density (T5: a
+    non-causal encoder of 2 blocks, a causal decoder of 1), one block covering the longest sequence, 1.0."""
     from sparsecc.graph.fx_utils import hint
-    L = max((int(hint(r.q_len)) for r in report.attention), default=16)
-    n = -(-L // FIXED_BLOCK)
-    return 1.0 if not is_causal(report) or n == 1 else (n + 1) / (2 * n)
+    full = set()
+    longest = 16
+    for r in report.attention:
+        if getattr(r, "cross", False):
+            continue
+        L = int(hint(r.q_len))
+        longest = max(longest, L)
+        n = -(-L // FIXED_BLOCK)
+        full.add(1.0 if not r.causal or n == 1 else (n + 1) / (2 * n))
+    if len(full) <= 1:
+        return FIXED_BLOCK, (full.pop() if full else 1.0)
+    return -(-longest // FIXED_BLOCK) * FIXED_BLOCK, 1.0
 
 
 def make_recipe(kind: str, report, inputs, gate: str = "released"):
@@ -153,8 +164,8 @@ def make_recipe(kind: str, report, inputs, gate: str = "released"):
     if kind == "token_flow":
         return sparsecc.Recipe(attention=None, ffn=None, flow=sparsecc.TokenFlow(keep=1.0, gate=gate))
     if kind == "fixed_local":
-        return sparsecc.Recipe(attention=sparsecc.Fixed(pattern="local", block=FIXED_BLOCK,
-                                                        density=fixed_density(report, inputs)), ffn=None)
+        block, density = fixed_layout(report)
+        return sparsecc.Recipe(attention=sparsecc.Fixed(pattern="local", block=block, density=density), ffn=None)
     raise ValueError(kind)
 
 

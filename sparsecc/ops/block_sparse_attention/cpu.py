@@ -204,21 +204,15 @@ def _plan(kv_indices: Tensor, kv_counts: Tensor, B: int, H: int, kv_heads: int, 
     return chunks
 
 
-def _padded_bias(bias: Optional[Tensor], nq: int, nk: int, b: int) -> Optional[Tensor]:
-    """The bias padded to whole blocks: keys past S masked (-inf), query rows past L zero (discarded)."""
-    if bias is None:
-        return None
-    L, S = bias.shape[-2:]
-    bias = torch.nn.functional.pad(bias, (0, nk * b - S), value=float("-inf"))
-    return torch.nn.functional.pad(bias, (0, 0, 0, nq * b - L), value=0.0)
-
-
 def _chunk_bias(c: _Chunk, bias: Tensor, B: int, H: int, kv_heads: int, b: int, dtype: torch.dtype
                 ) -> tuple[Tensor, Optional[Tensor]]:
     """The chunk's full additive mask with the bias on its entries: ([B*Hkv, n, G*b, m*b], empty rows or None)."""
+    # Positions past L or S are clamped, not padded (padding would copy the whole bias every call): keys
+    # past S are masked by the chunk's own mask, query rows past L are discarded.
+    L, S = bias.shape[-2:]
     ar = torch.arange(b)
-    qpos = c.q_blocks.unsqueeze(1) * b + ar  # [n, b]
-    kpos = (c.kv.unsqueeze(-1) * b + ar).flatten(1)  # [n, m*b]
+    qpos = (c.q_blocks.unsqueeze(1) * b + ar).clamp(max=L - 1)  # [n, b]
+    kpos = (c.kv.unsqueeze(-1) * b + ar).flatten(1).clamp(max=S - 1)  # [n, m*b]
     tile = bias[:, :, qpos.unsqueeze(-1), kpos.unsqueeze(1)].to(dtype)  # [1|B, 1|H, n, b, m*b]
     g, mb = H // kv_heads, c.m * b
     tile = tile.expand(B, H, c.n, b, mb).reshape(B, kv_heads, g, c.n, b, mb).transpose(2, 3)
@@ -233,7 +227,7 @@ def _chunk_bias(c: _Chunk, bias: Tensor, B: int, H: int, kv_heads: int, b: int, 
 def _batches(c: _Chunk, B: int, kv_heads: int, bias: Optional[Tensor] = None, H: int = 0, b: int = 0,
              dtype: torch.dtype = torch.float32) -> list[tuple[slice, Optional[Tensor], Optional[Tensor]]]:
     """(rows of the B*Hkv dimension, mask, empty rows): one call, or one per batch item (key padding).
-    With a (padded) bias: one call whose mask holds the bias."""
+    With a bias: one call whose mask holds the bias."""
     if bias is not None:
         return [(slice(None), *_chunk_bias(c, bias, B, H, kv_heads, b, dtype))]
     if c.mask is None or c.mask.shape[0] == 1:
@@ -326,7 +320,6 @@ def forward(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tens
         result = forward_native(q, k, v, kv_indices, kv_counts, b, scale, causal, key_padding_mask)
         if result is not None:
             return result
-    biasp = _padded_bias(bias, nq, nk, b)
     opts = options()
     chunks = _plan(kv_indices, kv_counts, B, H, kvh, L, S, D, b, causal, key_padding_mask, q.dtype,
                    opts.chunk_elements)
@@ -339,7 +332,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tens
         kc = kb.index_select(0, c.kv_rows).view(-1, c.n, c.m * b, D)
         vc = vb.index_select(0, c.kv_rows).view(-1, c.n, c.m * b, D)
         q_rows = c.q_rows.view(-1, c.n)
-        for rows, mask, empty in _batches(c, B, kvh, biasp, H, b, q.dtype):
+        for rows, mask, empty in _batches(c, B, kvh, bias, H, b, q.dtype):
             o, s = _flash_fwd(qc[rows], kc[rows], vc[rows], attn_mask=mask, scale=scale)
             if empty is not None:  # rows with no allowed key: logsumexp is -inf
                 s = s.masked_fill(empty, float("-inf"))
@@ -364,7 +357,6 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
                                  key_padding_mask)
         if result is not None:
             return result
-    biasp = _padded_bias(bias, nq, nk, b)
     opts = options()
     chunks = _plan(kv_indices, kv_counts, B, H, kvh, L, S, D, b, causal, key_padding_mask, q.dtype,
                    opts.chunk_elements)
@@ -386,7 +378,7 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
         kc = kb.index_select(0, c.kv_rows).view(-1, c.n, c.m * b, D)
         vc = vb.index_select(0, c.kv_rows).view(-1, c.n, c.m * b, D)
         q_rows, kv_rows = c.q_rows.view(-1, c.n), c.kv_rows.view(-1, c.n * c.m)
-        for rows, mask, _ in _batches(c, B, kvh, biasp, H, b, q.dtype):
+        for rows, mask, _ in _batches(c, B, kvh, bias, H, b, q.dtype):
             dqc, dkc, dvc = _flash_bwd(doc[rows], qc[rows], kc[rows], vc[rows], oc[rows], lc[rows], 0.0,
                                        False, attn_mask=mask, scale=scale)
             r, kr = q_rows[rows].flatten(), kv_rows[rows].flatten()
