@@ -435,3 +435,39 @@ def test_onnxruntime_past_the_layout_length_says_so(tmp_path):
     with pytest.raises(LayoutError, match=r"input input_ids has shape \(2, 32\), longer than the 16 tokens the "
                                           r"block layouts in model.onnx were made for; compile with the attention config's max_len"):
         sm(**longer)
+
+
+def test_ort_backend_runs_fused_dense_layers_and_keeps_the_file_portable(tmp_path):
+    """The session runs onnxscript's ORT fusions (dense attention -> Attention, GELU -> BiasGelu), like the
+    dense model's own export; the file at `path` stays standard ONNX; fuse=False runs the plain graph."""
+    model, inputs = T.bert("sdpa")
+    path = str(tmp_path / "m.onnx")
+    sm = sparsecc.compile(model, inputs, backend="onnxruntime", backend_options={"path": path}, progress=False)
+    fused = onnx.load(sm._runner.path)
+    ops = [n.op_type for n in fused.graph.node]
+    assert sm._runner.path == str(tmp_path / "m.ort.onnx") and ops.count("Attention") == 2
+    assert ops.count("BiasGelu") == 2 and "Softmax" not in ops
+    onnx.checker.check_model(path, full_check=True)  # the portable file: standard ops only
+    assert "Softmax" in [n.op_type for n in onnx.load(path).graph.node]
+    ref = sparsecc.compile(model, inputs, progress=False)
+    assert _max_err(ref(**inputs), sm(**inputs)) < TOL
+    plain = sparsecc.compile(model, inputs, backend="onnxruntime", backend_options={"fuse": False}, progress=False)
+    assert "Softmax" in [n.op_type for n in onnx.load(plain._runner.path).graph.node]
+
+
+def test_a_fused_graph_that_differs_falls_back_to_the_plain_one(monkeypatch):
+    """A fused graph that does not load or does not match the PyTorch graph on the example inputs (a bug of the
+    fusion pass; onnxscript turns GPT-2's Conv1D into a Gemm on a rank-3 input here) is not run: the backend
+    warns and runs the unfused graph, with the same outputs."""
+    import sparsecc.backends.onnxruntime as ort_backend
+    model, inputs = T.bert("sdpa")
+
+    def differs(*args, **kwargs):
+        raise ValueError("an output differs from the PyTorch graph by 3.2")
+    monkeypatch.setattr(ort_backend, "_check_fused", differs)
+    with pytest.warns(UserWarning, match=r"did not match the PyTorch graph \(ValueError: an output differs.*running "
+                                         r"the unfused graph"):
+        sm = sparsecc.compile(model, inputs, backend="onnxruntime", progress=False)
+    assert not sm._runner.path.endswith(".ort.onnx")
+    assert "Softmax" in [n.op_type for n in onnx.load(sm._runner.path).graph.node]
+    assert _max_err(sparsecc.compile(model, inputs, progress=False)(**inputs), sm(**inputs)) < TOL

@@ -53,13 +53,15 @@ def ort_session(path: str, threads: int) -> OnnxRuntimeModule:
 
 
 def fuse_for_ort(src: str, dst: str) -> dict:
-    """onnxscript's ORT fusions (Attention, SkipLayerNorm, BiasGelu, ...); returns the fusion counts."""
-    from onnxscript import ir
-    from onnxscript.rewriter.ort_fusions import optimize_for_ort
-    model = ir.load(src)
-    model, counts = optimize_for_ort(model)
-    ir.save(model, dst)
-    return {k: v for k, v in counts.items() if v}
+    """onnxscript's ORT fusions (Attention, SkipLayerNorm, BiasGelu, ...), as the onnxruntime backend applies
+    them; `dst` is a copy of `src` when nothing fuses. Returns the fusion counts."""
+    import shutil
+
+    from sparsecc.backends.onnxruntime import fuse_for_ort as fuse
+    counts = fuse(src, dst)
+    if not counts:
+        shutil.copyfile(src, dst)
+    return counts
 
 
 class _Attention(torch.nn.Module):

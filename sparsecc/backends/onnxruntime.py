@@ -23,6 +23,7 @@ import inspect as _inspect
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional, Sequence
 
@@ -87,9 +88,10 @@ class OnnxRuntimeModule(nn.Module):
 
     def __init__(self, path: str, signature: Optional[_inspect.Signature] = None, constants: Optional[dict] = None,
                  out_spec: Any = None, providers: Optional[Sequence[str]] = None, session_options: Any = None,
-                 keep_alive: Any = None, **option_kwargs) -> None:
+                 keep_alive: Any = None, source: Optional[str] = None, **option_kwargs) -> None:
         super().__init__()
         self.path = path
+        self.source = source or path  # the standard-ONNX file `path` was made from (a fused copy's original)
         self.session = make_session(path, providers, session_options, **option_kwargs)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -139,7 +141,7 @@ class OnnxRuntimeModule(nn.Module):
                 raise
             name, shape = too_long[0]
             raise LayoutError(f"onnxruntime backend: input {name} has shape {shape}, longer than the "
-                              f"{self.max_len} tokens the block layouts in {os.path.basename(self.path)} were "
+                              f"{self.max_len} tokens the block layouts in {os.path.basename(self.source)} were "
                               "made for; compile with the attention config's max_len at least the longest length you will run "
                               f"(ONNX Runtime said: {str(err).splitlines()[0][:200]})") from err
         if self.out_spec is None:
@@ -147,13 +149,39 @@ class OnnxRuntimeModule(nn.Module):
         return pytree.tree_unflatten(outs, self.out_spec)
 
 
+def fuse_for_ort(src: str, dst: str) -> dict:
+    """Write `src` rewritten with onnxscript's ORT fusions (attention -> com.microsoft.Attention /
+    MultiHeadAttention, Gelu -> BiasGelu, LayerNorm + residual -> SkipLayerNormalization, ...) to `dst`,
+    atomically; returns the fusion counts ({} and no file when nothing was fused or the pass failed, with a
+    warning for a failure). Dense layers then run ORT's fused kernels, as the dense model's own export
+    does; the block-sparse and sparse-FFN translations are left as they are. The result holds ORT's
+    contrib ops: it is for ORT sessions, not a portable ONNX file."""
+    from onnxscript import ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    from sparsecc.io import atomic_write
+    try:
+        model, counts = optimize_for_ort(ir.load(src))
+    except Exception as err:  # noqa: BLE001 - any failure of the optional pass: run the unfused graph
+        warnings.warn(f"onnxruntime backend: onnxscript's ORT fusions failed ({type(err).__name__}: "
+                      f"{str(err).splitlines()[0][:200] if str(err) else ''}); running the unfused graph",
+                      UserWarning, stacklevel=2)
+        return {}
+    counts = {k: v for k, v in counts.items() if v}
+    if counts:
+        atomic_write(dst, lambda tmp: ir.save(model, tmp))
+    return counts
+
+
 def build_module(gm: Any, args: tuple, kwargs: dict, recipe: Any = None, regions: Optional[list] = None,
                  dynamic: bool = True, path: Optional[str] = None, opset: Optional[int] = None,
                  providers: Optional[Sequence[str]] = None, export_options: Optional[OnnxOptions] = None,
-                 **options) -> OnnxRuntimeModule:
+                 fuse: bool = True, **options) -> OnnxRuntimeModule:
     """Export `gm` (sparsecc ops translated) to ONNX and wrap the file in an OnnxRuntimeModule.
 
     path: where to keep the .onnx (default: a temporary directory owned by the module).
+    fuse: the session runs a copy with onnxscript's ORT fusions (`fuse_for_ort`, "<path>.ort.onnx"), checked
+    against the PyTorch graph on the example inputs; `path` stays standard ONNX.
     options: intra_op_num_threads, inter_op_num_threads, graph_optimization_level, session_options,
     optimized_model_path.
     """
@@ -175,9 +203,44 @@ def build_module(gm: Any, args: tuple, kwargs: dict, recipe: Any = None, regions
     constants = {k: v for k, v in sig.bind_partial(*args, **kwargs).arguments.items()
                  if not any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(v))}
     sess_opts = options.pop("session_options", None)
-    return OnnxRuntimeModule(path, signature=sig, constants=constants,
-                             out_spec=result.exported_program.call_spec.out_spec, providers=providers,
-                             session_options=sess_opts, keep_alive=keep, **options)
+
+    def module(file: str) -> OnnxRuntimeModule:
+        return OnnxRuntimeModule(file, signature=sig, constants=constants,
+                                 out_spec=result.exported_program.call_spec.out_spec, providers=providers,
+                                 session_options=sess_opts, keep_alive=keep, source=path, **options)
+
+    if not fuse:
+        return module(path)
+    # `path` stays the portable standard-ONNX file; the session runs a fused copy beside it
+    base, ext = os.path.splitext(path)
+    fused_path = f"{base}.ort{ext or '.onnx'}"
+    try:
+        if fuse_for_ort(path, fused_path):
+            fused = module(fused_path)
+            _check_fused(fused, gm, args, kwargs)
+            return fused
+    except Exception as err:  # noqa: BLE001 - an invalid or wrong fused graph: run the plain translation
+        warnings.warn(f"onnxruntime backend: the graph with onnxscript's ORT fusions did not load or did not "
+                      f"match the PyTorch graph ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                      "running the unfused graph (backend_options={'fuse': False} skips the fusions)",
+                      UserWarning, stacklevel=2)
+    if os.path.exists(fused_path):
+        os.remove(fused_path)
+    return module(path)
+
+
+def _check_fused(ort_module: OnnxRuntimeModule, gm: Any, args: tuple, kwargs: dict) -> None:
+    """The fused graph gives the PyTorch graph's outputs on the example inputs (a fusion that changes the
+    function is a bug of the fusion pass; the tolerance is loose, 1e-3 of the output's scale)."""
+    with torch.no_grad():
+        want = [t for t in pytree.tree_leaves(gm(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+        got = [t for t in pytree.tree_leaves(ort_module(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+    for w, g in zip(want, got):
+        if not w.is_floating_point():
+            continue
+        err = (w - g.to(w.dtype)).abs().max().item() if w.numel() else 0.0
+        if not err <= 1e-3 * (1.0 + w.abs().max().item()):
+            raise ValueError(f"an output differs from the PyTorch graph by {err:.3g}")
 
 
 @dataclass(frozen=True)
@@ -188,7 +251,9 @@ class OnnxRuntimeBackend:
     graph_optimization_level: "disable" | "basic" | "extended" | "all"; session_options: an
     onnxruntime.SessionOptions (overrides the above); optimized_model_path: where ORT writes the
     optimized graph; path: keep the .onnx there (default: a temporary folder); opset;
-    layout_group_keys / known_layouts: the block-sparse translation's OnnxOptions.
+    layout_group_keys / known_layouts: the block-sparse translation's OnnxOptions; fuse: apply
+    onnxscript's ORT fusions to the exported file (`fuse_for_ort`: dense attention and FFN layers run
+    ORT's fused kernels; False keeps the plain translation).
     """
 
     name: ClassVar[str] = "onnxruntime"
@@ -202,6 +267,7 @@ class OnnxRuntimeBackend:
     opset: Optional[int] = None
     layout_group_keys: int = OnnxOptions.layout_group_keys
     known_layouts: bool = OnnxOptions.known_layouts
+    fuse: bool = True
 
     @property
     def export_options(self) -> OnnxOptions:
@@ -221,4 +287,5 @@ class OnnxRuntimeBackend:
                                                  "optimized_model_path") if getattr(self, k) is not None}
         return build_module(gm, tuple(inputs.args), dict(inputs.kwargs), recipe=inputs.recipe,
                             regions=list(inputs.regions), dynamic=inputs.dynamic, path=self.path, opset=self.opset,
-                            providers=self.providers, export_options=self.export_options, **session)
+                            providers=self.providers, export_options=self.export_options, fuse=self.fuse,
+                            **session)

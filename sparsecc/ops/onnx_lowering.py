@@ -112,13 +112,16 @@ def scale_value(q: Any, scale: Optional[float]) -> Any:
     return op.Reciprocal(op.Sqrt(op.CastLike(dim(q, -1), q)))
 
 
+# GELU in the forms onnxscript's ORT fusions recognise (erfgelu / gelu rules: x * (1 + erf(x / sqrt 2)) * 0.5
+# and x * (0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))), so ORT gets its fused Gelu / BiasGelu /
+# FastGelu kernels as it does for the dense model's export.
 def _gelu(x: Any) -> Any:
-    return op.Mul(op.Mul(x, 0.5), op.Add(op.Erf(op.Mul(x, 1.0 / math.sqrt(2.0))), 1.0))
+    return op.Mul(op.Mul(x, op.Add(op.Erf(op.Div(x, math.sqrt(2.0))), 1.0)), 0.5)
 
 
 def _gelu_tanh(x: Any) -> Any:
-    inner = op.Mul(op.Add(x, op.Mul(op.Mul(op.Mul(x, x), x), 0.044715)), math.sqrt(2.0 / math.pi))
-    return op.Mul(op.Mul(x, 0.5), op.Add(op.Tanh(inner), 1.0))
+    inner = op.Mul(math.sqrt(2.0 / math.pi), op.Add(x, op.Mul(0.044715, op.Pow(x, 3.0))))
+    return op.Mul(x, op.Mul(0.5, op.Add(op.Tanh(inner), 1.0)))
 
 
 def _relu2(x: Any) -> Any:

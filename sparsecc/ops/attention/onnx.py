@@ -34,11 +34,10 @@ def attention(q, k, v, attn_mask=None, dropout_p: float = 0.0, is_causal: bool =
         cols = op.Range(0, op.Squeeze(dim(k, -2), [0]), 1)
         keep = op.LessOrEqual(op.Unsqueeze(cols, [0]), op.Unsqueeze(rows, [1]))
         scores = op.Where(keep, scores, NEG_INF)
-    if attn_mask is not None:
+    if attn_mask is not None:  # additive, as torch's own export: onnxscript's SDPA / MHA fusions match it
         if attn_mask.dtype is not None and attn_mask.dtype.name == "BOOL":
-            scores = op.Where(attn_mask, scores, NEG_INF)
-        else:
-            scores = op.Add(scores, op.CastLike(attn_mask, scores))
+            attn_mask = op.Where(attn_mask, op.CastLike(0.0, scores), op.CastLike(NEG_INF, scores))
+        scores = op.Add(scores, op.CastLike(attn_mask, scores))
     return op.MatMul(op.Softmax(scores, axis=-1), v)
 
 
