@@ -36,13 +36,17 @@ def constant_layouts(gm: fx.GraphModule) -> dict:
 
 
 def density(gm: fx.GraphModule, node: fx.Node) -> Optional[float]:
-    """Kept fraction of key blocks (None when the layout or the key length is not static)."""
-    counts = constant(gm, node.args[4])
-    k = node.args[1].meta.get("val") if isinstance(node.args[1], fx.Node) else None
-    if counts is None or k is None or not isinstance(k.shape[2], int):
+    """Kept fraction of the blocks at the graph's lengths (a layout serving longer sequences is cropped to
+    them, as the op does); None when the layout or the lengths are not static."""
+    idx, counts = constant(gm, node.args[3]), constant(gm, node.args[4])
+    q, k = (a.meta.get("val") if isinstance(a, fx.Node) else None for a in node.args[:2])
+    if idx is None or counts is None or q is None or k is None or not all(
+            isinstance(s, int) for s in (q.shape[2], k.shape[2])):
         return None
-    nk = -(-int(k.shape[2]) // int(node.args[5]))
-    return round(float(counts.sum()) / (counts.numel() * nk), 6)
+    b = int(node.args[5])
+    nq, nk = -(-int(q.shape[2]) // b), -(-int(k.shape[2]) // b)
+    slots = torch.arange(idx.shape[1]) < counts[:nq, None]
+    return round(float((slots & (idx[:nq] < nk)).sum()) / (nq * nk), 6)
 
 
 def max_len(gm: fx.GraphModule, node: fx.Node) -> Optional[int]:
