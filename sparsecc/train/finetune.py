@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,7 @@ from sparsecc.io import atomic_write
 from sparsecc.methods.base import FitHooks
 from sparsecc.methods.registry import handler_for
 from sparsecc.train.losses import first_float_tensor, hidden_distill, kl_distill, output_distill
+from sparsecc.train.batches import cycle
 from sparsecc.train.optim import SCHEDULES, Schedule, make_optimizer, param_groups
 from sparsecc.train.parallel import data_parallel
 
@@ -128,16 +129,6 @@ def _check(sm: nn.Module, teacher: Optional[nn.Module], steps: int, schedule: st
         raise InputError(f"finetune: lr must be positive, got {lr!r}")
     if schedule not in SCHEDULES:
         raise InputError(f"finetune: schedule={schedule!r} is not known; expected one of {SCHEDULES}")
-
-
-def _cycle(batches: Iterable[Any]) -> Iterator[Any]:
-    while True:
-        empty = True
-        for b in batches:
-            empty = False
-            yield b
-        if empty:
-            raise InputError("finetune got an empty iterable of batches")
 
 
 def _rng_state() -> dict:
@@ -246,7 +237,7 @@ def finetune(sm: nn.Module, batches: Iterable[Any], teacher: Optional[nn.Module]
                  "best_model": best_state}
         atomic_write(path, lambda tmp: torch.save(state, tmp))
 
-    stream = _cycle(batches)
+    stream = cycle(batches, "finetune")
     for _ in range(start):  # the batches the interrupted run already used
         seen_batch = next(stream)
         if len(seen) < 64 and all(b is not seen_batch for b in seen):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,7 @@ from sparsecc.capture import call_with_inputs
 from sparsecc.methods.token_flow.fit import calibrate_keep, flow_hooks, kept_fractions
 from sparsecc.methods.token_flow.gates import FlowGates
 from sparsecc.train.losses import output_distill
+from sparsecc.train.batches import cycle
 from sparsecc.train.optim import Schedule, make_optimizer, param_groups
 from sparsecc.train.parallel import data_parallel
 
@@ -46,16 +47,6 @@ class FlowFitResult:
     @property
     def losses(self) -> list[float]:
         return [h["loss"] for h in self.history]
-
-
-def _cycle(batches: Iterable[Any]) -> Iterator[Any]:
-    while True:
-        empty = True
-        for b in batches:
-            empty = False
-            yield b
-        if empty:
-            raise ValueError("fit_flow got an empty iterable of batches")
 
 
 def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Optional[nn.Module] = None,
@@ -111,7 +102,7 @@ def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Opti
         teacher.eval()
     cache: dict = {}
     final_start = steps - int(round(final_fraction * steps))
-    stream = _cycle(batches)
+    stream = cycle(batches, "fit_flow")
     bar = None
     if progress and (comm is None or comm.rank == 0):
         try:

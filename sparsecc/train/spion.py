@@ -20,7 +20,7 @@ import copy
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ from sparsecc import distributed
 from sparsecc.methods.spion import Spion
 from sparsecc.methods.spion.layouts import SwitchCriterion
 from sparsecc.recipe import Recipe
+from sparsecc.train.batches import cycle
 from sparsecc.train.optim import Schedule, move_optimizer_state
 from sparsecc.train.parallel import data_parallel
 
@@ -52,16 +53,6 @@ class FitResult:
     switched_at: Optional[int] = None
     switch_reason: str = ""  # why the switch came then (or why it never did)
     deltas: list = field(default_factory=list)  # per check: {layer: delta %}
-
-
-def _cycle(batches: Iterable[Any]) -> Iterator[Any]:
-    while True:
-        empty = True
-        for b in batches:
-            empty = False
-            yield b
-        if empty:
-            raise ValueError("fit got an empty iterable of batches")
 
 
 class _MapProbe:
@@ -109,7 +100,7 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, 
     opt = make_opt(current.parameters())
     sched = Schedule(steps=steps, warmup=warmup, kind=lr_schedule).attach(opt)
     result = FitResult(model=current)
-    stream = _cycle(batches)
+    stream = cycle(batches, "fit")
     probe, criterion, recent = None, None, []
     if schedule is not None:
         criterion = SwitchCriterion(threshold_pct=schedule.threshold_pct, rule=schedule.rule)
