@@ -97,9 +97,9 @@ def _key_padding_node(graph: fx.Graph, mask: fx.Node, anchor: fx.Node, query: fx
     return m
 
 
-def _key_padding_split(region, ctx: PassContext) -> Optional[bool]:
+def _key_padding_split(region, ctx: PassContext) -> bool:
     """True when the region's mask is exactly causal + key padding on the example inputs (it is then passed
-    as a key-padding vector), None when it is something else (it is then the op's score bias)."""
+    as a key-padding vector), False when it is something else (it is then the op's score bias)."""
     splits = ctx.data.setdefault("mask_splits", {})
     if region.name not in splits:
         sample = _mask_values(ctx)[region.mask]
@@ -107,7 +107,7 @@ def _key_padding_split(region, ctx: PassContext) -> Optional[bool]:
             sample = None
         mask_is_causal = region.causal and region.causal_source == "mask"
         ok = sample is not None and split_mask(sample.values, mask_is_causal, sample.rows, sample.length) is not None
-        splits[region.name] = True if ok else None
+        splits[region.name] = ok
     return splits[region.name]
 
 
@@ -213,7 +213,7 @@ class BlockSparseMethod(Method):
             return Match.fail("block_sparse", f"already rewritten ({region.sdpa.target})")
         if len(fake(attention_args(region.sdpa)["query"]).shape) != 4:
             return Match.fail("block_sparse", "3-D (batch*heads) attention; block-sparse attention needs (B, H, L, D)")
-        if region.mask is not None and _key_padding_split(region, ctx) is None:
+        if region.mask is not None and not _key_padding_split(region, ctx):
             if self.pruned_logits(config) == "zero":
                 return Match.fail("block_sparse", f"its mask is not causal + key padding ({_mask_kind(region, ctx)}), "
                                   "and pruned_logits='zero' (released SPION's softmax counting pruned keys) is "
