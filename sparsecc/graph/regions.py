@@ -251,7 +251,7 @@ def find_attention(gm: fx.GraphModule, captured=None) -> list[AttentionRegion]:
             cross=cross, rotary=_is_rotary(q_ops) or _is_rotary(k_ops), scale=a["scale"])
         region.flops = _attention_flops(region)
         regions.append(region)
-    _probe_causal_masks(gm, regions, captured)
+    _probe_masks(gm, regions, captured)
     _dedupe_names(regions)
     return regions
 
@@ -268,7 +268,7 @@ def _attention_flops(r: AttentionRegion) -> int:
     return core + sum(linear_flops(p) for p in projections)
 
 
-def _probe_causal_masks(gm, regions: list[AttentionRegion], captured) -> None:
+def _probe_masks(gm, regions: list[AttentionRegion], captured) -> None:
     """Causality and sliding windows read from the masks' values on the example inputs."""
     pending = [r for r in regions if r.mask is not None and not r.cross]
     if not pending or captured is None:

@@ -131,14 +131,6 @@ def _check(sm: nn.Module, teacher: Optional[nn.Module], steps: int, schedule: st
         raise InputError(f"finetune: schedule={schedule!r} is not known; expected one of {SCHEDULES}")
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state()}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-
-
 def _cpu_copy(state: dict) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
@@ -187,7 +179,7 @@ def finetune(sm: nn.Module, batches: Iterable[Any], teacher: Optional[nn.Module]
         sm.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])  # new param_group dicts: the schedule must drive these
         sched = Schedule(steps=steps, warmup=warmup, kind=schedule, step_count=state["step"]).attach(opt)
-        _set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"])
         result.history, result.evals = state["history"], state["evals"]
         result.best_step, result.best_loss, best_state = state["best_step"], state["best_loss"], state["best_model"]
         start = result.resumed_from = state["step"]
@@ -232,7 +224,7 @@ def finetune(sm: nn.Module, batches: Iterable[Any], teacher: Optional[nn.Module]
         if path is None or (comm is not None and comm.rank != 0):
             return
         state = {"steps": steps, "step": step, "model": _cpu_copy(sm.state_dict()),
-                 "optimizer": opt.state_dict(), "rng": _rng_state(), "history": result.history,
+                 "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "history": result.history,
                  "evals": result.evals, "best_step": result.best_step, "best_loss": result.best_loss,
                  "best_model": best_state}
         atomic_write(path, lambda tmp: torch.save(state, tmp))
