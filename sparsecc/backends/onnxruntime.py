@@ -235,6 +235,8 @@ def _check_fused(ort_module: OnnxRuntimeModule, gm: Any, args: tuple, kwargs: di
     with torch.no_grad():
         want = [t for t in pytree.tree_leaves(gm(*args, **kwargs)) if isinstance(t, torch.Tensor)]
         got = [t for t in pytree.tree_leaves(ort_module(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+    if len(got) != len(want):
+        raise ValueError(f"it returns {len(got)} tensors, the PyTorch graph {len(want)}")
     for w, g in zip(want, got):
         if not w.is_floating_point():
             continue
