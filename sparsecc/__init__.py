@@ -21,7 +21,8 @@ from sparsecc.recipe import Recipe
 from sparsecc.report import Report
 from sparsecc.saving import load, save
 from sparsecc.train.finetune import finetune
+from sparsecc.tune import Budget, TuneResult, tune
 from sparsecc.version import __version__
 
-__all__ = ["compile", "finetune", "inspect", "capture", "Recipe", "Identity", "Spion", "Fixed", "SparseFFN", "TokenFlow",
+__all__ = ["compile", "finetune", "tune", "Budget", "TuneResult", "inspect", "capture", "Recipe", "Identity", "Spion", "Fixed", "SparseFFN", "TokenFlow",
            "SparseModel", "Report", "Plan", "register", "save", "load", "errors", "__version__"]

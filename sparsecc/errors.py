@@ -37,3 +37,11 @@ class UnsupportedError(SparseccError):
 
 class DistributedError(SparseccError):
     """Processes of one torch.distributed run disagree, or one of them failed or stopped answering."""
+
+
+class TuneError(SparseccError):
+    """`sparsecc.tune` found no sparse setting within the budget; `best` is the best point it measured."""
+
+    def __init__(self, message: str, best: dict | None = None):
+        super().__init__(message)
+        self.best = best

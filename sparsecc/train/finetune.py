@@ -100,9 +100,8 @@ def _method_hooks(sm: nn.Module) -> list[FitHooks]:
     """The fine-tuning hooks of every method config in the compiled model's recipe."""
     configs = []
     for slot in ("attention", "ffn", "flow"):
-        value = getattr(sm.recipe, slot, None)
-        for config in (value.values() if isinstance(value, dict) else [value]):
-            if config is not None and all(config is not c for c in configs):
+        for config in sm.recipe.configs(slot):  # one config, or each of a per-layer mapping's
+            if all(config != c for c in configs):
                 configs.append(config)
     hooks = []
     for config in configs:

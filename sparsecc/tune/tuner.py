@@ -1,0 +1,509 @@
+"""`sparsecc.tune`: the fastest per-layer recipe whose quality, measured on held-out data, stays within a budget.
+
+    result = sparsecc.tune(model, example_inputs, calibration=batches, budget="cosine>=0.98",
+                           backend="onnxruntime")
+    result.recipe            # a per-layer Recipe (result.save("out/") writes recipe.toml, front.json, front.png)
+    result.speedup           # the tuned model against the dense one, timed end to end on the backend
+    sm = result.model        # the tuned model, compiled for the backend
+
+How it works, and what each step costs:
+- the model is captured once; each level (a method config of a slot: `Spion(method="spion_c",
+  density=0.25)`, `SparseFFN(n=8)`, ...) is compiled on every region of its slot once, calibrated on
+  the calibration batches: its plans (layouts, controllers) depend only on the dense model, so any
+  per-layer mix of levels is compiled from them without calibrating again;
+- the latency table (`sparsecc.tune.latency`) times each level against the dense model on the
+  backend, once, cached on disk;
+- quality is measured, never estimated: every candidate the search looks at is compiled and run on
+  the held-out batches, and the budget's metric compares its outputs with the dense model's;
+- the search (`sparsecc.tune.search`): sensitivity seed, level-switch evolution, global shift; with
+  `finetune=`, the shift's candidates are fine-tuned (`sparsecc.finetune`) before they are measured,
+  and the tuned model is the fine-tuned one;
+- the tuned recipe is compiled for the backend and timed end to end beside the dense model.
+The uniform settings (each level on every layer, for each slot and for the slots combined) are
+measured on the same held-out data, so the front can be compared with them (`result.save` draws both).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+
+from sparsecc.api import analyze, compile, describe_config
+from sparsecc.backends import get_backend
+from sparsecc.capture import call_with_inputs, capture
+from sparsecc.errors import InputError, TuneError, UnsupportedError
+from sparsecc.methods.fixed import Fixed
+from sparsecc.methods.sparse_ffn import SparseFFN
+from sparsecc.methods.spion import Spion
+from sparsecc.recipe import Recipe
+from sparsecc.tune import search
+from sparsecc.tune.budget import Budget
+from sparsecc.tune.latency import LatencyTable, default_cache_dir, fingerprint, interleaved_medians
+
+log = logging.getLogger("sparsecc.tune")
+
+TUNABLE_SLOTS = ("attention", "ffn")
+_UNSET = object()
+
+
+def default_levels(slot: str, seq_len: int) -> list:
+    """The levels tune tries when `methods` names a slot without configs.
+
+    attention: SPION-C (conv of the attention maps, top blocks) at densities 1/2 .. 1/8, on blocks of
+    at most 64 with at least 8 blocks to a row; ffn: sparse FFN keeping 1 unit in 4 .. 32."""
+    if slot == "attention":
+        block = max(8, min(64, 1 << max(3, (seq_len // 8).bit_length() - 1)))
+        return [Spion(method="spion_c", block=block, density=d) for d in (0.5, 0.35, 0.25, 0.125)]
+    if slot == "ffn":
+        return [SparseFFN(n=n) for n in (4, 8, 16, 32)]
+    raise UnsupportedError(f"tune varies {list(TUNABLE_SLOTS)}; got {slot!r}. Token flow keeps are not searched: "
+                           "its gates are trained for the whole model at once (sparsecc.train.flow.fit_flow), so a "
+                           "per-candidate measurement would mean a training run each")
+
+
+def _levels(methods: Any, seq_len: int) -> dict:
+    if methods is None:
+        methods = list(TUNABLE_SLOTS)
+    if isinstance(methods, str):
+        methods = [methods]
+    if isinstance(methods, (list, tuple)):
+        methods = {slot: None for slot in methods}
+    if not isinstance(methods, dict) or not methods:
+        raise InputError(f"tune: methods={methods!r}; expected slot names (['attention', 'ffn']) or a mapping "
+                         "{slot: [config, ...]} of the levels to try")
+    out = {}
+    for slot, configs in methods.items():
+        if configs is None:
+            configs = default_levels(slot, seq_len)
+        elif not isinstance(configs, (list, tuple)):
+            configs = [configs]
+        if slot not in TUNABLE_SLOTS:
+            default_levels(slot, seq_len)  # raises the reason
+        for c in configs:
+            if not isinstance(c, (Spion, Fixed, SparseFFN)) or (slot == "ffn") != isinstance(c, SparseFFN):
+                raise InputError(f"tune: methods[{slot!r}] holds {c!r}; expected "
+                                 f"{'SparseFFN' if slot == 'ffn' else 'Spion or Fixed'} configs, one per level")
+        if len(set(configs)) != len(configs):
+            raise InputError(f"tune: methods[{slot!r}] names a level twice")
+        out[slot] = list(configs)
+    return out
+
+
+def _seq_len(captured: Any) -> int:
+    from torch.utils import _pytree as pytree
+    for leaf in pytree.tree_leaves((captured.args, captured.kwargs)):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() >= 2:
+            return int(leaf.shape[1])
+    return 128
+
+
+@dataclass
+class TuneResult:
+    recipe: Recipe
+    budget: Budget
+    quality: float  # of the tuned model on the held-out batches (after fine-tuning, when asked)
+    latency: float  # seconds, the tuned model on the backend, measured end to end
+    dense_latency: float  # seconds, the dense model, measured beside it
+    predicted_latency: float  # what the latency table predicted for the tuned recipe
+    backend: str
+    model: Any = None  # the tuned SparseModel (on the backend; with finetune=, the fine-tuned eager model)
+    points: list = field(default_factory=list)  # every measured candidate: {"levels", "latency", "quality", ...}
+    uniform: list = field(default_factory=list)  # the uniform settings: {"name", "slot", "latency", "quality"}
+    chosen: dict = field(default_factory=dict)
+    evaluations: int = 0
+    shift: int = 0  # levels the global shift added
+    table: dict = field(default_factory=dict)  # the latency table (LatencyTable.to_dict())
+    seconds: dict = field(default_factory=dict)  # per stage
+    finetuned: bool = False
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_latency / self.latency
+
+    @property
+    def front(self) -> list:
+        return search.pareto(self.points, self.budget.higher_is_better)
+
+    def to_dict(self) -> dict:
+        return {"recipe": self.recipe.to_dict(), "budget": str(self.budget), "quality": self.quality,
+                "latency": self.latency, "dense_latency": self.dense_latency, "speedup": self.speedup,
+                "predicted_latency": self.predicted_latency, "backend": self.backend, "finetuned": self.finetuned,
+                "chosen": self.chosen, "evaluations": self.evaluations, "shift": self.shift,
+                "front": self.front, "points": self.points, "uniform": self.uniform, "latency_table": self.table,
+                "seconds": self.seconds}
+
+    def summary(self) -> str:
+        from sparsecc.report import format_table
+        dense = self.table.get("dense_seconds", self.dense_latency)
+        rows = [[p["name"], f"{p['latency'] * 1e3:.2f}", f"{dense / p['latency']:.2f}x",
+                 f"{p['quality']:.4f}", "yes" if self.budget.met(p["quality"]) else "no"]
+                for p in [*self.uniform, *[dict(q, name="tuned front") for q in self.front]]]
+        head = (f"tuned recipe on {self.backend}: {self.budget.name} {self.quality:.4f} (budget {self.budget}), "
+                f"{self.latency * 1e3:.2f} ms vs dense {self.dense_latency * 1e3:.2f} ms = {self.speedup:.2f}x "
+                f"(measured end to end; the table predicted {self.predicted_latency * 1e3:.2f} ms)"
+                + (", after fine-tuning" if self.finetuned else ""))
+        levels = "per layer: " + self.chosen.get("levels", "")
+        stages = ", ".join(f"{k} {v:.0f}s" for k, v in self.seconds.items())
+        return "\n".join([head, levels, f"{self.evaluations} candidates measured; {stages}",
+                          format_table(["setting", "ms (table)", "speedup", self.budget.name, "within budget"],
+                                       rows, align="lrrrl")])
+
+    def save(self, out_dir: str, png: bool = True) -> list[str]:
+        """recipe.toml, front.json, summary.txt and (with matplotlib) front.png in `out_dir`; the paths written."""
+        import json
+        import os
+
+        from sparsecc.io import write_text
+        from sparsecc.layouts.plot import plotting_available
+        from sparsecc.tune.plot import save_front_png
+
+        os.makedirs(out_dir, exist_ok=True)
+        paths = [os.path.join(out_dir, name) for name in ("recipe.toml", "front.json", "summary.txt")]
+        self.recipe.save(paths[0])
+        write_text(paths[1], json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+        write_text(paths[2], self.summary() + "\n")
+        if png and plotting_available():
+            paths.append(os.path.join(out_dir, "front.png"))
+            save_front_png(self, paths[-1])
+        return paths
+
+
+class _Tuner:
+    """The state of one tune: the capture, the levels' plans, the latency table, the measured candidates."""
+
+    def __init__(self, model, captured, levels: dict, budget: Budget, calibration: list, held: list,
+                 backend: str, backend_options: Optional[dict], finetune: Optional[dict], bar):
+        self.model, self.captured, self.levels, self.budget = model, captured, levels, budget
+        self.calibration, self.held, self.bar = calibration, held, bar
+        self.backend, self.backend_options, self.finetune_args = backend, backend_options, finetune
+        self.plans: dict = {}  # (slot, level index from 1) -> {region name: Plan}
+        self.regions: dict = {}  # (slot, layer) -> region name
+        self.measured: dict = {}  # candidate -> quality
+        self.finetuned: dict = {}  # candidate -> quality after fine-tuning
+        self.teacher_outputs = None
+
+    def compile(self, recipe: Recipe, backend: str = "eager", plans: Optional[dict] = None,
+                calibration: Any = None):
+        with warnings.catch_warnings():  # density notes, once per level, would bury the progress bar
+            warnings.simplefilter("ignore")
+            return compile(copy.deepcopy(self.captured), None, recipe=recipe, backend=backend, plans=plans,
+                           calibration=calibration, check=False, progress=False,
+                           backend_options=self.backend_options if backend == self.backend else None)
+
+    def outputs(self, sm) -> list:
+        with torch.no_grad():
+            return [call_with_inputs(sm, b) for b in self.held]
+
+    # -- levels -------------------------------------------------------------------------------------------
+    def plan_levels(self) -> None:
+        """Compile each level on every region of its slot, calibrated: its plans, and which layers took it."""
+        teacher = self.compile(Recipe.dense())
+        self.teacher_outputs = self.outputs(teacher)
+        for slot, configs in self.levels.items():
+            eligible = None
+            for k, cfg in enumerate(configs, start=1):
+                self.bar.set_postfix_str(f"calibrating {slot} {describe_config(cfg)}")
+                other = {s: None for s in ("attention", "ffn", "flow") if s != slot}
+                try:
+                    sm = self.compile(Recipe(**{slot: cfg}, **other), calibration=self.calibration)
+                except UnsupportedError as err:
+                    raise UnsupportedError(f"tune: the level {describe_config(cfg)} of {slot} cannot be applied: "
+                                           f"{err}") from err
+                rewritten = {r.layer: r.name for r in sm.report().regions
+                             if r.kind == slot and r.sparse is not None and r.layer is not None}
+                self.plans[(slot, k)] = {name: sm.plans[name] for name in rewritten.values() if name in sm.plans}
+                eligible = set(rewritten) if eligible is None else eligible & set(rewritten)
+                for layer, name in rewritten.items():
+                    self.regions[(slot, layer)] = name
+                self.bar.update(1)
+            for layer in sorted({lay for (s, lay) in self.regions if s == slot} - (eligible or set())):
+                log.warning("tune: %s of layer %d is left dense: not every level of the slot applies to it",
+                            slot, layer)
+                del self.regions[(slot, layer)]
+
+    def level_key(self, slot: str, k: int) -> str:
+        return f"{slot}:{describe_config(self.levels[slot][k - 1])}"
+
+    def recipe(self, space: search.SearchSpace, c: search.Candidate) -> Recipe:
+        slots: dict = {"attention": None, "ffn": None, "flow": None}
+        for (slot, layer), lv in zip(space.units, c):
+            if lv:
+                slots[slot] = slots[slot] or {}
+                slots[slot][str(layer)] = self.levels[slot][lv - 1]
+        return Recipe(**slots)
+
+    def plans_for(self, space: search.SearchSpace, c: search.Candidate) -> dict:
+        out = {}
+        for (slot, layer), lv in zip(space.units, c):
+            if lv:
+                name = self.regions[(slot, layer)]
+                plan = self.plans[(slot, lv)].get(name)
+                if plan is not None:
+                    out[name] = plan
+        return out
+
+    # -- latency ------------------------------------------------------------------------------------------
+    def measure_latency(self, table: LatencyTable, example: Any, repeats: int, warmup: int) -> None:
+        dense = None
+        for slot, configs in self.levels.items():
+            regions = sum(1 for (s, _) in self.regions if s == slot)
+            for k, cfg in enumerate(configs, start=1):
+                key = self.level_key(slot, k)
+                if key in table:
+                    continue
+                self.bar.set_postfix_str(f"timing {key} on {self.backend}")
+                if dense is None:
+                    dense = self.compile(Recipe.dense(), backend=self.backend)
+                other = {s: None for s in ("attention", "ffn", "flow") if s != slot}
+                sm = self.compile(Recipe(**{slot: cfg}, **other), backend=self.backend,
+                                  plans={n: p for n, p in self.plans[(slot, k)].items()})
+                with torch.no_grad():
+                    d, s = interleaved_medians([lambda: call_with_inputs(dense, example),
+                                                lambda: call_with_inputs(sm, example)], repeats, warmup)
+                table.put(key, s, d, regions)
+                self.bar.update(1)
+
+    # -- quality ------------------------------------------------------------------------------------------
+    def quality(self, space: search.SearchSpace, c: search.Candidate) -> float:
+        if c not in self.measured:
+            sm = self.compile(self.recipe(space, c), plans=self.plans_for(space, c))
+            self.measured[c] = self.budget.measure(self.outputs(sm), self.teacher_outputs, self.held)
+            self.bar.update(1)
+        return self.measured[c]
+
+    def finetuned_model(self, space: search.SearchSpace, c: search.Candidate):
+        from sparsecc.train.finetune import finetune
+        args = dict(self.finetune_args)
+        batches = args.pop("batches", None) or self.calibration
+        sm = self.compile(self.recipe(space, c), plans=self.plans_for(space, c))
+        finetune(sm, batches, teacher=self.model, progress=False, **args)
+        sm.eval()
+        return sm
+
+    def quality_after_finetune(self, space: search.SearchSpace, c: search.Candidate) -> float:
+        if self.finetune_args is None:
+            return self.quality(space, c)
+        if c not in self.finetuned:
+            sm = self.finetuned_model(space, c)
+            self.finetuned[c] = self.budget.measure(self.outputs(sm), self.teacher_outputs, self.held)
+            self.bar.update(1)
+        return self.finetuned[c]
+
+
+def tune(model: torch.nn.Module, example_inputs: Any, calibration: list, budget: Union[str, Budget] = "cosine>=0.98",
+         backend: str = "eager", methods: Any = None, eval_batches: Optional[list] = None,
+         finetune: Optional[dict] = None, seed: int = 0, generations: int = 30, offspring: int = 4,
+         patience: int = 8, cache_dir: Any = _UNSET, latency: Optional[dict] = None, repeats: int = 10,
+         warmup: int = 2,
+         backend_options: Optional[dict] = None, progress: bool = True) -> TuneResult:
+    """The fastest per-layer recipe for `model` on `backend` whose quality on held-out data meets `budget`.
+
+    calibration: batches (as example_inputs) for the methods' plans; without `eval_batches` the last half
+    of them is held out to measure quality, and only the first half calibrates.
+    budget: a Budget or "metric>=value" / "metric<=value" (metrics: cosine, topK, kl, mse; sparsecc.tune.budget).
+    methods: the slots to vary (["attention", "ffn"], the default) with default levels, or {slot: [configs]}
+      in any order (ordered by their measured saving).
+    finetune: None, or sparsecc.finetune arguments ({"steps": 100, "lr": 5e-5, ...}; "batches" defaults to
+      the calibration batches): the global shift then measures quality after fine-tuning, and the tuned
+      model returned is fine-tuned.
+    cache_dir: where the latency table is cached (default $SPARSECC_CACHE or ~/.cache/sparsecc; None: no cache).
+    latency: seconds measured elsewhere, e.g. on the target device: {"dense": s, "<slot>:<level>": s, ...} with
+      the level keys of `result.table` ("ffn:sparse_ffn(n=8)"); used instead of measuring those levels here.
+    Raises TuneError (with the best point it measured) when no sparse setting meets the budget.
+    """
+    started = time.perf_counter()
+    budget = Budget.parse(budget) if isinstance(budget, str) else budget
+    if not isinstance(budget, Budget):
+        raise InputError(f"tune: budget={budget!r}; expected a sparsecc.tune.Budget or a string like 'cosine>=0.98'")
+    get_backend(backend, backend_options).prepare()
+    calibration, held = _split(calibration, eval_batches)
+    if finetune is not None and not isinstance(finetune, dict):
+        raise InputError(f"tune: finetune={finetune!r}; expected None or a dict of sparsecc.finetune arguments "
+                         "(e.g. {'steps': 100, 'lr': 5e-5})")
+    seconds: dict = {}
+    bar = _bar(progress)
+    try:
+        stage = time.perf_counter()
+        bar.set_postfix_str("capturing")
+        captured = capture(model, example_inputs, dynamic=True)
+        analysis = analyze(copy.deepcopy(captured))  # for a clear error before any calibration
+        levels = _levels(methods, _seq_len(captured))
+        if not any(r.kind in levels for r in analysis.ctx.regions):
+            raise UnsupportedError(f"tune: the model has no {' or '.join(levels)} region to vary; `sparsecc inspect "
+                                   "--explain` shows what was found and why")
+        tuner = _Tuner(model, captured, levels, budget, calibration, held, backend, backend_options, finetune, bar)
+        tuner.plan_levels()
+        seconds["plan levels"] = time.perf_counter() - stage
+
+        stage = time.perf_counter()
+        key = fingerprint(model, example_inputs, backend, backend_options)
+        table = LatencyTable(key, default_cache_dir() if cache_dir is _UNSET else cache_dir)
+        if latency:
+            table.give(latency, {slot: sum(1 for (s, _) in tuner.regions if s == slot) for slot in levels})
+        tuner.measure_latency(table, example_inputs, repeats, warmup)
+        seconds["latency table"] = time.perf_counter() - stage
+
+        # each slot's levels from the least to the most saving
+        for slot in list(levels):
+            order = sorted(range(1, len(levels[slot]) + 1), key=lambda k: table.region_saving(tuner.level_key(slot, k)))
+            levels[slot] = [levels[slot][k - 1] for k in order]
+            tuner.plans.update({(slot, i): p for i, p in enumerate([tuner.plans[(slot, k)] for k in order], 1)})
+        units = sorted(tuner.regions, key=lambda u: (u[1], list(levels).index(u[0])))
+        space = search.SearchSpace(
+            units=units, levels=[len(levels[s]) for s, _ in units],
+            savings=[[0.0] + [table.region_saving(tuner.level_key(s, k)) for k in range(1, len(levels[s]) + 1)]
+                     for s, _ in units])
+
+        def quality(c):
+            return tuner.quality(space, c)
+
+        stage = time.perf_counter()
+        bar.set_postfix_str("uniform settings")
+        uniform = _uniform(tuner, space, table, quality)
+        seconds["uniform"] = time.perf_counter() - stage
+
+        stage = time.perf_counter()
+        reference = quality(space.dense)
+        bar.set_postfix_str("sensitivity")
+        sens = search.sensitivity(space, quality)
+        if not any(budget.met(q) for q in sens.values()):
+            raise _nothing_meets(tuner, space, table, budget)
+        best = search.seed(space, sens, quality, budget, reference)
+        if best.candidate == space.dense:
+            message = (f"tune: no level that saves time on {backend} at this shape stays within the budget {budget} "
+                       "(the latency table: " + ", ".join(f"{k} {e['seconds'] * 1e3:.2f} ms vs dense "
+                                                         f"{e['dense_seconds'] * 1e3:.2f} ms"
+                                                         for k, e in table.entries.items())
+                       + "); the fastest model within the budget is the dense one")
+            log.warning("%s", message)
+            warnings.warn(message, UserWarning, stacklevel=2)
+        seconds["sensitivity and seed"] = time.perf_counter() - stage
+        stage = time.perf_counter()
+        bar.set_postfix_str("evolution")
+        best = search.evolve(space, best, quality, budget, seed_value=seed, generations=generations,
+                             offspring=offspring, patience=patience)
+        seconds["evolution"] = time.perf_counter() - stage
+        stage = time.perf_counter()
+        bar.set_postfix_str("global shift" + (" (fine-tuned)" if finetune else ""))
+        best, shifted = search.shift(space, best, lambda c: tuner.quality_after_finetune(space, c), budget)
+        seconds["global shift"] = time.perf_counter() - stage
+
+        stage = time.perf_counter()
+        bar.set_postfix_str(f"timing the tuned model on {backend}")
+        recipe, plans = tuner.recipe(space, best.candidate), tuner.plans_for(space, best.candidate)
+        dense_sm = tuner.compile(Recipe.dense(), backend=backend)
+        tuned_sm = tuner.compile(recipe, backend=backend, plans=plans)
+        with torch.no_grad():
+            dense_s, tuned_s = interleaved_medians([lambda: call_with_inputs(dense_sm, example_inputs),
+                                                    lambda: call_with_inputs(tuned_sm, example_inputs)],
+                                                   repeats, warmup)
+        final_quality = tuner.quality_after_finetune(space, best.candidate)
+        model_out = tuner.finetuned_model(space, best.candidate) if finetune is not None else tuned_sm
+        seconds["end to end"] = time.perf_counter() - stage
+        seconds["total"] = time.perf_counter() - started
+    finally:
+        bar.close()
+    dense_table = table.dense_seconds
+    points = [_point(tuner, space, c, q, dense_table) for c, q in tuner.measured.items()]
+    chosen = dict(_point(tuner, space, best.candidate, final_quality, dense_table), measured_latency=tuned_s,
+                  measured_dense_latency=dense_s)
+    return TuneResult(recipe=recipe, budget=budget, quality=final_quality, latency=tuned_s, dense_latency=dense_s,
+                      predicted_latency=dense_table - best.latency_saving, backend=backend, model=model_out,
+                      points=points, uniform=uniform, chosen=chosen,
+                      evaluations=len(tuner.measured) + len(tuner.finetuned), shift=shifted, table=table.to_dict(),
+                      seconds=seconds, finetuned=finetune is not None)
+
+
+def _split(calibration: Any, eval_batches: Optional[list]) -> tuple[list, list]:
+    if not isinstance(calibration, (list, tuple)) or not calibration:
+        raise InputError(f"tune: calibration must be a non-empty list of batches (as example_inputs), got "
+                         f"{type(calibration).__name__}")
+    calibration = list(calibration)
+    if eval_batches is not None:
+        if not isinstance(eval_batches, (list, tuple)) or not eval_batches:
+            raise InputError("tune: eval_batches must be a non-empty list of batches")
+        return calibration, list(eval_batches)
+    if len(calibration) < 2:
+        raise InputError(f"tune: {len(calibration)} calibration batch; quality is measured on held-out data, so give "
+                         "at least 2 (the last half is held out) or pass eval_batches=")
+    half = len(calibration) // 2
+    return calibration[: len(calibration) - half], calibration[len(calibration) - half:]
+
+
+def _uniform(tuner: _Tuner, space: search.SearchSpace, table: LatencyTable, quality) -> list:
+    """Each level on every layer of its slot, and (with two slots) every pair of levels on both."""
+    out = []
+    slots = list(tuner.levels)
+
+    def at(levels_by_slot: dict) -> search.Candidate:
+        return tuple(levels_by_slot.get(slot, 0) for slot, _ in space.units)
+
+    for slot in slots:
+        for k, cfg in enumerate(tuner.levels[slot], start=1):
+            c = at({slot: k})
+            out.append({"name": f"{slot} {describe_config(cfg)}", "slot": slot, "quality": quality(c),
+                        "latency": table.entries[tuner.level_key(slot, k)]["seconds"], "measured": True})
+    if len(slots) == 2:
+        a, f = slots
+        for i in range(1, len(tuner.levels[a]) + 1):
+            for j in range(1, len(tuner.levels[f]) + 1):
+                c = at({a: i, f: j})
+                out.append({"name": f"{describe_config(tuner.levels[a][i - 1])} + "
+                                    f"{describe_config(tuner.levels[f][j - 1])}", "slot": "both",
+                            "quality": quality(c), "latency": table.dense_seconds - space.latency_saving(c),
+                            "measured": False})
+    return out
+
+
+def _point(tuner: _Tuner, space: search.SearchSpace, c: search.Candidate, q: float, dense: float) -> dict:
+    return {"levels": _describe(tuner, space, c), "latency": dense - space.latency_saving(c), "quality": q,
+            "within_budget": tuner.budget.met(q), "measured": False}
+
+
+def _describe(tuner: _Tuner, space: search.SearchSpace, c: search.Candidate) -> str:
+    parts = []
+    for (slot, layer), lv in zip(space.units, c):
+        parts.append(f"{layer}.{slot}=" + ("dense" if lv == 0 else describe_config(tuner.levels[slot][lv - 1])))
+    return " ".join(parts)
+
+
+def _nothing_meets(tuner: _Tuner, space: search.SearchSpace, table: LatencyTable, budget: Budget) -> TuneError:
+    tried = [(c, q) for c, q in tuner.measured.items() if c != space.dense]
+    if not tried:
+        return TuneError(f"tune: no candidate was measured against the budget {budget}", None)
+    c, q = max(tried, key=lambda cq: (cq[1] if budget.higher_is_better else -cq[1]))
+    best = _point(tuner, space, c, q, table.dense_seconds)
+    return TuneError(f"tune: no sparse setting meets the budget {budget} on the held-out data. The best measured was "
+                     f"{budget.name} {q:.4g} ({best['levels']}, {table.dense_seconds / best['latency']:.2f}x by the "
+                     "latency table). Loosen the budget, add gentler levels (methods={slot: [configs]}), or pass "
+                     "finetune={'steps': ...} to recover quality", best)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, text: str) -> None:
+        log.info("tune: %s", text)
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(enabled: bool):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return _NoBar()
+    return tqdm(desc="tune", unit="model", leave=False)
+
+
+__all__ = ["TuneResult", "tune", "default_levels"]

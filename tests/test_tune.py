@@ -1,0 +1,196 @@
+"""sparsecc.tune: the search finds known optima, budgets hold on held-out data, the latency table is cached,
+a budget nothing meets says so with the best point; the Budget metrics against hand-computed cases."""
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+import sparsecc
+from sparsecc import testing as T
+from sparsecc.errors import InputError, TuneError
+from sparsecc.tune import Budget, search
+from sparsecc.tune.budget import neighbour_overlap
+
+FFN_LEVELS = [sparsecc.SparseFFN(n=4, d_lowrank=4, steps=5), sparsecc.SparseFFN(n=8, d_lowrank=4, steps=5)]
+# given latencies (seconds): deterministic, where a measured table on a tiny model is noise
+FFN_LATENCY = {"dense": 1.0, "ffn:sparse_ffn(n=4, d_lowrank=4, steps=5)": 0.8,
+               "ffn:sparse_ffn(n=8, d_lowrank=4, steps=5)": 0.6}
+
+
+def _batches(n: int, seed: int, seq: int = 16) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, T.VOCAB, (4, seq), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, -3:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def _one_insensitive_layer():
+    """A 2-layer BERT whose layer 1 FFN adds almost nothing (output x 1e-3) and whose layer 0 FFN dominates
+    its residual (x 20): sparsifying layer 1 costs no quality, layer 0 a lot."""
+    model, inputs = T.bert(layers=2)
+    with torch.no_grad():
+        model.encoder.layer[1].output.dense.weight.mul_(1e-3)
+        model.encoder.layer[1].output.dense.bias.mul_(1e-3)
+        model.encoder.layer[0].output.dense.weight.mul_(20)
+    return model, inputs
+
+
+def _tune(model, inputs, **kwargs):
+    args = dict(calibration=_batches(2, 1), eval_batches=_batches(2, 5), methods={"ffn": FFN_LEVELS},
+                cache_dir=None, latency=FFN_LATENCY, repeats=2, warmup=0, progress=False)
+    args.update(kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sparsecc.tune(model, inputs, **args)
+
+
+def test_tune_finds_the_known_optimum_where_one_layer_is_insensitive_and_one_is_not():
+    model, inputs = _one_insensitive_layer()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = _tune(model, inputs, budget="cosine>=0.999")
+    # the optimum: the insensitive layer at the level that saves most, the sensitive one dense
+    assert result.recipe.config_for("ffn", 1) == FFN_LEVELS[1]
+    assert result.recipe.config_for("ffn", 0) is None
+    assert result.recipe.attention is None and result.recipe.flow is None
+    assert result.quality >= 0.999
+    # the sensitivity stage measured the sensitive layer below the budget at both levels
+    sensitive = [p for p in result.points if p["levels"].startswith("0.ffn=sparse") and "1.ffn=dense" in p["levels"]]
+    assert len(sensitive) == 2 and all(p["quality"] < 0.999 for p in sensitive)
+    # the table predicts dense 1.0 s less one region's saving of (1.0 - 0.6) / 2
+    assert result.predicted_latency == pytest.approx(0.8)
+    assert math.isfinite(result.speedup) and result.latency > 0  # timed end to end on the backend
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the user's model untouched
+    # deterministic for a seed
+    again = _tune(model, inputs, budget="cosine>=0.999")
+    assert again.recipe == result.recipe and again.quality == result.quality
+
+
+def test_the_tuned_recipe_meets_its_budget_on_the_held_out_data_when_compiled_again(tmp_path):
+    """Both slots, the top-k neighbour metric: the written recipe, compiled from its file with calibration on
+    the same batches, measures what tune reported on the held-out batches, within the budget."""
+    model, inputs = T.bert(layers=2)
+    attention = [sparsecc.Spion(method="spion_c", block=4, density=0.5)]
+    latency = dict(FFN_LATENCY, **{"attention:spion(method='spion_c', block=4, density=0.5)": 0.9})
+    calibration, held = _batches(2, 1), _batches(3, 5)
+    result = _tune(model, inputs, budget="top3>=0.75", methods={"attention": attention, "ffn": FFN_LEVELS},
+                   calibration=calibration, eval_batches=held, latency=latency)
+    assert result.budget.met(result.quality)
+    assert any(p["slot"] == "both" for p in result.uniform) and len(result.uniform) == 1 + 2 + 2
+    paths = result.save(str(tmp_path / "tuned"))
+    assert {p.rsplit("/", 1)[1] for p in paths} >= {"recipe.toml", "front.json", "summary.txt"}
+    recipe = sparsecc.Recipe.load(str(tmp_path / "tuned" / "recipe.toml"))
+    assert recipe == result.recipe
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sm = sparsecc.compile(model, inputs, recipe=recipe, calibration=calibration, progress=False)
+        dense = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe.dense(), progress=False)
+    with torch.no_grad():
+        again = result.budget.measure([sm(**b) for b in held], [dense(**b) for b in held], held)
+    assert again == pytest.approx(result.quality, abs=1e-6) and result.budget.met(again)
+    front = json.loads((tmp_path / "tuned" / "front.json").read_text())
+    assert front["budget"] == "top3>=0.75" and front["front"] and front["recipe"] == recipe.to_dict()
+    qualities = [p["quality"] for p in front["front"]]
+    assert qualities == sorted(qualities)  # a Pareto front: slower points only when better
+
+
+def test_the_latency_table_is_measured_once_and_read_from_the_cache(tmp_path):
+    model, inputs = T.bert(layers=2)
+    first = _tune(model, inputs, budget="cosine>=0.5", latency=None, cache_dir=str(tmp_path))
+    assert first.table["measured"] == 2 and first.table["cached"] == 0
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].name.startswith("latency-")  # no temporary file left
+    second = _tune(model, inputs, budget="cosine>=0.5", latency=None, cache_dir=str(tmp_path))
+    assert second.table["measured"] == 0 and second.table["cached"] == 2
+    assert second.table["entries"] == first.table["entries"]
+
+
+def test_a_budget_nothing_meets_is_an_error_with_the_best_point_found():
+    model, inputs = T.bert(layers=2)
+    # the dense model's outputs have mse 0 to themselves; every sparse level changes them
+    with pytest.raises(TuneError, match=r"no sparse setting meets the budget mse<=0 .*best measured was mse "
+                                        r"[0-9.e-]+ \(0\.ffn=") as err:
+        _tune(model, inputs, budget="mse<=0")
+    assert err.value.best["quality"] > 0 and "sparse_ffn" in err.value.best["levels"]
+
+
+def test_tune_refuses_bad_arguments_with_what_to_do():
+    model, inputs = T.bert(layers=2)
+    with pytest.raises(InputError, match="at least 2"):
+        sparsecc.tune(model, inputs, calibration=_batches(1, 1), progress=False)
+    with pytest.raises(InputError, match="METRIC>=VALUE"):
+        _tune(model, inputs, budget="cosine=0.9")
+    with pytest.raises(sparsecc.errors.UnsupportedError, match="Token flow keeps are not searched"):
+        _tune(model, inputs, methods=["flow"])
+    with pytest.raises(InputError, match="expected SparseFFN configs"):
+        _tune(model, inputs, methods={"ffn": [sparsecc.Spion()]})
+    with pytest.raises(InputError, match="'dense'"):
+        _tune(model, inputs, latency={"ffn:x": 1.0})
+
+
+def test_budget_parsing_and_directions():
+    assert Budget.parse("cosine>=0.98") == Budget("cosine", min=0.98)
+    assert Budget.parse(" kl <= 0.05 ") == Budget("kl", max=0.05)
+    assert str(Budget.parse("top10>=0.9")) == "top10>=0.9"
+    with pytest.raises(InputError, match="higher-is-better"):
+        Budget("cosine", max=0.1)
+    with pytest.raises(InputError, match="lower-is-better"):
+        Budget.parse("mse>=0.1")
+    with pytest.raises(InputError, match="not known"):
+        Budget.parse("accuracy>=0.9")
+    b = Budget("kl", max=0.1)
+    assert b.met(0.1) and not b.met(0.11) and b.slack(0.02) == pytest.approx(0.08) and b.better(0.01, 0.02)
+
+
+def test_metrics_against_hand_computed_values():
+    # pooled over the mask: example 0 has tokens [1,0],[3,0] -> mean [2,0]; example 1 only its first token [0,1]
+    teacher = [torch.tensor([[[1.0, 0.0], [3.0, 0.0]], [[0.0, 1.0], [5.0, 5.0]]])]
+    student = [torch.tensor([[[2.0, 0.0], [2.0, 0.0]], [[1.0, 1.0], [9.0, 9.0]]])]
+    batches = [{"attention_mask": torch.tensor([[1, 1], [1, 0]])}]
+    # cosine: example 0: [2,0] vs [2,0] -> 1; example 1: [1,1] vs [0,1] -> 1/sqrt(2)
+    assert Budget("cosine", min=0).measure(student, teacher, batches) == pytest.approx((1 + 2 ** -0.5) / 2)
+    # mse per kept token, over its features: tokens (0,0), (0,1) and (1,0) each 0.5; (1,1) is masked out
+    assert Budget("mse", max=1).measure(student, teacher, batches) == pytest.approx(0.5)
+    assert Budget("kl", max=1).measure(teacher, teacher, batches) == pytest.approx(0.0, abs=1e-7)
+    # neighbours at k=1: teacher rows 0,1 near each other, 2,3 near each other; the student swaps 1 and 3
+    t = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    s = torch.tensor([[1.0, 0.0], [0.1, 0.9], [0.0, 1.0], [0.9, 0.1]])
+    # student neighbours: 0->3, 1->2, 2->1, 3->0; teacher: 0->1, 1->0, 2->3, 3->2: none shared
+    assert neighbour_overlap(s, t, 1) == 0.0 and neighbour_overlap(t, t, 1) == 1.0
+    # k=2: teacher 0->{1,3}, 1->{0,3}, 2->{3,1}, 3->{2,1}; student 0->{3,1}, 1->{2,3}, 2->{1,3}, 3->{0,1}
+    assert neighbour_overlap(s, t, 2) == pytest.approx((1 + 0.5 + 1 + 0.5) / 4)
+    with pytest.raises(InputError, match="needs more than 4"):
+        neighbour_overlap(s, t, 4)
+    assert Budget(lambda s_, t_, b_: 0.25, min=0.2).measure([], [], []) == 0.25
+
+
+def test_search_finds_the_brute_force_optimum_of_an_additive_problem():
+    """Four units with three levels each; quality falls additively by a per-unit weight per level. The
+    search must reach the lowest latency any candidate within the budget has (found by enumeration)."""
+    import itertools
+    weights = [0.001, 0.02, 0.004, 0.05]
+    saving = [[0.0, 1.0, 1.8, 2.5], [0.0, 1.0, 1.8, 2.5], [0.0, 0.5, 0.9, 1.2], [0.0, 2.0, 3.5, 4.0]]
+    space = search.SearchSpace(units=[("ffn", i) for i in range(4)], levels=[3] * 4, savings=saving)
+    seen = []
+
+    def quality(c):
+        seen.append(c)
+        return 1.0 - sum(w * lv * (1 + 0.1 * lv) for w, lv in zip(weights, c))
+    budget = Budget("cosine", min=0.95)
+    sens = search.sensitivity(space, quality)
+    best = search.seed(space, sens, quality, budget, 1.0)
+    best = search.evolve(space, best, quality, budget, seed_value=3, generations=40, offspring=4, patience=40)
+    best, _ = search.shift(space, best, quality, budget)
+    optimum = max((space.latency_saving(c) for c in itertools.product(range(4), repeat=4)
+                   if budget.met(quality(c))))
+    assert budget.met(best.quality) and best.latency_saving == pytest.approx(optimum)
+    points = [{"latency": 1.0, "quality": 0.9}, {"latency": 2.0, "quality": 0.95}, {"latency": 2.5, "quality": 0.93},
+              {"latency": 3.0, "quality": 0.99}, {"latency": 0.5, "quality": 0.5}]
+    assert [p["latency"] for p in search.pareto(points, True)] == [0.5, 1.0, 2.0, 3.0]  # 2.5 is dominated
+    assert [p["latency"] for p in search.pareto(points, False)] == [0.5]
