@@ -169,6 +169,18 @@ def counting_batches(n: int, seed: int = 0, batch: int = 16, length: int = 32) -
     return out
 
 
+def token_batches(n: int, seed: int, batch: int = 2, seq: int = 16) -> list[dict]:
+    """`n` BERT batches of random ids [batch, seq] with their attention mask; example 1 ends in 3 pad tokens."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, VOCAB, (batch, seq), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, -3:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
 class HandWrittenAttention(nn.Module):
     """Eager attention written the long way: div scaling, masked_fill causal mask, fp32 softmax."""
 

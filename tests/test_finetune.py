@@ -9,14 +9,7 @@ from sparsecc.errors import InputError, UnsupportedError
 
 
 def _batches(n: int, seed: int, seq: int = 16) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(1, T.VOCAB, (2, seq), generator=g)
-        mask = torch.ones_like(ids)
-        mask[1, -3:] = 0
-        out.append({"input_ids": ids, "attention_mask": mask})
-    return out
+    return T.token_batches(n, seed, batch=2, seq=seq)
 
 
 def _compiled(recipe=None):

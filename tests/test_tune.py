@@ -21,14 +21,7 @@ FFN_LATENCY = {"dense": 1.0, "ffn:sparse_ffn(n=4, d_lowrank=4, steps=5)": 0.8,
 
 
 def _batches(n: int, seed: int, seq: int = 16) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(1, T.VOCAB, (4, seq), generator=g)
-        mask = torch.ones_like(ids)
-        mask[1, -3:] = 0
-        out.append({"input_ids": ids, "attention_mask": mask})
-    return out
+    return T.token_batches(n, seed, batch=4, seq=seq)
 
 
 def _one_insensitive_layer():
@@ -194,3 +187,18 @@ def test_search_finds_the_brute_force_optimum_of_an_additive_problem():
               {"latency": 3.0, "quality": 0.99}, {"latency": 0.5, "quality": 0.5}]
     assert [p["latency"] for p in search.pareto(points, True)] == [0.5, 1.0, 2.0, 3.0]  # 2.5 is dominated
     assert [p["latency"] for p in search.pareto(points, False)] == [0.5]
+
+
+def test_tune_with_finetune_measures_the_shift_after_fine_tuning_and_returns_that_model():
+    model, inputs = _one_insensitive_layer()
+    result = _tune(model, inputs, budget="cosine>=0.999", finetune={"steps": 2, "lr": 1e-4})
+    assert result.finetuned and result.budget.met(result.quality)
+    assert result.model.backend == "eager" and result.model.recipe == result.recipe
+    # the fine-tuned model's own outputs give the quality reported
+    held = _batches(2, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dense = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe.dense(), progress=False)
+    with torch.no_grad():
+        again = result.budget.measure([result.model(**b) for b in held], [dense(**b) for b in held], held)
+    assert again == pytest.approx(result.quality, abs=1e-6)

@@ -119,7 +119,7 @@ def seed(space: SearchSpace, sens: dict, quality: Callable, budget: Budget, refe
     if guess > 0 and not budget.met(quality(path[guess][0])):
         guess = furthest_within(path[:guess], lambda k: budget.met(quality(path[k][0])))
     else:
-        guess = furthest_within(path, lambda k: k == guess or budget.met(quality(path[k][0])), start=guess)
+        guess = furthest_within(path, lambda k: budget.met(quality(path[k][0])), start=guess)
     c = path[guess][0]
     return Best(c, quality(c), space.latency_saving(c))
 

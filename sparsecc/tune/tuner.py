@@ -185,7 +185,8 @@ class _Tuner:
         self.plans: dict = {}  # (slot, level index from 1) -> {region name: Plan}
         self.regions: dict = {}  # (slot, layer) -> region name
         self.measured: dict = {}  # candidate -> quality
-        self.finetuned: dict = {}  # candidate -> quality after fine-tuning
+        self.finetuned: dict = {}  # candidate -> (quality after fine-tuning, the fine-tuned model)
+        self._dense_on_backend = None
         self.teacher_outputs = None
 
     def compile(self, recipe: Recipe, backend: str = "eager", plans: Optional[dict] = None,
@@ -248,9 +249,13 @@ class _Tuner:
                     out[name] = plan
         return out
 
+    def dense_on_backend(self):
+        if self._dense_on_backend is None:
+            self._dense_on_backend = self.compile(Recipe.dense(), backend=self.backend)
+        return self._dense_on_backend
+
     # -- latency ------------------------------------------------------------------------------------------
     def measure_latency(self, table: LatencyTable, example: Any, repeats: int, warmup: int) -> None:
-        dense = None
         for slot, configs in self.levels.items():
             regions = sum(1 for (s, _) in self.regions if s == slot)
             for k, cfg in enumerate(configs, start=1):
@@ -258,11 +263,10 @@ class _Tuner:
                 if key in table:
                     continue
                 self.bar.set_postfix_str(f"timing {key} on {self.backend}")
-                if dense is None:
-                    dense = self.compile(Recipe.dense(), backend=self.backend)
+                dense = self.dense_on_backend()
                 other = {s: None for s in ("attention", "ffn", "flow") if s != slot}
                 sm = self.compile(Recipe(**{slot: cfg}, **other), backend=self.backend,
-                                  plans={n: p for n, p in self.plans[(slot, k)].items()})
+                                  plans=self.plans[(slot, k)])
                 with torch.no_grad():
                     d, s = interleaved_medians([lambda: call_with_inputs(dense, example),
                                                 lambda: call_with_inputs(sm, example)], repeats, warmup)
@@ -291,9 +295,9 @@ class _Tuner:
             return self.quality(space, c)
         if c not in self.finetuned:
             sm = self.finetuned_model(space, c)
-            self.finetuned[c] = self.budget.measure(self.outputs(sm), self.teacher_outputs, self.held)
+            self.finetuned[c] = (self.budget.measure(self.outputs(sm), self.teacher_outputs, self.held), sm)
             self.bar.update(1)
-        return self.finetuned[c]
+        return self.finetuned[c][0]
 
 
 def tune(model: torch.nn.Module, example_inputs: Any, calibration: list, budget: Union[str, Budget] = "cosine>=0.98",
@@ -397,14 +401,14 @@ def tune(model: torch.nn.Module, example_inputs: Any, calibration: list, budget:
         stage = time.perf_counter()
         bar.set_postfix_str(f"timing the tuned model on {backend}")
         recipe, plans = tuner.recipe(space, best.candidate), tuner.plans_for(space, best.candidate)
-        dense_sm = tuner.compile(Recipe.dense(), backend=backend)
+        dense_sm = tuner.dense_on_backend()
         tuned_sm = tuner.compile(recipe, backend=backend, plans=plans)
         with torch.no_grad():
             dense_s, tuned_s = interleaved_medians([lambda: call_with_inputs(dense_sm, example_inputs),
                                                     lambda: call_with_inputs(tuned_sm, example_inputs)],
                                                    repeats, warmup)
         final_quality = tuner.quality_after_finetune(space, best.candidate)
-        model_out = tuner.finetuned_model(space, best.candidate) if finetune is not None else tuned_sm
+        model_out = tuner.finetuned[best.candidate][1] if finetune is not None else tuned_sm
         seconds["end to end"] = time.perf_counter() - stage
         seconds["total"] = time.perf_counter() - started
     finally:
