@@ -93,15 +93,21 @@ def test_the_tuned_recipe_meets_its_budget_on_the_held_out_data_when_compiled_ag
     assert qualities == sorted(qualities)  # a Pareto front: slower points only when better
 
 
-def test_the_latency_table_is_measured_once_and_read_from_the_cache(tmp_path):
+def test_the_latency_table_and_the_plans_are_measured_once_and_read_from_the_cache(tmp_path):
     model, inputs = T.bert(layers=2)
     first = _tune(model, inputs, budget="cosine>=0.5", latency=None, cache_dir=str(tmp_path))
-    assert first.table["measured"] == 2 and first.table["cached"] == 0
-    files = list(tmp_path.iterdir())
-    assert len(files) == 1 and files[0].name.startswith("latency-")  # no temporary file left
-    second = _tune(model, inputs, budget="cosine>=0.5", latency=None, cache_dir=str(tmp_path))
-    assert second.table["measured"] == 0 and second.table["cached"] == 2
+    assert first.table["measured"] == 2 and first.table["cached"] == 0 and first.plans_cached == 0
+    names = sorted(f.name for f in tmp_path.iterdir())  # one table, one plan file per level, no temporary file
+    assert len(names) == 3 and names[0].startswith("latency-") and all(n.startswith("plans-") for n in names[1:])
+    # another budget: nothing is calibrated or timed again, and the plans read back compile the same models
+    second = _tune(model, inputs, budget="cosine>=0.9", latency=None, cache_dir=str(tmp_path))
+    assert second.table["measured"] == 0 and second.table["cached"] == 2 and second.plans_cached == 2
     assert second.table["entries"] == first.table["entries"]
+    assert second.uniform == first.uniform  # the qualities of the same levels, measured again from cached plans
+    # other calibration data: other plans
+    third = _tune(model, inputs, budget="cosine>=0.5", latency=None, cache_dir=str(tmp_path),
+                  calibration=_batches(2, 2))
+    assert third.plans_cached == 0 and len(list(tmp_path.iterdir())) == 5
 
 
 def test_a_budget_nothing_meets_is_an_error_with_the_best_point_found():

@@ -10,7 +10,8 @@ How it works, and what each step costs:
 - the model is captured once; each level (a method config of a slot: `Spion(method="spion_c",
   density=0.25)`, `SparseFFN(n=8)`, ...) is compiled on every region of its slot once, calibrated on
   the calibration batches: its plans (layouts, controllers) depend only on the dense model, so any
-  per-layer mix of levels is compiled from them without calibrating again;
+  per-layer mix of levels is compiled from them without calibrating again (and they are cached on
+  disk, `sparsecc.tune.plan_cache`, for the next tune of the model);
 - the latency table (`sparsecc.tune.latency`) times each level against the dense model on the
   backend, once, cached on disk;
 - quality is measured, never estimated: every candidate the search looks at is compiled and run on
@@ -45,6 +46,7 @@ from sparsecc.recipe import Recipe
 from sparsecc.tune import search
 from sparsecc.tune.budget import Budget
 from sparsecc.tune.latency import LatencyTable, default_cache_dir, fingerprint, interleaved_medians
+from sparsecc.tune.plan_cache import PlanCache, plans_key
 
 log = logging.getLogger("sparsecc.tune")
 
@@ -121,6 +123,7 @@ class TuneResult:
     table: dict = field(default_factory=dict)  # the latency table (LatencyTable.to_dict())
     seconds: dict = field(default_factory=dict)  # per stage
     finetuned: bool = False
+    plans_cached: int = 0  # levels whose plans came from the cache (not calibrated again)
 
     @property
     def speedup(self) -> float:
@@ -136,7 +139,7 @@ class TuneResult:
                 "predicted_latency": self.predicted_latency, "backend": self.backend, "finetuned": self.finetuned,
                 "chosen": self.chosen, "evaluations": self.evaluations, "shift": self.shift,
                 "front": self.front, "points": self.points, "uniform": self.uniform, "latency_table": self.table,
-                "seconds": self.seconds}
+                "plans_cached": self.plans_cached, "seconds": self.seconds}
 
     def summary(self) -> str:
         from sparsecc.report import format_table
@@ -202,23 +205,20 @@ class _Tuner:
             return [call_with_inputs(sm, b) for b in self.held]
 
     # -- levels -------------------------------------------------------------------------------------------
-    def plan_levels(self) -> None:
-        """Compile each level on every region of its slot, calibrated: its plans, and which layers took it."""
+    def plan_levels(self, cache: PlanCache, weights_key: str) -> None:
+        """Compile each level on every region of its slot, calibrated (or read from `cache`): its plans, and
+        which layers took it."""
         teacher = self.compile(Recipe.dense())
         self.teacher_outputs = self.outputs(teacher)
         for slot, configs in self.levels.items():
             eligible = None
             for k, cfg in enumerate(configs, start=1):
-                self.bar.set_postfix_str(f"calibrating {slot} {describe_config(cfg)}")
-                other = {s: None for s in ("attention", "ffn", "flow") if s != slot}
-                try:
-                    sm = self.compile(Recipe(**{slot: cfg}, **other), calibration=self.calibration)
-                except UnsupportedError as err:
-                    raise UnsupportedError(f"tune: the level {describe_config(cfg)} of {slot} cannot be applied: "
-                                           f"{err}") from err
-                rewritten = {r.layer: r.name for r in sm.report().regions
-                             if r.kind == slot and r.sparse is not None and r.layer is not None}
-                self.plans[(slot, k)] = {name: sm.plans[name] for name in rewritten.values() if name in sm.plans}
+                key = plans_key(weights_key, self.calibration, cfg)
+                found = cache.get(key)
+                if found is None:
+                    found = self.calibrate_level(slot, cfg)
+                    cache.put(key, *found)
+                rewritten, self.plans[(slot, k)] = found
                 eligible = set(rewritten) if eligible is None else eligible & set(rewritten)
                 for layer, name in rewritten.items():
                     self.regions[(slot, layer)] = name
@@ -227,6 +227,19 @@ class _Tuner:
                 log.warning("tune: %s of layer %d is left dense: not every level of the slot applies to it",
                             slot, layer)
                 del self.regions[(slot, layer)]
+
+    def calibrate_level(self, slot: str, cfg: Any) -> tuple[dict, dict]:
+        """({layer: region name} the level rewrote, {region name: Plan})."""
+        self.bar.set_postfix_str(f"calibrating {slot} {describe_config(cfg)}")
+        other = {s: None for s in ("attention", "ffn", "flow") if s != slot}
+        try:
+            sm = self.compile(Recipe(**{slot: cfg}, **other), calibration=self.calibration)
+        except UnsupportedError as err:
+            raise UnsupportedError(f"tune: the level {describe_config(cfg)} of {slot} cannot be applied: "
+                                   f"{err}") from err
+        rewritten = {r.layer: r.name for r in sm.report().regions
+                     if r.kind == slot and r.sparse is not None and r.layer is not None}
+        return rewritten, {name: sm.plans[name] for name in rewritten.values() if name in sm.plans}
 
     def level_key(self, slot: str, k: int) -> str:
         return f"{slot}:{describe_config(self.levels[slot][k - 1])}"
@@ -316,7 +329,9 @@ def tune(model: torch.nn.Module, example_inputs: Any, calibration: list, budget:
     finetune: None, or sparsecc.finetune arguments ({"steps": 100, "lr": 5e-5, ...}; "batches" defaults to
       the calibration batches): the global shift then measures quality after fine-tuning, and the tuned
       model returned is fine-tuned.
-    cache_dir: where the latency table is cached (default $SPARSECC_CACHE or ~/.cache/sparsecc; None: no cache).
+    cache_dir: where the latency table and each level's calibrated plans are cached (default $SPARSECC_CACHE or
+      ~/.cache/sparsecc; None: no cache); a second tune of the model with the same calibration batches, with
+      any budget, calibrates and times nothing again.
     latency: seconds measured elsewhere, e.g. on the target device: {"dense": s, "<slot>:<level>": s, ...} with
       the level keys of `result.table` ("ffn:sparse_ffn(n=8)"); used instead of measuring those levels here.
     Raises TuneError (with the best point it measured) when no sparse setting meets the budget.
@@ -342,12 +357,14 @@ def tune(model: torch.nn.Module, example_inputs: Any, calibration: list, budget:
             raise UnsupportedError(f"tune: the model has no {' or '.join(levels)} region to vary; `sparsecc inspect "
                                    "--explain` shows what was found and why")
         tuner = _Tuner(model, captured, levels, budget, calibration, held, backend, backend_options, finetune, bar)
-        tuner.plan_levels()
+        cache_dir = default_cache_dir() if cache_dir is _UNSET else cache_dir
+        plan_cache = PlanCache(cache_dir)
+        tuner.plan_levels(plan_cache, fingerprint(model, example_inputs, "plans", None))
         seconds["plan levels"] = time.perf_counter() - stage
 
         stage = time.perf_counter()
         key = fingerprint(model, example_inputs, backend, backend_options)
-        table = LatencyTable(key, default_cache_dir() if cache_dir is _UNSET else cache_dir)
+        table = LatencyTable(key, cache_dir)
         if latency:
             table.give(latency, {slot: sum(1 for (s, _) in tuner.regions if s == slot) for slot in levels})
         tuner.measure_latency(table, example_inputs, repeats, warmup)
@@ -421,7 +438,7 @@ def tune(model: torch.nn.Module, example_inputs: Any, calibration: list, budget:
                       predicted_latency=dense_table - best.latency_saving, backend=backend, model=model_out,
                       points=points, uniform=uniform, chosen=chosen,
                       evaluations=len(tuner.measured) + len(tuner.finetuned), shift=shifted, table=table.to_dict(),
-                      seconds=seconds, finetuned=finetune is not None)
+                      seconds=seconds, finetuned=finetune is not None, plans_cached=plan_cache.hits)
 
 
 def _split(calibration: Any, eval_batches: Optional[list]) -> tuple[list, list]:
