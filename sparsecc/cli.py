@@ -300,6 +300,63 @@ def _bench(args) -> int:
     return 0
 
 
+def _tune(args) -> int:
+    import sparsecc
+    from sparsecc.errors import InputError
+    from sparsecc.models import text_batches
+    from sparsecc.tune import Budget
+
+    check_output_dir(args.out)
+    _check_saved_target(os.path.join(args.out, "model"))
+    try:
+        budget = Budget.parse(args.budget)
+    except InputError as err:
+        raise UsageError(f"--budget {args.budget!r}: {err}") from None
+    latency = _latency_file(args.latency) if args.latency else None
+    loaded = _load(args, "tune", recapture=True)
+    calibration = text_batches(loaded, args.calibration_batches, args.seq_len, batch_size=args.batch)
+    if calibration is None:
+        raise UsageError(f"sparsecc tune measures quality on held-out text, tokenized by the model's own tokenizer; "
+                         f"{args.model} has none (no tokenizer.json or vocab.txt). Use the Python API, "
+                         "sparsecc.tune(model, example_inputs, calibration=..., eval_batches=...), with your batches")
+    # held-out text: the paragraphs after those calibration drew from (text_batches reads 4 per row it keeps)
+    held = text_batches(loaded, args.eval_batches, args.seq_len, batch_size=args.batch,
+                        offset=4 * args.calibration_batches * args.batch)
+    finetune = None
+    if args.finetune_steps:
+        finetune = {"steps": args.finetune_steps, "lr": args.finetune_lr}
+    result = sparsecc.tune(loaded.model, calibration[0], calibration, budget=budget, backend=args.backend,
+                           methods=args.methods, eval_batches=held, finetune=finetune, seed=args.seed,
+                           generations=args.generations, repeats=args.repeats, warmup=args.warmup,
+                           latency=latency, cache_dir=args.cache_dir or _default_cache())
+    written = result.save(args.out, png=_png_wanted(args))
+    model_dir = os.path.join(args.out, "model")
+    sparsecc.save(result.model, model_dir)
+    print(result.summary())
+    print(f"written {', '.join(os.path.basename(p) for p in written)} and the tuned model "
+          f"(sparsecc.load({model_dir!r}{', backend=' + repr(args.backend) if args.backend != 'eager' else ''})) "
+          f"to {args.out}")
+    return 0
+
+
+def _latency_file(path: str) -> dict:
+    """{"dense": seconds, "<slot>:<level>": seconds, ...} from a JSON file (e.g. timed on the target device)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--latency {path}: cannot read it as JSON ({err})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, (int, float)) for v in data.values()):
+        raise UsageError(f"--latency {path}: expected a JSON object of seconds, {{\"dense\": 0.012, "
+                         "\"ffn:sparse_ffn(n=8)\": 0.009, ...}} (the level keys of front.json's latency_table)")
+    return data
+
+
+def _default_cache() -> str:
+    from sparsecc.tune.latency import default_cache_dir
+    return default_cache_dir()
+
+
 def _layout(args) -> int:
     from sparsecc.layouts import LayoutSet, save_layout_png
     from sparsecc.layouts.plot import PLOT_HINT, plotting_available
@@ -399,6 +456,39 @@ def build_parser() -> argparse.ArgumentParser:
     calibration(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser("tune", help="the fastest per-layer recipe within a quality budget, measured on held-out "
+                                    "text; writes the recipe, the Pareto front and the tuned model")
+    p.add_argument("model", help="Hugging Face model directory (with its tokenizer) or 'minilm'")
+    p.add_argument("--budget", default="cosine>=0.98",
+                   help="quality against the dense model on held-out text: cosine>=X (pooled outputs), topK>=X "
+                        "(nearest-neighbour overlap, e.g. top10>=0.9), kl<=X or mse<=X (default cosine>=0.98)")
+    p.add_argument("--backend", default="eager", choices=["eager", "inductor", "onnxruntime", "triton"],
+                   help="the backend the latency is measured on (and the tuned model compiled for)")
+    p.add_argument("--out", required=True,
+                   help="output directory: recipe.toml, front.json, summary.txt, front.png, model/ (sparsecc.load)")
+    p.add_argument("--methods", nargs="+", choices=["attention", "ffn"], default=None,
+                   help="the slots to vary, with their default levels (default: both)")
+    p.add_argument("--seq-len", type=POSITIVE, default=128, help="token length the model is tuned at")
+    p.add_argument("--batch", type=POSITIVE, default=8, help="rows per batch (also of the timed inputs)")
+    p.add_argument("--calibration-batches", type=POSITIVE, default=4,
+                   help="batches of standard-library docstring text the levels are calibrated on")
+    p.add_argument("--eval-batches", type=_count(2), default=8,
+                   help="held-out batches (other docstrings) the quality is measured on")
+    p.add_argument("--finetune-steps", type=NONNEGATIVE, default=0,
+                   help="fine-tune the final candidates this many steps before measuring them (0: no fine-tuning)")
+    p.add_argument("--finetune-lr", type=float, default=5e-5, help="learning rate of that fine-tuning")
+    p.add_argument("--generations", type=NONNEGATIVE, default=30, help="generations of the level-switch evolution")
+    p.add_argument("--seed", type=NONNEGATIVE, default=0, help="seed of the search (same seed, same result)")
+    p.add_argument("--repeats", type=POSITIVE, default=10, help="timed runs per level (median)")
+    p.add_argument("--warmup", type=NONNEGATIVE, default=2, help="untimed runs per level first")
+    p.add_argument("--latency", metavar="FILE.json",
+                   help="seconds measured elsewhere (e.g. on the target device), used instead of timing those "
+                        "levels here: {\"dense\": s, \"<slot>:<level>\": s} with front.json's latency_table keys")
+    p.add_argument("--cache-dir", help="latency tables and calibrated plans (default $SPARSECC_CACHE or "
+                                       "~/.cache/sparsecc)")
+    p.add_argument("--no-png", action="store_true", help="do not draw front.png")
+    p.set_defaults(func=_tune)
 
     p = sub.add_parser("layout", help="summarise block layouts saved by `sparsecc compile` (and draw them)")
     p.add_argument("dir", help="a layouts directory (index.json + one file per layer)")

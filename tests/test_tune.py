@@ -3,6 +3,8 @@ a budget nothing meets says so with the best point; the Budget metrics against h
 
 import json
 import math
+import os
+import re
 import warnings
 
 import pytest
@@ -208,3 +210,90 @@ def test_tune_with_finetune_measures_the_shift_after_fine_tuning_and_returns_tha
     with torch.no_grad():
         again = result.budget.measure([result.model(**b) for b in held], [dense(**b) for b in held], held)
     assert again == pytest.approx(result.quality, abs=1e-6)
+
+
+# ------------------------------------------------------------------ the command line
+def _bert_dir_with_tokenizer(path):
+    """A small random BERT saved as a Hugging Face directory, with MiniLM's tokenizer (same vocabulary)."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    from sparsecc.models import minilm_dir
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=64)
+    model = BertModel(cfg).eval()
+    with torch.no_grad():  # peaked attention that carries weight in the residual: sparse attention shows
+        for layer in model.encoder.layer:
+            layer.attention.self.query.weight.mul_(8)
+            layer.attention.self.key.weight.mul_(8)
+            layer.attention.output.dense.weight.mul_(20)
+    model.save_pretrained(path)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(os.path.join(minilm_dir(), name), path)
+    return str(path)
+
+
+def test_cli_tune_writes_the_recipe_the_front_and_a_model_that_meets_the_budget_on_held_out_text(tmp_path, capsys):
+    from sparsecc.capture import call_with_inputs
+    from sparsecc.cli import main
+    from sparsecc.models import load_model, text_batches
+    model_dir = _bert_dir_with_tokenizer(tmp_path / "bert")
+    out = tmp_path / "tuned"
+    argv = ["tune", model_dir, "--budget", "cosine>=0.998", "--methods", "attention", "--seq-len", "32", "--batch",
+            "4", "--calibration-batches", "2", "--eval-batches", "3", "--generations", "3", "--repeats", "2",
+            "--warmup", "0", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-png",
+            "--latency", str(tmp_path / "latency.json")]
+    # seconds "from the target device": each level saves more than the last, so the tune picks sparse layers
+    levels = [f"attention:spion(method='spion_c', block=8, density={d})" for d in (0.5, 0.35, 0.25, 0.125)]
+    (tmp_path / "latency.json").write_text(json.dumps({"dense": 1.0, **dict(zip(levels, (0.9, 0.8, 0.7, 0.6)))}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "tuned recipe on eager: cosine" in printed and "written recipe.toml" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["front.json", "model", "recipe.toml", "summary.txt"]
+    front = json.loads((out / "front.json").read_text())
+    recipe = sparsecc.Recipe.load(str(out / "recipe.toml"))
+    assert front["budget"] == "cosine>=0.998" and front["recipe"] == recipe.to_dict() and front["quality"] >= 0.998
+    assert len(front["uniform"]) == 4 and all(u["slot"] == "attention" for u in front["uniform"])
+    # no uniform setting meets the budget; the per-layer mix does: layer 0 dense, layer 1 at the cheapest level
+    assert max(u["quality"] for u in front["uniform"]) < 0.998
+    assert recipe.config_for("attention", 0) is None and recipe.config_for("attention", 1).density == 0.125
+    assert front["predicted_latency"] == pytest.approx(0.8) and front["quality"] < 1.0
+    # the saved model, re-measured by this test on the held-out text the command drew, meets the budget
+    loaded = load_model(model_dir, batch=4, seq_len=32)
+    held = text_batches(loaded, 3, 32, batch_size=4, offset=4 * 2 * 4)
+    calibration = text_batches(loaded, 2, 32, batch_size=4)
+    assert not {tuple(r.tolist()) for b in held for r in b["input_ids"]} & {
+        tuple(r.tolist()) for b in calibration for r in b["input_ids"]}  # held out: no calibration row
+    tuned = sparsecc.load(str(out / "model"))
+    with torch.no_grad():
+        student = [call_with_inputs(tuned, b) for b in held]
+        teacher = [loaded.model(**b) for b in held]
+    assert Budget.parse("cosine>=0.998").measure(student, teacher, held) == pytest.approx(front["quality"], abs=1e-5)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--budget", "cosine=0.9"], "--budget 'cosine=0.9': .*METRIC>=VALUE"),
+    (["--eval-batches", "1"], "expected an integer >= 2"),
+    (["--latency", "/nonexistent/latency.json"], "--latency /nonexistent/latency.json: cannot read it as JSON"),
+])
+def test_cli_tune_refuses_bad_arguments_before_any_work(tmp_path, capsys, extra, message):
+    from sparsecc.cli import main
+    try:
+        code = main(["tune", "minilm", "--out", str(tmp_path / "o"), *extra])
+    except SystemExit as exit_:  # argparse's checks
+        code = exit_.code
+    assert code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_tune_on_a_model_without_a_tokenizer_says_to_use_the_python_api(tmp_path, capsys):
+    from sparsecc.cli import main
+    assert main(["tune", "sparsecc.testing:bert", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "has none (no tokenizer.json or vocab.txt)" in err and "sparsecc.tune(model" in err
+

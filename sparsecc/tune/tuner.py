@@ -194,11 +194,17 @@ class _Tuner:
 
     def compile(self, recipe: Recipe, backend: str = "eager", plans: Optional[dict] = None,
                 calibration: Any = None):
-        with warnings.catch_warnings():  # density notes, once per level, would bury the progress bar
-            warnings.simplefilter("ignore")
-            return compile(copy.deepcopy(self.captured), None, recipe=recipe, backend=backend, plans=plans,
-                           calibration=calibration, check=False, progress=False,
-                           backend_options=self.backend_options if backend == self.backend else None)
+        quiet = logging.getLogger("sparsecc")  # density notes, once per candidate, would bury the progress bar
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return compile(copy.deepcopy(self.captured), None, recipe=recipe, backend=backend, plans=plans,
+                               calibration=calibration, check=False, progress=False,
+                               backend_options=self.backend_options if backend == self.backend else None)
+        finally:
+            quiet.setLevel(level)
 
     def outputs(self, sm) -> list:
         with torch.no_grad():
