@@ -118,13 +118,20 @@ class SparseFFNModule(torch.nn.Module):
         return self.plain(x), self.gated(x), self.squared(x), self.quick(x)
 
 
-def test_sparse_ffn_translation(tmp_path):
-    module, x = SparseFFNModule(True), torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(2))
+@pytest.mark.parametrize("shape, rows_gathered", [((3, 7, 16), False), ((1, 1, 16), True)])
+def test_sparse_ffn_translation(tmp_path, shape, rows_gathered):
+    """Many tokens: dense GEMMs + GatherElements / ScatterElements of the chosen units; one token (decode):
+    only the chosen weight rows are gathered (the PyTorch kernel's crossover, tokens * d_ff / n * 2 <= d_ff)."""
+    module, x = SparseFFNModule(True), torch.randn(*shape, generator=torch.Generator().manual_seed(2))
     ort_module, _ = _to_ort(module, (x,), tmp_path / "sffn.onnx")
     for r, o in zip(module(x), ort_module(x)):
         assert (r - o).abs().max() < TOL
-    nodes = {n.op_type for n in onnx.load(str(tmp_path / "sffn.onnx")).graph.node}
-    assert {"ArgMax", "Gather"} <= nodes
+    nodes = [n.op_type for n in onnx.load(str(tmp_path / "sffn.onnx")).graph.node]
+    assert nodes.count("ArgMax") == 4
+    if rows_gathered:
+        assert "ScatterElements" not in nodes and nodes.count("Gather") >= 4 * 2
+    else:  # up (and gate) projections gathered per element, the down projection a scatter + dense MatMul
+        assert nodes.count("ScatterElements") == 4 and nodes.count("GatherElements") == 6
 
 
 class BlockSparse(torch.nn.Module):
