@@ -6,7 +6,6 @@ at the export shape and at another one; the files pass onnx.checker's full check
 inspector and the CLI read them back.
 """
 
-import inspect
 import json
 
 import numpy as np
