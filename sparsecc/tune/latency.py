@@ -31,7 +31,8 @@ def default_cache_dir() -> str:
 
 
 def fingerprint(model: torch.nn.Module, example: Any, backend: str, backend_options: Optional[dict]) -> str:
-    """A key for everything a latency depends on: weights, input shapes, backend, software, threads."""
+    """A key for everything a latency depends on: weights, input shapes, backend, software (sparsecc's lowering
+    included), threads."""
     import platform
 
     from torch.utils import _pytree as pytree
@@ -45,8 +46,10 @@ def fingerprint(model: torch.nn.Module, example: Any, backend: str, backend_opti
     for leaf in pytree.tree_leaves(example):
         if isinstance(leaf, torch.Tensor):
             h.update(f"{tuple(leaf.shape)}:{leaf.dtype}".encode())
+    from sparsecc.version import __version__
+
     software = [platform.machine(), os.cpu_count(), platform.python_version(), torch.__version__,
-                torch.get_num_threads()]
+                torch.get_num_threads(), __version__]
     for name in ("onnxruntime", "triton"):
         try:
             software.append(__import__(name).__version__)
