@@ -26,8 +26,9 @@ def sparse_ffn(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n: int = 1, activa
     few tokens (decode): rows = Gather(w_in, idx) [T, k, d] -> a = rows @ x2 [T, k] (+ Gather(b_in, idx)),
       act (gated: * gate rows), out = h [T, 1, k] @ Gather(w_out_t, idx) [T, k, d] + b_out; only the chosen
       rows of w_in / w_gate / w_out_t are read;
-    many tokens: a = GatherElements(x2 w_in^T + b_in, idx), act, out = ScatterElements(0, idx, h) @ w_out_t
-      + b_out: dense GEMMs, the cost of the dense FFN plus the controller.
+    many tokens: h = act(x2 w_in^T + b_in) * OneHot(local) (the chosen unit of each block), out = h @ w_out_t
+      + b_out: dense GEMMs and elementwise ops, the cost of the dense FFN plus the controller (measured
+      faster than GatherElements / ScatterElements of the chosen units on ORT's CPU provider).
     `tokens`: the token count the graph is made for (the example's, fixed at export); None: many.
     """
     d_ff = static(w_in.shape[0])
@@ -39,27 +40,29 @@ def sparse_ffn(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n: int = 1, activa
     if c_bias is not None:
         logits = op.Add(logits, c_bias)
     local = op.ArgMax(op.Reshape(logits, [0, k, n]), axis=-1, keepdims=0)  # [T, k]
-    idx = op.Add(local, op.Constant(value_ints=list(range(0, d_ff, n))))
     gather_rows = tokens is not None and tokens * k * _GATHER_FRACTION <= d_ff
-    xcol = op.Unsqueeze(x2, [-1])  # [T, d, 1]
-
-    def gather_dot(w, b):
-        if not gather_rows:
+    if not gather_rows:  # the dense FFN with the controller's one-hot mask on the hidden units
+        def dense(w, b):
             full = op.MatMul(x2, op.Transpose(w, perm=[1, 0]))  # [T, d_ff]
-            return op.GatherElements(full if b is None else op.Add(full, b), idx, axis=1)
-        a = op.Squeeze(op.MatMul(op.Gather(w, idx, axis=0), xcol), [-1])  # [T, k]
-        return a if b is None else op.Add(a, op.Gather(b, idx, axis=0))
+            return full if b is None else op.Add(full, b)
+        a = dense(w_in, b_in)
+        h = apply_activation(a, activation) if w_gate is None else op.Mul(
+            apply_activation(dense(w_gate, b_gate), activation), a)
+        on_off = op.CastLike(op.Constant(value_floats=[0.0, 1.0]), h)
+        mask = op.Reshape(op.OneHot(local, op.Constant(value_int=n), on_off), op.Shape(logits))  # [T, d_ff]
+        out = op.MatMul(op.Mul(h, mask), w_out_t)
+    else:
+        idx = op.Add(local, op.Constant(value_ints=list(range(0, d_ff, n))))
+        xcol = op.Unsqueeze(x2, [-1])  # [T, d, 1]
 
-    a = gather_dot(w_in, b_in)
-    if w_gate is None:
-        h = apply_activation(a, activation)
-    else:
-        h = op.Mul(apply_activation(gather_dot(w_gate, b_gate), activation), a)
-    if gather_rows:
+        def gather_dot(w, b):
+            a = op.Squeeze(op.MatMul(op.Gather(w, idx, axis=0), xcol), [-1])  # [T, k]
+            return a if b is None else op.Add(a, op.Gather(b, idx, axis=0))
+
+        a = gather_dot(w_in, b_in)
+        h = apply_activation(a, activation) if w_gate is None else op.Mul(
+            apply_activation(gather_dot(w_gate, b_gate), activation), a)
         out = op.Squeeze(op.MatMul(op.Unsqueeze(h, [1]), op.Gather(w_out_t, idx, axis=0)), [1])  # [T, d]
-    else:
-        zeros = op.Expand(op.CastLike(op.Constant(value_float=0.0), h), op.Shape(logits))  # [T, d_ff]
-        out = op.MatMul(op.ScatterElements(zeros, idx, h, axis=1), w_out_t)
     if b_out is not None:
         out = op.Add(out, b_out)
     return op.Reshape(out, op.Shape(x))
