@@ -27,8 +27,7 @@ def sparse_ffn(x, w_in, b_in, w_out_t, b_out, c1, c2, c_bias, n: int = 1, activa
       act (gated: * gate rows), out = h [T, 1, k] @ Gather(w_out_t, idx) [T, k, d] + b_out; only the chosen
       rows of w_in / w_gate / w_out_t are read;
     many tokens: h = act(x2 w_in^T + b_in) * OneHot(local) (the chosen unit of each block), out = h @ w_out_t
-      + b_out: dense GEMMs and elementwise ops, the cost of the dense FFN plus the controller (measured
-      faster than GatherElements / ScatterElements of the chosen units on ORT's CPU provider).
+      + b_out: dense GEMMs and elementwise ops, never cheaper than the dense FFN (no sparse GEMM here).
     `tokens`: the token count the graph is made for (the example's, fixed at export); None: many.
     """
     d_ff = static(w_in.shape[0])
