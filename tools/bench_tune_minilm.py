@@ -123,6 +123,7 @@ def main() -> None:
     from transformers import AutoModel, AutoTokenizer
 
     import sparsecc
+    from sparsecc.errors import TuneError
     from sparsecc.models import minilm_dir
 
     path = minilm_dir()
@@ -148,9 +149,17 @@ def main() -> None:
                 name = f"L{L}-{backend}-{slug(budget)}" + ("-finetuned" if ft else "")
                 print(f"== {name}", flush=True)
                 start = time.perf_counter()
-                result = sparsecc.tune(model, example, calibration, budget=budget, backend=backend,
-                                       eval_batches=held, finetune=ft, generations=args.generations,
-                                       repeats=args.repeats, cache_dir=cache_dir, seed=0)
+                try:
+                    result = sparsecc.tune(model, example, calibration, budget=budget, backend=backend,
+                                           eval_batches=held, finetune=ft, generations=args.generations,
+                                           repeats=args.repeats, cache_dir=cache_dir, seed=0)
+                except TuneError as err:  # a row saying so, with the best point measured
+                    print(err, flush=True)
+                    best = err.best or {}
+                    rows.append([str(L), backend, budget, "no sparse setting within the budget; best measured: "
+                                 + compact(best.get("levels", "")), f"{best.get('quality', float('nan')):.4f}",
+                                 "-", "-", "-", "-", "-", f"{(time.perf_counter() - start) / 60:.1f} min"])
+                    continue
                 seconds = time.perf_counter() - start
                 result.save(os.path.join(args.out_dir, name))
                 print(result.summary(), flush=True)
