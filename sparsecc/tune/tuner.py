@@ -474,8 +474,10 @@ def _uniform(tuner: _Tuner, space: search.SearchSpace, table: LatencyTable, qual
     for slot in slots:
         for k, cfg in enumerate(tuner.levels[slot], start=1):
             c = at({slot: k})
+            # the level's saving against the dense run timed beside it, off the table's dense latency: the
+            # same scale as every other point (a level's raw seconds carry the drift of its own minute)
             out.append({"name": f"{slot} {describe_config(cfg)}", "slot": slot, "quality": quality(c),
-                        "latency": table.entries[tuner.level_key(slot, k)]["seconds"], "measured": True})
+                        "latency": table.dense_seconds - space.latency_saving(c), "measured": True})
     if len(slots) == 2:
         a, f = slots
         for i in range(1, len(tuner.levels[a]) + 1):
