@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_flow_minilm import packed_batches, split_paragraphs  # noqa: E402
-from common import emit, machine_line  # noqa: E402
+from common import emit, load_minilm, machine_line  # noqa: E402
 
 
 def slug(budget: str) -> str:
@@ -120,15 +120,10 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
 
-    from transformers import AutoModel, AutoTokenizer
-
     import sparsecc
     from sparsecc.errors import TuneError
-    from sparsecc.models import minilm_dir
 
-    path = minilm_dir()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
+    tokenizer, model = load_minilm()
     train_text, held_text = split_paragraphs()
     random.Random(1).shuffle(train_text)
     cache_dir = args.cache_dir or os.path.join(args.out_dir, "cache")

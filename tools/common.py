@@ -19,3 +19,12 @@ def emit(lines: list, out: str | None = None) -> str:
     if out:
         write_atomic(out, text + "\n")
     return text
+
+
+def load_minilm():
+    """(tokenizer, model in eval mode) of the embedded all-MiniLM-L6-v2."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from sparsecc.models import minilm_dir
+    path = minilm_dir()
+    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()

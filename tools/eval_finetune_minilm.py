@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_flow_minilm import _hidden, embed, natural_batches, overlap_at_10, split_paragraphs  # noqa: E402
-from common import emit, machine_line  # noqa: E402
+from common import emit, load_minilm, machine_line  # noqa: E402
 
 
 def recipes(names: list[str]) -> dict:
@@ -62,15 +62,10 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
 
-    from transformers import AutoModel, AutoTokenizer
-
     import sparsecc
-    from sparsecc.models import minilm_dir
     from sparsecc.train.losses import embedding_distill
 
-    path = minilm_dir()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
+    tokenizer, model = load_minilm()
     train_text, held_text = split_paragraphs()
     train = natural_batches(tokenizer, train_text, args.batch, max_length=args.length)
     random.Random(1).shuffle(train)
