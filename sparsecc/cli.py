@@ -313,6 +313,12 @@ def _tune(args) -> int:
     except InputError as err:
         raise UsageError(f"--budget {args.budget!r}: {err}") from None
     latency = _latency_file(args.latency) if args.latency else None
+    from sparsecc.data import stdlib_paragraphs
+    needed, available = 4 * (args.calibration_batches + args.eval_batches) * args.batch, len(stdlib_paragraphs())
+    if needed > available:  # text_batches draws 4 paragraphs per row it keeps, calibration and held-out apart
+        raise UsageError(f"--calibration-batches {args.calibration_batches} and --eval-batches {args.eval_batches} "
+                         f"of {args.batch} rows draw on {needed} docstring paragraphs; {available} are available: "
+                         "give fewer batches or a smaller --batch")
     loaded = _load(args, "tune", recapture=True)
     calibration = text_batches(loaded, args.calibration_batches, args.seq_len, batch_size=args.batch)
     if calibration is None:

@@ -279,6 +279,7 @@ def test_cli_tune_writes_the_recipe_the_front_and_a_model_that_meets_the_budget_
     (["--budget", "cosine=0.9"], "--budget 'cosine=0.9': .*METRIC>=VALUE"),
     (["--eval-batches", "1"], "expected an integer >= 2"),
     (["--latency", "/nonexistent/latency.json"], "--latency /nonexistent/latency.json: cannot read it as JSON"),
+    (["--eval-batches", "500"], "draw on 16128 docstring paragraphs; [0-9]+ are available"),
 ])
 def test_cli_tune_refuses_bad_arguments_before_any_work(tmp_path, capsys, extra, message):
     from sparsecc.cli import main
