@@ -334,7 +334,7 @@ def _tune(args) -> int:
     result = sparsecc.tune(loaded.model, calibration[0], calibration, budget=budget, backend=args.backend,
                            methods=args.methods, eval_batches=held, finetune=finetune, seed=args.seed,
                            generations=args.generations, repeats=args.repeats, warmup=args.warmup,
-                           latency=latency, cache_dir=args.cache_dir or _default_cache())
+                           latency=latency, **({"cache_dir": args.cache_dir} if args.cache_dir else {}))
     written = result.save(args.out, png=_png_wanted(args))
     model_dir = os.path.join(args.out, "model")
     sparsecc.save(result.model, model_dir)
@@ -356,11 +356,6 @@ def _latency_file(path: str) -> dict:
         raise UsageError(f"--latency {path}: expected a JSON object of seconds, {{\"dense\": 0.012, "
                          "\"ffn:sparse_ffn(n=8)\": 0.009, ...}} (the level keys of front.json's latency_table)")
     return data
-
-
-def _default_cache() -> str:
-    from sparsecc.tune.latency import default_cache_dir
-    return default_cache_dir()
 
 
 def _layout(args) -> int:
