@@ -89,18 +89,6 @@ def compact(levels: str) -> str:
     return "; ".join(f"{slot} {' '.join(v)}" for slot, v in per_slot.items())
 
 
-def dominated_uniform(result) -> list[str]:
-    """Uniform settings the tuned front does not dominate (none faster-or-equal and better-or-equal)."""
-    hib = result.budget.higher_is_better
-    out = []
-    for u in result.uniform:
-        if not any(p["latency"] <= u["latency"] + 1e-12
-                   and (p["quality"] >= u["quality"] if hib else p["quality"] <= u["quality"])
-                   for p in result.front):
-            out.append(u["name"])
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512])
@@ -153,7 +141,7 @@ def main() -> None:
                     best = err.best or {}
                     rows.append([str(L), backend, budget, "no sparse setting within the budget; best measured: "
                                  + compact(best.get("levels", "")), f"{best.get('quality', float('nan')):.4f}",
-                                 "-", "-", "-", "-", "-", f"{(time.perf_counter() - start) / 60:.1f} min"])
+                                 "-", "-", "-", "-", f"{(time.perf_counter() - start) / 60:.1f} min"])
                     continue
                 seconds = time.perf_counter() - start
                 result.save(os.path.join(args.out_dir, name))
@@ -168,7 +156,6 @@ def main() -> None:
                              f"{result.latency * 1e3:.1f}", f"{result.speedup:.2f}x",
                              (f"{best_uniform['name']} {result.table['dense_seconds'] / best_uniform['latency']:.2f}x"
                               if best_uniform else "none within budget"),
-                             ", ".join(dominated_uniform(result)) or "none",
                              f"{seconds / 60:.1f} min ({result.evaluations} candidates, "
                              f"{result.plans_cached} levels' plans cached)"])
             if panels:
@@ -176,8 +163,8 @@ def main() -> None:
                            f"sparsecc tune, all-MiniLM-L6-v2, batch {args.batch}, L = {L}, {backend}")
     lines = [f"Machine: {machine_line()}", "",
              "| L | backend | budget | tuned levels (layers 0-5; - dense) | quality | dense ms | tuned ms | speed-up "
-             "(measured) | best uniform within budget (table) | uniform settings not dominated | tuning time |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(measured) | best uniform within budget (table) | tuning time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     emit(lines, args.out)
 
