@@ -5,11 +5,13 @@
     sm = sparsecc.compile(model, example_inputs, recipe=sparsecc.Recipe(attention=sparsecc.Spion()),
                           calibration=batches)
     sparsecc.save(sm, "out/model"); sm2 = sparsecc.load("out/model")
+    dec = sparsecc.compile_decoder(hf_causal_lm, max_len=256); dec.generate(input_ids, max_new_tokens=20)
 """
 
 from sparsecc import errors
 from sparsecc.api import compile, inspect
 from sparsecc.capture import capture
+from sparsecc.causal_lm import CompiledCausalLM, compile_decoder
 from sparsecc.methods import Plan, register
 from sparsecc.methods.fixed import Fixed
 from sparsecc.methods.identity import Identity
@@ -24,5 +26,5 @@ from sparsecc.train.finetune import finetune
 from sparsecc.tune import Budget, TuneResult, tune
 from sparsecc.version import __version__
 
-__all__ = ["compile", "finetune", "tune", "Budget", "TuneResult", "inspect", "capture", "Recipe", "Identity", "Spion", "Fixed", "SparseFFN", "TokenFlow",
+__all__ = ["compile", "compile_decoder", "CompiledCausalLM", "finetune", "tune", "Budget", "TuneResult", "inspect", "capture", "Recipe", "Identity", "Spion", "Fixed", "SparseFFN", "TokenFlow",
            "SparseModel", "Report", "Plan", "register", "save", "load", "errors", "__version__"]

@@ -258,11 +258,14 @@ def _has_unit_dynamic_dim(spec: Any, args: tuple, kwargs: dict, model: nn.Module
     return False
 
 
-def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True) -> Captured:
+def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True,
+            dynamic_shapes: Optional[Any] = None) -> Captured:
     """torch.export `model` on `example_inputs` and return a private, decomposed graph module.
 
     dynamic: make batch and sequence dimensions symbolic where the model allows it
     (torch.export's Dim.AUTO specialises any dimension the model fixes).
+    dynamic_shapes: torch.export's spec, given by a caller that knows the inputs (used instead of the
+    batch/sequence guess; a failure is then an error, not a retry with static shapes).
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"expected a torch.nn.Module to capture, got {type(model).__name__}")
@@ -270,10 +273,10 @@ def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True) -> Capt
     check_devices(model, args, kwargs)
     defaults = hf_call_defaults(model, kwargs)
     kwargs_all = {**defaults, **kwargs}
-    shapes = dynamic_shapes_for(model, args, kwargs_all) if dynamic else None
+    shapes = dynamic_shapes_for(model, args, kwargs_all) if dynamic and dynamic_shapes is None else dynamic_shapes
     ep = None
     with _eval_mode(model):
-        attempts = [shapes, None] if shapes is not None else [None]
+        attempts = [shapes, None] if shapes is not None and dynamic_shapes is None else [shapes]
         for i, spec in enumerate(attempts):
             try:
                 ep = _export(model, args, kwargs_all, spec)

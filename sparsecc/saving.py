@@ -44,11 +44,22 @@ class SaveError(SparseccError):
 
 
 # ------------------------------------------------------------------ save
-def save(sm: Any, directory: str | os.PathLike) -> Path:
-    """Write the compiled model `sm` (a `sparsecc.SparseModel`) to `directory`; returns its path."""
-    from safetensors.torch import save_file
+PARTS_FORMAT = "sparsecc.SavedParts"
+_PART_BUILDERS: dict = {}
 
-    from sparsecc.capture import recapture
+
+def register_parts(kind: str, build: Any) -> None:
+    """How `load` rebuilds a model saved in parts: build(parts: {name: SparseModel}, values: dict).
+
+    A model made of several compiled graphs (a decoder's prefill and decode step) offers
+    `saved_parts() -> (kind, {name: SparseModel}, values)`; `save` writes each part as a saved model
+    in its own subdirectory, with one manifest naming the kind and the parts."""
+    _PART_BUILDERS[kind] = build
+
+
+def save(sm: Any, directory: str | os.PathLike) -> Path:
+    """Write the compiled model `sm` (a `sparsecc.SparseModel`, or a model saved in parts such as
+    `sparsecc.compile_decoder`'s) to `directory`; returns its path."""
     from sparsecc.version import __version__
 
     target = Path(directory)
@@ -57,6 +68,37 @@ def save(sm: Any, directory: str | os.PathLike) -> Path:
     if target.is_dir() and any(target.iterdir()) and not (target / "manifest.json").is_file():
         raise SaveError(f"cannot save to {target}: the directory holds other files and no sparsecc manifest; "
                         "give an empty or new directory (an earlier sparsecc.save directory is replaced)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        if callable(getattr(sm, "saved_parts", None)):
+            kind, parts, values = sm.saved_parts()
+            for name, part in parts.items():
+                (tmp / name).mkdir()
+                _write_model(part, tmp / name)
+            manifest = {"format": PARTS_FORMAT, "format_version": FORMAT_VERSION, "sparsecc": __version__,
+                        "torch": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kind": kind,
+                        "parts": list(parts), "values": values}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+            for path in tmp.rglob("*"):
+                os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        else:
+            _write_model(sm, tmp)
+        os.chmod(tmp, 0o755)
+        _swap_in(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _write_model(sm: Any, out: Path) -> None:
+    """The files of one saved SparseModel, written into the (new, empty) directory `out`."""
+    from safetensors.torch import save_file
+
+    from sparsecc.capture import recapture
+    from sparsecc.version import __version__
+
     args, kwargs = sm.example_inputs
     kwargs_all = {**sm.call_defaults, **kwargs}
     ep = recapture(sm.graph_module, tuple(args), kwargs_all, dynamic=sm.dynamic)
@@ -70,33 +112,23 @@ def save(sm: Any, directory: str | os.PathLike) -> Path:
     plan_tensors = {f"{region}/{name}": t.detach().cpu().contiguous()
                     for region, plan in plans.items() for name, t in plan.tensors.items()}
     example, example_values = _split_example(tuple(args), dict(kwargs))
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        torch.export.save(ep, str(tmp / "program.pt2"))
-        save_file(weights, str(tmp / "weights.safetensors"))
-        save_file(plan_tensors, str(tmp / "plans.safetensors"))
-        save_file(example, str(tmp / "example.safetensors"))
-        manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "sparsecc": __version__, "torch": torch.__version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": sm.report().model,
-            "recipe": sm.recipe.to_dict(), "backend": sm.backend, "dynamic": bool(sm.dynamic),
-            "call_defaults": sm.call_defaults, "omittable": sm.omittable, "example": example_values, "tied": aliases,
-            "plans": {region: {"method": p.method, "version": p.version, "values": p.values,
-                               "tensors": sorted(p.tensors)} for region, p in plans.items()},
-            "report": sm.report().to_dict(),
-            "files": {name: _file_facts(tmp / name) for name in _FILES},
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-        for path in tmp.iterdir():
-            os.chmod(path, 0o644)
-        os.chmod(tmp, 0o755)
-        _swap_in(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    torch.export.save(ep, str(out / "program.pt2"))
+    save_file(weights, str(out / "weights.safetensors"))
+    save_file(plan_tensors, str(out / "plans.safetensors"))
+    save_file(example, str(out / "example.safetensors"))
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "sparsecc": __version__, "torch": torch.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": sm.report().model,
+        "recipe": sm.recipe.to_dict(), "backend": sm.backend, "dynamic": bool(sm.dynamic),
+        "call_defaults": sm.call_defaults, "omittable": sm.omittable, "example": example_values, "tied": aliases,
+        "plans": {region: {"method": p.method, "version": p.version, "values": p.values,
+                           "tensors": sorted(p.tensors)} for region, p in plans.items()},
+        "report": sm.report().to_dict(),
+        "files": {name: _file_facts(out / name) for name in _FILES},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    for path in out.iterdir():
+        os.chmod(path, 0o644)
 
 
 def _unique_tensors(state: dict) -> tuple[dict, dict]:
@@ -241,6 +273,9 @@ def load(directory: str | os.PathLike, backend: Optional[str] = None, backend_op
     from sparsecc.report import Report, saved_report
 
     directory = Path(directory)
+    parts = _parts_manifest(directory)
+    if parts is not None:
+        return _load_parts(directory, parts, backend, backend_options, checkpoint)
     manifest = read_manifest(directory)
     import_pytree_types(str(directory / "program.pt2"))
     try:
@@ -278,3 +313,34 @@ def load(directory: str | os.PathLike, backend: Optional[str] = None, backend_op
     report: Report = saved_report(manifest["report"])
     return SparseModel(gm, captured, Recipe.from_dict(manifest["recipe"]), backend or manifest["backend"], report,
                        layouts=layouts or None, backend_options=backend_options, plans=plans)
+
+
+def _parts_manifest(directory: Path) -> Optional[dict]:
+    """The manifest of a model saved in parts, or None for anything else (read_manifest reports that)."""
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != PARTS_FORMAT:
+        return None
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise SaveError(f"{directory / 'manifest.json'}: written in format version {version} (by sparsecc "
+                        f"{manifest.get('sparsecc')}); this sparsecc reads versions <= {FORMAT_VERSION}: upgrade "
+                        "sparsecc to load it")
+    return manifest
+
+
+def _load_parts(directory: Path, manifest: dict, backend: Optional[str], backend_options: Optional[dict],
+                checkpoint: Any) -> Any:
+    kind = manifest.get("kind")
+    build = _PART_BUILDERS.get(kind)
+    if build is None:
+        raise SaveError(f"{directory}: a {kind!r} saved in parts, and nothing loads that kind here; import the "
+                        "package that defines it (e.g. `import sparsecc`) before sparsecc.load")
+    if checkpoint is not None:
+        raise UnsupportedError(f"{directory} is a {kind} saved in parts; load(checkpoint=...) reads a checkpoint "
+                               "into one compiled graph: load it without a checkpoint")
+    parts = {name: load(directory / name, backend=backend, backend_options=backend_options)
+             for name in manifest.get("parts", [])}
+    return build(parts, manifest.get("values", {}))

@@ -429,3 +429,19 @@ def t5_encoder(attn_implementation: str = "eager"):
     cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                    attn_implementation=attn_implementation, decoder_start_token_id=0)
     return T5EncoderModel(cfg).eval(), {"input_ids": _ids()}
+
+
+# the decoders sparsecc.compile_decoder is tested on: factory above -> its class with a language-model head
+CAUSAL_LMS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+              "qwen2": "Qwen2ForCausalLM", "phi": "PhiForCausalLM", "gemma": "GemmaForCausalLM",
+              "opt": "OPTForCausalLM", "falcon": "FalconForCausalLM", "bloom": "BloomForCausalLM",
+              "gpt_neox": "GPTNeoXForCausalLM"}
+
+
+def causal_lm(arch: str = "llama"):
+    """The small config of the `arch` factory with its language-model head (e.g. LlamaForCausalLM), seeded;
+    returns (model, token ids [2, 16])."""
+    import transformers
+    base, _ = globals()[arch]()
+    torch.manual_seed(0)
+    return getattr(transformers, CAUSAL_LMS[arch])(base.config).eval(), (_ids(),)

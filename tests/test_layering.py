@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sparsecc.api",),
     ("sparsecc.saving",),
     # the front: the package itself, and what is built on the whole of it
-    ("sparsecc", "sparsecc.bench", "sparsecc.cli", "sparsecc.decode", "sparsecc.demo", "sparsecc.models",
+    ("sparsecc", "sparsecc.bench", "sparsecc.causal_lm", "sparsecc.cli", "sparsecc.decode", "sparsecc.demo", "sparsecc.models",
      "sparsecc.testing", "sparsecc.train", "sparsecc.tune"),
 ]
 METHODS_SHARED = {"sparsecc.methods", "sparsecc.methods.base", "sparsecc.methods.block_sparse",

@@ -1,0 +1,178 @@
+"""Greedy and sampled generation over a prefill step and a one-token decode step, as Hugging Face's
+`generate` does it (greedy search and multinomial sampling, num_beams=1).
+
+    tokens = generate_tokens(prefill, decode, spec, max_len, input_ids, attention_mask,
+                             Sampling(do_sample=True, temperature=0.8, top_k=50, top_p=0.95), max_new_tokens=20)
+
+`prefill` and `decode` are callables with the `CacheStep` signature (the compiled graphs, or the
+model itself wrapped in `CacheStep`). Left padding is the convention, as for HF decoders: padded
+slots stay in the cache and are masked out by the attention mask, and positions count real tokens
+only (cumsum of the mask - 1, as `prepare_inputs_for_generation` computes them), so a left-padded
+row generates what the same prompt alone would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from sparsecc.errors import InputError
+
+__all__ = ["Sampling", "generate_tokens", "process_logits", "prefill_inputs"]
+
+# transformers' defaults for the fields a model's generation_config leaves unset
+# (GenerationConfig._get_default_generation_params)
+_HF_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: greedy (arg-max) unless do_sample; with do_sample the logits go
+    through temperature, then top-k, then top-p (HF's warpers, in HF's order) and one token is drawn."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: Optional[int] = 50
+    top_p: float = 1.0
+    eos_token_id: Optional[tuple] = None
+    pad_token_id: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise InputError(f"temperature={self.temperature}: expected a number > 0 (use do_sample=False for "
+                             "greedy decoding)")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 0):
+            raise InputError(f"top_k={self.top_k!r}: expected an integer >= 0 (0 or None: no top-k filter)")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p={self.top_p}: expected a number in (0, 1] (1: no top-p filter)")
+
+    @classmethod
+    def from_generation_config(cls, config: Any) -> "Sampling":
+        """The model's own defaults (its generation_config, then transformers' global defaults)."""
+        def field(name: str) -> Any:
+            value = getattr(config, name, None)
+            return _HF_DEFAULTS[name] if value is None else value
+        eos = getattr(config, "eos_token_id", None)
+        eos = None if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+        return cls(do_sample=bool(getattr(config, "do_sample", False) or False), temperature=float(field("temperature")),
+                   top_k=field("top_k"), top_p=float(field("top_p")), eos_token_id=eos,
+                   pad_token_id=getattr(config, "pad_token_id", None))
+
+    def updated(self, **changes: Any) -> "Sampling":
+        """A copy with the given fields changed (None leaves a field as it is)."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if "eos_token_id" in changes:
+            eos = changes["eos_token_id"]
+            changes["eos_token_id"] = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+        return replace(self, **changes)
+
+
+def process_logits(scores: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """The warped scores [B, vocab] sampling draws from (HF's Temperature, TopK, TopP warpers)."""
+    if sampling.temperature != 1.0:
+        scores = scores / sampling.temperature
+    if sampling.top_k:
+        k = min(sampling.top_k, scores.size(-1))
+        scores = scores.masked_fill(scores < torch.topk(scores, k)[0][..., -1, None], -float("inf"))
+    if sampling.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        drop = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - sampling.top_p)
+        drop[..., -1:] = False  # keep at least one token
+        scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+    return scores
+
+
+def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: Optional[torch.Generator]) -> torch.Tensor:
+    scores = logits.float()
+    if not sampling.do_sample:
+        return scores.argmax(dim=-1)
+    probs = process_logits(scores, sampling).softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+def prefill_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: tuple, max_len: int) -> tuple:
+    """The `CacheStep` inputs that run a left-padded prompt [B, P] into an empty cache of max_len."""
+    batch, length = input_ids.shape
+    mask = torch.zeros(batch, max_len, dtype=torch.long, device=input_ids.device)
+    mask[:, :length] = attention_mask
+    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    return (input_ids, mask, positions, torch.tensor(0, device=input_ids.device), *cache)
+
+
+def _check_prompt(input_ids: Any, attention_mask: Any, max_len: int, max_new_tokens: int) -> tuple:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+        raise InputError(f"input_ids: expected an integer tensor of token ids [batch, length], got "
+                         f"{type(input_ids).__name__}{'' if not isinstance(input_ids, torch.Tensor) else ' ' + str(input_ids.dtype)}")
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise InputError(f"input_ids has shape {list(input_ids.shape)}; expected [batch, length] with length >= 1")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    elif attention_mask.dim() == 1:
+        attention_mask = attention_mask[None]
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise InputError(f"attention_mask has shape {list(attention_mask.shape)}, input_ids {list(input_ids.shape)}; "
+                         "expected the same shape (1 for tokens, 0 for left padding)")
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise InputError("attention_mask ends in 0 on some row: decoders need left padding (pad before the prompt; "
+                         "tokenizer.padding_side = 'left')")
+    if bool((attention_mask.sum(-1) == 0).any()):
+        raise InputError("attention_mask is all 0 on some row: every prompt needs at least one token")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise InputError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 0")
+    length = input_ids.shape[1]
+    if length > max_len:
+        raise InputError(f"the prompt has {length} tokens (padding included) and the decoder was compiled for "
+                         f"max_len={max_len}: compile with a larger max_len or shorten the prompt")
+    if length + max_new_tokens > max_len:
+        raise InputError(f"{length} prompt tokens + max_new_tokens={max_new_tokens} = {length + max_new_tokens} "
+                         f"positions, the cache holds max_len={max_len}: ask for at most {max_len - length} new "
+                         "tokens, or compile with a larger max_len")
+    return input_ids.long(), attention_mask.long()
+
+
+Step = Callable[..., torch.Tensor]
+
+
+@torch.no_grad()
+def generate_tokens(prefill: Step, decode: Step, empty_cache: Callable[[int], tuple], max_len: int,
+                    input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                    sampling: Sampling = Sampling(), max_new_tokens: int = 20,
+                    generator: Optional[torch.Generator] = None,
+                    on_step: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+    """The prompt followed by up to max_new_tokens generated tokens [B, P + n], n <= max_new_tokens:
+    generation stops when every row has produced an end-of-sequence token, and rows that finished
+    earlier are filled with the pad token, as HF's generate does."""
+    input_ids, attention_mask = _check_prompt(input_ids, attention_mask, max_len, max_new_tokens)
+    batch, length = input_ids.shape
+    eos: Optional[Sequence[int]] = sampling.eos_token_id
+    pad = sampling.pad_token_id if sampling.pad_token_id is not None else (eos[0] if eos else None)
+    if max_new_tokens == 0:
+        return input_ids
+    inputs = prefill_inputs(input_ids, attention_mask, empty_cache(batch), max_len)
+    mask, cache = inputs[1], inputs[4:]
+    logits = prefill(*inputs)[:, -1]
+    position = inputs[2][:, -1:]
+    out = [input_ids]
+    unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
+    eos_ids = torch.tensor(list(eos), device=input_ids.device) if eos else None
+    for i in range(max_new_tokens):
+        token = next_tokens(logits, sampling, generator)
+        if eos_ids is not None:
+            token = torch.where(unfinished, token, torch.full_like(token, pad))
+            unfinished &= ~torch.isin(token, eos_ids)
+        out.append(token[:, None])
+        if on_step is not None:
+            on_step(i)
+        if i + 1 == max_new_tokens or not bool(unfinished.any()):
+            break
+        mask[:, length + i] = 1
+        position = position + 1
+        logits = decode(token[:, None], mask, position, torch.tensor(length + i, device=input_ids.device),
+                        *cache)[:, -1]
+    return torch.cat(out, dim=1)
+

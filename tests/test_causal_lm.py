@@ -1,0 +1,194 @@
+"""sparsecc.compile_decoder: Hugging Face causal LMs generate through a compiled prefill graph and a
+one-token decode graph over a static KV cache, for every architecture in sparsecc.testing.CAUSAL_LMS."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import sparsecc
+from sparsecc import testing as T
+from sparsecc.causal_lm import Sampling, process_logits
+from sparsecc.causal_lm.generate import prefill_inputs
+from sparsecc.errors import InputError, UnsupportedError
+
+ARCHS = list(T.CAUSAL_LMS)
+MAX_LEN = 32
+SPARSE_FFN = sparsecc.Recipe(attention=None, ffn=sparsecc.SparseFFN(n=4, d_lowrank=8, steps=10))
+
+
+@functools.lru_cache(maxsize=None)
+def _model(arch: str):
+    return T.causal_lm(arch)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(arch: str, sparse: bool):
+    calibration = [torch.randint(1, T.VOCAB, (4, MAX_LEN), generator=torch.Generator().manual_seed(i))
+                   for i in range(2)] if sparse else None
+    return sparsecc.compile_decoder(_model(arch), max_len=MAX_LEN, recipe=SPARSE_FFN if sparse else None,
+                                    calibration=calibration, check=False, progress=False)
+
+
+def _prompts(batch: int = 3, length: int = 7, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [batch, length] with rows 1 and 2 left-padded by 3 and 1 (pad id 0), and their mask."""
+    ids = torch.randint(1, T.VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2 % batch, :1] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+def _step_logits(dec, tokens: torch.Tensor, mask: torch.Tensor, prompt: int) -> torch.Tensor:
+    """Logits [B, n, vocab] of the decode graph fed tokens[:, prompt:] one by one after a prefill of the prompt:
+    row i predicts token prompt + i + 1."""
+    inputs = prefill_inputs(tokens[:, :prompt], mask[:, :prompt], dec.empty_cache(tokens.shape[0]), MAX_LEN)
+    out, cache_mask, position = [dec.prefill(*inputs)[:, -1]], inputs[1], inputs[2][:, -1:]
+    for i in range(prompt, tokens.shape[1] - 1):
+        cache_mask[:, i] = 1
+        position = position + 1
+        out.append(dec.decode(tokens[:, i:i + 1], cache_mask, position, torch.tensor(i), *inputs[4:])[:, -1])
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_identity_greedy_tokens_equal_hf_generate(arch):
+    """Left-padded batch, greedy: the same tokens as the model's own generate; full-sequence logits of the
+    compiled graphs within 1e-4 of the model's (given HF generate's positions)."""
+    model, dec = _model(arch), _compiled(arch, False)
+    ids, mask = _prompts()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    got = dec.generate(ids, attention_mask=mask, max_new_tokens=12)
+    assert torch.equal(got, expected)
+    full_mask = torch.cat([mask, torch.ones(3, got.shape[1] - 7, dtype=torch.long)], 1)
+    with torch.no_grad():
+        reference = model(got, attention_mask=full_mask, position_ids=_positions(full_mask)).logits
+    real = full_mask.bool()
+    assert (dec(got, full_mask) - reference)[real].abs().max() < 1e-4
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the user's model untouched
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sparse_ffn_decode_steps_equal_the_full_sequence_forward(arch):
+    """With SparseFFN on every layer, both graphs run sparsecc::sparse_ffn (the same plans), and each decode
+    step's logits equal the prefill graph's full-sequence logits of the same tokens (1e-4)."""
+    dec = _compiled(arch, True)
+    layers = len(dec.spec.layers)
+    for graph in (dec.prefill, dec.decode):
+        calls = [n for n in graph.graph_module.graph.nodes if "sparse_ffn" in str(n.target)]
+        assert len(calls) == layers
+    ids, mask = _prompts()
+    tokens = dec.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
+    assert tokens.shape == (3, 15)
+    full_mask = torch.cat([mask, torch.ones(3, 8, dtype=torch.long)], 1)
+    with torch.no_grad():
+        full = dec(tokens, full_mask)[:, 6:-1]
+        steps = _step_logits(dec, tokens, full_mask, 7)
+        dense = _model(arch)(tokens, attention_mask=full_mask, position_ids=_positions(full_mask)).logits[:, 6:-1]
+    assert (steps - full).abs().max() < 1e-4
+    assert (full - dense).abs().max() > 1e-3  # the FFNs were rewritten, not left dense
+
+
+def test_left_padded_rows_generate_what_each_prompt_alone_does():
+    dec = _compiled("llama", False)
+    ids, mask = _prompts()
+    batch = dec.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[])
+    for row in range(3):
+        alone = ids[row:row + 1, mask[row].bool()]
+        single = dec.generate(alone, max_new_tokens=10, eos_token_id=[])
+        assert torch.equal(single[0, alone.shape[1]:], batch[row, 7:])
+
+
+def test_sampling_draws_what_hf_generate_draws_with_the_same_seed():
+    model, dec = _model("llama"), _compiled("llama", False)
+    ids, mask = _prompts()
+    options = dict(max_new_tokens=10, do_sample=True, temperature=0.7, top_k=20, top_p=0.9)
+    torch.manual_seed(123)
+    expected = model.generate(ids, attention_mask=mask, **options)
+    torch.manual_seed(123)
+    assert torch.equal(dec.generate(ids, attention_mask=mask, **options), expected)
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    a = dec.generate(ids, attention_mask=mask, generator=g1, **options)
+    assert torch.equal(a, dec.generate(ids, attention_mask=mask, generator=g2, **options))
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 50, 1.0), (0.5, 5, 1.0), (1.3, 0, 0.8), (0.9, 7, 0.6)])
+def test_warpers_match_hf_logits_processors(temperature, top_k, top_p):
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+    scores = torch.randn(4, 100, generator=torch.Generator().manual_seed(0)) * 3
+    expected = scores.clone()
+    if temperature != 1.0:
+        expected = TemperatureLogitsWarper(temperature)(None, expected)
+    if top_k:
+        expected = TopKLogitsWarper(top_k)(None, expected)
+    if top_p < 1.0:
+        expected = TopPLogitsWarper(top_p)(None, expected)
+    got = process_logits(scores, Sampling(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p))
+    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+    assert torch.allclose(got[~torch.isinf(got)], expected[~torch.isinf(expected)])
+    kept = (~torch.isinf(got)).sum(-1)
+    assert (kept >= 1).all() and (not top_k or (kept <= top_k).all())
+
+
+def test_eos_stops_generation_and_pads_finished_rows_like_hf():
+    """eos chosen as the token the first row produces third: that row is padded after it, and generation
+    ends early once every row is done (same tokens as HF's generate)."""
+    model, dec = _model("gpt_neox"), _compiled("gpt_neox", False)
+    ids, mask = _prompts()
+    free = dec.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[])
+    eos = int(free[0, 9])
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=eos,
+                              pad_token_id=5)
+    got = dec.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=5)
+    assert torch.equal(got, expected)
+    after = got[0, 10:]
+    assert after.numel() == 0 or bool((after == 5).all())
+
+
+def test_save_and_load_generate_the_same_tokens(tmp_path):
+    dec = _compiled("gpt2", True)
+    ids, mask = _prompts()
+    expected = dec.generate(ids, attention_mask=mask, max_new_tokens=8)
+    sparsecc.save(dec, tmp_path / "dec")
+    loaded = sparsecc.load(tmp_path / "dec")
+    assert isinstance(loaded, sparsecc.CompiledCausalLM) and loaded.max_len == MAX_LEN
+    assert loaded.sampling == dec.sampling and loaded.spec == dec.spec
+    assert torch.equal(loaded.generate(ids, attention_mask=mask, max_new_tokens=8), expected)
+    shared = {id(p) for p in loaded.prefill.parameters()}
+    assert all(id(p) in shared for p in loaded.decode.parameters())  # one set of weights again
+
+
+def test_bad_prompts_are_errors_that_say_what_to_do():
+    dec = _compiled("llama", False)
+    with pytest.raises(InputError, match="max_len=32"):
+        dec.generate(torch.ones(1, 40, dtype=torch.long), max_new_tokens=1)
+    with pytest.raises(InputError, match="ask for at most 2 new tokens"):
+        dec.generate(torch.ones(1, 30, dtype=torch.long), max_new_tokens=5)
+    right_padded = torch.ones(2, 6, dtype=torch.long)
+    right_padded[1, -2:] = 0
+    with pytest.raises(InputError, match="left padding"):
+        dec.generate(torch.ones(2, 6, dtype=torch.long), attention_mask=right_padded)
+    with pytest.raises(InputError, match="integer tensor"):
+        dec.generate(torch.ones(1, 6))
+    with pytest.raises(InputError, match="top_p"):
+        dec.generate(torch.ones(1, 6, dtype=torch.long), do_sample=True, top_p=1.5)
+
+
+def test_compile_decoder_rejects_what_it_cannot_compile():
+    with pytest.raises(UnsupportedError, match="Hugging Face causal LM"):
+        sparsecc.compile_decoder(T.bert()[0], max_len=16)
+    with pytest.raises(InputError, match="max_position_embeddings"):
+        sparsecc.compile_decoder(_model("qwen2"), max_len=1000)
+    with pytest.raises(UnsupportedError, match="onnxruntime"):
+        sparsecc.compile_decoder(_model("llama"), max_len=16, backend="onnxruntime")
+    with pytest.raises(InputError, match="calibration batch 0 has 40 tokens"):
+        sparsecc.compile_decoder(_model("llama"), max_len=32, recipe=SPARSE_FFN,
+                                 calibration=[torch.ones(1, 40, dtype=torch.long)])
