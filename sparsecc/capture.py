@@ -38,6 +38,7 @@ class Captured:
     max_positions: Optional[int] = None  # the longest sequence the model's config allows, when it says
     sliding_window: Optional[int] = None  # the causal sliding window the model's config declares, when it does
     omittable: dict = field(default_factory=dict)  # keyword input -> the input whose shape its all-ones stand-in takes
+    dynamic_shapes: Optional[tuple] = None  # an explicit spec it was captured with, one entry per flat input
 
     def run(self, gm: Optional[fx.GraphModule] = None, args: Optional[tuple] = None,
             kwargs: Optional[dict] = None) -> Any:
@@ -233,11 +234,17 @@ def _describe_failure(model: nn.Module, err: BaseException) -> str:
             "for a full report of the failing construct.")
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict, spec: Any) -> torch.export.ExportedProgram:
+def _export(model: nn.Module, args: tuple, kwargs: dict, spec: Any,
+            explicit: bool = False) -> torch.export.ExportedProgram:
     """torch.export (non-strict). With dynamic shapes, sizes that are 1 in the example (a batch of one)
-    are kept symbolic ("backed size-oblivious"), so the graph still runs other batch sizes."""
+    are kept symbolic ("backed size-oblivious"), so the graph still runs other batch sizes. An explicit
+    spec (ranges the caller knows) keeps the guards the solver cannot prove as runtime asserts: e.g.
+    min(8 + 8 P, 16 + 16 P) == 8 + 8 P on a KV cache of P positions, true for every P >= 0."""
     if spec is None:
         return torch.export.export(model, args, kwargs, strict=False)
+    if explicit:
+        return torch.export.export(model, args, kwargs, dynamic_shapes=spec, strict=False,
+                                   prefer_deferred_runtime_asserts_over_guards=True)
     if not _has_unit_dynamic_dim(spec, args, kwargs, model):
         return torch.export.export(model, args, kwargs, dynamic_shapes=spec, strict=False)
     with torch.fx.experimental._config.patch(backed_size_oblivious=True):  # only then: it guards sizes != 1
@@ -279,7 +286,7 @@ def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True,
         attempts = [shapes, None] if shapes is not None and dynamic_shapes is None else [shapes]
         for i, spec in enumerate(attempts):
             try:
-                ep = _export(model, args, kwargs_all, spec)
+                ep = _export(model, args, kwargs_all, spec, explicit=dynamic_shapes is not None)
                 break
             except Exception as err:  # noqa: BLE001 - reported to the user with context
                 if i + 1 < len(attempts):
@@ -297,7 +304,24 @@ def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True,
     return Captured(gm=gm, args=args, kwargs=kwargs, model_name=type(model).__name__,
                     dynamic=ep.range_constraints != {} and spec is not None, call_defaults=defaults,
                     max_positions=max_positions(model), sliding_window=sliding_window(model),
-                    omittable=omittable_inputs(model, args, kwargs, defaults))
+                    omittable=omittable_inputs(model, args, kwargs, defaults),
+                    dynamic_shapes=None if dynamic_shapes is None else flat_spec(model, args, dynamic_shapes))
+
+
+def flat_spec(model: nn.Module, args: tuple, spec: Any) -> tuple:
+    """A dynamic_shapes dict keyed by the forward's parameters as one entry per flat positional input
+    (the captured graph module takes `*cache` as cache_0, cache_1, ...)."""
+    if not isinstance(spec, dict):
+        return tuple(spec)
+    sig = inspect.signature(model.forward)
+    out: list = []
+    for name, value in sig.bind(*args).arguments.items():
+        entry = spec.get(name)
+        if sig.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL:
+            out.extend(entry if entry is not None else [None] * len(value))
+        else:
+            out.append(entry)
+    return tuple(out)
 
 
 def _same_outputs(a: Any, b: Any, atol: float = 1e-5) -> bool:
@@ -356,12 +380,21 @@ def sliding_window(model: nn.Module) -> Optional[int]:
     return None if getattr(config, "use_sliding_window", True) is False else value
 
 
-def recapture(gm: fx.GraphModule, args: tuple, kwargs: dict, dynamic: bool = True) -> torch.export.ExportedProgram:
+def recapture(gm: fx.GraphModule, args: tuple, kwargs: dict, dynamic: bool = True,
+              dynamic_shapes: Optional[tuple] = None) -> torch.export.ExportedProgram:
     """torch.export a (sparsecc-rewritten) graph module again, e.g. to save or translate it.
 
     args/kwargs: example inputs with every call default (e.g. use_cache=False) included. dynamic: batch
     and sequence dims symbolic where the graph allows it; falls back to static shapes with a warning.
+    dynamic_shapes: the explicit spec the graph was captured with (Captured.dynamic_shapes), used as it is.
     """
+    if dynamic_shapes is not None:
+        try:
+            return _export(gm, args, kwargs, tuple(dynamic_shapes), explicit=True)
+        except Exception as err:  # noqa: BLE001 - the spec it was captured with: no static fallback
+            raise CaptureError(f"torch.export could not re-capture the compiled graph with the shapes it was "
+                               f"captured with ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+                               ) from err
     shapes = dynamic_shapes_for(gm, args, kwargs) if dynamic else None
     for spec in ([shapes, None] if shapes is not None else [None]):
         try:
@@ -421,3 +454,31 @@ def load_exported(path: str) -> Captured:
     _own_parameters(gm)
     return Captured(gm=gm, args=tuple(args), kwargs=dict(kwargs), model_name=path,
                     dynamic=bool(ep.range_constraints))
+
+
+def spec_to_json(spec: Optional[tuple]) -> Optional[list]:
+    """A flat dynamic_shapes spec as plain data: per input None, or {dim: [name, min, max] | [name, min, max,
+    offset] (a dim derived as root + offset) | "auto"}."""
+    if spec is None:
+        return None
+    def dim(d: Any) -> Any:
+        if d is Dim.AUTO:
+            return "auto"
+        root = getattr(d, "root", None)
+        if root is not None:
+            return [root.__name__, root.min, root.max, int(d.fn(0))]
+        return [d.__name__, d.min, d.max]
+    return [None if entry is None else {str(k): dim(v) for k, v in entry.items()} for entry in spec]
+
+
+def spec_from_json(data: Optional[list]) -> Optional[tuple]:
+    if data is None:
+        return None
+    dims: dict = {}
+    def dim(d: Any) -> Any:
+        if d == "auto":
+            return Dim.AUTO
+        name, low, high, *offset = d
+        root = dims.setdefault(name, Dim(name, min=low, max=high))
+        return root + offset[0] if offset else root
+    return tuple(None if entry is None else {int(k): dim(v) for k, v in entry.items()} for entry in data)

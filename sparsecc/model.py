@@ -35,11 +35,12 @@ class SparseModel(nn.Module):
         self._keywords = set(captured.kwargs) | set(self._call_defaults)
         self.omittable = dict(getattr(captured, "omittable", {}))  # mask inputs a call may leave out
         self.dynamic = captured.dynamic
+        self.dynamic_shapes = getattr(captured, "dynamic_shapes", None)  # an explicit spec, for re-export and save
         # the runner comes from the backend (sparsecc.backends): the graph itself, torch.compile, an ORT session
         # (kept out of the module tree: the graph's tensors are graph_module's, once in state_dict())
         self.__dict__["_runner"] = get_backend(backend, backend_options).lower(graph, LoweringInputs(
             tuple(captured.args), {**self._call_defaults, **captured.kwargs}, recipe=recipe, regions=report.regions,
-            dynamic=captured.dynamic))
+            dynamic=captured.dynamic, dynamic_shapes=self.dynamic_shapes))
 
     def forward(self, *args, **kwargs):
         kwargs = {**self._call_defaults, **kwargs}

@@ -12,6 +12,11 @@ The directory holds:
     plans.safetensors     the plans' tensors (layout masks, controllers), "<region>/<name>"
     example.safetensors   the example inputs the graph was captured with
 
+A model made of several compiled graphs (`sparsecc.compile_decoder`'s prefill and decode step) is saved
+in parts: one such directory per graph (prefill/, decode/) and a manifest.json naming the kind, the
+parts and their plain values (cache shapes, generation defaults); `load` rebuilds it through the
+builder registered for the kind.
+
 Everything is written into a temporary directory beside the target, which then replaces the
 target in one rename: a reader sees the old directory or the complete new one. `load` checks
 every file against the manifest and names the file that is missing, truncated or changed, and
@@ -96,12 +101,13 @@ def _write_model(sm: Any, out: Path) -> None:
     """The files of one saved SparseModel, written into the (new, empty) directory `out`."""
     from safetensors.torch import save_file
 
-    from sparsecc.capture import recapture
+    from sparsecc.capture import recapture, spec_to_json
     from sparsecc.version import __version__
 
     args, kwargs = sm.example_inputs
     kwargs_all = {**sm.call_defaults, **kwargs}
-    ep = recapture(sm.graph_module, tuple(args), kwargs_all, dynamic=sm.dynamic)
+    ep = recapture(sm.graph_module, tuple(args), kwargs_all, dynamic=sm.dynamic,
+                   dynamic_shapes=getattr(sm, "dynamic_shapes", None))
     weights, aliases = _unique_tensors(ep.state_dict)
     for name in list(ep.state_dict):  # the graph file carries no weight data: weights.safetensors does
         value = ep.state_dict[name]
@@ -120,6 +126,7 @@ def _write_model(sm: Any, out: Path) -> None:
         "format": FORMAT, "format_version": FORMAT_VERSION, "sparsecc": __version__, "torch": torch.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": sm.report().model,
         "recipe": sm.recipe.to_dict(), "backend": sm.backend, "dynamic": bool(sm.dynamic),
+        "dynamic_shapes": spec_to_json(getattr(sm, "dynamic_shapes", None)),
         "call_defaults": sm.call_defaults, "omittable": sm.omittable, "example": example_values, "tied": aliases,
         "plans": {region: {"method": p.method, "version": p.version, "values": p.values,
                            "tensors": sorted(p.tensors)} for region, p in plans.items()},
@@ -264,7 +271,7 @@ def load(directory: str | os.PathLike, backend: Optional[str] = None, backend_op
     """
     from safetensors.torch import load_file
 
-    from sparsecc.capture import Captured, import_pytree_types
+    from sparsecc.capture import Captured, import_pytree_types, spec_from_json
     from sparsecc.layouts import LayoutSet
     from sparsecc.methods import Plan
     from sparsecc.methods.block_sparse import plan_layout
@@ -304,7 +311,8 @@ def load(directory: str | os.PathLike, backend: Optional[str] = None, backend_op
     kwargs = {k: value(e) for k, e in manifest["example"]["kwargs"].items()}
     captured = Captured(gm=gm, args=args, kwargs=kwargs, model_name=manifest["model"],
                         dynamic=bool(manifest["dynamic"]), call_defaults=dict(manifest["call_defaults"]),
-                        omittable=dict(manifest.get("omittable", {})))
+                        omittable=dict(manifest.get("omittable", {})),
+                        dynamic_shapes=spec_from_json(manifest.get("dynamic_shapes")))
     plan_data = load_file(str(directory / "plans.safetensors"))
     plans = {region: Plan(method=p["method"], region=region, values=p["values"], version=p["version"],
                           tensors={name: plan_data[f"{region}/{name}"] for name in p["tensors"]})

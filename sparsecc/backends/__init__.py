@@ -43,6 +43,7 @@ class LoweringInputs:
     recipe: Any = None
     regions: Sequence = field(default_factory=tuple)
     dynamic: bool = True
+    dynamic_shapes: Optional[tuple] = None  # the explicit spec it was captured with (Captured.dynamic_shapes)
 
 
 @runtime_checkable

@@ -213,9 +213,13 @@ def _copies_before_attention_views(gm: fx.GraphModule) -> int:
     return added
 
 
-def _recapture(gm: fx.GraphModule, args: tuple, kwargs: dict, dynamic: bool) -> Any:
-    """torch.export of the compiled graph: dynamic batch / sequence dims where it allows, else static."""
-    from sparsecc.capture import dynamic_shapes_for
+def _recapture(gm: fx.GraphModule, args: tuple, kwargs: dict, dynamic: bool,
+               dynamic_shapes: Optional[tuple] = None) -> Any:
+    """torch.export of the compiled graph: the explicit spec it was captured with, else dynamic batch /
+    sequence dims where it allows, else static."""
+    from sparsecc.capture import dynamic_shapes_for, recapture
+    if dynamic_shapes is not None:
+        return recapture(gm, args, kwargs, dynamic_shapes=dynamic_shapes)
     shapes = dynamic_shapes_for(gm, args, kwargs) if dynamic else None
     if shapes is not None:
         try:
@@ -261,15 +265,16 @@ def name_outputs(graph: Any, out_spec: Any) -> None:
 def export_graph(gm: fx.GraphModule, args: tuple, kwargs: dict, path: str, dynamic: bool = True,
                  opset: Optional[int] = None, recipe: Any = None, regions: Optional[list] = None,
                  optimize: bool = True, extra_metadata: Optional[dict] = None,
-                 options: Optional[OnnxOptions] = None) -> ExportResult:
+                 options: Optional[OnnxOptions] = None, dynamic_shapes: Optional[tuple] = None) -> ExportResult:
     """Export a (sparsecc-rewritten) graph module to `path`, atomically; see the module docstring.
 
     args/kwargs: example inputs (with every call default, e.g. use_cache=False, included).
     dynamic: make batch and sequence dims symbolic where the graph allows it (else static).
     options: OnnxOptions of the translations (defaults when None).
+    dynamic_shapes: the explicit spec the graph was captured with (`Captured.dynamic_shapes`), if any.
     """
     check_translatable(gm)
-    ep = _recapture(gm, args, kwargs, dynamic)
+    ep = _recapture(gm, args, kwargs, dynamic, dynamic_shapes if dynamic else None)
     if _copies_before_attention_views(ep.graph_module):
         ep.graph_module.recompile()
     opset = DEFAULT_OPSET if opset is None else int(opset)
@@ -318,4 +323,5 @@ def export_onnx(model: Any, path: str, example_inputs: Any = None, dynamic: bool
     report = model.report() if hasattr(model, "report") else None
     return export_graph(gm, tuple(args), dict(kwargs), path, dynamic=dynamic and getattr(model, "dynamic", True),
                         opset=opset, recipe=getattr(model, "recipe", None),
-                        regions=report.regions if report is not None else None, optimize=optimize, options=options)
+                        regions=report.regions if report is not None else None, optimize=optimize, options=options,
+                        dynamic_shapes=getattr(model, "dynamic_shapes", None))

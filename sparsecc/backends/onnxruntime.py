@@ -176,7 +176,7 @@ def fuse_for_ort(src: str, dst: str) -> dict:
 def build_module(gm: Any, args: tuple, kwargs: dict, recipe: Any = None, regions: Optional[list] = None,
                  dynamic: bool = True, path: Optional[str] = None, opset: Optional[int] = None,
                  providers: Optional[Sequence[str]] = None, export_options: Optional[OnnxOptions] = None,
-                 fuse: bool = True, **options) -> OnnxRuntimeModule:
+                 fuse: bool = True, dynamic_shapes: Optional[tuple] = None, **options) -> OnnxRuntimeModule:
     """Export `gm` (sparsecc ops translated) to ONNX and wrap the file in an OnnxRuntimeModule.
 
     path: where to keep the .onnx (default: a temporary directory owned by the module).
@@ -198,7 +198,7 @@ def build_module(gm: Any, args: tuple, kwargs: dict, recipe: Any = None, regions
         keep = tempfile.TemporaryDirectory(prefix="sparsecc-ort-")
         path = os.path.join(keep.name, "model.onnx")
     result = export_graph(gm, args, kwargs, path, dynamic=dynamic, opset=opset, recipe=recipe, regions=regions,
-                          options=export_options)
+                          options=export_options, dynamic_shapes=dynamic_shapes)
     sig = _inspect.signature(gm.forward)
     constants = {k: v for k, v in sig.bind_partial(*args, **kwargs).arguments.items()
                  if not any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(v))}
@@ -290,4 +290,5 @@ class OnnxRuntimeBackend:
         return build_module(gm, tuple(inputs.args), dict(inputs.kwargs), recipe=inputs.recipe,
                             regions=list(inputs.regions), dynamic=inputs.dynamic, path=self.path, opset=self.opset,
                             providers=self.providers, export_options=self.export_options, fuse=self.fuse,
+                            dynamic_shapes=inputs.dynamic_shapes,
                             **session)

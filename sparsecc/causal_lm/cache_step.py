@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from sparsecc.errors import UnsupportedError
 
-__all__ = ["CacheSpec", "CacheStep", "cache_spec", "is_hf_causal_lm"]
+__all__ = ["CacheSpec", "CacheStep", "PastStep", "cache_spec", "is_hf_causal_lm", "write_cache_in_place"]
 
 
 def is_hf_causal_lm(model: Any) -> bool:
@@ -109,3 +110,55 @@ class CacheStep(nn.Module):
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       cache=_static_cache(cache, start), use_cache=True)
         return out.logits
+
+
+class PastStep(nn.Module):
+    """`model` run on T new tokens after the past ones, functionally (for ONNX Runtime, as Optimum's
+    ORTModelForCausalLM lays it out): (input_ids [B, T], attention_mask [B, P + T], position_ids [B, T],
+    *past) -> (logits [B, T, vocab], *present), where past is (keys_0, values_0, ...) of P positions,
+    [B, kv_heads, P, dim], and present the same with P + T positions. No past inputs: the prompt's
+    prefill (P = 0)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.lm = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                *past: torch.Tensor) -> tuple:
+        from transformers.cache_utils import Cache, DynamicLayer
+
+        layers = [DynamicLayer() for _ in range(len(past) // 2 or self.lm.config.get_text_config().num_hidden_layers)]
+        for layer, keys, values in zip(layers, past[0::2], past[1::2]):
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+        cache = Cache(layers=layers)
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                      use_cache=True)
+        return (out.logits, *[t for layer in cache.layers for t in (layer.keys, layer.values)])
+
+
+def write_cache_in_place(gm: fx.GraphModule) -> int:
+    """Turn each functional cache write of a captured step back into the in-place write it was; returns
+    how many.
+
+    torch.export records `keys.index_copy_(2, positions, new)` on an input as a functional index_copy
+    (a new [B, H, max_len, D] tensor) and a copy_ of it back into the input at the end: two copies of
+    the whole buffer per layer and token, where the model writes T rows. When the input is read by
+    nothing after the write but that copy_, `index_copy_` on the input itself computes the same."""
+    aten = torch.ops.aten
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if node.target is not aten.index_copy.default or node.args[0].op != "placeholder":
+            continue
+        buffer = node.args[0]
+        copies = [u for u in buffer.users if u.target is aten.copy_.default and u.args == (buffer, node)]
+        others = [u for u in buffer.users if u is not node and u not in copies]
+        if len(copies) != 1 or copies[0].users or any(order[u] > order[node] for u in others):
+            continue
+        node.target = aten.index_copy_.default
+        gm.graph.erase_node(copies[0])
+        changed += 1
+    if changed:
+        gm.recompile()
+    return changed

@@ -28,8 +28,10 @@ from torch.export import Dim
 
 from sparsecc.api import compile as compile_graph
 from sparsecc.capture import Captured, capture, max_positions, sliding_window
-from sparsecc.causal_lm.cache_step import CacheSpec, CacheStep, cache_spec, is_hf_causal_lm
-from sparsecc.causal_lm.generate import Sampling, generate_tokens, prefill_inputs
+from sparsecc.causal_lm.cache_step import (CacheSpec, CacheStep, PastStep, cache_spec, is_hf_causal_lm,
+                                          write_cache_in_place)
+from sparsecc.causal_lm.generate import (PastCacheSteps, Sampling, StaticCacheSteps, generate_tokens,
+                                        prefill_inputs)
 from sparsecc.errors import InputError, UnsupportedError
 from sparsecc.recipe import Recipe
 from sparsecc.saving import register_parts
@@ -38,30 +40,54 @@ __all__ = ["CompiledCausalLM", "compile_decoder"]
 
 log = logging.getLogger("sparsecc.causal_lm")
 
-BACKENDS = ("eager", "inductor")
+BACKENDS = ("eager", "inductor", "onnxruntime")
 
 
-def _step_shapes(n_cache: int, prefill: bool, max_len: int) -> dict:
+def _step_shapes(n_cache: int, kind: str, prefill: bool, max_len: int) -> dict:
+    """torch.export ranges: batch free; the prompt 2 .. max_len tokens; a decode step one token (after
+    1 .. max_len past positions, for the past-in / present-out graphs)."""
     batch = Dim("batch", min=1, max=1 << 16)
-    tokens = {0: batch, 1: Dim("tokens", min=2, max=max_len)} if prefill else {0: batch}
-    return {"input_ids": tokens, "attention_mask": {0: batch}, "position_ids": tokens, "start": None,
+    if prefill:
+        tokens = {0: batch, 1: Dim("tokens", min=2, max=max_len)}
+        shapes = {"input_ids": tokens, "attention_mask": tokens if kind == "past" else {0: batch},
+                  "position_ids": tokens}
+        return shapes if kind == "past" else {**shapes, "start": None, "cache": tuple({0: batch} for _ in range(n_cache))}
+    if kind == "past":
+        past = Dim("past", min=1, max=max_len)
+        return {"input_ids": {0: batch}, "attention_mask": {0: batch, 1: past + 1}, "position_ids": {0: batch},
+                "past": tuple({0: batch, 2: past} for _ in range(n_cache))}
+    return {"input_ids": {0: batch}, "attention_mask": {0: batch}, "position_ids": {0: batch}, "start": None,
             "cache": tuple({0: batch} for _ in range(n_cache))}
 
 
-def _capture_step(model: nn.Module, spec: CacheSpec, max_len: int, prefill: bool) -> Captured:
-    batch, length = 2, (min(max_len, 8) if prefill else 1)
-    ids = torch.zeros(batch, length, dtype=torch.long, device=next(model.parameters()).device)
-    example = prefill_inputs(ids, torch.ones_like(ids), spec.empty(batch, max_len, ids.device), max_len)
-    if not prefill:  # one token after a prompt of one: position 1, written at slot 1
-        example[1][:, 1] = 1
-        example = (example[0], example[1], example[2] + 1, torch.tensor(1, device=ids.device), *example[4:])
-    captured = capture(CacheStep(model), example, dynamic_shapes=_step_shapes(len(example) - 4, prefill, max_len))
+def _capture_step(model: nn.Module, spec: CacheSpec, max_len: int, kind: str, prefill: bool) -> Captured:
+    """The prefill or decode graph of `model`: a `CacheStep` (kind "static") or a `PastStep` ("past")."""
+    batch, length = 2, min(max_len, 8)
+    device = next(model.parameters()).device
+    ids = torch.zeros(batch, length if prefill else 1, dtype=torch.long, device=device)
+    if kind == "past":
+        step = PastStep(model)
+        if prefill:
+            example = (ids, torch.ones_like(ids), torch.arange(length, device=device).expand(batch, length))
+        else:  # one token after `length - 1` past positions
+            past = spec.empty(batch, length - 1, device)
+            example = (ids, torch.ones(batch, length, dtype=torch.long, device=device),
+                       torch.full((batch, 1), length - 1, device=device), *past)
+        n_cache = 0 if prefill else len(example) - 3
+    else:
+        step = CacheStep(model)
+        example = prefill_inputs(ids, torch.ones_like(ids), spec.empty(batch, max_len, device), max_len)
+        if not prefill:  # one token after a prompt of one: position 1, written at slot 1
+            example[1][:, 1] = 1
+            example = (example[0], example[1], example[2] + 1, torch.tensor(1, device=device), *example[4:])
+        n_cache = len(example) - 4
+    captured = capture(step, example, dynamic_shapes=_step_shapes(n_cache, kind, prefill, max_len))
     captured.model_name = f"{type(model).__name__} ({'prefill' if prefill else 'decode step'})"
     captured.max_positions, captured.sliding_window = max_positions(model), sliding_window(model)
     return captured
 
 
-def _calibration_inputs(calibration: Any, spec: CacheSpec, max_len: int) -> Optional[list]:
+def _calibration_inputs(calibration: Any, spec: CacheSpec, max_len: int, kind: str) -> Optional[list]:
     """Prefill inputs for each calibration batch: token ids [B, T] or {"input_ids", "attention_mask"}."""
     if calibration is None:
         return None
@@ -78,8 +104,10 @@ def _calibration_inputs(calibration: Any, spec: CacheSpec, max_len: int) -> Opti
         if not 2 <= ids.shape[1] <= max_len:
             raise InputError(f"calibration batch {i} has {ids.shape[1]} tokens; the prefill graph takes 2 to "
                              f"max_len={max_len}: cut the text into pieces of at most {max_len} tokens")
-        mask = torch.ones_like(ids) if mask is None else mask
-        out.append(prefill_inputs(ids.long(), mask.long(), spec.empty(ids.shape[0], max_len, ids.device), max_len))
+        mask = (torch.ones_like(ids) if mask is None else mask).long()
+        inputs = prefill_inputs(ids.long(), mask, spec.empty(ids.shape[0], max_len, ids.device) if kind == "static"
+                                else (), max_len)
+        out.append(inputs if kind == "static" else (inputs[0], mask, inputs[2]))
     if not out:
         raise InputError("calibration is empty: pass at least one batch of token ids, or leave it out (None)")
     return out
@@ -104,57 +132,72 @@ def _share_tensors(source: nn.Module, target: nn.Module) -> int:
     return shared
 
 
+def _join(prefill: Any, decode: Any, kind: str) -> None:
+    """One set of tensors for both graphs, and a static cache written in place (the runners call the graph
+    modules, or compile them at their first call)."""
+    shared = _share_tensors(prefill.graph_module, decode.graph_module)
+    writes = [write_cache_in_place(sm.graph_module) for sm in (prefill, decode)] if kind == "static" else [0, 0]
+    log.info("compile_decoder: %d tensors shared between the prefill and the decode graph; cache writes in "
+             "place: %d (prefill), %d (decode)", shared, *writes)
+
+
 class CompiledCausalLM(nn.Module):
     """A causal LM compiled into a prefill and a decode graph (SparseModels sharing their tensors).
 
     `generate` follows Hugging Face's generate (greedy / multinomial sampling, left padding, EOS);
-    calling the model gives the full-sequence logits of its (sparse) prefill graph.
+    calling the model gives the full-sequence logits of its (sparse) prefill graph. cache_kind:
+    "static" (a max_len cache written in place: eager, inductor) or "past" (past in, present out:
+    onnxruntime).
     """
 
     def __init__(self, prefill: Any, decode: Any, spec: CacheSpec, max_len: int, sampling: Sampling,
-                 model_name: str = ""):
+                 model_name: str = "", cache_kind: str = "static"):
         super().__init__()
         self.prefill, self.decode = prefill, decode
         self.spec, self.max_len, self.sampling = spec, max_len, sampling
-        self.model_name = model_name
+        self.model_name, self.cache_kind = model_name, cache_kind
 
     def empty_cache(self, batch: int, device: Any = None) -> tuple:
-        """A zero cache for `batch` rows: (keys_0, values_0, ...), each [batch, kv_heads, max_len, dim]."""
+        """A zero static cache for `batch` rows: (keys_0, values_0, ...), each [batch, kv_heads, max_len, dim]."""
         return self.spec.empty(batch, self.max_len, device or self.device)
 
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def steps(self) -> Any:
+        """The prefill / next-token protocol `generate_tokens` drives, for this cache kind."""
+        if self.cache_kind == "past":
+            return PastCacheSteps(self.prefill, self.decode)
+        device = self.device
+        return StaticCacheSteps(self.prefill, self.decode, lambda b: self.empty_cache(b, device), self.max_len)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits [B, T, vocab] of the sequence (T <= max_len) through the compiled graphs, from an empty cache."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or not 1 <= input_ids.shape[1] <= self.max_len:
             raise InputError(f"input_ids: expected token ids [batch, length] with 1 <= length <= max_len="
                              f"{self.max_len}, got {list(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-        inputs = prefill_inputs(input_ids.long(), mask, self.empty_cache(input_ids.shape[0], input_ids.device),
-                                self.max_len)
-        return (self.prefill if input_ids.shape[1] > 1 else self.decode)(*inputs)
-
-    def _step(self, *inputs: torch.Tensor) -> torch.Tensor:
-        """The prefill graph, or the decode graph for a one-token prompt (prefill takes 2 or more)."""
-        return (self.prefill if inputs[0].shape[1] > 1 else self.decode)(*inputs)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        with torch.no_grad():
+            return self.steps().prefill(input_ids.long(), mask.long())[0]
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  max_new_tokens: int = 20, do_sample: Optional[bool] = None, temperature: Optional[float] = None,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Any = None,
-                 pad_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 pad_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 streamer: Any = None) -> torch.Tensor:
         """The prompts [B, P] (left-padded, with their attention_mask) followed by the generated tokens.
 
         Unset options take the model's generation_config (then transformers' defaults), as HF's generate
-        does; generation stops at max_new_tokens or when every row has produced eos_token_id."""
+        does; generation stops at max_new_tokens or when every row has produced eos_token_id. streamer:
+        HF's streamer interface (put / end), e.g. transformers.TextStreamer(tokenizer)."""
         sampling = self.sampling.updated(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                          eos_token_id=eos_token_id, pad_token_id=pad_token_id)
         device = self.device
-        return generate_tokens(self._step, self.decode, lambda b: self.empty_cache(b, device), self.max_len,
+        return generate_tokens(self.steps(), self.max_len,
                                input_ids.to(device) if isinstance(input_ids, torch.Tensor) else input_ids,
                                attention_mask.to(device) if isinstance(attention_mask, torch.Tensor) else attention_mask,
-                               sampling, max_new_tokens, generator)
+                               sampling, max_new_tokens, generator, streamer)
 
     def report(self) -> Any:
         """The prefill graph's report (the decode graph has the same regions, rewritten with the same plans)."""
@@ -168,7 +211,7 @@ class CompiledCausalLM(nn.Module):
         """What `sparsecc.save` writes: the two graphs (each a saved model) and the cache and sampling facts."""
         sampling = dataclasses.asdict(self.sampling)
         return "causal_lm", {"prefill": self.prefill, "decode": self.decode}, {
-            "max_len": self.max_len, "model": self.model_name, "sampling": sampling,
+            "max_len": self.max_len, "model": self.model_name, "sampling": sampling, "cache_kind": self.cache_kind,
             "cache": {"layers": [list(layer) for layer in self.spec.layers], "dtype": str(self.spec.dtype)}}
 
     @classmethod
@@ -180,9 +223,10 @@ class CompiledCausalLM(nn.Module):
         sampling = dict(values["sampling"])
         if sampling.get("eos_token_id") is not None:
             sampling["eos_token_id"] = tuple(sampling["eos_token_id"])
-        _share_tensors(parts["prefill"].graph_module, parts["decode"].graph_module)
+        kind = values.get("cache_kind", "static")
+        _join(parts["prefill"], parts["decode"], kind)
         return cls(parts["prefill"], parts["decode"], spec, int(values["max_len"]), Sampling(**sampling),
-                   values.get("model", ""))
+                   values.get("model", ""), kind)
 
     def __reduce_ex__(self, protocol):
         raise UnsupportedError("a CompiledCausalLM cannot be pickled; use sparsecc.save(dec, directory) and "
@@ -211,23 +255,21 @@ def compile_decoder(model: nn.Module, max_len: int, recipe: Any = None, calibrat
         raise InputError(f"max_len={max_len} exceeds the {limit} positions {type(model).__name__}'s config allows "
                          "(max_position_embeddings); compile with max_len <= " + str(limit))
     if backend not in BACKENDS:
-        raise UnsupportedError(f"compile_decoder runs on {' or '.join(BACKENDS)}, got backend={backend!r}: the "
-                               "decode graph writes its KV cache in place, which the ONNX Runtime backend does not "
-                               "lower yet")
+        raise UnsupportedError(f"compile_decoder runs on {', '.join(BACKENDS)}; got backend={backend!r}")
     recipe = Recipe.dense() if recipe is None else recipe
     spec = cache_spec(model)
     options = dict(recipe=recipe, backend=backend, check=check, progress=progress, backend_options=backend_options)
-    prefill = compile_graph(_capture_step(model, spec, max_len, prefill=True), None,
-                               calibration=_calibration_inputs(calibration, spec, max_len), **options)
-    decode = compile_graph(_capture_step(model, spec, max_len, prefill=False), None, plans=prefill.plans,
+    kind = "past" if backend == "onnxruntime" else "static"
+    prefill = compile_graph(_capture_step(model, spec, max_len, kind, prefill=True), None,
+                            calibration=_calibration_inputs(calibration, spec, max_len, kind), **options)
+    decode = compile_graph(_capture_step(model, spec, max_len, kind, prefill=False), None, plans=prefill.plans,
                               **options)
     if set(decode.plans) != set(prefill.plans):
         raise UnsupportedError(f"the decode graph's regions {sorted(decode.plans)} differ from the prefill graph's "
                                f"{sorted(prefill.plans)}; the recipe cannot be applied to both the same way")
-    shared = _share_tensors(prefill.graph_module, decode.graph_module)
-    log.info("compile_decoder: %d tensors shared between the prefill and the decode graph", shared)
+    _join(prefill, decode, kind)
     return CompiledCausalLM(prefill, decode, spec, max_len, Sampling.from_generation_config(
-        getattr(model, "generation_config", None)), type(model).__name__)
+        getattr(model, "generation_config", None)), type(model).__name__, kind)
 
 
 register_parts("causal_lm", CompiledCausalLM.from_parts)

@@ -20,7 +20,7 @@ import torch
 
 from sparsecc.errors import InputError
 
-__all__ = ["Sampling", "generate_tokens", "process_logits", "prefill_inputs"]
+__all__ = ["PastCacheSteps", "Sampling", "StaticCacheSteps", "generate_tokens", "prefill_inputs", "process_logits"]
 
 # transformers' defaults for the fields a model's generation_config leaves unset
 # (GenerationConfig._get_default_generation_params)
@@ -98,8 +98,7 @@ def prefill_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, cache:
     batch, length = input_ids.shape
     mask = torch.zeros(batch, max_len, dtype=torch.long, device=input_ids.device)
     mask[:, :length] = attention_mask
-    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-    return (input_ids, mask, positions, torch.tensor(0, device=input_ids.device), *cache)
+    return (input_ids, mask, _positions(attention_mask), torch.tensor(0, device=input_ids.device), *cache)
 
 
 def _check_prompt(input_ids: Any, attention_mask: Any, max_len: int, max_new_tokens: int) -> tuple:
@@ -135,44 +134,87 @@ def _check_prompt(input_ids: Any, attention_mask: Any, max_len: int, max_new_tok
     return input_ids.long(), attention_mask.long()
 
 
-Step = Callable[..., torch.Tensor]
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions of a left-padded prompt as HF's generate gives them: real tokens count from 0, pads get 1."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+
+
+class StaticCacheSteps:
+    """Generation over `CacheStep` graphs: a cache of max_len positions written in place, a [B, max_len] mask."""
+
+    def __init__(self, prefill: Callable, decode: Callable, empty_cache: Callable[[int], tuple], max_len: int):
+        self.prefill_graph, self.decode_graph, self.empty_cache, self.max_len = prefill, decode, empty_cache, max_len
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple:
+        inputs = prefill_inputs(input_ids, attention_mask, self.empty_cache(input_ids.shape[0]), self.max_len)
+        graph = self.prefill_graph if input_ids.shape[1] > 1 else self.decode_graph  # prefill takes 2 or more
+        return graph(*inputs), (inputs[1], inputs[4:])
+
+    def next(self, token: torch.Tensor, attention_mask: torch.Tensor, position: torch.Tensor, state: tuple) -> tuple:
+        mask, cache = state
+        index = attention_mask.shape[1] - 1
+        mask[:, index] = 1
+        return self.decode_graph(token, mask, position, torch.tensor(index, device=token.device), *cache), state
+
+
+class PastCacheSteps:
+    """Generation over `PastStep` graphs (ONNX Runtime): the cache goes in as past and comes back as present,
+    one position longer; the mask covers the tokens so far."""
+
+    def __init__(self, prefill: Callable, decode: Callable):
+        self.prefill_graph, self.decode_graph = prefill, decode
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple:
+        extra = int(input_ids.shape[1] == 1)  # the prefill graph takes 2 or more: a masked pad in front changes nothing
+        if extra:
+            input_ids = torch.cat([torch.zeros_like(input_ids), input_ids], 1)
+            attention_mask = torch.cat([torch.zeros_like(attention_mask), attention_mask], 1)
+        out = self.prefill_graph(input_ids, attention_mask, _positions(attention_mask))
+        return out[0][:, extra:], (extra, tuple(out[1:]))
+
+    def next(self, token: torch.Tensor, attention_mask: torch.Tensor, position: torch.Tensor, state: tuple) -> tuple:
+        extra, past = state
+        if extra:
+            attention_mask = torch.cat([torch.zeros_like(attention_mask[:, :extra]), attention_mask], 1)
+        out = self.decode_graph(token, attention_mask, position, *past)
+        return out[0], (extra, tuple(out[1:]))
 
 
 @torch.no_grad()
-def generate_tokens(prefill: Step, decode: Step, empty_cache: Callable[[int], tuple], max_len: int,
-                    input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+def generate_tokens(steps: Any, max_len: int, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                     sampling: Sampling = Sampling(), max_new_tokens: int = 20,
-                    generator: Optional[torch.Generator] = None,
-                    on_step: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+                    generator: Optional[torch.Generator] = None, streamer: Any = None) -> torch.Tensor:
     """The prompt followed by up to max_new_tokens generated tokens [B, P + n], n <= max_new_tokens:
     generation stops when every row has produced an end-of-sequence token, and rows that finished
-    earlier are filled with the pad token, as HF's generate does."""
+    earlier are filled with the pad token, as HF's generate does. steps: StaticCacheSteps or
+    PastCacheSteps. streamer: an object with HF's streamer interface (e.g. transformers.TextStreamer):
+    put(prompt ids), put(each new token [B]), end()."""
     input_ids, attention_mask = _check_prompt(input_ids, attention_mask, max_len, max_new_tokens)
     batch, length = input_ids.shape
     eos: Optional[Sequence[int]] = sampling.eos_token_id
     pad = sampling.pad_token_id if sampling.pad_token_id is not None else (eos[0] if eos else None)
-    if max_new_tokens == 0:
-        return input_ids
-    inputs = prefill_inputs(input_ids, attention_mask, empty_cache(batch), max_len)
-    mask, cache = inputs[1], inputs[4:]
-    logits = prefill(*inputs)[:, -1]
-    position = inputs[2][:, -1:]
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
     out = [input_ids]
-    unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
-    eos_ids = torch.tensor(list(eos), device=input_ids.device) if eos else None
-    for i in range(max_new_tokens):
-        token = next_tokens(logits, sampling, generator)
-        if eos_ids is not None:
-            token = torch.where(unfinished, token, torch.full_like(token, pad))
-            unfinished &= ~torch.isin(token, eos_ids)
-        out.append(token[:, None])
-        if on_step is not None:
-            on_step(i)
-        if i + 1 == max_new_tokens or not bool(unfinished.any()):
-            break
-        mask[:, length + i] = 1
-        position = position + 1
-        logits = decode(token[:, None], mask, position, torch.tensor(length + i, device=input_ids.device),
-                        *cache)[:, -1]
+    if max_new_tokens:
+        logits, state = steps.prefill(input_ids, attention_mask)
+        logits, mask, position = logits[:, -1], attention_mask, _positions(attention_mask)[:, -1:]
+        unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
+        eos_ids = torch.tensor(list(eos), device=input_ids.device) if eos else None
+        for i in range(max_new_tokens):
+            token = next_tokens(logits, sampling, generator)
+            if eos_ids is not None:
+                token = torch.where(unfinished, token, torch.full_like(token, pad))
+                unfinished &= ~torch.isin(token, eos_ids)
+            out.append(token[:, None])
+            if streamer is not None:
+                streamer.put(token.cpu())
+            if i + 1 == max_new_tokens or not bool(unfinished.any()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            position = position + 1
+            logits, state = steps.next(token[:, None], mask, position, state)
+            logits = logits[:, -1]
+    if streamer is not None:
+        streamer.end()
     return torch.cat(out, dim=1)
-
