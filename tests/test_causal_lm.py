@@ -12,11 +12,14 @@ import sparsecc
 from sparsecc import testing as T
 from sparsecc.causal_lm import Sampling, process_logits
 from sparsecc.causal_lm.generate import prefill_inputs
+from sparsecc.testing import check_block_sparse_calls
 from sparsecc.errors import InputError, UnsupportedError
 
 ARCHS = list(T.CAUSAL_LMS)
 MAX_LEN = 32
 SPARSE_FFN = sparsecc.Recipe(attention=None, ffn=sparsecc.SparseFFN(n=4, d_lowrank=8, steps=10))
+SPION = sparsecc.Recipe(attention=sparsecc.Spion(block=4), ffn=None)
+RECIPES = {"dense": None, "sparse_ffn": SPARSE_FFN, "spion": SPION}
 
 
 @functools.lru_cache(maxsize=None)
@@ -25,11 +28,12 @@ def _model(arch: str):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(arch: str, sparse: bool, backend: str = "eager"):
+def _compiled(arch: str, sparse: bool, backend: str = "eager", recipe: str = ""):
+    recipe = recipe or ("sparse_ffn" if sparse else "dense")
     calibration = [torch.randint(1, T.VOCAB, (4, MAX_LEN), generator=torch.Generator().manual_seed(i))
-                   for i in range(2)] if sparse else None
-    return sparsecc.compile_decoder(_model(arch), max_len=MAX_LEN, recipe=SPARSE_FFN if sparse else None,
-                                    calibration=calibration, check=False, progress=False, backend=backend)
+                   for i in range(2)] if recipe != "dense" else None
+    return sparsecc.compile_decoder(_model(arch), max_len=MAX_LEN, recipe=RECIPES[recipe], calibration=calibration,
+                                    check=False, progress=False, backend=backend)
 
 
 def _prompts(batch: int = 3, length: int = 7, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,14 +50,16 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _step_logits(dec, tokens: torch.Tensor, mask: torch.Tensor, prompt: int) -> torch.Tensor:
-    """Logits [B, n, vocab] of the decode graph fed tokens[:, prompt:] one by one after a prefill of the prompt:
-    row i predicts token prompt + i + 1."""
-    inputs = prefill_inputs(tokens[:, :prompt], mask[:, :prompt], dec.empty_cache(tokens.shape[0]), MAX_LEN)
-    out, cache_mask, position = [dec.prefill(*inputs)[:, -1]], inputs[1], inputs[2][:, -1:]
-    for i in range(prompt, tokens.shape[1] - 1):
-        cache_mask[:, i] = 1
-        position = position + 1
-        out.append(dec.decode(tokens[:, i:i + 1], cache_mask, position, torch.tensor(i), *inputs[4:])[:, -1])
+    """Logits [B, n, vocab] of the decode graph fed tokens[:, prompt:] one by one after a prefill of the prompt
+    (teacher forcing through `dec.steps()`): row i predicts token prompt + i + 1."""
+    steps = dec.steps()
+    with torch.no_grad():
+        logits, state = steps.prefill(tokens[:, :prompt], mask[:, :prompt])
+        out, position = [logits[:, -1]], _positions(mask[:, :prompt])[:, -1:]
+        for i in range(prompt, tokens.shape[1] - 1):
+            position = position + 1
+            logits, state = steps.next(tokens[:, i:i + 1], mask[:, :i + 1], position, state)
+            out.append(logits[:, -1])
     return torch.stack(out, 1)
 
 
@@ -221,3 +227,28 @@ def test_onnxruntime_sparse_ffn_decoder_matches_the_eager_one():
     assert torch.equal(tokens, eager.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[]))
     full_mask = torch.cat([mask, torch.ones(3, 8, dtype=torch.long)], 1)
     assert (ort(tokens, full_mask) - eager(tokens, full_mask))[full_mask.bool()].abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("arch,backend", [("llama", "eager"), ("gpt2", "eager"), ("falcon", "onnxruntime")])
+def test_spion_decoder_decode_steps_attend_to_what_the_block_sparse_prefill_does(arch, backend):
+    """SPION on a decoder: the prefill graph runs block_sparse_attention (each call equal to masked dense
+    attention under its layout), the decode step masks the keys its query's layout row drops, and each
+    decode step's logits equal the prefill graph's full-sequence logits of the same tokens (1e-4)."""
+    dec = _compiled(arch, True, backend, "spion")
+    layers = len(dec.spec.layers)
+    op = torch.ops.sparsecc.block_sparse_attention.default
+    assert sum(n.target is op for n in dec.prefill.graph_module.graph.nodes) == layers
+    assert sum(n.target is op for n in dec.decode.graph_module.graph.nodes) == 0
+    layouts = [p.tensors["mask"] for p in dec.plans.values() if "mask" in p.tensors]
+    assert len(layouts) == layers and all(bool((~m.bool()).any()) for m in layouts)  # something is pruned
+    ids, mask = _prompts()
+    tokens = dec.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[])
+    full_mask = torch.cat([mask, torch.ones(3, 12, dtype=torch.long)], 1)
+    if backend == "eager":
+        inputs = prefill_inputs(tokens, full_mask, dec.empty_cache(3), MAX_LEN)
+        assert len(check_block_sparse_calls(dec.prefill, inputs, atol=1e-4)) == layers
+    with torch.no_grad():
+        full = dec(tokens, full_mask)[:, 6:-1]
+        dense = _model(arch)(tokens, attention_mask=full_mask, position_ids=_positions(full_mask)).logits[:, 6:-1]
+    assert (_step_logits(dec, tokens, full_mask, 7) - full).abs().max() < 1e-4
+    assert (full - dense).abs().max() > 1e-3  # the layouts changed the attention

@@ -32,7 +32,10 @@ from sparsecc.causal_lm.cache_step import (CacheSpec, CacheStep, PastStep, cache
                                           write_cache_in_place)
 from sparsecc.causal_lm.generate import (PastCacheSteps, Sampling, StaticCacheSteps, generate_tokens,
                                         prefill_inputs)
+from sparsecc.causal_lm.layout_decode import mask_decode_attention
 from sparsecc.errors import InputError, UnsupportedError
+from sparsecc.methods.block_sparse import plan_layout
+from sparsecc.model import SparseModel
 from sparsecc.recipe import Recipe
 from sparsecc.saving import register_parts
 
@@ -259,14 +262,32 @@ def compile_decoder(model: nn.Module, max_len: int, recipe: Any = None, calibrat
     recipe = Recipe.dense() if recipe is None else recipe
     spec = cache_spec(model)
     options = dict(recipe=recipe, backend=backend, check=check, progress=progress, backend_options=backend_options)
+    for config in recipe.configs("attention"):
+        if getattr(config, "pruned_logits", "-inf") != "-inf":
+            raise UnsupportedError(f"recipe.attention = {type(config).kind} with pruned_logits="
+                                   f"{config.pruned_logits!r}: a decoder's decode step computes exact block-sparse "
+                                   "attention (pruned keys at -inf); use pruned_logits='-inf'")
     kind = "past" if backend == "onnxruntime" else "static"
     prefill = compile_graph(_capture_step(model, spec, max_len, kind, prefill=True), None,
                             calibration=_calibration_inputs(calibration, spec, max_len, kind), **options)
-    decode = compile_graph(_capture_step(model, spec, max_len, kind, prefill=False), None, plans=prefill.plans,
-                              **options)
-    if set(decode.plans) != set(prefill.plans):
+    # block layouts: the prefill runs block-sparse attention; the decode step keeps its SDPA and masks the
+    # keys its query's layout row drops (sparsecc.causal_lm.layout_decode)
+    layouts = {name: plan_layout(p) for name, p in prefill.plans.items() if "mask" in p.tensors}
+    decode_recipe = dataclasses.replace(recipe, attention=None) if layouts else recipe
+    captured = _capture_step(model, spec, max_len, kind, prefill=False)
+    decode = compile_graph(captured, None, plans=prefill.plans,
+                           **{**options, "recipe": decode_recipe, **({"backend": "eager", "backend_options": None}
+                                                                     if layouts else {})})
+    if set(decode.plans) != set(prefill.plans) - set(layouts):
         raise UnsupportedError(f"the decode graph's regions {sorted(decode.plans)} differ from the prefill graph's "
                                f"{sorted(prefill.plans)}; the recipe cannot be applied to both the same way")
+    if layouts:  # masked on the eager graph, then lowered: a backend that exports (ONNX) must see the masks
+        masked = mask_decode_attention(decode.graph_module, decode.report().regions, layouts, kind, max_len)
+        if masked != len(layouts):
+            raise UnsupportedError(f"{len(layouts)} attention layouts were planned on the prefill graph and {masked} "
+                                   "decode-step attention regions took them; the decode graph's regions differ")
+        decode = SparseModel(decode.graph_module, captured, decode_recipe, backend, decode.report(),
+                             backend_options=backend_options, plans=decode.plans)
     _join(prefill, decode, kind)
     return CompiledCausalLM(prefill, decode, spec, max_len, Sampling.from_generation_config(
         getattr(model, "generation_config", None)), type(model).__name__, kind)
