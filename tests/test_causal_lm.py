@@ -195,6 +195,11 @@ def test_compile_decoder_rejects_what_it_cannot_compile():
         sparsecc.compile_decoder(_model("qwen2"), max_len=1000)
     with pytest.raises(UnsupportedError, match="eager, inductor, onnxruntime"):
         sparsecc.compile_decoder(_model("llama"), max_len=16, backend="tvm")
+    with pytest.raises(UnsupportedError, match="token flow"):
+        sparsecc.compile_decoder(_model("llama"), max_len=16, recipe=sparsecc.Recipe(flow=sparsecc.TokenFlow()))
+    with pytest.raises(UnsupportedError, match="pruned_logits='-inf'"):
+        sparsecc.compile_decoder(_model("llama"), max_len=16,
+                                 recipe=sparsecc.Recipe(attention=sparsecc.Spion(pruned_logits="zero")))
     with pytest.raises(InputError, match="calibration batch 0 has 40 tokens"):
         sparsecc.compile_decoder(_model("llama"), max_len=32, recipe=SPARSE_FFN,
                                  calibration=[torch.ones(1, 40, dtype=torch.long)])

@@ -14,7 +14,10 @@ tokens are decode steps (the prompt's prefill is not in them). Harness as Table 
 --prompt tokens, 2 warm-up tokens, then 10 timed ones; --repeats runs per row, interleaved, so drift
 on a shared machine hits every row alike; the figure is the median of all timed tokens.
 --prefill L,... also times the prompt's forward at those lengths: HF's forward with a DynamicCache
-against the sparsecc prefill graph.
+against the sparsecc prefill graph. --spion-prefill L,... times the prefill of decoders compiled
+with max_len = L (identity, and SPION-C at --spion-density, block --spion-block, calibrated on one
+random prompt of L tokens) against HF's forward; only the prefill is timed, so --spion-prefill alone
+(with --repeats 0 for the decode rows) is a prefill-only run.
 
 Example:
     python tools/bench_hf_decode.py --out /tmp/hf_decode.md
@@ -112,6 +115,31 @@ def time_prefill(model, decs: dict, length: int, repeats: int, vocab: int) -> di
     return {name: statistics.median(t) for name, t in out.items()}
 
 
+def spion_prefill(model, args, length: int) -> list[str]:
+    """Markdown rows: the prefill of `length` tokens, HF against decoders compiled with max_len = length."""
+    ids = torch.randint(1, args.vocab, (1, length), generator=torch.Generator().manual_seed(1))
+    spion = sparsecc.Spion(method="spion_c", density=args.spion_density, block=args.spion_block)
+    decs = {}
+    for name, recipe in (("sparsecc identity prefill", None),
+                         (f"sparsecc SPION-C prefill (density {args.spion_density}, block {args.spion_block})",
+                          sparsecc.Recipe(attention=spion, ffn=None))):
+        start = time.perf_counter()
+        decs[name] = sparsecc.compile_decoder(model, max_len=length, recipe=recipe, check=False,
+                                              calibration=None if recipe is None else [ids])
+        print(f"compiled {name} at L = {length} in {time.perf_counter() - start:.0f}s", flush=True)
+        gc.collect()
+    masks = [p.tensors["mask"].float() for p in decs[list(decs)[1]].plans.values() if "mask" in p.tensors]
+    causal_tiles = torch.ones(masks[0].shape).tril()
+    density = float(sum((m * causal_tiles).sum() for m in masks) / (len(masks) * causal_tiles.sum()))
+    repeats = max(2, args.repeats // 2)
+    result = time_prefill(model, decs, length, repeats, args.vocab)
+    first = result["HF forward, DynamicCache"]
+    lines = ["", f"Prefill of {length} tokens, batch 1, decoders compiled with max_len = {length} (median of "
+             f"{repeats}); SPION layouts keep {density:.3f} of the causal tiles:", "",
+             "| prefill | seconds | vs HF |", "|---|---:|---:|"]
+    return lines + [f"| {name} | {s:.3f} | {first / s:.2f}x |" for name, s in result.items()]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=24)
@@ -127,6 +155,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="runs per row, interleaved")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--backend", choices=("eager", "inductor"), default="eager")
+    p.add_argument("--spion-prefill", default="", help="comma-separated prompt lengths: identity vs SPION prefill")
+    p.add_argument("--spion-density", type=float, default=0.25)
+    p.add_argument("--spion-block", type=int, default=64)
     p.add_argument("--ort", action="store_true",
                    help="also the two sparsecc decoders on ONNX Runtime (past in, present out)")
     p.add_argument("--out", help="write the markdown table here")
@@ -140,6 +171,15 @@ def main() -> None:
     model = build_model(args)
     params = sum(p.numel() for p in model.parameters())
     print(f"built LlamaForCausalLM ({params / 1e6:.1f}M parameters) in {time.perf_counter() - start:.0f}s", flush=True)
+    if args.repeats == 0:  # prefill rows only
+        lines = [line for length in [int(x) for x in args.spion_prefill.split(",") if x]
+                 for line in spion_prefill(model, args, length)]
+        lines += ["", f"Machine: {machine_line()}.", f"Command: `python tools/bench_hf_decode.py {' '.join(sys.argv[1:])}`"]
+        text = "\n".join(lines) + "\n"
+        print(text)
+        if args.out:
+            write_atomic(args.out, text)
+        return
     decs = {}
     sparse = sparsecc.Recipe(attention=None, ffn=sparsecc.SparseFFN(n=args.n, d_lowrank=args.d_lowrank, init="random"))
     builds = [("sparsecc identity", None, args.backend), (f"sparsecc sparse FFN (n={args.n})", sparse, args.backend)]
@@ -191,6 +231,8 @@ def main() -> None:
         lines += ["", f"Prefill of {length} tokens, batch 1 (median of {max(2, args.repeats // 2)}):", "",
                   "| prefill | seconds | vs HF |", "|---|---:|---:|"]
         lines += [f"| {name} | {s:.3f} | {first / s:.2f}x |" for name, s in result.items()]
+    for length in [int(x) for x in args.spion_prefill.split(",") if x]:
+        lines += spion_prefill(model, args, length)
     lines += ["", f"Machine: {machine_line()}.", f"Command: `python tools/bench_hf_decode.py {' '.join(sys.argv[1:])}`"]
     text = "\n".join(lines) + "\n"
     print(text)

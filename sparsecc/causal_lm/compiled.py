@@ -65,7 +65,9 @@ def _step_shapes(n_cache: int, kind: str, prefill: bool, max_len: int) -> dict:
 
 def _capture_step(model: nn.Module, spec: CacheSpec, max_len: int, kind: str, prefill: bool) -> Captured:
     """The prefill or decode graph of `model`: a `CacheStep` (kind "static") or a `PastStep` ("past")."""
-    batch, length = 2, min(max_len, 8)
+    # the prefill example is max_len long: regions record it as their length, and block layouts are planned
+    # for it (every position a prompt can reach)
+    batch, length = 2, max_len
     device = next(model.parameters()).device
     ids = torch.zeros(batch, length if prefill else 1, dtype=torch.long, device=device)
     if kind == "past":
@@ -262,6 +264,10 @@ def compile_decoder(model: nn.Module, max_len: int, recipe: Any = None, calibrat
     recipe = Recipe.dense() if recipe is None else recipe
     spec = cache_spec(model)
     options = dict(recipe=recipe, backend=backend, check=check, progress=progress, backend_options=backend_options)
+    if recipe.configs("flow"):
+        raise UnsupportedError("recipe.flow: token flow is not supported by compile_decoder yet (its routing picks "
+                               "tokens across the whole prompt, which a one-token decode step cannot reproduce); "
+                               "compile the decoder with attention and ffn recipes only")
     for config in recipe.configs("attention"):
         if getattr(config, "pruned_logits", "-inf") != "-inf":
             raise UnsupportedError(f"recipe.attention = {type(config).kind} with pruned_logits="
