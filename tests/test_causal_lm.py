@@ -257,3 +257,26 @@ def test_spion_decoder_decode_steps_attend_to_what_the_block_sparse_prefill_does
         dense = _model(arch)(tokens, attention_mask=full_mask, position_ids=_positions(full_mask)).logits[:, 6:-1]
     assert (_step_logits(dec, tokens, full_mask, 7) - full).abs().max() < 1e-4
     assert (full - dense).abs().max() > 1e-3  # the layouts changed the attention
+
+
+def test_onnxruntime_decoder_saves_and_loads(tmp_path):
+    """A saved ONNX Runtime decoder keeps its explicit shapes (the past length, the mask one longer) and
+    loads as one that generates the same tokens."""
+    dec = _compiled("gpt2", False, "onnxruntime")
+    ids, mask = _prompts()
+    expected = dec.generate(ids, attention_mask=mask, max_new_tokens=6)
+    sparsecc.save(dec, tmp_path / "dec")
+    loaded = sparsecc.load(tmp_path / "dec")
+    assert loaded.cache_kind == "past" and loaded.decode.backend == "onnxruntime"
+    assert torch.equal(loaded.generate(ids, attention_mask=mask, max_new_tokens=6), expected)
+
+
+def test_generation_config_defaults_are_taken_and_unapplied_settings_named():
+    from transformers import GenerationConfig
+    config = GenerationConfig(do_sample=True, top_p=0.8, eos_token_id=[3, 4], pad_token_id=1)
+    sampling = Sampling.from_generation_config(config)
+    assert sampling == Sampling(do_sample=True, temperature=1.0, top_k=50, top_p=0.8, eos_token_id=(3, 4),
+                                pad_token_id=1)
+    with pytest.warns(UserWarning, match=r"repetition_penalty=1\.2, no_repeat_ngram_size=3"):
+        Sampling.from_generation_config(GenerationConfig(repetition_penalty=1.2, no_repeat_ngram_size=3))
+    assert sampling.updated(top_k=5, eos_token_id=7) == Sampling(True, 1.0, 5, 0.8, (7,), 1)

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sparsecc  # noqa: E402
-from common import machine_line, write_atomic  # noqa: E402
+from common import add_table1_shape, machine_line, write_atomic  # noqa: E402
 from sparsecc.decode import compile_decoder, decode_tokens  # noqa: E402
 from sparsecc.nn import QKV_OUTPUTS, CausalLM, DecoderConfig, count_parameters, with_sparse_ffn  # noqa: E402
 
@@ -75,10 +75,7 @@ def run_once(dec) -> list[float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--d-model", type=int, default=1024)
-    p.add_argument("--d-ff", type=int, default=4096)
-    p.add_argument("--heads", type=int, default=16)
+    add_table1_shape(p)
     p.add_argument("--modules", type=int, default=16, help="sparse QKV modules S (paper: 16 at d_model 1024)")
     p.add_argument("--qkv-output", choices=QKV_OUTPUTS, default="none",
                    help="sparse QKV attention's output layer (default none, as trax releases it)")

@@ -21,6 +21,14 @@ def emit(lines: list, out: str | None = None) -> str:
     return text
 
 
+def add_table1_shape(parser) -> None:
+    """--layers --d-model --d-ff --heads: the model shape of Scaling Transformers' Table 1 by default."""
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--d-model", type=int, default=1024)
+    parser.add_argument("--d-ff", type=int, default=4096)
+    parser.add_argument("--heads", type=int, default=16)
+
+
 def load_minilm():
     """(tokenizer, model in eval mode) of the embedded all-MiniLM-L6-v2."""
     from transformers import AutoModel, AutoTokenizer

@@ -9,11 +9,13 @@ cache, and generate through them.
     logits = dec(input_ids)                                                        # full-sequence forward
     sparsecc.save(dec, "out/dec"); dec2 = sparsecc.load("out/dec")
 
-Both graphs are captured from one `CacheStep` of the model (no code per architecture): the prefill
-graph takes any prompt length from 2 to max_len, the decode graph one token. The recipe is planned
-once, on the prefill graph with the calibration text, and the decode graph is rewritten with the same
-plans; the two graphs then share every parameter and plan tensor (training or editing one changes
-both). Batch size is free in both.
+Both graphs are captured from one step module of the model (no code per architecture): `CacheStep`,
+a max_len cache written in place (eager, inductor), or `PastStep`, past in and present out (ONNX
+Runtime, Optimum's layout). The prefill graph takes any prompt length from 2 to max_len, the decode
+graph one token; batch size is free in both. The recipe is planned once, on the prefill graph with
+the calibration text, and the decode graph is rewritten with the same plans (block layouts become a
+mask on the decode step's keys: `layout_decode`); the two graphs then share every parameter and plan
+tensor.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ row generates what the same prompt alone would.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Sequence
 
@@ -20,11 +22,18 @@ import torch
 
 from sparsecc.errors import InputError
 
+log = logging.getLogger("sparsecc.causal_lm")
+
 __all__ = ["PastCacheSteps", "Sampling", "StaticCacheSteps", "generate_tokens", "prefill_inputs", "process_logits"]
 
 # transformers' defaults for the fields a model's generation_config leaves unset
 # (GenerationConfig._get_default_generation_params)
 _HF_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+# generation_config fields of HF's other processors and of beam search, with their values that change nothing
+_NOT_APPLIED = {"num_beams": (1,), "repetition_penalty": (1.0,), "no_repeat_ngram_size": (0,), "min_length": (0,),
+                "min_new_tokens": (0,), "bad_words_ids": (), "suppress_tokens": (), "begin_suppress_tokens": (),
+                "forced_bos_token_id": (), "forced_eos_token_id": (), "min_p": (), "typical_p": (1.0,),
+                "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,), "encoder_repetition_penalty": (1.0,)}
 
 
 @dataclass(frozen=True)
@@ -51,7 +60,16 @@ class Sampling:
 
     @classmethod
     def from_generation_config(cls, config: Any) -> "Sampling":
-        """The model's own defaults (its generation_config, then transformers' global defaults)."""
+        """The model's own defaults (its generation_config, then transformers' global defaults). Settings of
+        HF's other logits processors and of beam search are not applied: a warning names them."""
+        ignored = [f"{name}={getattr(config, name)!r}" for name, neutral in _NOT_APPLIED.items()
+                   if getattr(config, name, None) not in (None, [], *neutral)]
+        if ignored:
+            message = (f"the model's generation_config sets {', '.join(ignored)}, which sparsecc's generate does not "
+                       "apply (greedy / sampling with temperature, top_k, top_p only): its tokens can differ from "
+                       "the model's own generate")
+            log.warning("%s", message)
+            warnings.warn(message, UserWarning, stacklevel=3)
         def field(name: str) -> Any:
             value = getattr(config, name, None)
             return _HF_DEFAULTS[name] if value is None else value
