@@ -79,7 +79,7 @@ def build_model(args):
     return model
 
 
-def hf_runner(model, static: bool, max_len: int):
+def hf_runner(model, static: bool):
     def run(ids):
         stamps = Stamps()
         extra = {"cache_implementation": "static"} if static else {}
@@ -197,8 +197,8 @@ def main() -> None:
     # the compiled identity generates the model's own tokens (checked once, outside the timing)
     assert torch.equal(dec.generate(ids, max_new_tokens=4),
                        model.generate(ids, max_new_tokens=4, do_sample=False)), "identity tokens differ from HF"
-    rows = {"HF generate, DynamicCache": hf_runner(model, False, args.max_len),
-            "HF generate, StaticCache": hf_runner(model, True, args.max_len)}
+    rows = {"HF generate, DynamicCache": hf_runner(model, False),
+            "HF generate, StaticCache": hf_runner(model, True)}
     rows.update({name: sparsecc_runner(d) for name, d in decs.items()})
     timed: dict = {name: [] for name in rows}
     with torch.no_grad():

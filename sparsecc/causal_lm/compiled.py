@@ -33,7 +33,7 @@ from sparsecc.capture import Captured, capture, max_positions, sliding_window
 from sparsecc.causal_lm.cache_step import (CacheSpec, CacheStep, PastStep, cache_spec, is_hf_causal_lm,
                                           write_cache_in_place)
 from sparsecc.causal_lm.generate import (PastCacheSteps, Sampling, StaticCacheSteps, generate_tokens,
-                                        prefill_inputs)
+                                        prefill_inputs, prompt_positions)
 from sparsecc.causal_lm.layout_decode import mask_decode_attention
 from sparsecc.errors import InputError, UnsupportedError
 from sparsecc.methods.block_sparse import plan_layout
@@ -111,10 +111,9 @@ def _calibration_inputs(calibration: Any, spec: CacheSpec, max_len: int, kind: s
         if not 2 <= ids.shape[1] <= max_len:
             raise InputError(f"calibration batch {i} has {ids.shape[1]} tokens; the prefill graph takes 2 to "
                              f"max_len={max_len}: cut the text into pieces of at most {max_len} tokens")
-        mask = (torch.ones_like(ids) if mask is None else mask).long()
-        inputs = prefill_inputs(ids.long(), mask, spec.empty(ids.shape[0], max_len, ids.device) if kind == "static"
-                                else (), max_len)
-        out.append(inputs if kind == "static" else (inputs[0], mask, inputs[2]))
+        ids, mask = ids.long(), (torch.ones_like(ids) if mask is None else mask).long()
+        out.append(prefill_inputs(ids, mask, spec.empty(ids.shape[0], max_len, ids.device), max_len)
+                   if kind == "static" else (ids, mask, prompt_positions(mask)))
     if not out:
         raise InputError("calibration is empty: pass at least one batch of token ids, or leave it out (None)")
     return out

@@ -24,7 +24,8 @@ from sparsecc.errors import InputError
 
 log = logging.getLogger("sparsecc.causal_lm")
 
-__all__ = ["PastCacheSteps", "Sampling", "StaticCacheSteps", "generate_tokens", "prefill_inputs", "process_logits"]
+__all__ = ["PastCacheSteps", "Sampling", "StaticCacheSteps", "generate_tokens", "prefill_inputs", "process_logits",
+           "prompt_positions"]
 
 # transformers' defaults for the fields a model's generation_config leaves unset
 # (GenerationConfig._get_default_generation_params)
@@ -116,7 +117,7 @@ def prefill_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, cache:
     batch, length = input_ids.shape
     mask = torch.zeros(batch, max_len, dtype=torch.long, device=input_ids.device)
     mask[:, :length] = attention_mask
-    return (input_ids, mask, _positions(attention_mask), torch.tensor(0, device=input_ids.device), *cache)
+    return (input_ids, mask, prompt_positions(attention_mask), torch.tensor(0, device=input_ids.device), *cache)
 
 
 def _check_prompt(input_ids: Any, attention_mask: Any, max_len: int, max_new_tokens: int) -> tuple:
@@ -152,7 +153,7 @@ def _check_prompt(input_ids: Any, attention_mask: Any, max_len: int, max_new_tok
     return input_ids.long(), attention_mask.long()
 
 
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions of a left-padded prompt as HF's generate gives them: real tokens count from 0, pads get 1."""
     return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
 
@@ -187,7 +188,7 @@ class PastCacheSteps:
         if extra:
             input_ids = torch.cat([torch.zeros_like(input_ids), input_ids], 1)
             attention_mask = torch.cat([torch.zeros_like(attention_mask), attention_mask], 1)
-        out = self.prefill_graph(input_ids, attention_mask, _positions(attention_mask))
+        out = self.prefill_graph(input_ids, attention_mask, prompt_positions(attention_mask))
         return out[0][:, extra:], (extra, tuple(out[1:]))
 
     def next(self, token: torch.Tensor, attention_mask: torch.Tensor, position: torch.Tensor, state: tuple) -> tuple:
@@ -216,7 +217,7 @@ def generate_tokens(steps: Any, max_len: int, input_ids: torch.Tensor, attention
     out = [input_ids]
     if max_new_tokens:
         logits, state = steps.prefill(input_ids, attention_mask)
-        logits, mask, position = logits[:, -1], attention_mask, _positions(attention_mask)[:, -1:]
+        logits, mask, position = logits[:, -1], attention_mask, prompt_positions(attention_mask)[:, -1:]
         unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
         eos_ids = torch.tensor(list(eos), device=input_ids.device) if eos else None
         for i in range(max_new_tokens):
