@@ -19,7 +19,8 @@ ARCHS = list(T.CAUSAL_LMS)
 MAX_LEN = 32
 SPARSE_FFN = sparsecc.Recipe(attention=None, ffn=sparsecc.SparseFFN(n=4, d_lowrank=8, steps=10))
 SPION = sparsecc.Recipe(attention=sparsecc.Spion(block=4), ffn=None)
-RECIPES = {"dense": None, "sparse_ffn": SPARSE_FFN, "spion": SPION}
+FLOW = sparsecc.Recipe(attention=None, ffn=None, flow=sparsecc.TokenFlow(gate="content", pin_first=False, keep=0.5))
+RECIPES = {"dense": None, "sparse_ffn": SPARSE_FFN, "spion": SPION, "flow": FLOW}
 
 
 @functools.lru_cache(maxsize=None)
@@ -31,7 +32,7 @@ def _model(arch: str):
 def _compiled(arch: str, sparse: bool, backend: str = "eager", recipe: str = ""):
     recipe = recipe or ("sparse_ffn" if sparse else "dense")
     calibration = [torch.randint(1, T.VOCAB, (4, MAX_LEN), generator=torch.Generator().manual_seed(i))
-                   for i in range(2)] if recipe != "dense" else None
+                   for i in range(2)] if recipe not in ("dense", "flow") else None
     return sparsecc.compile_decoder(_model(arch), max_len=MAX_LEN, recipe=RECIPES[recipe], calibration=calibration,
                                     check=False, progress=False, backend=backend)
 
@@ -100,6 +101,79 @@ def test_sparse_ffn_decode_steps_equal_the_full_sequence_forward(arch):
         dense = _model(arch)(tokens, attention_mask=full_mask, position_ids=_positions(full_mask)).logits[:, 6:-1]
     assert (steps - full).abs().max() < 1e-4
     assert (full - dense).abs().max() > 1e-3  # the FFNs were rewritten, not left dense
+
+
+def _flow_calls(graph) -> dict:
+    """How many gate, route and packed-scatter nodes a flowed graph has."""
+    nodes = list(graph.graph_module.graph.nodes)
+    counts = {name: sum(name in str(n.target) for n in nodes if n.op == "call_function")
+              for name in ("flow_route", "single_token_route", "flow_scatter", "scatter_packed")}
+    return {**counts, "gates": sum(n.op == "call_module" and n.target == "sparsecc_flow" for n in nodes)}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_token_flow_decode_steps_route_each_token_as_the_prefill_does(arch):
+    """TokenFlow(gate='content') on a decoder: a token's gate reads only its own hidden state, so the decode
+    step that sees it alone keeps or skips it as the prefill graph did. With random gate scorers (about half
+    the tokens skip each layer) each decode step's logits equal the prefill graph's full-sequence logits of
+    the same tokens (1e-4), and differ from the dense model's. The decode step routes with static shapes
+    (no flow_route); where the prefill runs a layer's per-token tail on the kept rows only (scatter_packed),
+    so does the decode step."""
+    dec = sparsecc.compile_decoder(_model(arch), max_len=MAX_LEN, recipe=FLOW, progress=False)
+    layers = len(dec.spec.layers)
+    prefill, decode = _flow_calls(dec.prefill), _flow_calls(dec.decode)
+    assert prefill["flow_route"] == decode["single_token_route"] == layers
+    assert prefill["single_token_route"] == decode["flow_route"] == 0
+    assert prefill["gates"] == decode["gates"] == layers
+    assert prefill["flow_scatter"] + prefill["scatter_packed"] == layers
+    assert (decode["flow_scatter"], decode["scatter_packed"]) == (prefill["flow_scatter"], prefill["scatter_packed"])
+    assert dec.decode.flow_gates.scorers[0].weight is dec.prefill.flow_gates.scorers[0].weight  # one set of gates
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for scorer in dec.prefill.flow_gates.scorers:
+            scorer.weight.copy_(torch.randn(scorer.weight.shape, generator=g))
+            scorer.bias.zero_()
+    ids, mask = _prompts()
+    tokens = dec.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
+    full_mask = torch.cat([mask, torch.ones(3, 8, dtype=torch.long)], 1)
+    kept = dec.prefill.measure_flow([prefill_inputs(tokens, full_mask, dec.empty_cache(3), MAX_LEN)])
+    assert len(kept) == layers and all(0.15 < f < 0.85 for f in kept.values()), kept
+    with torch.no_grad():
+        full = dec(tokens, full_mask)[:, 6:-1]
+        dense = _model(arch)(tokens, attention_mask=full_mask, position_ids=_positions(full_mask)).logits[:, 6:-1]
+    assert (_step_logits(dec, tokens, full_mask, 7) - full).abs().max() < 1e-4
+    assert (full - dense).abs().max() > 1e-3  # tokens skipped layers
+
+
+def test_fit_flow_trains_the_decoder_gates_and_onnxruntime_runs_them():
+    """dec.fit_flow distils the dense model into the flowed prefill graph: the loss falls, the thresholds keep
+    the recipe's half of the tokens on the training text, the user's model is untouched, and the decode graph
+    routes with the trained gates. compile_decoder(..., backend='onnxruntime', trained=dec) takes the trained
+    plans, weights and gates: the same tokens, logits within 1e-4."""
+    model = _model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dec = sparsecc.compile_decoder(model, max_len=MAX_LEN, recipe=FLOW, progress=False)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(1, T.VOCAB, (4, 24), generator=g) for _ in range(4)]
+    result = dec.fit_flow(batches, teacher=model, steps=30, lr=1e-3, progress=False)
+    assert sum(result.losses[-5:]) / 5 < 0.5 * sum(result.losses[:5]) / 5
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    kept = dec.prefill.measure_flow([prefill_inputs(b, torch.ones_like(b), dec.empty_cache(4), MAX_LEN)
+                                     for b in batches])
+    assert all(abs(f - 0.5) <= 1 / 16 for f in kept.values()), kept
+    ids, mask = _prompts()
+    tokens = dec.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
+    full_mask = torch.cat([mask, torch.ones(3, 8, dtype=torch.long)], 1)
+    with torch.no_grad():
+        full = dec(tokens, full_mask)
+    assert (_step_logits(dec, tokens, full_mask, 7) - full[:, 6:-1]).abs().max() < 1e-4
+    ort = sparsecc.compile_decoder(model, max_len=MAX_LEN, backend="onnxruntime", trained=dec, progress=False)
+    assert ort.cache_kind == "past" and ort.prefill.recipe == FLOW
+    assert torch.equal(ort.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[]), tokens)
+    with torch.no_grad():
+        assert (ort(tokens, full_mask) - full)[full_mask.bool()].abs().max() < 1e-4
+    with pytest.raises(UnsupportedError, match="trained=dec"):
+        ort.fit_flow(batches, teacher=model, steps=1)
 
 
 def test_left_padded_rows_generate_what_each_prompt_alone_does():
@@ -195,8 +269,13 @@ def test_compile_decoder_rejects_what_it_cannot_compile():
         sparsecc.compile_decoder(_model("qwen2"), max_len=1000)
     with pytest.raises(UnsupportedError, match="eager, inductor, onnxruntime"):
         sparsecc.compile_decoder(_model("llama"), max_len=16, backend="tvm")
-    with pytest.raises(UnsupportedError, match="token flow"):
-        sparsecc.compile_decoder(_model("llama"), max_len=16, recipe=sparsecc.Recipe(flow=sparsecc.TokenFlow()))
+    with pytest.raises(UnsupportedError, match="gate='content'.*select='threshold'.*pin_first=False.*kv='all'"):
+        sparsecc.compile_decoder(_model("llama"), max_len=16, recipe=sparsecc.Recipe(flow=sparsecc.TokenFlow(
+            gate="released", select="topk", kv="kept")))
+    with pytest.raises(UnsupportedError, match="without recipe.flow"):
+        _compiled("llama", False).fit_flow([torch.ones(1, 4, dtype=torch.long)], teacher=_model("llama"), steps=1)
+    with pytest.raises(InputError, match="another recipe"):
+        sparsecc.compile_decoder(_model("llama"), max_len=MAX_LEN, recipe=SPION, trained=_compiled("llama", False))
     with pytest.raises(UnsupportedError, match="pruned_logits='-inf'"):
         sparsecc.compile_decoder(_model("llama"), max_len=16,
                                  recipe=sparsecc.Recipe(attention=sparsecc.Spion(pruned_logits="zero")))

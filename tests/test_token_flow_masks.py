@@ -6,7 +6,7 @@ import torch
 import sparsecc
 from sparsecc import testing as T
 from sparsecc.capture import normalize_inputs
-from sparsecc.ops.token_flow.helpers import valid_tokens
+from sparsecc.ops.token_flow.helpers import single_token_route, valid_tokens
 
 
 def test_valid_tokens_under_a_sliding_window_by_hand():
@@ -19,6 +19,27 @@ def test_valid_tokens_under_a_sliding_window_by_hand():
     assert valid_tokens(additive, h).tolist() == [[True, True, True, False]]
     bert_style = torch.tensor([[[[0.0, 0.0, torch.finfo(torch.float32).min]]]])  # [B, 1, 1, S] padding mask
     assert valid_tokens(bert_style, torch.zeros(1, 3, 8)).tolist() == [[True, True, False]]
+
+
+
+def test_valid_tokens_over_a_kv_cache_by_hand():
+    """Keys are cache slots, not the step's tokens: a token is real when its own query row sees a key. A
+    left-padded prompt of 3 tokens (the first padding) written at slots 0-2 of a cache of 5."""
+    keep = torch.tensor([[0, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 1, 1, 0, 0]], dtype=torch.bool)
+    h = torch.zeros(1, 3, 8)
+    assert valid_tokens(keep[None, None], h, by_query=True).tolist() == [[False, True, True]]
+    additive = torch.zeros(1, 1, 3, 5).masked_fill(~keep, torch.finfo(torch.float32).min)
+    assert valid_tokens(additive, h, by_query=True).tolist() == [[False, True, True]]
+    step = torch.tensor([[[[1, 1, 1, 1, 0]]], [[[0, 0, 1, 1, 0]]]], dtype=torch.bool)  # a decode step, batch 2
+    assert valid_tokens(step, torch.zeros(2, 1, 8), by_query=True).tolist() == [[True], [True]]
+
+
+def test_single_token_route_equals_flow_route():
+    keep = torch.tensor([[True], [False], [True]])
+    index, counts = single_token_route(keep)
+    ref_index, ref_counts = torch.ops.sparsecc.flow_route(keep)
+    assert torch.equal(index, ref_index) and torch.equal(counts, ref_counts) and index.shape == (3, 1)
+    assert torch.equal(single_token_route(torch.zeros(2, 1, dtype=torch.bool))[1], torch.zeros(2, dtype=torch.long))
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])

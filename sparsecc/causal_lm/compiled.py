@@ -9,6 +9,12 @@ cache, and generate through them.
     logits = dec(input_ids)                                                        # full-sequence forward
     sparsecc.save(dec, "out/dec"); dec2 = sparsecc.load("out/dec")
 
+Token flow (TokenFlow(gate="content", pin_first=False)) routes each token by its own hidden state, so
+a token takes the same path in the prefill graph and in the decode step that sees it alone; its keys
+and values are cached whether it is kept or not (kv="all"). `dec.fit_flow(batches, teacher=model,
+steps=...)` trains the gates; `compile_decoder(model, ..., backend="onnxruntime", trained=dec)` runs
+the trained decoder on ONNX Runtime.
+
 Both graphs are captured from one step module of the model (no code per architecture): `CacheStep`,
 a max_len cache written in place (eager, inductor), or `PastStep`, past in and present out (ONNX
 Runtime, Optimum's layout). The prefill graph takes any prompt length from 2 to max_len, the decode
@@ -32,12 +38,12 @@ from sparsecc.api import compile as compile_graph
 from sparsecc.capture import Captured, capture, max_positions, sliding_window
 from sparsecc.causal_lm.cache_step import (CacheSpec, CacheStep, PastStep, cache_spec, is_hf_causal_lm,
                                           write_cache_in_place)
+from sparsecc.causal_lm.fit import fit_decoder_flow
 from sparsecc.causal_lm.generate import (PastCacheSteps, Sampling, StaticCacheSteps, generate_tokens,
-                                        prefill_inputs, prompt_positions)
+                                        prefill_inputs, prompt_positions, token_batches)
 from sparsecc.causal_lm.layout_decode import mask_decode_attention
 from sparsecc.errors import InputError, UnsupportedError
 from sparsecc.methods.block_sparse import plan_layout
-from sparsecc.model import SparseModel
 from sparsecc.recipe import Recipe
 from sparsecc.saving import register_parts
 
@@ -98,25 +104,9 @@ def _calibration_inputs(calibration: Any, spec: CacheSpec, max_len: int, kind: s
     """Prefill inputs for each calibration batch: token ids [B, T] or {"input_ids", "attention_mask"}."""
     if calibration is None:
         return None
-    if isinstance(calibration, (torch.Tensor, dict)) or not hasattr(calibration, "__iter__"):
-        raise InputError(f"calibration must be a list of batches of token ids ([batch, length] tensors or dicts "
-                         f"with input_ids and attention_mask), got {type(calibration).__name__}")
-    out = []
-    for i, batch in enumerate(calibration):
-        ids, mask = (batch.get("input_ids"), batch.get("attention_mask")) if isinstance(batch, dict) else (batch, None)
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
-            raise InputError(f"calibration batch {i}: expected token ids [batch, length] (an integer tensor, or a "
-                             f"dict with 'input_ids'), got {type(ids).__name__}"
-                             f"{' ' + str(list(ids.shape)) if isinstance(ids, torch.Tensor) else ''}")
-        if not 2 <= ids.shape[1] <= max_len:
-            raise InputError(f"calibration batch {i} has {ids.shape[1]} tokens; the prefill graph takes 2 to "
-                             f"max_len={max_len}: cut the text into pieces of at most {max_len} tokens")
-        ids, mask = ids.long(), (torch.ones_like(ids) if mask is None else mask).long()
-        out.append(prefill_inputs(ids, mask, spec.empty(ids.shape[0], max_len, ids.device), max_len)
-                   if kind == "static" else (ids, mask, prompt_positions(mask)))
-    if not out:
-        raise InputError("calibration is empty: pass at least one batch of token ids, or leave it out (None)")
-    return out
+    return [prefill_inputs(ids, mask, spec.empty(ids.shape[0], max_len, ids.device), max_len)
+            if kind == "static" else (ids, mask, prompt_positions(mask))
+            for ids, mask in token_batches(calibration, max_len, "calibration")]
 
 
 def _share_tensors(source: nn.Module, target: nn.Module) -> int:
@@ -205,6 +195,11 @@ class CompiledCausalLM(nn.Module):
                                attention_mask.to(device) if isinstance(attention_mask, torch.Tensor) else attention_mask,
                                sampling, max_new_tokens, generator, streamer)
 
+    def fit_flow(self, batches: Any, teacher: nn.Module, steps: int, **options: Any) -> Any:
+        """Train the token-flow gates (and weights) by distillation from `teacher`, the dense model, on token
+        ids [B, T] (`sparsecc.causal_lm.fit`); both graphs route with the result."""
+        return fit_decoder_flow(self, batches, teacher, steps, **options)
+
     def report(self) -> Any:
         """The prefill graph's report (the decode graph has the same regions, rewritten with the same plans)."""
         return self.prefill.report()
@@ -239,15 +234,79 @@ class CompiledCausalLM(nn.Module):
                                "sparsecc.load(directory)")
 
 
+def _check_decoder_flow(config: Any) -> None:
+    """Token flow on a decoder: each token's routing must be the same in the prefill graph and in the
+    decode step that sees it alone, and a skipped token's keys must still be cached."""
+    why = []
+    if config.gate != "content":
+        why.append(f"gate={config.gate!r} scores tokens by their position in the graph's input (a decode step's "
+                   "one token is always at 0); use gate='content' (a score of each token's own hidden state)")
+    if config.select != "threshold":
+        why.append(f"select={config.select!r} ranks the tokens of the whole prompt; use select='threshold'")
+    if config.pin_first:
+        why.append("pin_first=True keeps the first token of every graph call, which in a decode step is the new "
+                   "token; use pin_first=False")
+    if config.kv != "all":
+        why.append(f"kv={config.kv!r} would need each layer's routing of every cached token in the decode step; "
+                   "use kv='all' (skipped tokens' keys and values stay in the cache)")
+    if why:
+        raise UnsupportedError("recipe.flow for compile_decoder: " + "; ".join(why))
+
+
+def _lowered(sm: Any, captured: Captured, recipe: Recipe, backend: str, backend_options: Optional[dict]) -> Any:
+    """The same rewritten graph (and its tensors) lowered to `backend`: a new SparseModel of sm's class."""
+    extra = {"flow": sm.flow} if hasattr(sm, "flow") else {}
+    return type(sm)(sm.graph_module, captured, recipe, backend, sm.report(), layouts=sm.layouts,
+                    backend_options=backend_options, plans=sm.plans, **extra)
+
+
+def _take_weights(target: nn.Module, source: nn.Module, graph: str) -> int:
+    """Copy `source`'s parameters and buffers into `target`'s of the same name (a trained decoder's weights
+    and gates into a new capture of the same model); every parameter of `target` must find one."""
+    own = dict(source.named_parameters(remove_duplicate=False))
+    own.update(source.named_buffers(remove_duplicate=False))
+    missing, copied = [], 0
+    with torch.no_grad():
+        for name, tensor in [*target.named_parameters(remove_duplicate=False),
+                             *target.named_buffers(remove_duplicate=False)]:
+            other = own.get(name)
+            if other is None or other.shape != tensor.shape:
+                if isinstance(tensor, nn.Parameter):
+                    missing.append(name)
+                continue
+            tensor.copy_(other)
+            copied += 1
+    if missing:
+        raise UnsupportedError(f"trained: the {graph} graph's parameters {missing[:3]}{'...' if len(missing) > 3 else ''}"
+                               " are not in the trained decoder (or have another shape); pass a decoder compiled "
+                               "from the same model with the same recipe")
+    return copied
+
+
+def _check_trained(trained: Any, recipe: Any, max_len: int) -> Recipe:
+    if not isinstance(trained, CompiledCausalLM):
+        raise InputError(f"trained: expected a CompiledCausalLM (compile_decoder's result), got {type(trained).__name__}")
+    if recipe is not None and recipe != trained.prefill.recipe:
+        raise InputError("trained: the trained decoder was compiled with another recipe; leave recipe out (the "
+                         "trained decoder's is used) or pass the same one")
+    if max_len > trained.max_len:
+        log.warning("compile_decoder: max_len=%d is longer than the trained decoder's %d; its plans and gates "
+                    "were made for positions below %d", max_len, trained.max_len, trained.max_len)
+    return trained.prefill.recipe
+
+
 def compile_decoder(model: nn.Module, max_len: int, recipe: Any = None, calibration: Any = None,
                     backend: str = "eager", check: bool = True, progress: bool = True,
-                    backend_options: Optional[dict] = None) -> CompiledCausalLM:
+                    backend_options: Optional[dict] = None, trained: Optional[CompiledCausalLM] = None
+                    ) -> CompiledCausalLM:
     """Compile a Hugging Face causal LM (GPT2LMHeadModel, LlamaForCausalLM, ...) for generation with a
     static KV cache of max_len positions.
 
     recipe: what to rewrite (default: nothing - the identity graphs); planned on the prefill graph.
     calibration: token ids, a list of [batch, length] tensors (length 2 .. max_len) or of dicts with
     input_ids and attention_mask, for the methods that calibrate. The user's model is not modified.
+    trained: a decoder compiled from the same model and recipe, then trained (`fit_flow`): its plans,
+    weights and gates are taken instead of calibrating (e.g. train on eager, then run on onnxruntime).
     """
     if not is_hf_causal_lm(model):
         hint = (" (for sparsecc.nn.CausalLM use sparsecc.decode.compile_decoder)"
@@ -262,29 +321,39 @@ def compile_decoder(model: nn.Module, max_len: int, recipe: Any = None, calibrat
                          "(max_position_embeddings); compile with max_len <= " + str(limit))
     if backend not in BACKENDS:
         raise UnsupportedError(f"compile_decoder runs on {', '.join(BACKENDS)}; got backend={backend!r}")
+    if trained is not None:
+        recipe = _check_trained(trained, recipe, max_len)
+        if calibration is not None:
+            raise InputError("trained= and calibration= together: the trained decoder's plans are used; leave "
+                             "calibration out")
     recipe = Recipe.dense() if recipe is None else recipe
     spec = cache_spec(model)
-    options = dict(recipe=recipe, backend=backend, check=check, progress=progress, backend_options=backend_options)
-    if recipe.configs("flow"):
-        raise UnsupportedError("recipe.flow: token flow is not supported by compile_decoder yet (its routing picks "
-                               "tokens across the whole prompt, which a one-token decode step cannot reproduce); "
-                               "compile the decoder with attention and ffn recipes only")
+    for config in recipe.configs("flow"):
+        _check_decoder_flow(config)
     for config in recipe.configs("attention"):
         if getattr(config, "pruned_logits", "-inf") != "-inf":
             raise UnsupportedError(f"recipe.attention = {type(config).kind} with pruned_logits="
                                    f"{config.pruned_logits!r}: a decoder's decode step computes exact block-sparse "
                                    "attention (pruned keys at -inf); use pruned_logits='-inf'")
     kind = "past" if backend == "onnxruntime" else "static"
-    prefill = compile_graph(_capture_step(model, spec, max_len, kind, prefill=True), None,
-                            calibration=_calibration_inputs(calibration, spec, max_len, kind), **options)
+    options = dict(recipe=recipe, backend=backend, check=check, progress=progress, backend_options=backend_options)
+    eager = {**options, "backend": "eager", "backend_options": None}  # a graph changed after its rewrite is lowered later
+    prefill_captured = _capture_step(model, spec, max_len, kind, prefill=True)
+    if trained is None:
+        prefill = compile_graph(prefill_captured, None, calibration=_calibration_inputs(calibration, spec, max_len, kind),
+                                **options)
+    else:
+        prefill = compile_graph(prefill_captured, None, plans=trained.plans, **eager)
+        _take_weights(prefill.graph_module, trained.prefill.graph_module, "prefill")
+        prefill = _lowered(prefill, prefill_captured, recipe, backend, backend_options)
     # block layouts: the prefill runs block-sparse attention; the decode step keeps its SDPA and masks the
     # keys its query's layout row drops (sparsecc.causal_lm.layout_decode)
     layouts = {name: plan_layout(p) for name, p in prefill.plans.items() if "mask" in p.tensors}
     decode_recipe = dataclasses.replace(recipe, attention=None) if layouts else recipe
     captured = _capture_step(model, spec, max_len, kind, prefill=False)
-    decode = compile_graph(captured, None, plans=prefill.plans,
-                           **{**options, "recipe": decode_recipe, **({"backend": "eager", "backend_options": None}
-                                                                     if layouts else {})})
+    relower = bool(layouts) or trained is not None
+    decode = compile_graph(captured, None, plans=prefill.plans, **{**(eager if relower else options),
+                                                                    "recipe": decode_recipe})
     if set(decode.plans) != set(prefill.plans) - set(layouts):
         raise UnsupportedError(f"the decode graph's regions {sorted(decode.plans)} differ from the prefill graph's "
                                f"{sorted(prefill.plans)}; the recipe cannot be applied to both the same way")
@@ -293,8 +362,10 @@ def compile_decoder(model: nn.Module, max_len: int, recipe: Any = None, calibrat
         if masked != len(layouts):
             raise UnsupportedError(f"{len(layouts)} attention layouts were planned on the prefill graph and {masked} "
                                    "decode-step attention regions took them; the decode graph's regions differ")
-        decode = SparseModel(decode.graph_module, captured, decode_recipe, backend, decode.report(),
-                             backend_options=backend_options, plans=decode.plans)
+    if trained is not None:
+        _take_weights(decode.graph_module, trained.decode.graph_module, "decode")
+    if relower:
+        decode = _lowered(decode, captured, decode_recipe, backend, backend_options)
     _join(prefill, decode, kind)
     return CompiledCausalLM(prefill, decode, spec, max_len, Sampling.from_generation_config(
         getattr(model, "generation_config", None)), type(model).__name__, kind)

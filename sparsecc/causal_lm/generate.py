@@ -25,7 +25,7 @@ from sparsecc.errors import InputError
 log = logging.getLogger("sparsecc.causal_lm")
 
 __all__ = ["PastCacheSteps", "Sampling", "StaticCacheSteps", "generate_tokens", "prefill_inputs", "process_logits",
-           "prompt_positions"]
+           "prompt_positions", "token_batches"]
 
 # transformers' defaults for the fields a model's generation_config leaves unset
 # (GenerationConfig._get_default_generation_params)
@@ -118,6 +118,28 @@ def prefill_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, cache:
     mask = torch.zeros(batch, max_len, dtype=torch.long, device=input_ids.device)
     mask[:, :length] = attention_mask
     return (input_ids, mask, prompt_positions(attention_mask), torch.tensor(0, device=input_ids.device), *cache)
+
+
+def token_batches(batches: Any, max_len: int, what: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids, attention_mask) of each batch of `batches` (calibration or training text): token ids
+    [B, T] with 2 <= T <= max_len, or dicts with input_ids (and attention_mask)."""
+    if isinstance(batches, (torch.Tensor, dict)) or not hasattr(batches, "__iter__"):
+        raise InputError(f"{what} must be a list of batches of token ids ([batch, length] tensors or dicts "
+                         f"with input_ids and attention_mask), got {type(batches).__name__}")
+    out = []
+    for i, batch in enumerate(batches):
+        ids, mask = (batch.get("input_ids"), batch.get("attention_mask")) if isinstance(batch, dict) else (batch, None)
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+            raise InputError(f"{what} batch {i}: expected token ids [batch, length] (an integer tensor, or a "
+                             f"dict with 'input_ids'), got {type(ids).__name__}"
+                             f"{' ' + str(list(ids.shape)) if isinstance(ids, torch.Tensor) else ''}")
+        if not 2 <= ids.shape[1] <= max_len:
+            raise InputError(f"{what} batch {i} has {ids.shape[1]} tokens; the prefill graph takes 2 to "
+                             f"max_len={max_len}: cut the text into pieces of at most {max_len} tokens")
+        out.append((ids.long(), (torch.ones_like(ids) if mask is None else mask).long()))
+    if not out:
+        raise InputError(f"{what} is empty: pass at least one batch of token ids")
+    return out
 
 
 def _check_prompt(input_ids: Any, attention_mask: Any, max_len: int, max_new_tokens: int) -> tuple:

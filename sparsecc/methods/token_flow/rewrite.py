@@ -46,8 +46,8 @@ from sparsecc.errors import UnsupportedError
 from sparsecc.graph.flow_segments import (FlowSegment, attention_args, attention_targets, find_segments,
                                           linear_parts, segment_nodes, split_segment)
 from sparsecc.graph.fx_utils import SDPA, aten, fake, hint, is_call, new_call
-from sparsecc.ops.token_flow.helpers import (flow_attention_mask, flow_mix, gather_tokens, soft_key_mask,
-                                             valid_tokens)
+from sparsecc.ops.token_flow.helpers import (flow_attention_mask, flow_mix, gather_tokens, single_token_route,
+                                             soft_key_mask, valid_tokens)
 from sparsecc.methods.token_flow.config import TokenFlow
 from sparsecc.methods.token_flow.gates import FlowGates
 from sparsecc.methods.token_flow.packed import pack_tail
@@ -142,7 +142,8 @@ def _gate_node(graph: fx.Graph, h: fx.Node, x0: fx.Node, valid: fx.Node, segment
 
 
 class _Valid:
-    """One valid-token node per (mask, stack): read from the self-attention mask's last query row."""
+    """One valid-token node per (mask, stack), read from the self-attention mask: the keys it lets through,
+    or, when its keys are not the stream's tokens (KV-cache slots), the query rows that see anything."""
 
     def __init__(self, graph: fx.Graph):
         self.graph, self.cache = graph, {}
@@ -150,7 +151,9 @@ class _Valid:
     def get(self, mask: Optional[fx.Node], h: fx.Node, stack: int) -> fx.Node:
         key = (mask, stack)
         if key not in self.cache:
-            self.cache[key] = new_call(self.graph, valid_tokens, (mask, h), meta_from=h)
+            mval = fake(mask) if isinstance(mask, fx.Node) else None
+            by_query = mval is not None and mval.dim() >= 2 and not _same(mval.shape[-1], fake(h).shape[1])
+            self.cache[key] = new_call(self.graph, valid_tokens, (mask, h, by_query), meta_from=h)
         return self.cache[key]
 
 
@@ -176,6 +179,10 @@ class _SegmentRewrite:
         self.x0, self.valid, self.out, self.mask = x0, valid, out, mask
         self.batch = fake(h_in).shape[0]
         self.L = fake(h_in).shape[1]
+        # a one-token step (a decoder's decode graph): K = L = 1 always, so the route has static shapes and
+        # every tensor entering the segment is its own gather (valid slot 0 = the token); only the stream
+        # [B, 1, X] is gathered, which the packed tail reads its rows from
+        self.single = _same(self.L, 1)
         self.gathered_cache: dict = {}
         self.sym_cache: dict = {}
 
@@ -203,9 +210,13 @@ class _SegmentRewrite:
             valid = self.valid.get(self.mask, h_in, seg.stack_id)
             keep = _gate_node(graph, h_in, self.x0, valid, seg.index, "keep")
             route = new_call(graph, torch.ops.sparsecc.flow_route.default, (keep,), meta_from=gathered[0])
+            if self.single:
+                route = new_call(graph, single_token_route, (keep,), meta_from=gathered[0])
+            else:
+                route = new_call(graph, torch.ops.sparsecc.flow_route.default, (keep,), meta_from=gathered[0])
             self.index = new_call(graph, operator.getitem, (route, 0), meta_from=gathered[0])
             self.counts = new_call(graph, operator.getitem, (route, 1), meta_from=gathered[0])
-            self.K = new_call(graph, aten.sym_size.int, (self.index, 1), meta_from=gathered[0])
+            self.K = 1 if self.single else new_call(graph, aten.sym_size.int, (self.index, 1), meta_from=gathered[0])
         targets = attention_targets()
         for n in gathered:
             with graph.inserting_before(n):
@@ -221,7 +232,8 @@ class _SegmentRewrite:
         out.replace_all_uses_with(scatter, delete_user_cb=lambda u: u is not scatter and u not in members)
         self._fix_outside_sym_sizes()
         if self.plan.cfg.layout == "packed":
-            packed = pack_tail(graph, self.members, self.gathered_cache, self.batch, self.L, h_in, scatter, self.K)
+            packed = pack_tail(graph, self.members, self.gathered_cache, self.batch, self.L, h_in, scatter,
+                               self.counts if self.single else self.K)
             if packed is not None:
                 self.plan.packed.add(seg.index)
                 return packed
@@ -236,6 +248,9 @@ class _SegmentRewrite:
             return self._sym(m)
         if m.op == "get_attr" or not isinstance(val, torch.Tensor):
             return m
+        if self.single:  # only the [B, 1, X] stream: the packed tail's rows come from it
+            stream = val.dim() == 3 and _same(val.shape[0], self.batch) and _same(val.shape[1], 1)
+            return self._gathered(m, 1) if stream else m
         dims = _token_dims(val, self.L)
         if not dims:
             return m
@@ -285,7 +300,7 @@ class _SegmentRewrite:
     def _generic(self, n: fx.Node) -> None:
         n.args = fx.node.map_aggregate(n.args, self._arg)
         n.kwargs = fx.node.map_aggregate(n.kwargs, self._arg)
-        if n.target in _SHAPE_OPS and isinstance(self.L, int) and len(n.args) > 1 \
+        if n.target in _SHAPE_OPS and isinstance(self.L, int) and not self.single and len(n.args) > 1 \
                 and isinstance(n.args[1], (list, tuple)):
             sizes, out = list(n.args[1]), fake(n).shape
             hits = [i for i, (s, o) in enumerate(zip(sizes, out))
@@ -309,6 +324,9 @@ class _SegmentRewrite:
                                    "where they come from")
         causal = bool(a["is_causal"])
         new_mask = mask
+        if self.single:  # one query: its mask row and keys are the same (a skipped token's output is dropped)
+            n.args, n.kwargs = fx.node.map_aggregate((n.args, n.kwargs), self._arg)
+            return
         if mask is not None or causal or kv_kept:
             mval = fake(mask) if isinstance(mask, fx.Node) else None
             gather_query = mval is not None and mval.dim() >= 2 and _same(mval.shape[-2], self.L)

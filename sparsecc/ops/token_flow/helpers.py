@@ -10,7 +10,8 @@ become ordinary aten ops (and standard ONNX ops) around `sparsecc::flow_*`.
   the original mask's kept query rows (and kept key columns for kv="kept"), the causal
   order by POSITION (kept queries at position p see keys at positions <= p) where the
   graph had `is_causal=True`, and padding slots masked out as keys.
-- `valid_tokens(mask, h)`: [B, L] non-padding tokens, read from an attention mask.
+- `valid_tokens(mask, h, by_query)`: [B, L] non-padding tokens, read from an attention mask.
+- `single_token_route(keep)`: the route of a one-token (decode) step, static shapes.
 - `flow_mix(h, out, gates)`: the soft training update h + g * (out - h).
 - `soft_key_mask(...)`: kv="kept" in training: log(g) of each key added to the mask.
 - `packed_route(index, counts, h)`, `pack_slots(...)`, `gather_packed(...)`, `scatter_packed(...)`:
@@ -28,8 +29,8 @@ from torch import Tensor
 
 import sparsecc.ops.token_flow.op  # noqa: F401  (registers the ops)
 
-__all__ = ["gather_tokens", "flow_attention_mask", "valid_tokens", "flow_mix", "soft_key_mask", "packed_route",
-           "pack_slots", "gather_packed", "scatter_packed"]
+__all__ = ["gather_tokens", "flow_attention_mask", "valid_tokens", "single_token_route", "flow_mix", "soft_key_mask",
+           "packed_route", "pack_slots", "gather_packed", "scatter_packed"]
 
 
 def gather_tokens(t: Tensor, index: Tensor, counts: Tensor, dim: int) -> Tensor:
@@ -100,11 +101,14 @@ def flow_attention_mask(mask: Optional[Tensor], q: Tensor, k: Tensor, index: Ten
     return _combine(m, keep, q.dtype)
 
 
-def valid_tokens(mask: Optional[Tensor], h: Tensor) -> Tensor:
-    """[B, L] bool: the tokens that some query attends to as a key (the non-padding ones) under `mask`.
+def valid_tokens(mask: Optional[Tensor], h: Tensor, by_query: bool = False) -> Tensor:
+    """[B, L] bool: the non-padding tokens of `h` [B, L, ...] under the attention `mask`.
 
-    Any query row, not just the last: under a sliding window the last query sees only the last
-    window's keys, yet every token of the window before is a real token."""
+    By default a token is valid when some query attends to it as a key - any query row, not just
+    the last: under a sliding window the last query sees only the last window's keys, yet every
+    token of the window before is a real token. by_query: the mask's keys are not the L tokens (a
+    KV cache: keys are cache slots), so a token is valid when its own query row attends to
+    something (padding queries of a left-padded prompt see only padding keys: a row all masked)."""
     B, L = h.shape[0], h.shape[1]
     if mask is None:
         return torch.ones(B, L, dtype=torch.bool, device=h.device)
@@ -113,7 +117,15 @@ def valid_tokens(mask: Optional[Tensor], h: Tensor) -> Tensor:
         m = m.unsqueeze(0)
     keys = m[:, 0]  # [B or 1, L or 1, S]
     seen = keys if keys.dtype == torch.bool else keys > _neg(keys.dtype) / 2
+    if by_query:
+        return seen.any(dim=2).expand(B, L)
     return seen.any(dim=1).expand(B, L)
+
+
+def single_token_route(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """`flow_route` of a one-token step (keep [B, 1]): index [B, 1] all 0, counts [B] in {0, 1}. The
+    same result as the op, with static shapes (K is always 1), so a decode step stays shape-static."""
+    return torch.zeros_like(keep, dtype=torch.int64), keep.sum(1, dtype=torch.int64)
 
 
 def flow_mix(h: Tensor, out: Tensor, gates: Tensor) -> Tensor:
