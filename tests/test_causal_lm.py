@@ -145,6 +145,30 @@ def test_token_flow_decode_steps_route_each_token_as_the_prefill_does(arch):
     assert (full - dense).abs().max() > 1e-3  # tokens skipped layers
 
 
+def test_a_decode_step_whose_token_skips_every_layer_does_no_tail_work():
+    """Batch 1, the new token skipped by every layer: the decode step runs no output projection and no FFN
+    (the packed tail gets no rows, not one padding row). FLOPs against the same step with every token kept
+    differ by exactly layers x (the FFN's 3 and o_proj's 1 matmuls of one token)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = _model("llama")
+    dec = sparsecc.compile_decoder(model, max_len=MAX_LEN, recipe=FLOW, progress=False)
+    steps, ids = dec.steps(), torch.randint(1, T.VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
+    flops, logits = {}, {}
+    for bias in (5.0, -5.0):  # every gate open / closed
+        with torch.no_grad():
+            for scorer in dec.prefill.flow_gates.scorers:
+                scorer.weight.zero_()
+                scorer.bias.fill_(bias)
+            _, state = steps.prefill(ids, torch.ones_like(ids))
+            with FlopCounterMode(display=False) as counter:
+                logits[bias], _ = steps.next(ids[:, :1], torch.ones(1, 7, dtype=torch.long), torch.full((1, 1), 6), state)
+        flops[bias] = counter.get_total_flops()
+    c = model.config
+    per_layer = 3 * 2 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size * c.hidden_size
+    assert flops[5.0] - flops[-5.0] == c.num_hidden_layers * per_layer
+    assert (logits[5.0] - logits[-5.0]).abs().max() > 1e-3
+
+
 def test_fit_flow_trains_the_decoder_gates_and_onnxruntime_runs_them():
     """dec.fit_flow distils the dense model into the flowed prefill graph: the loss falls, the thresholds keep
     the recipe's half of the tokens on the training text, the user's model is untouched, and the decode graph

@@ -9,6 +9,11 @@ d_ff 4096, 16 heads, 24 layers, vocab 32000; fp32). Rows, all greedy, batch 1 (-
   sparsecc sparse FFN            SparseFFN(n, d_lowrank, init="random") on every layer (random
                                  controllers: with random weights nothing can be distilled, and the
                                  op's speed does not depend on which unit wins)
+  sparsecc token flow (--flow K) TokenFlow(gate="content", pin_first=False, keep=K): random gate
+                                 scorers whose thresholds are set (calibrate_keep) to keep K of the
+                                 tokens of random prompts; a skipped token runs no output projection
+                                 and no FFN in that layer. The fraction the timed tokens kept is
+                                 measured afterwards and printed with the table.
 Each row is timed by a streamer that stamps every generated token: the gaps between consecutive
 tokens are decode steps (the prompt's prefill is not in them). Harness as Table 1: a prompt of
 --prompt tokens, 2 warm-up tokens, then 10 timed ones; --repeats runs per row, interleaved, so drift
@@ -144,6 +149,34 @@ def spion_prefill(model, args, length: int) -> list[str]:
     return lines + [f"| {name} | {s:.3f} | {first / s:.2f}x |" for name, s in result.items()]
 
 
+def flow_decoder(model, args):
+    """An eager token-flow decoder whose random gate scorers keep about args.flow of the tokens."""
+    from sparsecc.causal_lm.generate import prefill_inputs
+    from sparsecc.methods.token_flow.fit import calibrate_keep
+    recipe = sparsecc.Recipe(attention=None, ffn=None,
+                             flow=sparsecc.TokenFlow(gate="content", pin_first=False, keep=args.flow))
+    dec = sparsecc.compile_decoder(model, max_len=args.max_len, recipe=recipe, check=False)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for scorer in dec.prefill.flow_gates.scorers:
+            scorer.weight.copy_(torch.randn(scorer.weight.shape, generator=g) / scorer.weight.shape[1] ** 0.5)
+            scorer.bias.zero_()
+    prompts = [torch.randint(1, args.vocab, (4, args.max_len), generator=g) for _ in range(2)]
+    calibrate_keep(dec.prefill, [prefill_inputs(ids, torch.ones_like(ids), dec.empty_cache(4), dec.max_len)
+                                 for ids in prompts])
+    return dec
+
+
+def kept_while_decoding(dec, ids) -> float:
+    """Mean over layers of the fraction of the generated tokens that a flow decoder kept (the prefill graph
+    routes every token as the decode step did)."""
+    from sparsecc.causal_lm.generate import prefill_inputs
+    tokens = dec.generate(ids, max_new_tokens=WARMUP + TIMED)[:, ids.shape[1]:]
+    kept = dec.prefill.measure_flow([prefill_inputs(tokens, torch.ones_like(tokens), dec.empty_cache(tokens.shape[0]),
+                                                    dec.max_len)])
+    return statistics.fmean(kept.values())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_table1_shape(p)
@@ -160,7 +193,9 @@ def main() -> None:
     p.add_argument("--spion-density", type=float, default=0.25)
     p.add_argument("--spion-block", type=int, default=64)
     p.add_argument("--ort", action="store_true",
-                   help="also the two sparsecc decoders on ONNX Runtime (past in, present out)")
+                   help="also the sparsecc decoders on ONNX Runtime (past in, present out)")
+    p.add_argument("--flow", type=float, default=0.0,
+                   help="also a token-flow decoder keeping about this fraction of tokens per layer (0: none)")
     p.add_argument("--out", help="write the markdown table here")
     args = p.parse_args()
     if args.threads:
@@ -183,11 +218,23 @@ def main() -> None:
     if args.ort:
         builds += [("sparsecc identity, ORT", None, "onnxruntime"),
                    (f"sparsecc sparse FFN (n={args.n}), ORT", sparse, "onnxruntime")]
+    flow_name = f"sparsecc token flow (keep {args.flow})"
+    if args.flow:
+        start = time.perf_counter()
+        flow = flow_decoder(model, args)
+        print(f"compiled and calibrated the eager token-flow decoder in {time.perf_counter() - start:.0f}s", flush=True)
+        builds.insert(2, (flow_name, flow, args.backend))
+        if args.ort:
+            builds.append((flow_name + ", ORT", flow, "onnxruntime"))
     for name, recipe, backend in builds:
         start = time.perf_counter()
         options = {"intra_op_num_threads": args.threads} if backend == "onnxruntime" and args.threads else None
-        decs[name] = sparsecc.compile_decoder(model, max_len=args.max_len, recipe=recipe, check=False,
-                                              backend=backend, backend_options=options)
+        if isinstance(recipe, sparsecc.CompiledCausalLM):  # the calibrated flow decoder, moved to `backend`
+            decs[name] = recipe if backend == "eager" else sparsecc.compile_decoder(
+                model, max_len=args.max_len, check=False, backend=backend, backend_options=options, trained=recipe)
+        else:
+            decs[name] = sparsecc.compile_decoder(model, max_len=args.max_len, recipe=recipe, check=False,
+                                                  backend=backend, backend_options=options)
         gc.collect()
         print(f"compiled {name} in {time.perf_counter() - start:.0f}s", flush=True)
     dec = next(iter(decs.values()))
@@ -221,9 +268,14 @@ def main() -> None:
     for name, t in timed.items():
         med = statistics.median(t)
         lines.append(f"| {name} | {med:.4f} | {statistics.fmean(t):.4f} | {base / med:.2f}x |")
+    if args.flow:
+        lines += ["", f"The token-flow decoder kept {kept_while_decoding(decs[flow_name], ids):.3f} of the timed "
+                  "tokens per layer (mean over layers)."]
     for length in lengths:
-        result = time_prefill(model, {"sparsecc identity prefill": dec}, length, max(2, args.repeats // 2),
-                              args.vocab)
+        prefills = {"sparsecc identity prefill": dec}
+        if args.flow:
+            prefills[f"sparsecc token flow prefill (keep {args.flow})"] = decs[flow_name]
+        result = time_prefill(model, prefills, length, max(2, args.repeats // 2), args.vocab)
         first = result["HF forward, DynamicCache"]
         lines += ["", f"Prefill of {length} tokens, batch 1 (median of {max(2, args.repeats // 2)}):", "",
                   "| prefill | seconds | vs HF |", "|---|---:|---:|"]

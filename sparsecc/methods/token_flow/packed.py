@@ -96,6 +96,11 @@ class _Tail:
             if not all(self.is_row(r, flat_ok=True) for r in rows):
                 return None
             return rows if all(t in rows or not self.is_row(t) and not self._per_token(t) for t in tensors) else None
+        if n.target is aten.mean.dim:  # RMSNorm's mean of squares over the features of each row
+            x, dims = n.args[0], n.args[1]
+            keepdim = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+            last = isinstance(x, fx.Node) and list(dims) in ([-1], [fake(x).dim() - 1])
+            return [x] if last and keepdim and self.is_row(x) and len(tensors) == 1 else None
         if n.target in _ELEMENTWISE:
             rows = [t for t in tensors if self.is_row(t, flat_ok=True)]
             for t in tensors:
@@ -145,12 +150,12 @@ def _position(graph: fx.Graph):
 
 
 def pack_tail(graph: fx.Graph, members: set, gathered: dict, batch: Any, L: Any, h_in: fx.Node,
-              scatter: fx.Node, route_after: fx.Node) -> Optional[fx.Node]:
+              scatter: fx.Node, route_after: fx.Node, router: Any = packed_route) -> Optional[fx.Node]:
     """Rewrite the tail feeding `scatter` (a flow_scatter node) to the packed layout.
 
     Returns the node that replaces `scatter`, or None (graph untouched) when the segment has no
     row-wise tail with a linear or FFN in it. route_after: where the packed route goes (after the
-    segment's flow_route).
+    segment's flow_route). router: the function that computes (slots, rows, n) from (index, counts, h).
     """
     _, rows_node, index, counts, accumulate = scatter.args
     finder = _Tail(members, gathered, batch, L)
@@ -162,7 +167,7 @@ def pack_tail(graph: fx.Graph, members: set, gathered: dict, batch: Any, L: Any,
     if not all(finder.is_row(f) for f in frontier):  # 3-D [B, K, X] only: what pack_slots takes
         return None
     with graph.inserting_after(route_after):
-        route = new_call(graph, packed_route, (index, counts, h_in), meta_from=rows_node)
+        route = new_call(graph, router, (index, counts, h_in), meta_from=rows_node)
     with graph.inserting_after(route):
         slots, flat_rows, n = (new_call(graph, operator.getitem, (route, i), meta_from=rows_node) for i in range(3))
     packed = {}

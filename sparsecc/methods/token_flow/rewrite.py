@@ -46,8 +46,8 @@ from sparsecc.errors import UnsupportedError
 from sparsecc.graph.flow_segments import (FlowSegment, attention_args, attention_targets, find_segments,
                                           linear_parts, segment_nodes, split_segment)
 from sparsecc.graph.fx_utils import SDPA, aten, fake, hint, is_call, new_call
-from sparsecc.ops.token_flow.helpers import (flow_attention_mask, flow_mix, gather_tokens, single_token_route,
-                                             soft_key_mask, valid_tokens)
+from sparsecc.ops.token_flow.helpers import (flow_attention_mask, flow_mix, gather_tokens, single_token_packed_route,
+                                             single_token_route, soft_key_mask, valid_tokens)
 from sparsecc.methods.token_flow.config import TokenFlow
 from sparsecc.methods.token_flow.gates import FlowGates
 from sparsecc.methods.token_flow.packed import pack_tail
@@ -233,7 +233,7 @@ class _SegmentRewrite:
         self._fix_outside_sym_sizes()
         if self.plan.cfg.layout == "packed":
             packed = pack_tail(graph, self.members, self.gathered_cache, self.batch, self.L, h_in, scatter,
-                               self.counts if self.single else self.K)
+                               *((self.counts, single_token_packed_route) if self.single else (self.K,)))
             if packed is not None:
                 self.plan.packed.add(seg.index)
                 return packed

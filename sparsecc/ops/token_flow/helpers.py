@@ -18,6 +18,7 @@ become ordinary aten ops (and standard ONNX ops) around `sparsecc::flow_*`.
   the PACKED layout of a segment's per-token tail (layout="packed"): the valid slots of every
   example one after another as [1, N, D] (N = the batch's kept tokens), so row-wise ops (linear,
   norms, FFN, residual adds) do no work on padding slots. All on the `sparsecc::flow_*` ops.
+  `single_token_packed_route` is the route of a one-token (decode) step, where N may be 0.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch import Tensor
 import sparsecc.ops.token_flow.op  # noqa: F401  (registers the ops)
 
 __all__ = ["gather_tokens", "flow_attention_mask", "valid_tokens", "single_token_route", "flow_mix", "soft_key_mask",
-           "packed_route", "pack_slots", "gather_packed", "scatter_packed"]
+           "packed_route", "single_token_packed_route", "pack_slots", "gather_packed", "scatter_packed"]
 
 
 def gather_tokens(t: Tensor, index: Tensor, counts: Tensor, dim: int) -> Tensor:
@@ -168,6 +169,14 @@ def packed_route(index: Tensor, counts: Tensor, h: Tensor) -> tuple[Tensor, Tens
     return slots, rows, n
 
 
+def single_token_packed_route(index: Tensor, counts: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`packed_route` of a one-token step (index [B, 1] all 0, counts [B] in {0, 1}): the kept rows of the
+    batch, without the padding slot `flow_route` leaves when nothing is kept, so a decode step whose token
+    skips a layer runs that layer's tail on no rows at all (batch 1: the tail is skipped)."""
+    rows = counts.nonzero().reshape(1, -1)  # [1, N]: slot b of [B, 1] is row b of [B * 1]
+    return rows, rows, counts.sum().reshape(1)
+
+
 def pack_slots(x: Tensor, slots: Tensor, n: Tensor) -> Tensor:
     """[B, K, ...] padded rows -> [1, N, ...] packed rows (the valid slots only)."""
     B, K = x.shape[0], x.shape[1]
@@ -185,6 +194,6 @@ def gather_packed(x: Tensor, rows: Tensor, n: Tensor) -> Tensor:
 def scatter_packed(x: Tensor, packed: Tensor, rows: Tensor, n: Tensor, accumulate: bool) -> Tensor:
     """`flow_scatter` of packed rows [1, N, D] into x [B, L, D] (a new tensor; skipped rows = x)."""
     B, L, D = x.shape
-    out = torch.ops.sparsecc.flow_scatter(x.reshape(1, B * L, D).contiguous(), packed.reshape(1, -1, D), rows, n,
+    out = torch.ops.sparsecc.flow_scatter(x.reshape(1, B * L, D).contiguous(), packed.reshape(1, rows.shape[1], D), rows, n,
                                           accumulate)
     return out.reshape(B, L, D)
