@@ -15,7 +15,8 @@ The directory holds:
 A model made of several compiled graphs (`sparsecc.compile_decoder`'s prefill and decode step) is saved
 in parts: one such directory per graph (prefill/, decode/) and a manifest.json naming the kind, the
 parts and their plain values (cache shapes, generation defaults); `load` rebuilds it through the
-builder registered for the kind.
+builder registered for the kind. A tensor the parts share (the decoder's weights) is written once, by
+the first part that has it; a later part's manifest names it under "external" as [part, name].
 
 Everything is written into a temporary directory beside the target, which then replaces the
 target in one rename: a reader sees the old directory or the complete new one. `load` checks
@@ -78,9 +79,10 @@ def save(sm: Any, directory: str | os.PathLike) -> Path:
     try:
         if callable(getattr(sm, "saved_parts", None)):
             kind, parts, values = sm.saved_parts()
+            written: dict = {}  # storage -> (part, name): tensors the parts share are written once
             for name, part in parts.items():
                 (tmp / name).mkdir()
-                _write_model(part, tmp / name)
+                _write_model(part, tmp / name, (name, written))
             manifest = {"format": PARTS_FORMAT, "format_version": FORMAT_VERSION, "sparsecc": __version__,
                         "torch": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kind": kind,
                         "parts": list(parts), "values": values}
@@ -97,8 +99,9 @@ def save(sm: Any, directory: str | os.PathLike) -> Path:
     return target
 
 
-def _write_model(sm: Any, out: Path) -> None:
-    """The files of one saved SparseModel, written into the (new, empty) directory `out`."""
+def _write_model(sm: Any, out: Path, part: Optional[tuple[str, dict]] = None) -> None:
+    """The files of one saved SparseModel, written into the (new, empty) directory `out`. part: (this part's
+    name, storage -> (part, name) of the tensors earlier parts wrote), for a model saved in parts."""
     from safetensors.torch import save_file
 
     from sparsecc.capture import recapture, spec_to_json
@@ -109,6 +112,16 @@ def _write_model(sm: Any, out: Path) -> None:
     ep = recapture(sm.graph_module, tuple(args), kwargs_all, dynamic=sm.dynamic,
                    dynamic_shapes=getattr(sm, "dynamic_shapes", None))
     weights, aliases = _unique_tensors(ep.state_dict)
+    external = {}
+    if part is not None:
+        name_of_part, written = part
+        for name in list(weights):
+            key = _storage_key(ep.state_dict[name])
+            if key in written:
+                external[name] = list(written[key])
+                del weights[name]
+            else:
+                written[key] = (name_of_part, name)
     for name in list(ep.state_dict):  # the graph file carries no weight data: weights.safetensors does
         value = ep.state_dict[name]
         meta = torch.empty_like(value, device="meta")
@@ -128,6 +141,7 @@ def _write_model(sm: Any, out: Path) -> None:
         "recipe": sm.recipe.to_dict(), "backend": sm.backend, "dynamic": bool(sm.dynamic),
         "dynamic_shapes": spec_to_json(getattr(sm, "dynamic_shapes", None)),
         "call_defaults": sm.call_defaults, "omittable": sm.omittable, "example": example_values, "tied": aliases,
+        "external": external,
         "plans": {region: {"method": p.method, "version": p.version, "values": p.values,
                            "tensors": sorted(p.tensors)} for region, p in plans.items()},
         "report": sm.report().to_dict(),
@@ -143,13 +157,17 @@ def _unique_tensors(state: dict) -> tuple[dict, dict]:
     seen: dict = {}
     out, aliases = {}, {}
     for name, value in state.items():
-        key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.dtype)
+        key = _storage_key(value)
         if key in seen:
             aliases[name] = seen[key]
             continue
         seen[key] = name
         out[name] = value.detach().cpu().contiguous()
     return out, aliases
+
+
+def _storage_key(value: torch.Tensor) -> tuple:
+    return (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.dtype)
 
 
 def _split_example(args: tuple, kwargs: dict) -> tuple[dict, dict]:
@@ -269,6 +287,17 @@ def load(directory: str | os.PathLike, backend: Optional[str] = None, backend_op
     every rank of an FSDP2 run) to load in place of the saved weights.
     Methods defined outside sparsecc must be imported (registered) before loading their recipe.
     """
+    directory = Path(directory)
+    parts = _parts_manifest(directory)
+    if parts is not None:
+        return _load_parts(directory, parts, backend, backend_options, checkpoint)
+    return _load_model(directory, backend, backend_options, checkpoint)
+
+
+def _load_model(directory: Path, backend: Optional[str], backend_options: Optional[dict], checkpoint: Any,
+                part: Optional[tuple[str, dict]] = None) -> Any:
+    """One saved SparseModel. part: (its name, part name -> weights of the parts loaded before it), for a
+    model saved in parts: its "external" tensors come from those, and its own weights join them."""
     from safetensors.torch import load_file
 
     from sparsecc.capture import Captured, import_pytree_types, spec_from_json
@@ -279,10 +308,6 @@ def load(directory: str | os.PathLike, backend: Optional[str] = None, backend_op
     from sparsecc.recipe import Recipe
     from sparsecc.report import Report, saved_report
 
-    directory = Path(directory)
-    parts = _parts_manifest(directory)
-    if parts is not None:
-        return _load_parts(directory, parts, backend, backend_options, checkpoint)
     manifest = read_manifest(directory)
     import_pytree_types(str(directory / "program.pt2"))
     try:
@@ -293,6 +318,14 @@ def load(directory: str | os.PathLike, backend: Optional[str] = None, backend_op
                         f"{manifest['torch']}, this is torch {torch.__version__}") from err
     gm = ep.module()
     weights = load_file(str(directory / "weights.safetensors"))
+    for alias, (other, name) in manifest.get("external", {}).items():
+        found = None if part is None else part[1].get(other, {}).get(name)
+        if found is None:
+            raise SaveError(f"{directory / 'manifest.json'}: the tensor {alias} is stored by the part {other!r} "
+                            f"({name}), which was not loaded with it; load the whole directory {directory.parent}")
+        weights[alias] = found
+    if part is not None:
+        part[1][part[0]] = weights
     for alias, name in manifest["tied"].items():
         weights[alias] = weights[name]
     try:
@@ -349,6 +382,7 @@ def _load_parts(directory: Path, manifest: dict, backend: Optional[str], backend
     if checkpoint is not None:
         raise UnsupportedError(f"{directory} is a {kind} saved in parts; load(checkpoint=...) reads a checkpoint "
                                "into one compiled graph: load it without a checkpoint")
-    parts = {name: load(directory / name, backend=backend, backend_options=backend_options)
+    loaded: dict = {}  # part name -> its weights, for the tensors later parts share
+    parts = {name: _load_model(directory / name, backend, backend_options, None, (name, loaded))
              for name in manifest.get("parts", [])}
     return build(parts, manifest.get("values", {}))

@@ -4,6 +4,7 @@ one-token decode graph over a static KV cache, for every architecture in sparsec
 from __future__ import annotations
 
 import functools
+import json
 
 import pytest
 import torch
@@ -268,6 +269,13 @@ def test_save_and_load_generate_the_same_tokens(tmp_path):
     assert torch.equal(loaded.generate(ids, attention_mask=mask, max_new_tokens=8), expected)
     shared = {id(p) for p in loaded.prefill.parameters()}
     assert all(id(p) in shared for p in loaded.decode.parameters())  # one set of weights again
+    # ... and on disk once: the decode part names the prefill's tensors instead of storing them
+    from safetensors.torch import load_file
+    stored = {part: load_file(str(tmp_path / "dec" / part / "weights.safetensors")) for part in ("prefill", "decode")}
+    external = json.loads((tmp_path / "dec" / "decode" / "manifest.json").read_text())["external"]
+    params = dict(dec.decode.graph_module.named_parameters())
+    assert set(params) <= set(external) and not set(params) & set(stored["decode"])
+    assert all(part == "prefill" and name in stored["prefill"] for part, name in external.values())
 
 
 def test_bad_prompts_are_errors_that_say_what_to_do():

@@ -161,8 +161,9 @@ def flow_decoder(model, args):
         for scorer in dec.prefill.flow_gates.scorers:
             scorer.weight.copy_(torch.randn(scorer.weight.shape, generator=g) / scorer.weight.shape[1] ** 0.5)
             scorer.bias.zero_()
-    prompts = [torch.randint(1, args.vocab, (4, args.max_len), generator=g) for _ in range(2)]
-    calibrate_keep(dec.prefill, [prefill_inputs(ids, torch.ones_like(ids), dec.empty_cache(4), dec.max_len)
+    # calibrate_keep runs the prompts once per layer: 256 random tokens set the thresholds
+    prompts = [torch.randint(1, args.vocab, (2, min(args.max_len, 128)), generator=g)]
+    calibrate_keep(dec.prefill, [prefill_inputs(ids, torch.ones_like(ids), dec.empty_cache(2), dec.max_len)
                                  for ids in prompts])
     return dec
 

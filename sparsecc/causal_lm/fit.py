@@ -56,7 +56,10 @@ def fit_decoder_flow(dec: Any, batches: Any, teacher: nn.Module, steps: int, **o
     padding). options: those of `sparsecc.train.flow.fit_flow` (lr, gate_lr, penalty, train_model, ...).
     """
     if not hasattr(dec.prefill, "flow_gates"):
-        raise UnsupportedError("fit_flow trains token-flow gates; this decoder was compiled without recipe.flow")
+        raise UnsupportedError("fit_flow trains token-flow gates; this decoder has none to train (compiled without "
+                               "recipe.flow, or loaded by sparsecc.load, which keeps the inference graphs): "
+                               "compile it with compile_decoder(..., recipe=Recipe(flow=TokenFlow(gate='content', "
+                               "pin_first=False)))")
     if dec.cache_kind != "static":
         raise UnsupportedError("fit_flow trains an eager or inductor decoder (an ONNX Runtime session keeps the "
                                "weights it was built with): train one compiled with backend='eager', then "
