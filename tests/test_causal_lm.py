@@ -170,7 +170,7 @@ def test_a_decode_step_whose_token_skips_every_layer_does_no_tail_work():
     assert (logits[5.0] - logits[-5.0]).abs().max() > 1e-3
 
 
-def test_fit_flow_trains_the_decoder_gates_and_onnxruntime_runs_them():
+def test_fit_flow_trains_the_decoder_gates_and_onnxruntime_runs_them(tmp_path):
     """dec.fit_flow distils the dense model into the flowed prefill graph: the loss falls, the thresholds keep
     the recipe's half of the tokens on the training text, the user's model is untouched, and the decode graph
     routes with the trained gates. compile_decoder(..., backend='onnxruntime', trained=dec) takes the trained
@@ -199,6 +199,9 @@ def test_fit_flow_trains_the_decoder_gates_and_onnxruntime_runs_them():
         assert (ort(tokens, full_mask) - full)[full_mask.bool()].abs().max() < 1e-4
     with pytest.raises(UnsupportedError, match="trained=dec"):
         ort.fit_flow(batches, teacher=model, steps=1)
+    sparsecc.save(dec, tmp_path / "flow")  # the trained gates are in the saved inference graphs
+    assert torch.equal(sparsecc.load(tmp_path / "flow").generate(ids, attention_mask=mask, max_new_tokens=8,
+                                                                eos_token_id=[]), tokens)
 
 
 def test_left_padded_rows_generate_what_each_prompt_alone_does():
@@ -222,6 +225,42 @@ def test_sampling_draws_what_hf_generate_draws_with_the_same_seed():
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     a = dec.generate(ids, attention_mask=mask, generator=g1, **options)
     assert torch.equal(a, dec.generate(ids, attention_mask=mask, generator=g2, **options))
+
+
+class _BanToken:
+    """A user's logits processor (HF's interface): `token` is never chosen."""
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores.index_fill(1, torch.tensor([self.token]), -float("inf"))
+
+
+@pytest.mark.parametrize("case", ["repetition", "ngram", "min_new_tokens", "banned", "user"])
+def test_hf_logits_processors_give_the_tokens_of_hf_generate(case):
+    """repetition_penalty, no_repeat_ngram_size, min_new_tokens, bad_words_ids / suppress_tokens /
+    begin_suppress_tokens and a user's logits_processor: greedy tokens equal HF's generate with the same
+    options (a left-padded batch), and differ from plain greedy (the option changed something)."""
+    from transformers import LogitsProcessorList
+    model, dec = _model("llama"), _compiled("llama", False)
+    ids, mask = _prompts()
+    plain = dec.generate(ids, attention_mask=mask, max_new_tokens=12)
+    new = plain[:, 7:]
+    options = {"repetition": dict(repetition_penalty=2.0), "ngram": dict(no_repeat_ngram_size=2),
+               "min_new_tokens": dict(min_new_tokens=6, eos_token_id=int(new[0, 1])),
+               "banned": dict(bad_words_ids=[[int(new[0, 0])], [int(new[1, 0]), int(new[1, 1])]],
+                              suppress_tokens=[int(new[2, 2])], begin_suppress_tokens=[int(new[1, 0])]),
+               "user": {}}[case]
+    ban = [_BanToken(int(new[0, 0]))] if case == "user" else None
+    ours = dec.generate(ids, attention_mask=mask, max_new_tokens=12, logits_processor=ban, **options)
+    theirs = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, **options,
+                            **({"logits_processor": LogitsProcessorList(ban)} if ban else {}))
+    assert torch.equal(ours, theirs)
+    n = min(ours.shape[1], plain.shape[1])
+    assert not torch.equal(ours[:, :n], plain[:, :n])
+    with pytest.raises(InputError, match="num_beams"):
+        dec.generate(ids, num_beams=2)
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 50, 1.0), (0.5, 5, 1.0), (1.3, 0, 0.8), (0.9, 7, 0.6)])
@@ -388,6 +427,9 @@ def test_generation_config_defaults_are_taken_and_unapplied_settings_named():
     sampling = Sampling.from_generation_config(config)
     assert sampling == Sampling(do_sample=True, temperature=1.0, top_k=50, top_p=0.8, eos_token_id=(3, 4),
                                 pad_token_id=1)
-    with pytest.warns(UserWarning, match=r"repetition_penalty=1\.2, no_repeat_ngram_size=3"):
-        Sampling.from_generation_config(GenerationConfig(repetition_penalty=1.2, no_repeat_ngram_size=3))
+    with pytest.warns(UserWarning, match=r"num_beams=3, typical_p=0\.5"):
+        Sampling.from_generation_config(GenerationConfig(num_beams=3, typical_p=0.5))
     assert sampling.updated(top_k=5, eos_token_id=7) == Sampling(True, 1.0, 5, 0.8, (7,), 1)
+    taken = Sampling.from_generation_config(GenerationConfig(repetition_penalty=1.2, no_repeat_ngram_size=3,
+                                                             bad_words_ids=[[5], [6, 7]]))
+    assert (taken.repetition_penalty, taken.no_repeat_ngram_size, taken.bad_words_ids) == (1.2, 3, ((5,), (6, 7)))

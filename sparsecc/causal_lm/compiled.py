@@ -39,7 +39,7 @@ from sparsecc.capture import Captured, capture, max_positions, sliding_window
 from sparsecc.causal_lm.cache_step import (CacheSpec, CacheStep, PastStep, cache_spec, is_hf_causal_lm,
                                           write_cache_in_place)
 from sparsecc.causal_lm.fit import fit_decoder_flow
-from sparsecc.causal_lm.generate import (PastCacheSteps, Sampling, StaticCacheSteps, generate_tokens,
+from sparsecc.causal_lm.generate import (PROCESSOR_OPTIONS, PastCacheSteps, Sampling, StaticCacheSteps, generate_tokens,
                                         prefill_inputs, prompt_positions, token_batches)
 from sparsecc.causal_lm.layout_decode import mask_decode_attention
 from sparsecc.errors import InputError, UnsupportedError
@@ -181,19 +181,27 @@ class CompiledCausalLM(nn.Module):
                  max_new_tokens: int = 20, do_sample: Optional[bool] = None, temperature: Optional[float] = None,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Any = None,
                  pad_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                 streamer: Any = None) -> torch.Tensor:
+                 streamer: Any = None, logits_processor: Any = None, **processor_options: Any) -> torch.Tensor:
         """The prompts [B, P] (left-padded, with their attention_mask) followed by the generated tokens.
 
         Unset options take the model's generation_config (then transformers' defaults), as HF's generate
         does; generation stops at max_new_tokens or when every row has produced eos_token_id. streamer:
-        HF's streamer interface (put / end), e.g. transformers.TextStreamer(tokenizer)."""
+        HF's streamer interface (put / end), e.g. transformers.TextStreamer(tokenizer).
+        processor_options: HF's repetition_penalty, no_repeat_ngram_size, min_length, min_new_tokens,
+        bad_words_ids, suppress_tokens, begin_suppress_tokens (applied by transformers' own processors);
+        logits_processor: more processors (HF's LogitsProcessor interface), applied after those."""
+        unknown = sorted(set(processor_options) - set(PROCESSOR_OPTIONS))
+        if unknown:
+            raise InputError(f"generate got {unknown}; it takes do_sample, temperature, top_k, top_p, eos_token_id, "
+                             f"pad_token_id, {', '.join(PROCESSOR_OPTIONS)}, logits_processor, generator, streamer "
+                             "(beam search and HF's other generation options are not supported)")
         sampling = self.sampling.updated(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                                         eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+                                         eos_token_id=eos_token_id, pad_token_id=pad_token_id, **processor_options)
         device = self.device
         return generate_tokens(self.steps(), self.max_len,
                                input_ids.to(device) if isinstance(input_ids, torch.Tensor) else input_ids,
                                attention_mask.to(device) if isinstance(attention_mask, torch.Tensor) else attention_mask,
-                               sampling, max_new_tokens, generator, streamer)
+                               sampling, max_new_tokens, generator, streamer, logits_processor)
 
     def fit_flow(self, batches: Any, teacher: nn.Module, steps: int, **options: Any) -> Any:
         """Train the token-flow gates (and weights) by distillation from `teacher`, the dense model, on token
@@ -221,9 +229,7 @@ class CompiledCausalLM(nn.Module):
         cache = values["cache"]
         spec = CacheSpec(tuple(tuple(layer) for layer in cache["layers"]),
                          getattr(torch, cache["dtype"].replace("torch.", "")))
-        sampling = dict(values["sampling"])
-        if sampling.get("eos_token_id") is not None:
-            sampling["eos_token_id"] = tuple(sampling["eos_token_id"])
+        sampling = dict(values["sampling"])  # lists from JSON: Sampling makes them tuples again
         kind = values.get("cache_kind", "static")
         _join(parts["prefill"], parts["decode"], kind)
         return cls(parts["prefill"], parts["decode"], spec, int(values["max_len"]), Sampling(**sampling),

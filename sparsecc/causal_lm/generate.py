@@ -24,23 +24,29 @@ from sparsecc.errors import InputError
 
 log = logging.getLogger("sparsecc.causal_lm")
 
-__all__ = ["PastCacheSteps", "Sampling", "StaticCacheSteps", "generate_tokens", "prefill_inputs", "process_logits",
-           "prompt_positions", "token_batches"]
+__all__ = ["PROCESSOR_OPTIONS", "PastCacheSteps", "Sampling", "StaticCacheSteps", "generate_tokens",
+           "logits_processors", "prefill_inputs", "process_logits", "prompt_positions", "token_batches"]
 
 # transformers' defaults for the fields a model's generation_config leaves unset
 # (GenerationConfig._get_default_generation_params)
 _HF_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+# generation_config fields of HF's processors sparsecc applies (through HF's own processor classes), with the
+# values that switch them off
+PROCESSOR_OPTIONS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0,
+                     "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None}
 # generation_config fields of HF's other processors and of beam search, with their values that change nothing
-_NOT_APPLIED = {"num_beams": (1,), "repetition_penalty": (1.0,), "no_repeat_ngram_size": (0,), "min_length": (0,),
-                "min_new_tokens": (0,), "bad_words_ids": (), "suppress_tokens": (), "begin_suppress_tokens": (),
-                "forced_bos_token_id": (), "forced_eos_token_id": (), "min_p": (), "typical_p": (1.0,),
-                "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,), "encoder_repetition_penalty": (1.0,)}
+_NOT_APPLIED = {"num_beams": (1,), "forced_bos_token_id": (), "forced_eos_token_id": (), "min_p": (),
+                "typical_p": (1.0,), "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,),
+                "encoder_repetition_penalty": (1.0,), "sequence_bias": (), "exponential_decay_length_penalty": (),
+                "guidance_scale": (1.0,)}
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """How the next token is chosen: greedy (arg-max) unless do_sample; with do_sample the logits go
-    through temperature, then top-k, then top-p (HF's warpers, in HF's order) and one token is drawn."""
+    """How the next token is chosen: HF's logits processors for the settings below (repetition penalty,
+    n-gram blocking, minimum lengths, banned and suppressed tokens: transformers' own classes, in HF's
+    order), then greedy (arg-max) unless do_sample; with do_sample the scores go through temperature,
+    then top-k, then top-p (HF's warpers, in HF's order) and one token is drawn."""
 
     do_sample: bool = False
     temperature: float = 1.0
@@ -48,6 +54,13 @@ class Sampling:
     top_p: float = 1.0
     eos_token_id: Optional[tuple] = None
     pad_token_id: Optional[int] = None
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    min_length: int = 0
+    min_new_tokens: int = 0
+    bad_words_ids: Optional[tuple] = None  # of token-id tuples
+    suppress_tokens: Optional[tuple] = None
+    begin_suppress_tokens: Optional[tuple] = None
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -58,6 +71,17 @@ class Sampling:
             raise InputError(f"top_k={self.top_k!r}: expected an integer >= 0 (0 or None: no top-k filter)")
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p={self.top_p}: expected a number in (0, 1] (1: no top-p filter)")
+        if not self.repetition_penalty > 0:
+            raise InputError(f"repetition_penalty={self.repetition_penalty}: expected a number > 0 (1: none)")
+        for name in ("no_repeat_ngram_size", "min_length", "min_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InputError(f"{name}={value!r}: expected an integer >= 0 (0: none)")
+        for name in ("eos_token_id", "suppress_tokens", "begin_suppress_tokens"):  # JSON and users give lists
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.bad_words_ids is not None:
+            object.__setattr__(self, "bad_words_ids", tuple(tuple(words) for words in self.bad_words_ids))
 
     @classmethod
     def from_generation_config(cls, config: Any) -> "Sampling":
@@ -67,8 +91,8 @@ class Sampling:
                    if getattr(config, name, None) not in (None, [], *neutral)]
         if ignored:
             message = (f"the model's generation_config sets {', '.join(ignored)}, which sparsecc's generate does not "
-                       "apply (greedy / sampling with temperature, top_k, top_p only): its tokens can differ from "
-                       "the model's own generate")
+                       "apply (beam search and those processors): its tokens can differ from the model's own "
+                       "generate")
             log.warning("%s", message)
             warnings.warn(message, UserWarning, stacklevel=3)
         def field(name: str) -> Any:
@@ -76,9 +100,11 @@ class Sampling:
             return _HF_DEFAULTS[name] if value is None else value
         eos = getattr(config, "eos_token_id", None)
         eos = None if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+        processors = {name: getattr(config, name) for name, off in PROCESSOR_OPTIONS.items()
+                      if getattr(config, name, None) not in (None, off)}
         return cls(do_sample=bool(getattr(config, "do_sample", False) or False), temperature=float(field("temperature")),
                    top_k=field("top_k"), top_p=float(field("top_p")), eos_token_id=eos,
-                   pad_token_id=getattr(config, "pad_token_id", None))
+                   pad_token_id=getattr(config, "pad_token_id", None), **processors)
 
     def updated(self, **changes: Any) -> "Sampling":
         """A copy with the given fields changed (None leaves a field as it is)."""
@@ -102,6 +128,43 @@ def process_logits(scores: torch.Tensor, sampling: Sampling) -> torch.Tensor:
         drop[..., -1:] = False  # keep at least one token
         scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
     return scores
+
+
+def logits_processors(sampling: Sampling, attention_mask: torch.Tensor, extra: Any = None) -> list:
+    """HF's logits processors for `sampling`'s settings, built as HF's generate builds them (same classes,
+    same order), then `extra` (callables (input_ids, scores) -> scores, e.g. a LogitsProcessorList).
+    attention_mask: the (left-padded) prompt's."""
+    out: list = []
+    if any(getattr(sampling, name) not in (None, off) for name, off in PROCESSOR_OPTIONS.items()):
+        from transformers.generation import logits_process as hf
+
+        device = attention_mask.device
+        eos = torch.tensor(sampling.eos_token_id, device=device) if sampling.eos_token_id else None
+        prompt = attention_mask.shape[1]
+        if sampling.repetition_penalty != 1.0:
+            padding = (attention_mask != 0).int().argmax(dim=1)
+            out.append(hf.RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty, prompt_ignore_length=padding))
+        if sampling.no_repeat_ngram_size > 0:
+            out.append(hf.NoRepeatNGramLogitsProcessor(sampling.no_repeat_ngram_size))
+        if sampling.bad_words_ids is not None:
+            out.append(hf.NoBadWordsLogitsProcessor([list(words) for words in sampling.bad_words_ids], eos))
+        if sampling.min_length > 0 and eos is not None:
+            out.append(hf.MinLengthLogitsProcessor(sampling.min_length, eos, device=device))
+        if sampling.min_new_tokens > 0 and eos is not None:
+            out.append(hf.MinNewTokensLengthLogitsProcessor(prompt, sampling.min_new_tokens, eos, device=device))
+        if sampling.suppress_tokens is not None:
+            out.append(hf.SuppressTokensLogitsProcessor(list(sampling.suppress_tokens), device=device))
+        if sampling.begin_suppress_tokens is not None:
+            out.append(hf.SuppressTokensAtBeginLogitsProcessor(list(sampling.begin_suppress_tokens), prompt,
+                                                              device=device))
+    if extra is not None:
+        extra = [extra] if callable(extra) and not isinstance(extra, (list, tuple)) else list(extra)
+        bad = [type(p).__name__ for p in extra if not callable(p)]
+        if bad:
+            raise InputError(f"logits_processor: expected callables (input_ids, scores) -> scores (HF's "
+                             f"LogitsProcessor interface), got {bad[0]}")
+        out += extra
+    return out
 
 
 def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -224,13 +287,16 @@ class PastCacheSteps:
 @torch.no_grad()
 def generate_tokens(steps: Any, max_len: int, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                     sampling: Sampling = Sampling(), max_new_tokens: int = 20,
-                    generator: Optional[torch.Generator] = None, streamer: Any = None) -> torch.Tensor:
+                    generator: Optional[torch.Generator] = None, streamer: Any = None,
+                    logits_processor: Any = None) -> torch.Tensor:
     """The prompt followed by up to max_new_tokens generated tokens [B, P + n], n <= max_new_tokens:
     generation stops when every row has produced an end-of-sequence token, and rows that finished
     earlier are filled with the pad token, as HF's generate does. steps: StaticCacheSteps or
     PastCacheSteps. streamer: an object with HF's streamer interface (e.g. transformers.TextStreamer):
-    put(prompt ids), put(each new token [B]), end()."""
+    put(prompt ids), put(each new token [B]), end(). logits_processor: more processors after the ones
+    `sampling` asks for (`logits_processors`)."""
     input_ids, attention_mask = _check_prompt(input_ids, attention_mask, max_len, max_new_tokens)
+    processors = logits_processors(sampling, attention_mask, logits_processor)
     batch, length = input_ids.shape
     eos: Optional[Sequence[int]] = sampling.eos_token_id
     pad = sampling.pad_token_id if sampling.pad_token_id is not None else (eos[0] if eos else None)
@@ -243,6 +309,11 @@ def generate_tokens(steps: Any, max_len: int, input_ids: torch.Tensor, attention
         unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
         eos_ids = torch.tensor(list(eos), device=input_ids.device) if eos else None
         for i in range(max_new_tokens):
+            if processors:
+                so_far = torch.cat(out, dim=1)
+                logits = logits.to(torch.float32, copy=True)  # HF processes a float32 copy
+                for processor in processors:
+                    logits = processor(so_far, logits)
             token = next_tokens(logits, sampling, generator)
             if eos_ids is not None:
                 token = torch.where(unfinished, token, torch.full_like(token, pad))
