@@ -52,6 +52,13 @@ def test_save_load_gives_the_same_outputs(tmp_path, name):
     assert loaded.report().table() == sm.report().table()
     if sm.layouts:
         assert all(torch.equal(loaded.layouts[k].mask, v.mask) for k, v in sm.layouts.items())
+        # layouts are plan data, not weights: graph buffers outside state_dict() (so outside DDP / FSDP
+        # checkpoints and weights.safetensors), saved once, with the plans
+        layout_buffers = [k for k, _ in sm.named_buffers() if "sparsecc_layout" in k]
+        assert len(layout_buffers) == 2 * len(sm.layouts)
+        assert not any("sparsecc_layout" in k for k in sm.state_dict())
+        from safetensors.torch import load_file
+        assert not any("sparsecc_layout" in k for k in load_file(str(tmp_path / "m" / "weights.safetensors")))
 
 
 class Net(torch.nn.Module):

@@ -142,7 +142,7 @@ def _bias_node(graph: fx.Graph, mask: fx.Node, anchor: fx.Node, query: fx.Node, 
 
 
 def _buffer_node(gm: fx.GraphModule, name: str, value: torch.Tensor, like: fx.Node) -> fx.Node:
-    gm.register_buffer(name, value)
+    gm.register_buffer(name, value, persistent=False)  # plan data, not weights: kept out of state_dict()
     node = gm.graph.get_attr(name)
     mode = fake(like).fake_mode
     node.meta["val"] = mode.from_tensor(value, static_shapes=True)
