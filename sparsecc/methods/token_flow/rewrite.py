@@ -209,7 +209,6 @@ class _SegmentRewrite:
         with graph.inserting_before(gathered[0]):
             valid = self.valid.get(self.mask, h_in, seg.stack_id)
             keep = _gate_node(graph, h_in, self.x0, valid, seg.index, "keep")
-            route = new_call(graph, torch.ops.sparsecc.flow_route.default, (keep,), meta_from=gathered[0])
             if self.single:
                 route = new_call(graph, single_token_route, (keep,), meta_from=gathered[0])
             else:

@@ -194,6 +194,6 @@ def gather_packed(x: Tensor, rows: Tensor, n: Tensor) -> Tensor:
 def scatter_packed(x: Tensor, packed: Tensor, rows: Tensor, n: Tensor, accumulate: bool) -> Tensor:
     """`flow_scatter` of packed rows [1, N, D] into x [B, L, D] (a new tensor; skipped rows = x)."""
     B, L, D = x.shape
-    out = torch.ops.sparsecc.flow_scatter(x.reshape(1, B * L, D).contiguous(), packed.reshape(1, rows.shape[1], D), rows, n,
-                                          accumulate)
+    packed = packed.reshape(1, rows.shape[1], D)  # not (1, -1, D): N may be 0 (a one-token step)
+    out = torch.ops.sparsecc.flow_scatter(x.reshape(1, B * L, D).contiguous(), packed, rows, n, accumulate)
     return out.reshape(B, L, D)
