@@ -162,7 +162,8 @@ def test_a_decode_step_whose_token_skips_every_layer_does_no_tail_work():
                 scorer.bias.fill_(bias)
             _, state = steps.prefill(ids, torch.ones_like(ids))
             with FlopCounterMode(display=False) as counter:
-                logits[bias], _ = steps.next(ids[:, :1], torch.ones(1, 7, dtype=torch.long), torch.full((1, 1), 6), state)
+                logits[bias], _ = steps.next(ids[:, :1], torch.ones(1, 7, dtype=torch.long), torch.full((1, 1), 6),
+                                             state)
         flops[bias] = counter.get_total_flops()
     c = model.config
     per_layer = 3 * 2 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size * c.hidden_size

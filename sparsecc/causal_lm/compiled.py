@@ -283,7 +283,8 @@ def _take_weights(target: nn.Module, source: nn.Module, graph: str) -> int:
             tensor.copy_(other)
             copied += 1
     if missing:
-        raise UnsupportedError(f"trained: the {graph} graph's parameters {missing[:3]}{'...' if len(missing) > 3 else ''}"
+        more = "..." if len(missing) > 3 else ""
+        raise UnsupportedError(f"trained: the {graph} graph's parameters {missing[:3]}{more}"
                                " are not in the trained decoder (or have another shape); pass a decoder compiled "
                                "from the same model with the same recipe")
     return copied
@@ -291,7 +292,8 @@ def _take_weights(target: nn.Module, source: nn.Module, graph: str) -> int:
 
 def _check_trained(trained: Any, recipe: Any, max_len: int) -> Recipe:
     if not isinstance(trained, CompiledCausalLM):
-        raise InputError(f"trained: expected a CompiledCausalLM (compile_decoder's result), got {type(trained).__name__}")
+        raise InputError(f"trained: expected a CompiledCausalLM (compile_decoder's result), got "
+                         f"{type(trained).__name__}")
     if recipe is not None and recipe != trained.prefill.recipe:
         raise InputError("trained: the trained decoder was compiled with another recipe; leave recipe out (the "
                          "trained decoder's is used) or pass the same one")
@@ -343,11 +345,12 @@ def compile_decoder(model: nn.Module, max_len: int, recipe: Any = None, calibrat
                                    "attention (pruned keys at -inf); use pruned_logits='-inf'")
     kind = "past" if backend == "onnxruntime" else "static"
     options = dict(recipe=recipe, backend=backend, check=check, progress=progress, backend_options=backend_options)
-    eager = {**options, "backend": "eager", "backend_options": None}  # a graph changed after its rewrite is lowered later
+    # a graph changed after its rewrite (weights taken, decode masks) is compiled on eager and lowered afterwards
+    eager = {**options, "backend": "eager", "backend_options": None}
     prefill_captured = _capture_step(model, spec, max_len, kind, prefill=True)
     if trained is None:
-        prefill = compile_graph(prefill_captured, None, calibration=_calibration_inputs(calibration, spec, max_len, kind),
-                                **options)
+        calibration = _calibration_inputs(calibration, spec, max_len, kind)
+        prefill = compile_graph(prefill_captured, None, calibration=calibration, **options)
     else:
         prefill = compile_graph(prefill_captured, None, plans=trained.plans, **eager)
         _take_weights(prefill.graph_module, trained.prefill.graph_module, "prefill")
