@@ -398,6 +398,24 @@ def test_sparse_recipes_run_in_onnx_runtime(tmp_path, name, recipe_name):
         assert ops == {"sparsecc::block_sparse_attention", "sparsecc::sparse_ffn"}
 
 
+def test_capacity_token_flow_runs_in_onnx_runtime_with_sizes_of_the_input_shape(tmp_path):
+    """select="capacity": the route is TopK over position keys, not flow_route; ORT equals the PyTorch graph
+    at the export shape and at another batch and length, with padding."""
+    model, inputs = T.bert()
+    path = str(tmp_path / "capacity.onnx")
+    sm = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(flow=sparsecc.TokenFlow(
+        gate="released", keep=0.4, select="capacity")), backend="onnxruntime", check=False,
+        backend_options={"path": path, "intra_op_num_threads": 1})
+    short = MODELS["bert"][1](3, 12)
+    short["attention_mask"][1, 7:] = 0
+    for shape_inputs in (inputs, short):
+        ref, got = _both(sm, shape_inputs)
+        assert _max_err(ref, got) < TOL
+    ops = {r.op for r in inspect_onnx(path).regions}
+    assert "sparsecc::flow_route" not in ops and "sparsecc::flow_gather" in ops
+    assert "TopK" in {n.op_type for n in onnx.load(path, load_external_data=False).graph.node}
+
+
 def test_exported_file_has_the_model_output_names_and_a_plain_file_mode(tmp_path):
     """Outputs named after the model's (not `layer_norm_4`), a file mode as open() would give, and the
     longest length the block layouts cover in the metadata."""

@@ -116,6 +116,43 @@ def test_bert_matches_layer_by_layer_reference():
         assert not (k & ~valid).any() and k[:, 0].all()
 
 
+def _unbacked_sizes(gm) -> set:
+    """The data-dependent (unbacked) size symbols in a graph's shapes (flow_route's K is one)."""
+    found = set()
+    for n in gm.graph.nodes:
+        val = n.meta.get("val")
+        for t in val if isinstance(val, (tuple, list)) else [val]:
+            if isinstance(t, torch.Tensor):
+                found |= {str(s) for d in t.shape if isinstance(d, torch.SymInt)
+                          for s in d.node.expr.free_symbols if str(s).startswith("u")}
+    return found
+
+
+def test_capacity_routes_a_static_count_per_example():
+    """select="capacity": each example keeps its C = ceil(keep * L) best tokens (fewer if it has fewer valid);
+    the graph's sizes are expressions of the input's (no data-dependent size), the result the reference's."""
+    model, inputs, sm = _shared(T.bert, gate="random", select="capacity", keep=0.3)
+    keep = _decisions(sm, inputs)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    for k in keep.values():  # 16 and 13 valid tokens; C = ceil(0.3 * 16) = 5; CLS pinned
+        assert k.sum(1).tolist() == [5, 5] and k[:, 0].all() and not (k & ~mask.bool()).any()
+    with torch.no_grad():
+        x = model.embeddings(input_ids=ids)
+        additive = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        for i, layer in enumerate(model.encoder.layer):
+            y = layer(x, attention_mask=additive)
+            x = torch.where(keep[i].unsqueeze(-1), y[0] if isinstance(y, tuple) else y, x)
+        out = _hidden(_run(sm, inputs))
+    assert (out - x).abs()[mask.bool()].max() <= 1e-5
+    assert (out - _hidden(_hard_reference(sm, inputs))).abs()[mask.bool()].max() <= 1e-5
+    assert _unbacked_sizes(sm.graph_module) == set()
+    _, _, topk = _shared(T.bert, gate="random", select="topk")
+    assert _unbacked_sizes(topk.graph_module)  # flow_route: K is the batch's most kept
+    short = {"input_ids": ids[:, :4], "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]])}
+    for k in _decisions(sm, short).values():  # C = ceil(0.3 * 4) = 2; the second example has 1 token
+        assert k.sum(1).tolist() == [2, 1]
+
+
 @pytest.mark.parametrize("factory,flow", [
     (T.bert, {"gate": "random", "kv": "kept"}),
     (T.gpt2, {"gate": "random"}),
@@ -210,6 +247,7 @@ def _check_causal(sm, inputs):
 @pytest.mark.parametrize("flow,message", [
     ({"gate": "released"}, "gate='released' routes each token by a router over the mean"),
     ({"gate": "content", "select": "topk"}, "select='topk' keeps the best tokens of the whole sequence"),
+    ({"gate": "content", "select": "capacity"}, "select='capacity' keeps the best tokens of the whole sequence"),
 ])
 def test_causal_models_refuse_routing_that_sees_the_future(flow, message):
     model, inputs = T.hand_written()  # causal (masked_fill mask), quick to capture

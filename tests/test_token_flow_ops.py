@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from sparsecc.ops.token_flow import op as tf
-from sparsecc.ops.token_flow.helpers import gather_packed, pack_slots, packed_route, scatter_packed
+from sparsecc.ops.token_flow.helpers import (capacity, capacity_route, gather_packed, pack_slots, packed_route,
+                                             scatter_packed)
 
 route = torch.ops.sparsecc.flow_route.default
 gather = torch.ops.sparsecc.flow_gather.default
@@ -29,6 +30,27 @@ def test_route_matches_reference_random():
     keep = torch.rand(5, 37, generator=g) < 0.4
     for a, b in zip(route(keep), tf.route_reference(keep)):
         assert torch.equal(a, b)
+
+
+def test_capacity_route_has_static_slots_and_the_route_contract():
+    index, counts = capacity_route(_keep(), 0.5)  # capacity(6, 0.5) = 3 slots, whatever is kept
+    assert index.tolist() == [[0, 2, 3], [4, 0, 0], [0, 0, 0]] and counts.tolist() == [3, 1, 0]
+    index, counts = capacity_route(_keep(), 0.9)  # 6 slots: the same route, padded further
+    assert index.tolist() == [[0, 2, 3, 0, 0, 0], [4, 0, 0, 0, 0, 0], [0] * 6] and counts.tolist() == [3, 1, 0]
+    assert [capacity(10, k) for k in (0.01, 0.1, 0.25, 0.3, 0.5, 1.0)] == [1, 1, 3, 3, 5, 10]
+    assert capacity(7, 1 / 3) == 3 and capacity(512, 0.125) == 64  # exact: no float rounding up
+    g = torch.Generator().manual_seed(2)
+    for fraction in (0.2, 0.5, 0.75):
+        scores = torch.rand(5, 37, generator=g)
+        slots = capacity(37, fraction)
+        keep = torch.zeros(5, 37, dtype=torch.bool)
+        keep.scatter_(1, scores.topk(slots, dim=1).indices, True)
+        keep[3, :] = False
+        keep[4, 30:] = False  # rows with fewer kept tokens than slots
+        index, counts = capacity_route(keep, fraction)
+        ref_index, ref_counts = tf.route_reference(keep)
+        assert index.shape == (5, slots) and torch.equal(counts, ref_counts)
+        assert torch.equal(index[:, :ref_index.shape[1]], ref_index) and not index[:, ref_index.shape[1]:].any()
 
 
 def test_gather_scatter_hand_computed():

@@ -12,7 +12,7 @@ FLOW_CHOICES = {
     "gate": ("released", "content", "random"),
     "scope": ("layer", "ffn"),
     "kv": ("all", "kept"),
-    "select": ("threshold", "topk"),
+    "select": ("threshold", "topk", "capacity"),
     "layout": ("packed", "padded"),
 }
 
@@ -24,12 +24,16 @@ class TokenFlow:
     gate: "released" (the authors' per-position logit tables mixed by a router over the mean input
     embedding), "content" (a linear score of each token's hidden state; the choice for causal
     decoders), or "random" (a fixed random table: a baseline).
-    keep: target kept fraction (sparsity-penalty target in training; the capacity of select="topk"):
+    keep: target kept fraction (sparsity-penalty target in training; the budget of select="topk" / "capacity"):
     one number for every flowed block, or one per block in model order (e.g. (0.3, 0.4, 0.4, 0.5, 0.6,
     0.8): same mean, same FLOPs with kv="all", more tokens through the later layers).
     scope: "layer" (attention and FFN of a layer share one gate, as released) or "ffn" (FFN only).
     kv: "all" (kept tokens attend to every token's keys and values, as released) or "kept".
-    select: "threshold" (gate > 0.5) or "topk" (the ceil(keep * tokens) best of each example).
+    select: "threshold" (gate > 0.5), "topk" (the ceil(keep * valid tokens) best of each example), or
+    "capacity" (the C = ceil(keep * L) best of each example, L its padded length: a static count, so
+    the route and the blocks' shapes depend on the input shape only - every batch of one shape, and
+    every rank of a distributed run, runs the same program; the blocks run on [batch, C, features],
+    the `layout` option does not apply).
     pin_first: always keep position 0 (CLS). init: initial gate logit (3.0 opens every gate).
     layout: "packed" (a block's per-token tail - output projection, norms, FFN - runs on the kept
     tokens of the whole batch one after another, so no work on the padding of examples that keep

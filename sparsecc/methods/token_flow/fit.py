@@ -63,7 +63,7 @@ def _per_example(g: Tensor, valid: Optional[Tensor]) -> Tensor:
 
 
 def sparsity_penalty(gates: FlowGates, target: Optional[float] = None, form: str = "released") -> Tensor:
-    """The gates' distance from their kept-fraction targets; 0 for top-k gates (a fixed budget).
+    """The gates' distance from their kept-fraction targets; 0 for top-k and capacity gates (a fixed budget).
 
     form="released": sum_i (i + 1) * mean_b (kept_b,i - keep_i)^2 / sum_i (i + 1), kept_b,i per example
     over its non-padding tokens. form="pooled": sum_i (i + 1) * (kept_i - keep_i)^2 with kept_i over the
@@ -71,7 +71,7 @@ def sparsity_penalty(gates: FlowGates, target: Optional[float] = None, form: str
     stack from 0. target: one for every segment (default: each segment's own, `TokenFlow.keep`)."""
     if form not in PENALTY_FORMS:
         raise ValueError(f"penalty form {form!r} is not known; expected one of {PENALTY_FORMS}")
-    if not gates.last_gates or gates.select == "topk":
+    if not gates.last_gates or gates.select != "threshold":
         return torch.zeros(())
     weights = _layer_weights(gates)
     targets = gates.keep_targets if target is None else [target] * gates.n_segments

@@ -13,9 +13,11 @@ layer, or an FFN block) of a compiled model. Kinds (`TokenFlow.gate`):
 - "random": a fixed random score table [segments, max_positions] (a baseline).
 
 Selection (`TokenFlow.select`): "threshold" keeps logit > 0 (sigmoid(logit / T) > 0.5);
-"topk" keeps the ceil(keep * n_valid) best-scored tokens of each example (capacity,
-Mixture-of-Depths style). Padding tokens are never kept; with `pin_first` position 0
-(CLS) always is.
+"topk" keeps the ceil(keep * n_valid) best-scored tokens of each example (Mixture-of-Depths
+style); "capacity" the C = ceil(keep * L) best of each example, L the padded length: a count
+fixed by the input's shape, so the route has static shapes ([B, C]) and every batch of one
+shape, on every rank, runs the same program. Padding tokens are never kept (an example with
+fewer than C valid tokens leaves slots empty); with `pin_first` position 0 (CLS) always is.
 
 Modes of `forward(h, x0, valid, segment, mode)`:
 - mode="keep": bool [B, L], the inference decision (what `sparsecc::flow_route` packs);
@@ -34,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsecc.errors import RecipeError
+from sparsecc.ops.token_flow.helpers import capacity
 
 __all__ = ["FlowGates", "gumbel_sigmoid", "hard_straight_through", "keep_threshold"]
 
@@ -164,9 +167,13 @@ class FlowGates(nn.Module):
             scores = logits.masked_fill(~valid_, float("-inf"))
             if self.pin_first:
                 scores = torch.cat([torch.full_like(scores[:, :1], float("inf")), scores[:, 1:]], dim=1)
-            n_valid = valid_.sum(1)
-            budget = torch.ceil(n_valid.to(torch.float64) * self.keep_targets[segment]).to(torch.int64)
-            keep = _rank_desc(scores) < budget.unsqueeze(1)
+            if self.select == "capacity":
+                budget = capacity(L, self.keep_targets[segment])
+            else:
+                n_valid = valid_.sum(1)
+                budget = torch.ceil(n_valid.to(torch.float64) * self.keep_targets[segment]).to(torch.int64)
+                budget = budget.unsqueeze(1)
+            keep = _rank_desc(scores) < budget
         if self.pin_first:
             keep = torch.cat([torch.ones_like(keep[:, :1]), keep[:, 1:]], dim=1)
         return keep & valid_
@@ -185,7 +192,7 @@ class FlowGates(nn.Module):
         if mode != "gate":
             raise ValueError(f"FlowGates mode must be 'keep' or 'gate', got {mode!r}")
         soft = torch.sigmoid(logits / self.temperature)
-        if self.select == "topk" or not self.training or self.hard_training:
+        if self.select != "threshold" or not self.training or self.hard_training:
             gates = hard_straight_through(self._decide(logits, valid, segment), soft)
             if self.training and self.hard_training and self.track_keep > 0 and self.select == "threshold":
                 self._track(logits.detach(), valid, segment)

@@ -46,8 +46,9 @@ from sparsecc.errors import UnsupportedError
 from sparsecc.graph.flow_segments import (FlowSegment, attention_args, attention_targets, find_segments,
                                           linear_parts, segment_nodes, split_segment)
 from sparsecc.graph.fx_utils import SDPA, aten, fake, hint, is_call, new_call
-from sparsecc.ops.token_flow.helpers import (flow_attention_mask, flow_mix, gather_tokens, single_token_packed_route,
-                                             single_token_route, soft_key_mask, valid_tokens)
+from sparsecc.ops.token_flow.helpers import (capacity_route, flow_attention_mask, flow_mix, gather_tokens,
+                                             single_token_packed_route, single_token_route, soft_key_mask,
+                                             valid_tokens)
 from sparsecc.methods.token_flow.config import TokenFlow
 from sparsecc.methods.token_flow.gates import FlowGates
 from sparsecc.methods.token_flow.packed import pack_tail
@@ -91,9 +92,9 @@ def prepare_token_flow(cfg: TokenFlow, ctx: PassContext) -> FlowPlan:
             f"token flow: gate='released' routes each token by a router over the mean of ALL the example's "
             f"embeddings, so in the causal layers {causal[:2]}{'...' if len(causal) > 2 else ''} a token's routing "
             "would depend on later tokens. Use TokenFlow(gate='content') (a per-token score) for decoders")
-    if causal and cfg.select == "topk":
+    if causal and cfg.select in ("topk", "capacity"):
         raise UnsupportedError(
-            "token flow: select='topk' keeps the best tokens of the whole sequence, so in causal layers a token's "
+            f"token flow: select={cfg.select!r} keeps the best tokens of the whole sequence, so in causal layers a token's "
             "routing would depend on later tokens. Use select='threshold' for decoders")
     x0: dict = {}
     for seg in segments:
@@ -211,6 +212,9 @@ class _SegmentRewrite:
             keep = _gate_node(graph, h_in, self.x0, valid, seg.index, "keep")
             if self.single:
                 route = new_call(graph, single_token_route, (keep,), meta_from=gathered[0])
+            elif self.plan.cfg.select == "capacity":
+                fraction = self.plan.gates.keep_targets[seg.index]
+                route = new_call(graph, capacity_route, (keep, fraction), meta_from=gathered[0])
             else:
                 route = new_call(graph, torch.ops.sparsecc.flow_route.default, (keep,), meta_from=gathered[0])
             self.index = new_call(graph, operator.getitem, (route, 0), meta_from=gathered[0])
@@ -230,7 +234,7 @@ class _SegmentRewrite:
         members = self.members
         out.replace_all_uses_with(scatter, delete_user_cb=lambda u: u is not scatter and u not in members)
         self._fix_outside_sym_sizes()
-        if self.plan.cfg.layout == "packed":
+        if self.plan.cfg.layout == "packed" and self.plan.cfg.select != "capacity":  # capacity: static shapes
             packed = pack_tail(graph, self.members, self.gathered_cache, self.batch, self.L, h_in, scatter,
                                *((self.counts, single_token_packed_route) if self.single else (self.K,)))
             if packed is not None:

@@ -12,6 +12,7 @@ become ordinary aten ops (and standard ONNX ops) around `sparsecc::flow_*`.
   graph had `is_causal=True`, and padding slots masked out as keys.
 - `valid_tokens(mask, h, by_query)`: [B, L] non-padding tokens, read from an attention mask.
 - `single_token_route(keep)`: the route of a one-token (decode) step, static shapes.
+- `capacity_route(keep, slots)`: the route of select="capacity", static shapes [B, slots].
 - `flow_mix(h, out, gates)`: the soft training update h + g * (out - h).
 - `soft_key_mask(...)`: kv="kept" in training: log(g) of each key added to the mask.
 - `packed_route(index, counts, h)`, `pack_slots(...)`, `gather_packed(...)`, `scatter_packed(...)`:
@@ -23,6 +24,7 @@ become ordinary aten ops (and standard ONNX ops) around `sparsecc::flow_*`.
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Optional
 
 import torch
@@ -30,7 +32,7 @@ from torch import Tensor
 
 import sparsecc.ops.token_flow.op  # noqa: F401  (registers the ops)
 
-__all__ = ["gather_tokens", "flow_attention_mask", "valid_tokens", "single_token_route", "flow_mix", "soft_key_mask",
+__all__ = ["gather_tokens", "flow_attention_mask", "valid_tokens", "single_token_route", "capacity", "capacity_route", "flow_mix", "soft_key_mask",
            "packed_route", "single_token_packed_route", "pack_slots", "gather_packed", "scatter_packed"]
 
 
@@ -127,6 +129,32 @@ def single_token_route(keep: Tensor) -> tuple[Tensor, Tensor]:
     """`flow_route` of a one-token step (keep [B, 1]): index [B, 1] all 0, counts [B] in {0, 1}. The
     same result as the op, with static shapes (K is always 1), so a decode step stays shape-static."""
     return torch.zeros_like(keep, dtype=torch.int64), keep.sum(1, dtype=torch.int64)
+
+
+def capacity(tokens, keep: float):
+    """ceil(keep * tokens), at least 1 and at most `tokens`: the slots of select="capacity".
+
+    Integer arithmetic on keep as a fraction, so it is exact and stays a size expression of `tokens`
+    when that is symbolic (a dynamic-shape capture): the route's shapes follow the input's."""
+    frac = Fraction(keep).limit_denominator(1 << 16)
+    c = (frac.numerator * tokens + frac.denominator - 1) // frac.denominator
+    if isinstance(c, int):
+        return max(1, min(c, tokens))
+    return torch.sym_max(1, torch.sym_min(c, tokens))
+
+
+def capacity_route(keep: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
+    """`flow_route`'s contract with K = capacity(L, fraction) fixed (keep [B, L] holds at most K kept
+    tokens per row): index [B, K] (kept positions ascending, then 0), counts [B]. Its shapes depend on L
+    only, not on the data, unlike flow_route's K = the batch's most kept. The sort keys are distinct
+    (kept p -> p, skipped p -> L + p), so the order is exact without a stable sort (ONNX has none)."""
+    L = keep.shape[1]
+    pos = torch.arange(L, device=keep.device).unsqueeze(0)
+    key = torch.where(keep, pos, pos + L)
+    first = torch.topk(key, capacity(L, fraction), dim=1, largest=False, sorted=True).values
+    counts = keep.sum(1, dtype=torch.int64)
+    slot = torch.arange(first.shape[1], device=keep.device).unsqueeze(0)
+    return torch.where(slot < counts.unsqueeze(1), first, torch.zeros_like(first)), counts
 
 
 def flow_mix(h: Tensor, out: Tensor, gates: Tensor) -> Tensor:
