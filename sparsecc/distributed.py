@@ -83,6 +83,9 @@ class Comm:
         return out
 
     # -- agreement ----------------------------------------------------------------------------------------
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)
+
     def settle(self, stage: str, error: Optional[BaseException] = None) -> None:
         """End `stage` on every rank together: raise on all ranks if any rank failed or stopped answering.
 

@@ -5,7 +5,7 @@ import torch
 
 import sparsecc
 from sparsecc import testing as T
-from sparsecc.errors import InputError, UnsupportedError
+from sparsecc.errors import DistributedError, InputError, UnsupportedError
 
 
 def _batches(n: int, seed: int, seq: int = 16) -> list[dict]:
@@ -89,6 +89,8 @@ def test_token_flow_gates_train_through_the_method_hooks():
     result = sparsecc.finetune(sm, _batches(2, 3), teacher=model, steps=4, lr=1e-3, progress=False)
     assert {"distill", "penalty", "balance"} <= set(result.history[0])
     assert not torch.equal(sm.flow_gates.table, table)  # the "gates" group trained at its own lr
+    with pytest.raises(UnsupportedError, match="token-flow models .* do not shard per block"):
+        sparsecc.finetune(sm, _batches(2, 3), teacher=model, steps=1, fsdp={}, progress=False)
 
 
 def test_finetune_says_what_it_needs():
@@ -101,6 +103,8 @@ def test_finetune_says_what_it_needs():
         sparsecc.finetune(sm, _batches(1, 3), teacher=model, steps=1, loss="kl", progress=False)
     with pytest.raises(InputError, match="steps must be a positive int"):
         sparsecc.finetune(sm, _batches(1, 3), teacher=model, steps=0)
+    with pytest.raises(DistributedError, match="needs torch.distributed initialised"):
+        sparsecc.finetune(sm, _batches(1, 3), teacher=model, steps=1, fsdp={}, progress=False)
     ort = sparsecc.compile(model, T.bert()[1], recipe=sparsecc.Recipe(attention=None, ffn=None),
                            backend="onnxruntime", progress=False)
     with pytest.raises(UnsupportedError, match="does not train"):

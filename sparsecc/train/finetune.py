@@ -24,7 +24,11 @@ same sequence again (a list, or a loader with a seeded order). The teacher is on
 no_grad; its parameters and train/eval mode are left as they were. Under torch.distributed every rank
 passes its own shard of each batch and the model trains under DistributedDataParallel (with
 find_unused_parameters: a loss on the hidden states leaves a pooler without gradient; `ddp` overrides);
-rank 0 writes the checkpoints.
+rank 0 writes the checkpoints. With `fsdp={...}` (FSDP2's `fully_shard` options; `{}` for its defaults)
+it trains sharded instead, one FSDP2 group per block (`sparsecc.train.parallel.fully_shard_blocks`):
+each rank holds 1/world of the weights and optimizer state; the checkpoint's weights and optimizer
+state are a torch.distributed.checkpoint folder every rank writes its shards into (the rest of the
+state, rank 0); at the end the trained (best) weights are gathered into `sm` on every rank.
 """
 
 from __future__ import annotations
@@ -47,13 +51,14 @@ from sparsecc.methods.registry import handler_for
 from sparsecc.train.losses import first_float_tensor, hidden_distill, kl_distill, output_distill
 from sparsecc.train.batches import cycle
 from sparsecc.train.optim import SCHEDULES, Schedule, make_optimizer, param_groups
-from sparsecc.train.parallel import data_parallel
+from sparsecc.train.parallel import data_parallel, fully_shard_blocks
 
 log = logging.getLogger("sparsecc.train.finetune")
 
 __all__ = ["FinetuneResult", "finetune"]
 
 CHECKPOINT_FILE = "finetune.pt"
+SHARDS = "finetune-step{}.dcp"  # the FSDP2 run's weights and optimizer state at a step (a dcp folder)
 LOSSES = ("auto", "kl", "cosine", "mse")
 
 
@@ -134,13 +139,70 @@ def _cpu_copy(state: dict) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
+# ------------------------------------------------------------------ FSDP2 state
+def _gathered(sharded: nn.Module) -> dict:
+    """The full parameters of a ShardedModel under the SparseModel's names (a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    return {sharded.names[k]: v for k, v in full.items() if k in sharded.names}
+
+
+def _copy_parameters(sm: nn.Module, params: dict) -> None:
+    with torch.no_grad():
+        for name, param in sm.named_parameters():
+            param.copy_(params[name])
+
+
+def _save_shards(sharded: nn.Module, opt: torch.optim.Optimizer, checkpoint: str, step: int, comm: Any) -> str:
+    """Every rank writes its shards of the weights and optimizer state into a temporary folder, which rank 0
+    renames once all are written; returns the folder's name (inside `checkpoint`). A collective."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, get_model_state_dict
+    name = SHARDS.format(step)
+    final, tmp = os.path.join(checkpoint, name), os.path.join(checkpoint, name + ".tmp")
+    if comm.rank == 0:
+        os.makedirs(checkpoint, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    comm.barrier()
+    dcp.save({"model": get_model_state_dict(sharded), "optimizer": get_optimizer_state_dict(sharded, opt)},
+             checkpoint_id=tmp)
+    comm.barrier()
+    if comm.rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    comm.barrier()
+    return name
+
+
+def _load_shards(sharded: nn.Module, opt: torch.optim.Optimizer, folder: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    state = {"model": get_model_state_dict(sharded), "optimizer": get_optimizer_state_dict(sharded, opt)}
+    # partial: get_optimizer_state_dict gives every parameter AdamW state, the saved run only those that had
+    # gradients (a pooler the loss does not read has none, and keeps none that matters: it gets no gradient)
+    dcp.load(state, checkpoint_id=folder, planner=DefaultLoadPlanner(allow_partial_load=True))
+    set_model_state_dict(sharded, state["model"])
+    set_optimizer_state_dict(sharded, opt, state["optimizer"])
+
+
+def _remove_other_shards(checkpoint: str, keep: str) -> None:
+    import shutil
+    for name in os.listdir(checkpoint):
+        if name.startswith("finetune-step") and name.endswith(".dcp") and name != keep:
+            shutil.rmtree(os.path.join(checkpoint, name), ignore_errors=True)
+
+
 def finetune(sm: nn.Module, batches: Iterable[Any], teacher: Optional[nn.Module] = None, *, steps: int,
              lr: float = 2e-5, loss: Union[str, Callable] = "auto", eval_batches: Optional[Iterable[Any]] = None,
              eval_every: Optional[int] = None, checkpoint: Optional[str] = None,
              checkpoint_every: Optional[int] = None, resume: bool = True, keep_best: bool = True,
              schedule: str = "cosine", warmup: int = 0, weight_decay: float = 0.0,
              inputs_of: Callable[[Any], Any] = lambda batch: batch, teacher_cache: bool = True,
-             ddp: Optional[dict] = None, progress: bool = True) -> FinetuneResult:
+             ddp: Optional[dict] = None, fsdp: Optional[dict] = None, progress: bool = True) -> FinetuneResult:
     """Distil `teacher`'s outputs into the compiled model `sm`, in place; see the module docstring.
 
     batches: iterable (cycled) of batches; inputs_of(batch) -> the model inputs (dict of keyword inputs,
@@ -148,6 +210,7 @@ def finetune(sm: nn.Module, batches: Iterable[Any], teacher: Optional[nn.Module]
     at least 1) their mean loss is measured; the weights of the best evaluation are kept (keep_best).
     checkpoint: a directory for resumable state, written every checkpoint_every steps (default: eval_every,
     else steps//10) and at the end; resume=False starts over (the old state is replaced).
+    ddp / fsdp: under torch.distributed, DistributedDataParallel's options, or FSDP2's (training sharded).
     Returns a FinetuneResult; the model is left in eval mode.
     """
     _check(sm, teacher, steps, schedule, lr)
@@ -158,12 +221,18 @@ def finetune(sm: nn.Module, batches: Iterable[Any], teacher: Optional[nn.Module]
     eval_list = list(eval_batches) if eval_batches is not None else None
 
     hooks = _method_hooks(sm)
+    model: nn.Module = sm  # what trains: sm itself, or its blocks sharded with FSDP2
+    if fsdp is not None:
+        if hooks:
+            raise UnsupportedError("finetune(fsdp=...): token-flow models (two graphs) do not shard per block; "
+                                   "fine-tune them under DDP (leave fsdp out)")
+        model = fully_shard_blocks(sm, **fsdp)
     roles: dict = {}
     for h in hooks:
         if h.param_groups is not None:
             for g in h.param_groups(sm, lr):
                 roles.setdefault(g["role"], (g["params"], g["lr"]))
-    opt = make_optimizer(param_groups(sm, roles, model_lr=lr, weight_decay=weight_decay))
+    opt = make_optimizer(param_groups(model, roles, model_lr=lr, weight_decay=weight_decay))
     sched = Schedule(steps=steps, warmup=warmup, kind=schedule).attach(opt)
     result = FinetuneResult(model=sm)
     best_state: Optional[dict] = None
@@ -175,8 +244,11 @@ def finetune(sm: nn.Module, batches: Iterable[Any], teacher: Optional[nn.Module]
         if state.get("steps") != steps:
             raise InputError(f"finetune: the checkpoint in {checkpoint} is of a run of {state.get('steps')} steps, this "
                              f"call asks for {steps}; pass the same steps to resume, or resume=False to start over")
-        sm.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])  # new param_group dicts: the schedule must drive these
+        if fsdp is None:
+            sm.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])  # new param_group dicts: the schedule must drive these
+        else:
+            _load_shards(model, opt, os.path.join(checkpoint, state["shards"]))
         sched = Schedule(steps=steps, warmup=warmup, kind=schedule, step_count=state["step"]).attach(opt)
         torch.set_rng_state(state["rng"])
         result.history, result.evals = state["history"], state["evals"]
@@ -187,7 +259,7 @@ def finetune(sm: nn.Module, batches: Iterable[Any], teacher: Optional[nn.Module]
     teacher_mode = teacher.training
     teacher.eval()
     # outputs the loss does not read (a pooler beside the hidden states) leave parameters without gradient
-    trained = data_parallel(sm, {"find_unused_parameters": True, **(ddp or {})})
+    trained = model if fsdp is not None else data_parallel(sm, {"find_unused_parameters": True, **(ddp or {})})
     cache: dict = {}
     seen: list = []
 
@@ -202,11 +274,11 @@ def finetune(sm: nn.Module, batches: Iterable[Any], teacher: Optional[nn.Module]
         return out
 
     def evaluate() -> float:
-        sm.eval()
+        model.eval()
         with torch.no_grad():
-            values = [float(distance(call_with_inputs(sm, inputs_of(b)), teacher_out(b, inputs_of(b)), inputs_of(b)))
-                      for b in eval_list]
-        sm.train()
+            values = [float(distance(call_with_inputs(model, inputs_of(b)), teacher_out(b, inputs_of(b)),
+                                     inputs_of(b))) for b in eval_list]
+        model.train()
         value = sum(values) / len(values)
         return comm.mean({"loss": value})["loss"] if comm is not None else value
 
@@ -217,16 +289,21 @@ def finetune(sm: nn.Module, batches: Iterable[Any], teacher: Optional[nn.Module]
         if result.best_loss is None or value < result.best_loss:
             result.best_step, result.best_loss = done, value
             if keep_best:
-                best_state = _cpu_copy(sm.state_dict())
+                best_state = _cpu_copy(sm.state_dict() if fsdp is None else _gathered(model))
 
     def save(step: int) -> None:
-        if path is None or (comm is not None and comm.rank != 0):
+        if path is None:
             return
-        state = {"steps": steps, "step": step, "model": _cpu_copy(sm.state_dict()),
-                 "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "history": result.history,
-                 "evals": result.evals, "best_step": result.best_step, "best_loss": result.best_loss,
-                 "best_model": best_state}
+        shards = _save_shards(model, opt, checkpoint, step, comm) if fsdp is not None else None
+        if comm is not None and comm.rank != 0:
+            return
+        state = {"steps": steps, "step": step, "model": None if shards else _cpu_copy(sm.state_dict()),
+                 "optimizer": None if shards else opt.state_dict(), "shards": shards,
+                 "rng": torch.get_rng_state(), "history": result.history, "evals": result.evals,
+                 "best_step": result.best_step, "best_loss": result.best_loss, "best_model": best_state}
         atomic_write(path, lambda tmp: torch.save(state, tmp))
+        if shards:  # the state file now names this step's folder: the older ones are not needed
+            _remove_other_shards(checkpoint, keep=shards)
 
     stream = cycle(batches, "finetune")
     for _ in range(start):  # the batches the interrupted run already used
@@ -240,7 +317,7 @@ def finetune(sm: nn.Module, batches: Iterable[Any], teacher: Optional[nn.Module]
             bar = tqdm(total=steps, initial=start, desc="fine-tuning", unit="step", leave=False)
         except ImportError:  # pragma: no cover
             pass
-    sm.train()
+    model.train()
     try:
         if eval_list and start == 0:  # the starting point: what training changed, and the weights to beat
             record_eval(0)
@@ -281,9 +358,16 @@ def finetune(sm: nn.Module, batches: Iterable[Any], teacher: Optional[nn.Module]
         if bar is not None:
             bar.close()
         teacher.train(teacher_mode)
+        model.eval()
         sm.eval()
-    if keep_best and best_state is not None and result.best_step != steps:
-        sm.load_state_dict(best_state)
+    restore_best = keep_best and best_state is not None and result.best_step != steps
+    if fsdp is not None and not restore_best:
+        model.gather_into(sm)  # a collective: every rank takes the same branch (evaluations are rank means)
+    if restore_best:
+        if fsdp is None:
+            sm.load_state_dict(best_state)
+        else:
+            _copy_parameters(sm, best_state)
         log.info("finetune: kept the weights of step %d (eval loss %.4g)", result.best_step, result.best_loss)
     for h in hooks:
         if h.on_end is not None:
