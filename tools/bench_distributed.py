@@ -2,7 +2,8 @@
 ranks (torch.distributed, gloo, a FileStore) on the same standard-library text.
 
     python tools/bench_distributed.py [--batches 16 32] [--batch-size 8] [--seq-len 128] [--steps 300]
-                                      [--fit-steps 200] [--fit-batch 32] [--threads 1] [--out FILE]
+                                      [--fit-steps 200] [--fit-batch 32] [--finetune-steps 0] [--threads 1]
+                                      [--out FILE]
 
 Every process runs `sparsecc.compile` with `calibration=sparsecc.distributed.shard(batches)` (one process:
 all of them). Reported per run: the compile's "calibrate" stage (observing, reducing, planning: layouts
@@ -14,6 +15,11 @@ Then (--fit-steps) SPION training under DDP: the loss curve of 2 ranks, each on 
 against one process on the whole batches and one process accumulating the gradients of the same halves
 (the same arithmetic as DDP's averaged gradients: equal bit for bit when every kernel is deterministic),
 the switch step and the layouts at the switch.
+
+Then (--finetune-steps) `sparsecc.finetune` of all-MiniLM-L6-v2 (a local block layout, distilled from the
+dense model) on the same global batches: 1 process, 2 ranks under DDP and 2 ranks under FSDP2 (one group
+per block, `fsdp={}`): the loss curves against the one process, the median step time and each rank's
+peak resident memory.
 """
 
 from __future__ import annotations
@@ -94,7 +100,74 @@ def _fit_rank(rank: int, world: int, store: str, out_dir: str, args: argparse.Na
         dist.destroy_process_group()
 
 
-def run(world: int, args: argparse.Namespace, n_batches: int, target=_rank) -> list:
+def _finetune_rank(rank: int, world: int, store: str, out_dir: str, args: argparse.Namespace, mode: str) -> None:
+    """sparsecc.finetune of MiniLM on this rank's share of every batch; mode "ddp" or "fsdp" (world 2) or
+    "one" (world 1)."""
+    torch.set_num_threads(args.threads)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=30))
+    import resource
+    import time
+    import warnings
+
+    import sparsecc
+    from sparsecc import distributed
+    from sparsecc.models import load_model, text_batches
+    loaded = load_model("minilm", batch=args.batch_size, seq_len=args.seq_len)
+    # packed rows (the docstrings' real tokens one after another, no padding): each rank's mean loss over its
+    # tokens then averages to the whole batch's, as DDP's averaged gradients assume
+    text = text_batches(loaded, 32, args.seq_len, batch_size=args.batch_size)
+    tokens = torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in text])
+    rows = tokens[:tokens.numel() // (args.batch_size * args.seq_len) * args.batch_size * args.seq_len]
+    rows = rows.view(-1, args.batch_size, args.seq_len)[:4]
+    batches = [{"input_ids": r, "attention_mask": torch.ones_like(r)} for r in rows]
+    share = args.batch_size // world
+    mine = [{k: v[rank * share:(rank + 1) * share] for k, v in b.items()} for b in batches]
+    recipe = sparsecc.Recipe(attention=sparsecc.Fixed(pattern="local", block=32, density=0.5), ffn=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sm = sparsecc.compile(loaded.model, loaded.inputs, recipe=recipe, check=False, progress=False)
+    if world > 1:
+        distributed.current().barrier()
+    start = time.perf_counter()
+    result = sparsecc.finetune(sm, mine, teacher=loaded.model, steps=args.finetune_steps, lr=1e-4,
+                               fsdp={} if mode == "fsdp" else None, progress=False)
+    seconds = time.perf_counter() - start
+    torch.save({"losses": result.losses, "seconds": seconds,
+                "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "params": sum(p.numel() for p in sm.parameters()),
+                "state": {k: v.detach().clone() for k, v in sm.state_dict().items()}},
+               os.path.join(out_dir, f"{rank}.pt"))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def finetune_lines(args: argparse.Namespace) -> list:
+    """finetune on 1 process against 2 ranks under DDP and under FSDP2, the same global batches."""
+    one = run(1, args, "one", _finetune_rank)[0]
+    n = len(one["losses"])
+    lines = ["", f"`sparsecc.finetune` of all-MiniLM-L6-v2 ({one['params'] / 1e6:.1f} M parameters, a local block "
+             f"layout of density 0.5, block 32, distilled from the dense model), 4 global batches of {args.batch_size} "
+             f"x {args.seq_len} tokens of packed standard-library text, {n} steps, AdamW lr 1e-4; 2 ranks each on half of every batch", "",
+             "| run | loss at steps 1 / mid / end | max abs loss difference to 1 process | steps within 1e-5 | "
+             "max abs weight difference | seconds per step (median over ranks) | peak RSS per rank |",
+             "|---|---|---:|---|---:|---:|---|"]
+    for label, results in (("1 process", [one]), ("2 ranks, DDP", run(2, args, "ddp", _finetune_rank)),
+                           ("2 ranks, FSDP2 per block", run(2, args, "fsdp", _finetune_rank))):
+        losses = results[0]["losses"]
+        diffs = [abs(a - b) for a, b in zip(losses, one["losses"], strict=True)]
+        weights = max(float((results[0]["state"][k] - v).abs().max()) for k, v in one["state"].items()
+                      if v.is_floating_point())
+        lines.append(f"| {label} | " + " / ".join(f"{losses[i]:.6f}" for i in (0, n // 2 - 1, -1))
+                     + f" | {max(diffs):.2e} | {sum(d <= 1e-5 for d in diffs)} of {n} | {weights:.2e} | "
+                     f"{statistics.median(r['seconds'] for r in results) / n:.3f} | "
+                     + " / ".join(f"{r['rss_mb']:.0f} MB" for r in results) + " |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def run(world: int, args: argparse.Namespace, n_batches, target=_rank) -> list:
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(target, args=(world, os.path.join(tmp, "store"), tmp, args, n_batches), nprocs=world)
         return [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(world)]
@@ -145,6 +218,8 @@ def main() -> None:
     parser.add_argument("--fit-optimizer", choices=["adamw", "sgd"], default="adamw",
                         help="optimizer of the DDP training comparison")
     parser.add_argument("--fit-batch", type=int, default=32, help="global batch of the DDP training comparison")
+    parser.add_argument("--finetune-steps", type=int, default=0,
+                        help="steps of the finetune comparison (1 process, DDP, FSDP2; 0: none)")
     parser.add_argument("--out", help="also write the markdown table to this file")
     args = parser.parse_args()
     lines = [f"all-MiniLM-L6-v2, batches of {args.batch_size} x {args.seq_len} tokens, SPION-CF (block 32) + "
@@ -166,6 +241,8 @@ def main() -> None:
     if args.fit_steps:
         lines += fit_lines(args)
         print("\n".join(lines[-4:]), flush=True)
+    if args.finetune_steps:
+        lines += finetune_lines(args)
     lines += ["", f"machine: {machine_line()}; torch {torch.__version__}"]
     emit(lines, args.out)
 
