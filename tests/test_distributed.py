@@ -207,6 +207,7 @@ def _worker(rank: int, store: str, out_dir: str, scenario: str) -> None:
         elif scenario == "fsdp":
             sm, steps = _fsdp_model()
             sharded = fully_shard_blocks(sm)
+            result["released"] = sum(p.numel() for p in sm.parameters())  # sm's own copies, until gather_into
             result["blocks"] = sharded.blocks
             result["groups"] = sum(isinstance(m, FSDPModule) for m in sharded.modules())
             result["sharded"] = all(type(p).__name__ == "DTensor" for p in sharded.parameters())
@@ -377,6 +378,7 @@ def test_fsdp2_with_one_group_per_block_trains_as_one_process(tmp_path):
         assert r["blocks"] == ["encoder.layer.0", "encoder.layer.1"]
         assert r["groups"] == 5  # embeddings, 2 blocks, the pooler after them, the root
         assert r["sharded"] and r["at_rest"] <= total // 2 + 64  # each rank holds about half
+        assert r["released"] == 0
         assert r["losses"] == pytest.approx(single_losses, abs=1e-5)
         for name, value in single.items():
             if value.is_floating_point() and not name.endswith("key.bias"):  # key bias: see the DDP test

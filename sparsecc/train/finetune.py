@@ -28,7 +28,8 @@ rank 0 writes the checkpoints. With `fsdp={...}` (FSDP2's `fully_shard` options;
 it trains sharded instead, one FSDP2 group per block (`sparsecc.train.parallel.fully_shard_blocks`):
 each rank holds 1/world of the weights and optimizer state; the checkpoint's weights and optimizer
 state are a torch.distributed.checkpoint folder every rank writes its shards into (the rest of the
-state, rank 0); at the end the trained (best) weights are gathered into `sm` on every rank.
+state, rank 0); at the end the trained (best) weights are gathered into `sm` on every rank (while it
+trains, `sm` holds no weights of its own: a run that raises leaves it so; resume from the checkpoint).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from sparsecc.methods.registry import handler_for
 from sparsecc.train.losses import first_float_tensor, hidden_distill, kl_distill, output_distill
 from sparsecc.train.batches import cycle
 from sparsecc.train.optim import SCHEDULES, Schedule, make_optimizer, param_groups
-from sparsecc.train.parallel import data_parallel, fully_shard_blocks
+from sparsecc.train.parallel import data_parallel, fill_parameters, fully_shard_blocks
 
 log = logging.getLogger("sparsecc.train.finetune")
 
@@ -140,19 +141,6 @@ def _cpu_copy(state: dict) -> dict:
 
 
 # ------------------------------------------------------------------ FSDP2 state
-def _gathered(sharded: nn.Module) -> dict:
-    """The full parameters of a ShardedModel under the SparseModel's names (a collective)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
-    return {sharded.names[k]: v for k, v in full.items() if k in sharded.names}
-
-
-def _copy_parameters(sm: nn.Module, params: dict) -> None:
-    with torch.no_grad():
-        for name, param in sm.named_parameters():
-            param.copy_(params[name])
-
-
 def _save_shards(sharded: nn.Module, opt: torch.optim.Optimizer, checkpoint: str, step: int, comm: Any) -> str:
     """Every rank writes its shards of the weights and optimizer state into a temporary folder, which rank 0
     renames once all are written; returns the folder's name (inside `checkpoint`). A collective."""
@@ -289,7 +277,7 @@ def finetune(sm: nn.Module, batches: Iterable[Any], teacher: Optional[nn.Module]
         if result.best_loss is None or value < result.best_loss:
             result.best_step, result.best_loss = done, value
             if keep_best:
-                best_state = _cpu_copy(sm.state_dict() if fsdp is None else _gathered(model))
+                best_state = _cpu_copy(sm.state_dict() if fsdp is None else model.full_parameters())
 
     def save(step: int) -> None:
         if path is None:
@@ -367,7 +355,7 @@ def finetune(sm: nn.Module, batches: Iterable[Any], teacher: Optional[nn.Module]
         if fsdp is None:
             sm.load_state_dict(best_state)
         else:
-            _copy_parameters(sm, best_state)
+            fill_parameters(sm, best_state)
         log.info("finetune: kept the weights of step %d (eval loss %.4g)", result.best_step, result.best_loss)
     for h in hooks:
         if h.on_end is not None:

@@ -1,6 +1,6 @@
 """Training a compiled model on several processes: DDP, and FSDP2 with one shard group per block.
 
-    sharded = fully_shard_blocks(sm)          # after dist.init_process_group; sm is not used after this
+    sharded = fully_shard_blocks(sm)          # after dist.init_process_group; sm holds no weights until gather_into
     opt = torch.optim.AdamW(sharded.parameters())
     ... train sharded on each rank's share of every batch ...
     sharded.gather_into(sm)                   # every rank: sm holds the trained weights; rank 0 saves it
@@ -75,14 +75,23 @@ class ShardedModel(nn.Module):
         state = get_model_state_dict(self)
         dcp.save({self.names[k]: v for k, v in state.items() if k in self.names}, checkpoint_id=directory)
 
-    def gather_into(self, sm: nn.Module) -> None:
-        """Copy the trained parameters, gathered from every rank, into `sm` (a collective: every rank calls it)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        full = get_model_state_dict(self, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
-        own = {self.names[k]: v for k, v in full.items() if k in self.names}
+    def full_parameters(self) -> dict:
+        """{SparseModel parameter name: the whole tensor}, gathered from every rank one parameter at a time
+        (a collective: every rank calls it)."""
         with torch.no_grad():
-            for name, param in sm.named_parameters():
-                param.copy_(own[name])
+            return {self.names[k]: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+                    for k, p in self.named_parameters() if k in self.names}
+
+    def gather_into(self, sm: nn.Module) -> None:
+        """Give `sm` the trained parameters, gathered from every rank (a collective: every rank calls it)."""
+        fill_parameters(sm, self.full_parameters())
+
+
+def fill_parameters(sm: nn.Module, values: dict) -> None:
+    """Set each parameter of `sm` to `values[name]` (its storage was released while the blocks were sharded)."""
+    with torch.no_grad():
+        for name, param in sm.named_parameters():
+            param.data = values[name].to(param.device, param.dtype).clone()
 
 
 def _block_of(node: fx.Node) -> Optional[str]:
@@ -130,8 +139,9 @@ def fully_shard_blocks(sm: Any, **fsdp_options: Any) -> ShardedModel:
     """`sm`'s graph cut into one submodule per block, each sharded with FSDP2's `fully_shard` (`fsdp_options`:
     its keyword options, e.g. mp_policy, reshard_after_forward). Needs an initialised process group.
 
-    The returned model takes over `sm`'s parameters (FSDP2 replaces them by their shards): train the
-    returned model, then `gather_into(sm)` to read, save or export the result on one process."""
+    The returned model takes over `sm`'s parameters (FSDP2 replaces them by their shards, and `sm`'s own
+    tensors are released, so each rank holds 1/world of the weights): train the returned model, then
+    `gather_into(sm)` to give `sm` its weights back, to read, save or export the result."""
     from torch.distributed.fsdp import fully_shard
     from torch.fx.passes.split_module import split_module
     from sparsecc.model import SparseModel
@@ -177,6 +187,11 @@ def fully_shard_blocks(sm: Any, **fsdp_options: Any) -> ShardedModel:
         if any(True for _ in sub.parameters()):
             fully_shard(sub, **fsdp_options)
     fully_shard(cut, **fsdp_options)
+    # FSDP2 copied each rank's shard; sm's own (unsharded) tensors would keep every weight on every rank
+    # while it trains: released here, filled again by gather_into
+    with torch.no_grad():
+        for param in sm.parameters():
+            param.data = param.data.new_empty(0)
     return ShardedModel(cut, sm.call_defaults, here, list(order))
 
 
