@@ -263,6 +263,10 @@ def read_checkpoint(params: dict, directory: str | os.PathLike) -> None:
                          "not a folder ShardedModel.save_checkpoint wrote")
     stored = {k: m.size for k, m in dcp.FileSystemReader(directory).read_metadata().state_dict_metadata.items()
               if isinstance(m, TensorStorageMetadata)}
+    # a finetune(fsdp=) checkpoint holds {"model": weights, "optimizer": AdamW state}: its weights
+    nested = not set(params) <= set(stored) and {f"model.{k}" for k in params} <= set(stored)
+    if nested:
+        stored = {k[len("model."):]: v for k, v in stored.items() if k.startswith("model.")}
     differ = sorted(set(params) ^ set(stored)) or [k for k in params if tuple(stored[k]) != tuple(params[k].shape)]
     if differ:
         raise UnsupportedError(f"the checkpoint in {directory} does not fit this model: {len(differ)} parameter(s) "
@@ -271,7 +275,12 @@ def read_checkpoint(params: dict, directory: str | os.PathLike) -> None:
     state = {k: torch.empty_like(v.detach()) for k, v in params.items()}
     with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process": yes
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=directory, no_dist=distributed.current() is None)
+        if nested:
+            from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+            dcp.load({"model": state}, checkpoint_id=directory, no_dist=distributed.current() is None,
+                     planner=DefaultLoadPlanner(allow_partial_load=True))  # the weights, not the optimizer
+        else:
+            dcp.load(state, checkpoint_id=directory, no_dist=distributed.current() is None)
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(state[name])

@@ -110,10 +110,14 @@ def _finetune_batches() -> list:
             for i in range(3)]
 
 
-def _finetuned(batches, **options) -> dict:
+def _finetune_compiled():
     model, inputs = T.bert()
     recipe = sparsecc.Recipe(attention=sparsecc.Fixed(pattern="local", block=4, density=0.5), ffn=None)
-    sm = sparsecc.compile(model, inputs, recipe=recipe, progress=False)
+    return model, sparsecc.compile(model, inputs, recipe=recipe, progress=False)
+
+
+def _finetuned(batches, **options) -> dict:
+    model, sm = _finetune_compiled()
     result = sparsecc.finetune(sm, batches, teacher=model, steps=4, lr=1e-3, progress=False, **options)
     return {"losses": result.losses, "state": {k: v.detach().clone() for k, v in sm.state_dict().items()},
             "resumed_from": result.resumed_from}
@@ -365,6 +369,11 @@ def test_finetune_under_fsdp2_equals_one_process_and_resumes_from_its_sharded_ch
             assert torch.equal(r["resumed"]["state"][name], value), name
     for name, value in results[0]["whole"]["state"].items():  # every rank holds the gathered weights
         assert torch.equal(results[1]["whole"]["state"][name], value), name
+    # the last checkpoint's weights (step 4, the end), read on one process into a freshly compiled model
+    _, fresh = _finetune_compiled()
+    load_checkpoint(fresh, str(tmp_path / "finetune" / "finetune-step4.dcp"))
+    for name, value in fresh.named_parameters():
+        assert torch.equal(value, results[0]["resumed"]["state"][name]), name
 
 
 def test_fsdp2_with_one_group_per_block_trains_as_one_process(tmp_path):

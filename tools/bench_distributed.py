@@ -130,11 +130,12 @@ def _finetune_rank(rank: int, world: int, store: str, out_dir: str, args: argpar
         sm = sparsecc.compile(loaded.model, loaded.inputs, recipe=recipe, check=False, progress=False)
     if world > 1:
         distributed.current().barrier()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
     result = sparsecc.finetune(sm, mine, teacher=loaded.model, steps=args.finetune_steps, lr=1e-4,
                                fsdp={} if mode == "fsdp" else None, progress=False)
     seconds = time.perf_counter() - start
-    torch.save({"losses": result.losses, "seconds": seconds,
+    torch.save({"losses": result.losses, "seconds": seconds, "rss_before_mb": rss_before,
                 "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "params": sum(p.numel() for p in sm.parameters()),
                 "state": {k: v.detach().clone() for k, v in sm.state_dict().items()}},
@@ -151,7 +152,7 @@ def finetune_lines(args: argparse.Namespace) -> list:
              f"layout of density 0.5, block 32, distilled from the dense model), 4 global batches of {args.batch_size} "
              f"x {args.seq_len} tokens of packed standard-library text, {n} steps, AdamW lr 1e-4; 2 ranks each on half of every batch", "",
              "| run | loss at steps 1 / mid / end | max abs loss difference to 1 process | steps within 1e-5 | "
-             "max abs weight difference | seconds per step (median over ranks) | peak RSS per rank |",
+             "max abs weight difference | seconds per step (median over ranks) | peak RSS per rank (before training) |",
              "|---|---|---:|---|---:|---:|---|"]
     for label, results in (("1 process", [one]), ("2 ranks, DDP", run(2, args, "ddp", _finetune_rank)),
                            ("2 ranks, FSDP2 per block", run(2, args, "fsdp", _finetune_rank))):
@@ -162,7 +163,7 @@ def finetune_lines(args: argparse.Namespace) -> list:
         lines.append(f"| {label} | " + " / ".join(f"{losses[i]:.6f}" for i in (0, n // 2 - 1, -1))
                      + f" | {max(diffs):.2e} | {sum(d <= 1e-5 for d in diffs)} of {n} | {weights:.2e} | "
                      f"{statistics.median(r['seconds'] for r in results) / n:.3f} | "
-                     + " / ".join(f"{r['rss_mb']:.0f} MB" for r in results) + " |")
+                     + " / ".join(f"{r['rss_mb']:.0f} MB ({r['rss_before_mb']:.0f})" for r in results) + " |")
         print(lines[-1], flush=True)
     return lines
 

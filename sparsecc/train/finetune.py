@@ -154,8 +154,10 @@ def _save_shards(sharded: nn.Module, opt: torch.optim.Optimizer, checkpoint: str
         os.makedirs(checkpoint, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     comm.barrier()
-    dcp.save({"model": get_model_state_dict(sharded), "optimizer": get_optimizer_state_dict(sharded, opt)},
-             checkpoint_id=tmp)
+    # the weights under the SparseModel's parameter names (buffers are plan data, saved with the plans), so
+    # sparsecc.load(..., checkpoint=<this folder>) and load_checkpoint read them on one process
+    weights = {sharded.names[k]: v for k, v in get_model_state_dict(sharded).items() if k in sharded.names}
+    dcp.save({"model": weights, "optimizer": get_optimizer_state_dict(sharded, opt)}, checkpoint_id=tmp)
     comm.barrier()
     if comm.rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -169,11 +171,14 @@ def _load_shards(sharded: nn.Module, opt: torch.optim.Optimizer, folder: str) ->
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-    state = {"model": get_model_state_dict(sharded), "optimizer": get_optimizer_state_dict(sharded, opt)}
+    own = get_model_state_dict(sharded)
+    state = {"model": {sharded.names[k]: v for k, v in own.items() if k in sharded.names},
+             "optimizer": get_optimizer_state_dict(sharded, opt)}
     # partial: get_optimizer_state_dict gives every parameter AdamW state, the saved run only those that had
     # gradients (a pooler the loss does not read has none, and keeps none that matters: it gets no gradient)
     dcp.load(state, checkpoint_id=folder, planner=DefaultLoadPlanner(allow_partial_load=True))
-    set_model_state_dict(sharded, state["model"])
+    set_model_state_dict(sharded, {k: state["model"][sharded.names[k]] if k in sharded.names else v
+                                   for k, v in own.items()})
     set_optimizer_state_dict(sharded, opt, state["optimizer"])
 
 
