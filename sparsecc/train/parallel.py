@@ -55,15 +55,21 @@ class _Parameter(nn.Module):
 class ShardedModel(nn.Module):
     """The blocks of a compiled model, each an FSDP2 group: train it like the SparseModel it came from."""
 
-    def __init__(self, graph: fx.GraphModule, call_defaults: dict, names: dict, blocks: list):
+    def __init__(self, graph: fx.GraphModule, call_defaults: dict, names: dict, blocks: list,
+                 out_spec: Optional[Any] = None):
         super().__init__()
         self.graph_module = graph
         self._call_defaults = dict(call_defaults)
         self.names = dict(names)  # parameter name here -> name in the SparseModel
         self.blocks = list(blocks)  # module path of each block, in order
+        self.out_spec = out_spec  # the model's output structure (the cut graph returns its leaves)
 
     def forward(self, *args, **kwargs):
-        return self.graph_module(*args, **{**self._call_defaults, **kwargs})
+        out = self.graph_module(*args, **{**self._call_defaults, **kwargs})
+        if self.out_spec is None:
+            return out
+        from torch.utils import _pytree as pytree
+        return pytree.tree_unflatten(list(out) if isinstance(out, (tuple, list)) else [out], self.out_spec)
 
     def save_checkpoint(self, directory: str) -> None:
         """Write the parameters as a distributed checkpoint (torch.distributed.checkpoint: every rank writes
@@ -192,7 +198,32 @@ def fully_shard_blocks(sm: Any, **fsdp_options: Any) -> ShardedModel:
     with torch.no_grad():
         for param in sm.parameters():
             param.data = param.data.new_empty(0)
-    return ShardedModel(cut, sm.call_defaults, here, list(order))
+    info = getattr(sm.graph_module.graph._codegen, "pytree_info", None)
+    return ShardedModel(cut, sm.call_defaults, here, list(order), out_spec=info.out_spec if info else None)
+
+
+def fully_shard_layers(module: nn.Module, **fsdp_options: Any) -> nn.Module:
+    """FSDP2's usual recipe on an eager model: each numbered block (a child of a ModuleList: `encoder.layer.3`,
+    `model.layers.0`, ...) one group, the rest in the root's. In place; returns `module`."""
+    from torch.distributed.fsdp import fully_shard
+
+    if distributed.current() is None:
+        raise DistributedError("FSDP2 needs torch.distributed initialised with more than one process "
+                               "(torchrun, or dist.init_process_group); on one process train the model itself")
+    blocks = [m for parent in module.modules() if isinstance(parent, nn.ModuleList) for m in parent]
+    if not blocks:
+        raise UnsupportedError(f"{type(module).__name__} has no numbered blocks (no nn.ModuleList of layers) to "
+                               "shard one per group; shard it yourself with fully_shard(model)")
+    for block in blocks:
+        fully_shard(block, **fsdp_options)
+    fully_shard(module, **fsdp_options)
+    return module
+
+
+def full_state(module: nn.Module) -> dict:
+    """The whole parameters and buffers of an FSDP2-sharded module, on every rank (a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
 
 
 def load_checkpoint(sm: nn.Module, directory: str) -> nn.Module:

@@ -26,12 +26,13 @@ import torch
 from torch import nn
 
 from sparsecc import distributed
+from sparsecc.errors import InputError
 from sparsecc.methods.spion import Spion
 from sparsecc.methods.spion.layouts import SwitchCriterion
 from sparsecc.recipe import Recipe
 from sparsecc.train.batches import cycle
 from sparsecc.train.optim import Schedule, move_optimizer_state
-from sparsecc.train.parallel import data_parallel
+from sparsecc.train.parallel import data_parallel, full_state, fully_shard_blocks, fully_shard_layers
 
 log = logging.getLogger("sparsecc.train")
 
@@ -64,9 +65,11 @@ class _MapProbe:
         self.captured = a.captured
         self.regions = [r for r in a.ctx.regions if r.kind == "attention" and not r.cross]
 
-    def maps(self, model: nn.Module, batches: list, comm: Optional[distributed.Comm] = None) -> dict:
+    def maps(self, model: nn.Module, batches: list, comm: Optional[distributed.Comm] = None,
+             state: Optional[dict] = None) -> dict:
+        """state: the weights to load (default: model.state_dict(); a sharded model's gathered state)."""
         from sparsecc.calibrate import collect_attention_maps
-        self.captured.gm.load_state_dict(model.state_dict(), strict=False)
+        self.captured.gm.load_state_dict(model.state_dict() if state is None else state, strict=False)
         return collect_attention_maps(self.captured, self.captured.gm, self.regions, batches, progress=False,
                                       comm=comm)
 
@@ -75,7 +78,7 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, 
         steps: int, lr: float = 1e-3, weight_decay: float = 0.01, schedule: Optional[SpionSchedule] = None,
         inputs_of: Callable[[Any], Any] = lambda batch: batch[0], optimizer: Optional[Callable] = None,
         lr_schedule: str = "constant", warmup: int = 0, ddp: Optional[dict] = None,
-        progress: bool = True) -> FitResult:
+        fsdp: Optional[dict] = None, progress: bool = True) -> FitResult:
     """Train a copy of `model` for `steps` steps; with a SPION schedule, switch to sparse attention.
 
     loss_fn(module, batch) -> scalar loss; inputs_of(batch) -> the model inputs of a batch (used to
@@ -90,14 +93,24 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, 
     batches (compile's distributed calibration), and `losses` are the mean over the ranks. With equal
     shards: the run of one process on the whole batches up to float rounding, and bit for bit the run
     of one process whose loss averages the shards' losses (their gradients accumulated).
+    With `fsdp={...}` (FSDP2's `fully_shard` options; `{}` for its defaults) the model trains sharded
+    instead: the dense model one FSDP2 group per numbered block (`fully_shard_layers`), the compiled model
+    after the switch the same (`fully_shard_blocks`), AdamW's sharded moments carried across the switch.
+    The checks and the switch read the weights gathered (every rank holds them whole for that moment);
+    the result's model is the compiled (or dense) model with the trained weights, on every rank.
     """
     import sparsecc
 
     make_opt = optimizer or (lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay))
     comm = distributed.current()
     current: nn.Module = copy.deepcopy(model).train()
-    trained = data_parallel(current, ddp)
-    opt = make_opt(current.parameters())
+    sharded: Optional[nn.Module] = None  # under fsdp: what trains (current's weights live there)
+    if fsdp is not None:
+        if ddp is not None:
+            raise InputError("fit: pass ddp= or fsdp=, not both")
+        sharded = fully_shard_layers(current, **fsdp)
+    trained = sharded if sharded is not None else data_parallel(current, ddp)
+    opt = make_opt(trained.parameters())
     sched = Schedule(steps=steps, warmup=warmup, kind=lr_schedule).attach(opt)
     result = FitResult(model=current)
     stream = cycle(batches, "fit")
@@ -131,11 +144,12 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, 
         if not (due or forced):
             continue
         current.eval()
-        if probe is None:
-            probe = _MapProbe(current, inputs_of(batch))
+        whole = full_state(current) if fsdp is not None else None  # a collective: every rank is here
+        if probe is None:  # captures the model's structure; weights are loaded at each check
+            probe = _MapProbe(_plain_copy(model, whole) if whole is not None else current, inputs_of(batch))
         stable = False
         if due:
-            maps = probe.maps(current, [inputs_of(recent[-1])], comm)
+            maps = probe.maps(current, [inputs_of(recent[-1])], comm, state=whole)
             if comm is None:
                 stable = criterion.update(maps)
             else:  # rank 0 saw every rank's maps: its decision holds for all
@@ -156,15 +170,21 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, 
                 warnings.warn(f"SPION: switching to sparse attention because {result.switch_reason}", stacklevel=2)
             calibration = [inputs_of(b) for b in recent]
             log.info("switching to sparse attention: %s", result.switch_reason)
-            old = dict(current.named_parameters())
-            current = sparsecc.compile(current, inputs_of(batch), recipe=Recipe(attention=schedule.spion, ffn=None),
+            old = dict(trained.named_parameters() if sharded is not None else current.named_parameters())
+            dense = _plain_copy(model, whole) if whole is not None else current
+            current = sparsecc.compile(dense, inputs_of(batch), recipe=Recipe(attention=schedule.spion, ffn=None),
                                        calibration=calibration, check=False)
+            if fsdp is not None:
+                sharded = fully_shard_blocks(current, **fsdp)
+                new = {sharded.names[k]: p for k, p in sharded.named_parameters()}
+            else:
+                new = dict(current.named_parameters())
             # as released: AdamW keeps its moments, the learning-rate schedule starts again
-            carried, fresh = move_optimizer_state(opt, old, dict(current.named_parameters()))
+            carried, fresh = move_optimizer_state(opt, old, new)
             if fresh:
                 log.info("SPION switch: %d parameters start with a fresh optimizer state (%s ...)", len(fresh),
                          fresh[0])
-            trained = data_parallel(current, ddp)
+            trained = sharded if sharded is not None else data_parallel(current, ddp)
             sched.restart(steps - step - 1)
             result.switched_at = step + 1
             if bar is not None:
@@ -181,6 +201,18 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, 
                                 f"{schedule.threshold_pct:g} %)")
         warnings.warn(f"SPION: the model stayed dense; switch {result.switch_reason}. Train longer, raise "
                       "threshold_pct, or set SpionSchedule(max_dense_steps=...)", stacklevel=2)
+    if sharded is not None:  # every rank: the model with the trained weights, whole
+        if result.switched_at is None:
+            current = _plain_copy(model, full_state(current)).train()
+        else:
+            sharded.gather_into(current)
     result.model = current
     return result
+
+
+def _plain_copy(model: nn.Module, state: dict) -> nn.Module:
+    """A copy of the caller's (unsharded) model holding `state`."""
+    plain = copy.deepcopy(model)
+    plain.load_state_dict(state)
+    return plain
 
