@@ -94,8 +94,8 @@ def prepare_token_flow(cfg: TokenFlow, ctx: PassContext) -> FlowPlan:
             "would depend on later tokens. Use TokenFlow(gate='content') (a per-token score) for decoders")
     if causal and cfg.select in ("topk", "capacity"):
         raise UnsupportedError(
-            f"token flow: select={cfg.select!r} keeps the best tokens of the whole sequence, so in causal layers a token's "
-            "routing would depend on later tokens. Use select='threshold' for decoders")
+            f"token flow: select={cfg.select!r} keeps the best tokens of the whole sequence, so in causal layers a "
+            "token's routing would depend on later tokens. Use select='threshold' for decoders")
     x0: dict = {}
     for seg in segments:
         x0.setdefault(seg.stack_id, seg.input)

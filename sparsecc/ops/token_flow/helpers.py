@@ -32,8 +32,9 @@ from torch import Tensor
 
 import sparsecc.ops.token_flow.op  # noqa: F401  (registers the ops)
 
-__all__ = ["gather_tokens", "flow_attention_mask", "valid_tokens", "single_token_route", "capacity", "capacity_route", "flow_mix", "soft_key_mask",
-           "packed_route", "single_token_packed_route", "pack_slots", "gather_packed", "scatter_packed"]
+__all__ = ["gather_tokens", "flow_attention_mask", "valid_tokens", "single_token_route", "capacity", "capacity_route",
+           "flow_mix", "soft_key_mask", "packed_route",
+           "single_token_packed_route", "pack_slots", "gather_packed", "scatter_packed"]
 
 
 def gather_tokens(t: Tensor, index: Tensor, counts: Tensor, dim: int) -> Tensor:
