@@ -198,6 +198,21 @@ def _worker(rank: int, store: str, out_dir: str, scenario: str) -> None:
                                progress=False)
             result.update(shifts=trained.shifts, history=trained.history,
                           state={k: v.clone() for k, v in sm.state_dict().items()})
+        elif scenario == "flow_fsdp":  # the same runs under DDP and under FSDP2, from the same seed
+            model, inputs = T.bert()
+            mine = [{k: v[rank * 2:(rank + 1) * 2] for k, v in b.items()} for b in _flow_batches()]
+            for how, options in (("ddp", {}), ("fsdp", {"fsdp": {}})):
+                torch.manual_seed(0)
+                sm = _flowed(model, inputs)
+                trained = fit_flow(sm, mine, teacher=model, steps=10, gate_lr=0.3, hard_final=True,
+                                   final_fraction=0.2, progress=False, **options)
+                result[how] = {"shifts": trained.shifts, "history": trained.history,
+                               "state": {k: v.clone() for k, v in sm.state_dict().items()}}
+                torch.manual_seed(0)
+                sm = _flowed(model, inputs)
+                tuned = sparsecc.finetune(sm, mine, teacher=model, steps=4, lr=1e-3, progress=False, **options)
+                result[how]["finetune"] = {"losses": tuned.losses, "table": sm.flow_gates.table.detach().clone(),
+                                           "state": {k: v.clone() for k, v in sm.state_dict().items()}}
         elif scenario == "finetune":
             result.update(_finetuned([{k: v[rank * 2:(rank + 1) * 2] for k, v in b.items()}
                                       for b in _finetune_batches()]))
@@ -362,6 +377,32 @@ def test_two_rank_flow_training_keeps_the_ranks_equal_and_sets_thresholds_on_all
     assert abs(first["history"][-1]["kept"] - 0.5) <= 1 / 16
     for name, value in first["state"].items():  # DDP: one update on every rank
         assert torch.equal(value, second["state"][name]), name
+
+
+def test_flow_training_and_finetune_under_fsdp2_equal_ddp():
+    """fit_flow and finetune of a token-flow model sharded per block (the gates whole on every rank, their
+    gradients averaged) train as under DDP from the same seed: per-step losses, kept fractions, calibrated
+    thresholds and weights (gathered back into the model on every rank)."""
+    results, codes = _spawn("flow_fsdp", wait=300)
+    assert codes == [0, 0]
+    for r in results:
+        ddp, fsdp = r["ddp"], r["fsdp"]
+        assert len(fsdp["history"]) == 10 and set(fsdp["shifts"]) == set(ddp["shifts"]) == {0, 1}
+        for a, b in zip(ddp["history"], fsdp["history"]):
+            assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a), (a, b)
+        assert all(abs(ddp["shifts"][s] - fsdp["shifts"][s]) < 1e-4 for s in ddp["shifts"])
+        for name, value in ddp["state"].items():
+            if value.is_floating_point():
+                assert (fsdp["state"][name] - value).abs().max() < 1e-4, name
+        tuned, tuned_ddp = fsdp["finetune"], ddp["finetune"]
+        assert len(tuned["losses"]) == 4
+        assert max(abs(a - b) for a, b in zip(tuned["losses"], tuned_ddp["losses"])) < 1e-5
+        assert not torch.equal(tuned["table"], _flowed(*T.bert()).flow_gates.table)  # the gates trained
+        for name, value in tuned_ddp["state"].items():
+            if value.is_floating_point():
+                assert (tuned["state"][name] - value).abs().max() < 1e-4, name
+    for name, value in results[0]["fsdp"]["state"].items():  # every rank holds the same gathered model
+        assert torch.equal(value, results[1]["fsdp"]["state"][name]), name
 
 
 def test_two_rank_finetune_equals_one_process_on_the_whole_batches():

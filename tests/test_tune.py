@@ -212,6 +212,23 @@ def test_tune_with_finetune_measures_the_shift_after_fine_tuning_and_returns_tha
     assert again == pytest.approx(result.quality, abs=1e-6)
 
 
+def test_tune_with_finetune_never_fine_tunes_the_dense_answer():
+    """Where no level saves time, the answer is the dense model: it is the teacher, so it is not fine-tuned
+    (AdamW's lr-sized steps on a near-zero gradient moved it away from itself) and its quality is exact."""
+    model, inputs = _one_insensitive_layer()
+    slower = {"dense": 1.0, **{k: 1.2 for k in FFN_LATENCY if k != "dense"}}
+    result = _tune(model, inputs, budget="cosine>=0.9", latency=slower, finetune={"steps": 3, "lr": 1e-2})
+    assert all(result.recipe.config_for("ffn", i) is None for i in range(2))
+    assert not result.finetuned and result.quality == pytest.approx(1.0, abs=1e-6)
+    held = _batches(2, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dense = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe.dense(), progress=False)
+    with torch.no_grad():
+        for b in held:
+            assert (result.model(**b).last_hidden_state - dense(**b).last_hidden_state).abs().max() < 1e-5
+
+
 # ------------------------------------------------------------------ the command line
 def _bert_dir_with_tokenizer(path):
     """A small random BERT saved as a Hugging Face directory, with MiniLM's tokenizer (same vocabulary)."""

@@ -216,9 +216,6 @@ def finetune(sm: nn.Module, batches: Iterable[Any], teacher: Optional[nn.Module]
     hooks = _method_hooks(sm)
     model: nn.Module = sm  # what trains: sm itself, or its blocks sharded with FSDP2
     if fsdp is not None:
-        if hooks:
-            raise UnsupportedError("finetune(fsdp=...): token-flow models (two graphs) do not shard per block; "
-                                   "fine-tune them under DDP (leave fsdp out)")
         model = fully_shard_blocks(sm, **fsdp)
     roles: dict = {}
     for h in hooks:
@@ -235,8 +232,9 @@ def finetune(sm: nn.Module, batches: Iterable[Any], teacher: Optional[nn.Module]
     if path is not None and resume and os.path.exists(path):
         state = torch.load(path, map_location="cpu", weights_only=False)
         if state.get("steps") != steps:
-            raise InputError(f"finetune: the checkpoint in {checkpoint} is of a run of {state.get('steps')} steps, this "
-                             f"call asks for {steps}; pass the same steps to resume, or resume=False to start over")
+            raise InputError(f"finetune: the checkpoint in {checkpoint} is of a run of {state.get('steps')} steps, "
+                             f"this call asks for {steps}; pass the same steps to resume, or resume=False to start "
+                             "over")
         if fsdp is None:
             sm.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])  # new param_group dicts: the schedule must drive these

@@ -26,12 +26,13 @@ from torch import Tensor, nn
 
 from sparsecc import distributed
 from sparsecc.capture import call_with_inputs
+from sparsecc.errors import InputError
 from sparsecc.methods.token_flow.fit import calibrate_keep, flow_hooks, kept_fractions
 from sparsecc.methods.token_flow.gates import FlowGates
 from sparsecc.train.losses import output_distill
 from sparsecc.train.batches import cycle
 from sparsecc.train.optim import Schedule, make_optimizer, param_groups
-from sparsecc.train.parallel import data_parallel
+from sparsecc.train.parallel import data_parallel, fully_shard_blocks
 
 log = logging.getLogger("sparsecc.train.flow")
 
@@ -58,7 +59,7 @@ def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Opti
              penalty_form: str = "released", balance_form: str = "released",
              train_model: bool = True, teacher_cache: bool = True, calibrate: bool = True,
              hard_final: bool = False, track_keep: float = 0.1, ddp: Optional[dict] = None,
-             progress: bool = True) -> FlowFitResult:
+             fsdp: Optional[dict] = None, progress: bool = True) -> FlowFitResult:
     """Train the gates (and, with train_model, the weights) of a token-flow `FlowSparseModel` in place.
 
     batches: an iterable (cycled) of batches; inputs_of(batch) -> the model inputs (a dict of keyword
@@ -83,7 +84,9 @@ def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Opti
     model trains under DistributedDataParallel (`ddp`: its keyword options; find_unused_parameters is on
     by default with hard_final, whose frozen gates get no gradient), the thresholds are set on the
     logits of every rank (the hard phase's tracking moves them by the mean over the ranks), and the history
-    holds the means over the ranks.
+    holds the means over the ranks. fsdp: FSDP2's options, to train sharded instead, one group per block
+    (`sparsecc.train.parallel.fully_shard_blocks`: the gates stay whole on every rank, their gradients
+    averaged); the weights are gathered back into `sm` at the end, on every rank.
     Returns the model (in eval mode: the gather / scatter graph) and the per-step history.
     """
     gates: FlowGates = sm.flow_gates
@@ -92,12 +95,16 @@ def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Opti
     distill = distill or output_distill
     hooks = flow_hooks(gate_lr=gate_lr, router_lr=router_lr, penalty=penalty, balance=balance,
                        final_fraction=final_fraction, penalty_form=penalty_form, balance_form=balance_form)
+    if fsdp is not None and ddp is not None:
+        raise InputError("fit_flow: pass ddp= or fsdp=, not both (FSDP2 shards the model DDP would replicate)")
     roles = {g["role"]: (g["params"], g["lr"]) for g in hooks.param_groups(sm, lr)}
-    groups = param_groups(sm, roles, model_lr=lr if train_model else None, weight_decay=weight_decay)
+    # what trains: sm under DDP (or alone), or its blocks sharded with FSDP2
+    model = fully_shard_blocks(sm, **fsdp) if fsdp is not None else sm
+    groups = param_groups(model, roles, model_lr=lr if train_model else None, weight_decay=weight_decay)
     opt = make_optimizer(groups)
     sched = Schedule(steps=steps, warmup=warmup, kind=schedule).attach(opt)
     comm = distributed.current()
-    trained = data_parallel(sm, {"find_unused_parameters": hard_final, **(ddp or {})})
+    trained = model if fsdp is not None else data_parallel(sm, {"find_unused_parameters": hard_final, **(ddp or {})})
     if teacher is not None:
         teacher.eval()
     cache: dict = {}
@@ -112,12 +119,12 @@ def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Opti
             pass
     result = FlowFitResult(model=sm)
     seen: list = []
-    sm.train()
+    model.train()
     try:
         for step in range(steps):
             if hard_final and step == final_start and gates.select == "threshold":
-                calibrate_keep(sm, seen, inputs_of=inputs_of, comm=comm)
-                sm.train()
+                calibrate_keep(sm, seen, inputs_of=inputs_of, comm=comm, run=model)
+                model.train()
                 gates.hard_training = True
                 gates.track_keep = track_keep
                 for g in opt.param_groups:  # the gates stay as calibrated; the weights adapt to them
@@ -171,7 +178,10 @@ def fit_flow(sm: nn.Module, batches: Iterable[Any], *, steps: int, teacher: Opti
         gates.last_mix.clear()
         gates.hard_training = False
         gates.track_keep = 0.0
+        model.eval()
         sm.eval()
+    if fsdp is not None:
+        model.gather_into(sm)
     if calibrate:
         result.shifts = calibrate_keep(sm, seen, inputs_of=inputs_of, comm=comm)
     return result

@@ -15,6 +15,11 @@ graph into one submodule per transformer block (the numbered module of each node
 `encoder.layer.3`, `model.layers.0`, ...), with what comes before the first block and after the last
 in submodules of their own; each submodule reads its parameters itself (through one small module per
 parameter) and is one FSDP2 group. Buffers (layouts, position ids) stay unsharded on every rank.
+
+A token-flow model trains its soft-gate graph, whose gate module (`sparsecc_flow`) is one module called
+from every block: a parameter in several FSDP2 groups. Its parameters (a few hundred numbers per layer)
+are left out of the groups (`ignored_params`) and stay whole on every rank; their gradients are averaged
+over the ranks at the end of each backward, as DDP would.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any, Optional
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from sparsecc import distributed
 from sparsecc.errors import DistributedError, UnsupportedError
@@ -56,20 +62,51 @@ class ShardedModel(nn.Module):
     """The blocks of a compiled model, each an FSDP2 group: train it like the SparseModel it came from."""
 
     def __init__(self, graph: fx.GraphModule, call_defaults: dict, names: dict, blocks: list,
-                 out_spec: Optional[Any] = None):
+                 out_spec: Optional[Any] = None, replicated: Optional[list] = None):
         super().__init__()
         self.graph_module = graph
         self._call_defaults = dict(call_defaults)
         self.names = dict(names)  # parameter name here -> name in the SparseModel
         self.blocks = list(blocks)  # module path of each block, in order
         self.out_spec = out_spec  # the model's output structure (the cut graph returns its leaves)
+        self.replicated = list(replicated or [])  # parameters whole on every rank (token flow's gates)
 
     def forward(self, *args, **kwargs):
         out = self.graph_module(*args, **{**self._call_defaults, **kwargs})
-        if self.out_spec is None:
-            return out
-        from torch.utils import _pytree as pytree
-        return pytree.tree_unflatten(list(out) if isinstance(out, (tuple, list)) else [out], self.out_spec)
+        if self.out_spec is not None:
+            out = pytree.tree_unflatten(list(out) if isinstance(out, (tuple, list)) else [out], self.out_spec)
+        if self.replicated and torch.is_grad_enabled():
+            self._average_after_backward(out)
+        return out
+
+    def _average_after_backward(self, out: Any) -> None:
+        """Average the replicated parameters' gradients over the ranks once this output's backward is done
+        (autograd runs a queued callback when the whole backward pass ends, after every gradient is in)."""
+        queued = [False]
+
+        def queue(grad: torch.Tensor) -> torch.Tensor:
+            if not queued[0]:
+                queued[0] = True
+                torch.autograd.Variable._execution_engine.queue_callback(self.average_replicated_grads)
+            return grad
+
+        for leaf in pytree.tree_leaves(out):
+            if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+                leaf.register_hook(queue)
+
+    def average_replicated_grads(self) -> None:
+        """Each replicated parameter's gradient replaced by its mean over the ranks (None where no rank has
+        one), in one all-reduce. Runs by itself after each backward through this model's outputs."""
+        comm = distributed.current()
+        flat = torch.cat([torch.tensor([p.grad is not None for p in self.replicated], dtype=torch.float32)]
+                         + [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten()
+                            for p in self.replicated])
+        comm.average_(flat)
+        offset = len(self.replicated)
+        for i, p in enumerate(self.replicated):
+            grad, offset = flat[offset:offset + p.numel()], offset + p.numel()
+            if flat[i] > 0:
+                p.grad = grad.view_as(p).to(p.dtype).clone()
 
     def save_checkpoint(self, directory: str) -> None:
         """Write the parameters as a distributed checkpoint (torch.distributed.checkpoint: every rank writes
@@ -150,16 +187,23 @@ def fully_shard_blocks(sm: Any, **fsdp_options: Any) -> ShardedModel:
     `gather_into(sm)` to give `sm` its weights back, to read, save or export the result."""
     from torch.distributed.fsdp import fully_shard
     from torch.fx.passes.split_module import split_module
+    from sparsecc.methods.token_flow.model import FlowSparseModel
     from sparsecc.model import SparseModel
 
     if distributed.current() is None:
         raise DistributedError("fully_shard_blocks needs torch.distributed initialised with more than one process "
                                "(torchrun, or dist.init_process_group); on one process train the model itself")
-    if type(sm) is not SparseModel or sm.backend != "eager":
+    if type(sm) not in (SparseModel, FlowSparseModel) or sm.backend != "eager":
         raise UnsupportedError(f"fully_shard_blocks takes a SparseModel compiled with backend='eager'; got "
                                f"{type(sm).__name__}" + (f" on {sm.backend!r}" if hasattr(sm, "backend") else "")
-                               + ". Token-flow models (two graphs) train under DDP (sparsecc.train.fit_flow)")
-    flat, names = _with_parameter_modules(sm.graph_module)
+                               + ": compile with backend='eager' to train, then lower the trained model")
+    # a token-flow model trains its soft-gate graph (in eval mode the same graph takes the hard decisions)
+    source = sm.train_graph_module if isinstance(sm, FlowSparseModel) else sm.graph_module
+    flat, names = _with_parameter_modules(source)
+    # modules the graph calls (token flow's gates, called from every block): whole on every rank
+    replicated = {id(p): p for n in flat.graph.nodes if n.op == "call_module" and not n.target.startswith(_PARAMS)
+                  for p in flat.get_submodule(n.target).parameters()}
+    ignored = set(replicated.values())
     # one partition per block, in graph order; nodes between blocks join the block before them, what
     # precedes the first block is partition 0 and what follows the last block's last node the tail
     order: dict[str, int] = {}
@@ -190,16 +234,22 @@ def fully_shard_blocks(sm: Any, **fsdp_options: Any) -> ShardedModel:
         for name, _ in sub.named_children():
             if name.startswith(prefix):
                 here[f"graph_module.{sub_name}.{name}.param"] = f"graph_module.{names[name[len(prefix):]]}"
-        if any(True for _ in sub.parameters()):
-            fully_shard(sub, **fsdp_options)
-    fully_shard(cut, **fsdp_options)
+        if any(id(p) not in replicated for p in sub.parameters()):
+            fully_shard(sub, ignored_params=ignored, **fsdp_options)
+    fully_shard(cut, ignored_params=ignored, **fsdp_options)
+    sm_names = {id(p): name for name, p in sm.named_parameters()}
+    for name, p in cut.named_parameters():
+        if id(p) in replicated:
+            here[f"graph_module.{name}"] = sm_names[id(p)]
     # FSDP2 copied each rank's shard; sm's own (unsharded) tensors would keep every weight on every rank
-    # while it trains: released here, filled again by gather_into
+    # while it trains: released here, filled again by gather_into (the replicated ones are the model's own)
     with torch.no_grad():
         for param in sm.parameters():
-            param.data = param.data.new_empty(0)
-    info = getattr(sm.graph_module.graph._codegen, "pytree_info", None)
-    return ShardedModel(cut, sm.call_defaults, here, list(order), out_spec=info.out_spec if info else None)
+            if id(param) not in replicated:
+                param.data = param.data.new_empty(0)
+    info = getattr(source.graph._codegen, "pytree_info", None)
+    return ShardedModel(cut, sm.call_defaults, here, list(order), out_spec=info.out_spec if info else None,
+                        replicated=list(replicated.values()))
 
 
 def fully_shard_layers(module: nn.Module, **fsdp_options: Any) -> nn.Module:

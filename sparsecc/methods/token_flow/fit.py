@@ -105,7 +105,8 @@ def balance_loss(gates: FlowGates, form: str = "released") -> Tensor:
 
 
 def calibrate_keep(sm: nn.Module, batches: Iterable[Any], keep: Optional[float] = None,
-                   inputs_of: Callable[[Any], Any] = lambda batch: batch, comm: Any = None) -> dict:
+                   inputs_of: Callable[[Any], Any] = lambda batch: batch, comm: Any = None,
+                   run: Optional[nn.Module] = None) -> dict:
     """Set each segment's logit shift so the HARD decisions keep `keep` (default: each segment's target) of the
     non-padding tokens of `batches`, layer after layer (a layer's shift changes the next one's inputs).
 
@@ -113,22 +114,25 @@ def calibrate_keep(sm: nn.Module, batches: Iterable[Any], keep: Optional[float] 
     whose logit is > 0, which is the same fraction only once the logits have polarised. Only for
     select="threshold" (top-k keeps its budget by construction). Returns segment -> shift.
     With a `sparsecc.distributed.Comm`, over every rank's batches: rank 0 sets each threshold on the
-    logits of all ranks, and every rank applies it.
+    logits of all ranks, and every rank applies it. run: the module to call in eval mode (default sm; a
+    `ShardedModel` of sm, whose hard-gate training graph takes the same decisions, while sm's weights are
+    sharded).
     """
     gates: FlowGates = sm.flow_gates
+    run = sm if run is None else run
     if gates.select != "threshold":
         return {}
     keeps = gates.keep_targets if keep is None else [keep] * gates.n_segments
     batches = list(batches)
-    was_training = sm.training
-    sm.eval()
+    was_training = run.training
+    run.eval()
     shifts = {}
     try:
         for seg in range(gates.n_segments):
             gates.capture = {}
             with torch.no_grad():
                 for batch in batches:
-                    call_with_inputs(sm, inputs_of(batch))
+                    call_with_inputs(run, inputs_of(batch))
             rows = gates.capture.get(seg, [])
             gates.capture = None
             logits = torch.cat([lg.flatten() for lg, _ in rows]) if rows else torch.zeros(0)
@@ -152,7 +156,7 @@ def calibrate_keep(sm: nn.Module, batches: Iterable[Any], keep: Optional[float] 
             shifts[seg] = float(gates.shift[seg])
     finally:
         gates.capture = None
-        sm.train(was_training)
+        run.train(was_training)
     return shifts
 
 

@@ -122,7 +122,7 @@ class FlowGates(nn.Module):
         # added to every logit of a segment: `sparsecc.train.flow.calibrate_keep` sets it so that the hard
         # decisions keep the target fraction on data (0 = as trained)
         self.register_buffer("shift", torch.zeros(self.n_segments))
-        self.capture: Optional[dict] = None  # when a dict, "keep" forwards store (logits, valid) per segment
+        self.capture: Optional[dict] = None  # when a dict, forwards store (logits, valid) per segment
         self.last_gates: dict = {}  # segment -> (gates [B, L], valid [B, L]) of the last "gate" forward
         self.last_mix: dict = {}  # stack -> mixture weights [B, n_mix] of the last "gate" forward
         self.recording = False  # when True, "keep" forwards store (kept, valid, all) counts in `kept_counts`
@@ -181,9 +181,9 @@ class FlowGates(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, h: Tensor, x0: Tensor, valid: Optional[Tensor], segment: int, mode: str) -> Tensor:
         logits, mix = self.logits(h, x0, valid, segment)
+        if self.capture is not None:  # calibrate_keep, on the inference graph or a sharded training graph
+            self.capture.setdefault(segment, []).append((logits.detach(), valid))
         if mode == "keep":
-            if self.capture is not None:
-                self.capture.setdefault(segment, []).append((logits.detach(), valid))
             keep = self._decide(logits, valid, segment)
             if self.recording:
                 n_valid = keep.new_full((), keep.numel(), dtype=torch.int64) if valid is None else valid.sum()
