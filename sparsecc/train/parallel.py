@@ -17,7 +17,7 @@ in submodules of their own; each submodule reads its parameters itself (through 
 parameter) and is one FSDP2 group. Buffers (layouts, position ids) stay unsharded on every rank.
 
 A token-flow model trains its soft-gate graph, whose gate module (`sparsecc_flow`) is one module called
-from every block: a parameter in several FSDP2 groups. Its parameters (a few hundred numbers per layer)
+from every block: a parameter in several FSDP2 groups. Its parameters (per layer a scorer or a table)
 are left out of the groups (`ignored_params`) and stay whole on every rank; their gradients are averaged
 over the ranks at the end of each backward, as DDP would.
 """
