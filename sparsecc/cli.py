@@ -333,6 +333,7 @@ def _tune(args) -> int:
         finetune = {"steps": args.finetune_steps, "lr": args.finetune_lr}
     result = sparsecc.tune(loaded.model, calibration[0], calibration, budget=budget, backend=args.backend,
                            methods=args.methods, eval_batches=held, finetune=finetune, seed=args.seed,
+                           flow_fit={"steps": args.flow_steps},
                            generations=args.generations, repeats=args.repeats, warmup=args.warmup,
                            latency=latency, **({"cache_dir": args.cache_dir} if args.cache_dir else {}))
     written = result.save(args.out, png=_png_wanted(args))
@@ -468,8 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the backend the latency is measured on (and the tuned model compiled for)")
     p.add_argument("--out", required=True,
                    help="output directory: recipe.toml, front.json, summary.txt, front.png, model/ (sparsecc.load)")
-    p.add_argument("--methods", nargs="+", choices=["attention", "ffn"], default=None,
-                   help="the slots to vary, with their default levels (default: both)")
+    p.add_argument("--methods", nargs="+", choices=["attention", "ffn", "flow"], default=None,
+                   help="the slots to vary, with their default levels (default: attention and ffn; flow, token "
+                        "flow's kept fraction per layer, is searched alone)")
+    p.add_argument("--flow-steps", type=POSITIVE, default=100,
+                   help="with --methods flow: steps of the one training of the gates the flow levels share")
     p.add_argument("--seq-len", type=POSITIVE, default=128, help="token length the model is tuned at")
     p.add_argument("--batch", type=POSITIVE, default=8, help="rows per batch (also of the timed inputs)")
     p.add_argument("--calibration-batches", type=POSITIVE, default=4,

@@ -480,3 +480,51 @@ def test_keep_per_layer():
         sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(flow=sparsecc.TokenFlow(keep=[0.5] * (n + 1))))
     with pytest.raises(RecipeError, match=r"recipe.flow.keep: got \(0.5, 1.5\)"):
         sparsecc.TokenFlow(keep=[0.5, 1.5])
+
+
+def test_skipped_blocks_run_dense_and_gate_plans_rebuild_trained_gates():
+    # skip: the listed blocks have no gate and no route; the others as in the reference x <- where(keep, layer(x), x)
+    from sparsecc.train.flow import fit_flow
+    model, inputs = T.bert()
+    g = torch.Generator().manual_seed(2)
+    batches = [{"input_ids": torch.randint(0, T.VOCAB, (4, 16), generator=g),
+                "attention_mask": torch.ones(4, 16, dtype=torch.long)} for _ in range(3)]
+    flow = sparsecc.TokenFlow(gate="content", keep=0.5)
+    sm = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(flow=flow), check=False)
+    fit_flow(sm, batches, teacher=model, steps=3, train_model=False, progress=False)
+    n = len(sm.flow.segments)
+    assert n >= 2
+    routes = [nd for nd in sm.graph_module.graph.nodes if nd.target == torch.ops.sparsecc.flow_route.default]
+    skipped = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(flow=flow.__class__(
+        gate="content", keep=0.5, skip=(0,))), plans=sm.gate_plans(), check=False)
+    assert len([nd for nd in skipped.graph_module.graph.nodes
+                if nd.target == torch.ops.sparsecc.flow_route.default]) == len(routes) - 1
+    assert list(skipped.kept_fractions()) == [seg.name for seg in sm.flow.segments[1:]]
+    # the trained gates (scorers and calibrated thresholds) came with the plans: same decisions, same outputs
+    for name, t in sm.flow_gates.state_dict().items():
+        assert torch.equal(skipped.flow_gates.state_dict()[name], t), name
+    keep = _decisions(skipped, inputs)
+    assert sorted(keep) == list(range(1, n))
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        x = model.embeddings(input_ids=ids)
+        additive = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        for i, layer in enumerate(model.encoder.layer):
+            y = layer(x, attention_mask=additive)
+            y = y[0] if isinstance(y, tuple) else y
+            x = y if i == 0 else torch.where(keep[i].unsqueeze(-1), y, x)
+        out = _hidden(_run(skipped, inputs))
+    assert (out - x).abs()[mask.bool()].max() <= 1e-5
+    # the same plans with every block flowed reproduce sm exactly
+    again = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(flow=flow), plans=sm.gate_plans(), check=False)
+    with torch.no_grad():
+        assert torch.equal(_hidden(_run(again, inputs)), _hidden(_run(sm, inputs)))
+    with pytest.raises(RecipeError, match=rf"recipe.flow.skip: blocks \[{n}\] do not exist; this model has {n}"):
+        sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(flow=sparsecc.TokenFlow(skip=(n,))), check=False)
+    with pytest.raises(RecipeError, match="recipe.flow.skip: got"):
+        sparsecc.TokenFlow(skip=(-1,))
+    released = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(flow=sparsecc.TokenFlow()), check=False)
+    with pytest.raises(RecipeError, match="gate tensor 'weight'"):
+        sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(flow=sparsecc.TokenFlow()), plans=sm.gate_plans(),
+                         check=False)
+    assert released.gate_plans()[next(iter(released.gate_plans()))].tensors["table"].shape[0] == 3

@@ -127,8 +127,12 @@ def test_tune_refuses_bad_arguments_with_what_to_do():
         sparsecc.tune(model, inputs, calibration=_batches(1, 1), progress=False)
     with pytest.raises(InputError, match="METRIC>=VALUE"):
         _tune(model, inputs, budget="cosine=0.9")
-    with pytest.raises(sparsecc.errors.UnsupportedError, match="Token flow keeps are not searched"):
-        _tune(model, inputs, methods=["flow"])
+    with pytest.raises(InputError, match="token flow is searched alone"):
+        _tune(model, inputs, methods=["flow", "ffn"])
+    with pytest.raises(InputError, match="differ in more than their kept fraction"):
+        _tune(model, inputs, methods={"flow": [sparsecc.TokenFlow(gate="content"), sparsecc.TokenFlow(keep=0.7)]})
+    with pytest.raises(InputError, match="flow_fit="):
+        _tune(model, inputs, methods=["flow"], flow_fit=100)
     with pytest.raises(InputError, match="expected SparseFFN configs"):
         _tune(model, inputs, methods={"ffn": [sparsecc.Spion()]})
     with pytest.raises(InputError, match="'dense'"):
@@ -229,6 +233,50 @@ def test_tune_with_finetune_never_fine_tunes_the_dense_answer():
             assert (result.model(**b).last_hidden_state - dense(**b).last_hidden_state).abs().max() < 1e-5
 
 
+FLOW_LEVELS = [sparsecc.TokenFlow(gate="content", keep=0.75), sparsecc.TokenFlow(gate="content", keep=0.5)]
+FLOW_LATENCY = {"dense": 1.0, "flow:token_flow(gate='content', keep=0.75)": 0.8, "flow:token_flow(gate='content')": 0.6}
+
+
+def test_tune_searches_flow_keeps_per_layer_from_one_training_of_the_gates(tmp_path, monkeypatch):
+    """Layer 1 adds almost nothing (its attention and FFN outputs x 1e-3: under post-LN it is near the identity),
+    layer 0 dominates (its FFN x 20): the optimum flows layer 1 at the lowest keep and leaves layer 0 dense."""
+    import sparsecc.train.flow as flow_training
+    model, inputs = _one_insensitive_layer()
+    with torch.no_grad():
+        model.encoder.layer[1].attention.output.dense.weight.mul_(1e-3)
+        model.encoder.layer[1].attention.output.dense.bias.mul_(1e-3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainings = []
+    fit_flow = flow_training.fit_flow
+    monkeypatch.setattr(flow_training, "fit_flow", lambda *a, **k: trainings.append(k["steps"]) or fit_flow(*a, **k))
+    args = dict(budget="cosine>=0.999", methods={"flow": FLOW_LEVELS}, latency=FLOW_LATENCY, flow_fit={"steps": 3},
+                cache_dir=str(tmp_path))
+    result = _tune(model, inputs, **args)
+    assert trainings == [3]  # one training for both levels
+    flow = result.recipe.flow
+    assert flow.skip == (0,) and flow.keep[1] == 0.5 and flow.gate == "content"
+    assert result.recipe.attention is None and result.recipe.ffn is None
+    assert result.predicted_latency == pytest.approx(0.8)  # dense less one block's saving of (1.0 - 0.6) / 2
+    # layer 0 alone at either keep misses the budget; so the sensitivity stage measured
+    sensitive = [p for p in result.points if p["levels"].startswith("0.flow=token") and "1.flow=dense" in p["levels"]]
+    assert len(sensitive) == 2 and all(p["quality"] < 0.999 for p in sensitive)
+    # the tuned model: only block 1 is routed, at about half of the held-out tokens, and its outputs give the quality
+    held = _batches(2, 5)
+    kept = result.model.measure_flow(held)
+    assert list(kept) == ["encoder.layer.1"] and kept["encoder.layer.1"] == pytest.approx(0.5, abs=0.15)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dense = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe.dense(), progress=False)
+    with torch.no_grad():
+        again = result.budget.measure([result.model(**b) for b in held], [dense(**b) for b in held], held)
+    assert again == pytest.approx(result.quality, abs=1e-6) and result.budget.met(again)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the user's model untouched
+    # a second tune reads both levels' gates from the cache: no training, the same answer
+    second = _tune(model, inputs, **args)
+    assert trainings == [3] and second.plans_cached == 2
+    assert second.recipe == result.recipe and second.quality == result.quality
+
+
 # ------------------------------------------------------------------ the command line
 def _bert_dir_with_tokenizer(path):
     """A small random BERT saved as a Hugging Face directory, with MiniLM's tokenizer (same vocabulary)."""
@@ -290,6 +338,38 @@ def test_cli_tune_writes_the_recipe_the_front_and_a_model_that_meets_the_budget_
         student = [call_with_inputs(tuned, b) for b in held]
         teacher = [loaded.model(**b) for b in held]
     assert Budget.parse("cosine>=0.998").measure(student, teacher, held) == pytest.approx(front["quality"], abs=1e-5)
+
+
+def test_cli_tune_of_flow_keeps_writes_a_model_whose_trained_gates_give_the_quality_reported(tmp_path, capsys):
+    from sparsecc.capture import call_with_inputs
+    from sparsecc.cli import main
+    from sparsecc.models import load_model, text_batches
+    model_dir = _bert_dir_with_tokenizer(tmp_path / "bert")
+    out = tmp_path / "tuned"
+    keeps = {"flow:token_flow(gate='content', keep=0.9)": 0.95, "flow:token_flow(gate='content', keep=0.75)": 0.85,
+             "flow:token_flow(gate='content', keep=0.6)": 0.75, "flow:token_flow(gate='content')": 0.7}
+    (tmp_path / "latency.json").write_text(json.dumps({"dense": 1.0, **keeps}))
+    argv = ["tune", model_dir, "--budget", "cosine>=0.9", "--methods", "flow", "--flow-steps", "2", "--seq-len", "32",
+            "--batch", "4", "--calibration-batches", "2", "--eval-batches", "2", "--generations", "2", "--repeats",
+            "1", "--warmup", "0", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-png",
+            "--latency", str(tmp_path / "latency.json")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(argv) == 0
+    front = json.loads((out / "front.json").read_text())
+    recipe = sparsecc.Recipe.load(str(out / "recipe.toml"))
+    assert recipe.flow is not None and len(recipe.flow.keep) == 2 and front["quality"] >= 0.9
+    assert len(front["uniform"]) == 4 and all(u["slot"] == "flow" for u in front["uniform"])
+    # the saved model carries the trained, calibrated gates: re-measured here, it gives the quality reported
+    loaded = load_model(model_dir, batch=4, seq_len=32)
+    held = text_batches(loaded, 2, 32, batch_size=4, offset=4 * 2 * 4)
+    tuned = sparsecc.load(str(out / "model"))
+    with torch.no_grad():
+        student = [call_with_inputs(tuned, b) for b in held]
+        teacher = [loaded.model(**b) for b in held]
+    assert Budget.parse("cosine>=0.9").measure(student, teacher, held) == pytest.approx(front["quality"], abs=1e-5)
+    routes = [n for n in tuned.graph_module.graph.nodes if n.target == torch.ops.sparsecc.flow_route.default]
+    assert len(routes) == 2 - len(recipe.flow.skip) >= 1
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -2,10 +2,12 @@
 the tuned recipe's measured speed-up over the dense model on the backend, and the tuning time.
 
     python tools/bench_tune_minilm.py [--lengths 128 256 512] [--backends onnxruntime eager]
-        [--budgets "top10>=0.9" "cosine>=0.98"] [--finetune-steps 40] [--out-dir out/bench_tune]
+        [--budgets "top10>=0.9" "cosine>=0.98"] [--finetune-steps 40] [--methods flow] [--flow-steps 100]
+        [--out-dir out/bench_tune]
 
 For each length L, backend and budget, `sparsecc.tune` runs with its default levels (SPION-C at
-densities 1/2 .. 1/8; sparse FFN n = 4 .. 32) on batch 8 at L tokens:
+densities 1/2 .. 1/8; sparse FFN n = 4 .. 32; with --methods flow, token flow with content gates at keep
+0.9 .. 0.5, the gates trained once for --flow-steps) on batch 8 at L tokens:
 - calibration: --calibration-batches batches of training paragraphs of the standard-library docstrings
   (the fixed 70 / 30 split of tools/bench_flow_minilm.py), packed to exactly L tokens;
 - quality: --eval-batches batches of the held-out paragraphs (none calibrated or trained on), against
@@ -84,6 +86,9 @@ def compact(levels: str) -> str:
     per_slot: dict = {}
     for _, slot, level in re.findall(r"(\d+)\.(\w+)=(dense|\w+\([^)]*\))", levels):
         density, n = re.search(r"density=([\d.]+)", level), re.search(r"\bn=(\d+)", level)
+        if slot == "flow":  # keep 0.5 is the config's default, not written
+            keep = re.search(r"keep=([\d.]+)", level)
+            level = level if level == "dense" else f"k{keep.group(1) if keep else '0.5'}"
         per_slot.setdefault(slot, []).append("-" if level == "dense" else f"{density.group(1)}" if density
                                              else f"n{n.group(1)}" if n else level)
     return "; ".join(f"{slot} {' '.join(v)}" for slot, v in per_slot.items())
@@ -99,6 +104,9 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--finetune-steps", type=int, default=0)
     parser.add_argument("--finetune-lr", type=float, default=5e-5)
+    parser.add_argument("--methods", nargs="+", default=["attention", "ffn"], choices=["attention", "ffn", "flow"],
+                        help="the slots tune varies (flow: searched alone)")
+    parser.add_argument("--flow-steps", type=int, default=100, help="steps of the one training of the flow gates")
     parser.add_argument("--generations", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out-dir", default="out/bench_tune")
@@ -129,12 +137,14 @@ def main() -> None:
                                                "batches": finetune_batches}))
             panels = []
             for budget, ft in runs:
-                name = f"L{L}-{backend}-{slug(budget)}" + ("-finetuned" if ft else "")
+                name = (f"L{L}-{backend}-{slug(budget)}" + ("-finetuned" if ft else "")
+                        + ("" if args.methods == ["attention", "ffn"] else "-" + "-".join(args.methods)))
                 print(f"== {name}", flush=True)
                 start = time.perf_counter()
                 try:
                     result = sparsecc.tune(model, example, calibration, budget=budget, backend=backend,
                                            eval_batches=held, finetune=ft, generations=args.generations,
+                                           methods=args.methods, flow_fit={"steps": args.flow_steps},
                                            repeats=args.repeats, cache_dir=cache_dir, seed=0)
                 except TuneError as err:  # a row saying so, with the best point measured
                     print(err, flush=True)

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from sparsecc.errors import PassError
+from sparsecc.errors import InputError, PassError, RecipeError, UnsupportedError
 
 log = logging.getLogger("sparsecc.passes")
 
@@ -114,8 +114,8 @@ class PassManager:
                 gm.graph.lint()
                 gm.graph.eliminate_dead_code()
                 gm.recompile()
-            except PassError:
-                raise
+            except (PassError, InputError, RecipeError, UnsupportedError):
+                raise  # bad input, said by the pass: not a broken graph
             except Exception as err:
                 raise PassError(f"pass {p.name!r} broke the graph: {type(err).__name__}: {err}") from err
             seconds = time.perf_counter() - start

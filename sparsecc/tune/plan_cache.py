@@ -37,7 +37,7 @@ def plans_key(weights_key: str, calibration: list, config: Any) -> str:
 
 
 class PlanCache:
-    """get(key) -> (rewritten {layer: region}, plans {region: Plan}) or None; put(key, rewritten, plans)."""
+    """get(key) -> (rewritten {layer: [region names]}, plans {region: Plan}) or None; put(key, rewritten, plans)."""
 
     def __init__(self, cache_dir: Optional[str]):
         self.cache_dir = cache_dir
@@ -52,7 +52,9 @@ class PlanCache:
             return None
         try:
             data = torch.load(path, weights_only=True)
-            rewritten = {int(layer): name for layer, name in data["rewritten"].items()}
+            # layer -> its region names (a single name in files of sparsecc before flow levels)
+            rewritten = {int(layer): [names] if isinstance(names, str) else list(names)
+                         for layer, names in data["rewritten"].items()}
             plans = {region: Plan(method=p["method"], region=region, values=json.loads(p["values"]),
                                   tensors=dict(p["tensors"]), version=p["version"])
                      for region, p in data["plans"].items()}
@@ -65,7 +67,7 @@ class PlanCache:
         path = self._path(key)
         if path is None:
             return
-        data = {"rewritten": {str(layer): name for layer, name in rewritten.items()},
+        data = {"rewritten": {str(layer): list(names) for layer, names in rewritten.items()},
                 "plans": {region: {"method": p.method, "version": p.version, "values": json.dumps(p.values),
                                    "tensors": {n: t.detach().cpu() for n, t in p.tensors.items()}}
                           for region, p in plans.items()}}

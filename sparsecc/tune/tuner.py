@@ -16,6 +16,10 @@ How it works, and what each step costs:
   backend, once, cached on disk;
 - quality is measured, never estimated: every candidate the search looks at is compiled and run on
   the held-out batches, and the budget's metric compares its outputs with the dense model's;
+- token flow (`methods=["flow"]`, searched alone): its content gates are trained once, on the
+  calibration batches at the lowest kept fraction with the weights frozen (`fit_flow`, `flow_fit=`);
+  each flow level is then those gates with thresholds calibrated to its kept fraction, so a
+  per-layer mix of keeps costs no training (a layer left dense is skipped: `TokenFlow.skip`);
 - the search (`sparsecc.tune.search`): sensitivity seed, level-switch evolution, global shift; with
   `finetune=`, the shift's candidates are fine-tuned (`sparsecc.finetune`) before they are measured,
   and the tuned model is the fine-tuned one;
@@ -42,6 +46,7 @@ from sparsecc.errors import InputError, TuneError, UnsupportedError
 from sparsecc.methods.fixed import Fixed
 from sparsecc.methods.sparse_ffn import SparseFFN
 from sparsecc.methods.spion import Spion
+from sparsecc.methods.token_flow import TokenFlow
 from sparsecc.recipe import Recipe
 from sparsecc.tune import search
 from sparsecc.tune.budget import Budget
@@ -50,7 +55,9 @@ from sparsecc.tune.plan_cache import PlanCache, plans_key
 
 log = logging.getLogger("sparsecc.tune")
 
-TUNABLE_SLOTS = ("attention", "ffn")
+TUNABLE_SLOTS = ("attention", "ffn", "flow")
+DEFAULT_SLOTS = ("attention", "ffn")
+_SLOT_CONFIGS = {"attention": (Spion, Fixed), "ffn": (SparseFFN,), "flow": (TokenFlow,)}
 _UNSET = object()
 
 
@@ -58,20 +65,21 @@ def default_levels(slot: str, seq_len: int) -> list:
     """The levels tune tries when `methods` names a slot without configs.
 
     attention: SPION-C (conv of the attention maps, top blocks) at densities 1/2 .. 1/8, on blocks of
-    at most 64 with at least 8 blocks to a row; ffn: sparse FFN keeping 1 unit in 4 .. 32."""
+    at most 64 with at least 8 blocks to a row; ffn: sparse FFN keeping 1 unit in 4 .. 32; flow: content
+    gates keeping 0.9 .. 0.5 of the tokens."""
     if slot == "attention":
         block = max(8, min(64, 1 << max(3, (seq_len // 8).bit_length() - 1)))
         return [Spion(method="spion_c", block=block, density=d) for d in (0.5, 0.35, 0.25, 0.125)]
     if slot == "ffn":
         return [SparseFFN(n=n) for n in (4, 8, 16, 32)]
-    raise UnsupportedError(f"tune varies {list(TUNABLE_SLOTS)}; got {slot!r}. Token flow keeps are not searched: "
-                           "its gates are trained for the whole model at once (sparsecc.train.flow.fit_flow), so a "
-                           "per-candidate measurement would mean a training run each")
+    if slot == "flow":
+        return [TokenFlow(gate="content", keep=k) for k in (0.9, 0.75, 0.6, 0.5)]
+    raise InputError(f"tune varies {list(TUNABLE_SLOTS)}; got {slot!r}")
 
 
 def _levels(methods: Any, seq_len: int) -> dict:
     if methods is None:
-        methods = list(TUNABLE_SLOTS)
+        methods = list(DEFAULT_SLOTS)
     if isinstance(methods, str):
         methods = [methods]
     if isinstance(methods, (list, tuple)):
@@ -88,13 +96,35 @@ def _levels(methods: Any, seq_len: int) -> dict:
         if slot not in TUNABLE_SLOTS:
             default_levels(slot, seq_len)  # raises the reason
         for c in configs:
-            if not isinstance(c, (Spion, Fixed, SparseFFN)) or (slot == "ffn") != isinstance(c, SparseFFN):
+            if not isinstance(c, _SLOT_CONFIGS[slot]):
                 raise InputError(f"tune: methods[{slot!r}] holds {c!r}; expected "
-                                 f"{'SparseFFN' if slot == 'ffn' else 'Spion or Fixed'} configs, one per level")
+                                 f"{' or '.join(k.__name__ for k in _SLOT_CONFIGS[slot])} configs, one per level")
         if len(set(configs)) != len(configs):
             raise InputError(f"tune: methods[{slot!r}] names a level twice")
+        if slot == "flow":
+            _check_flow_levels(configs)
         out[slot] = list(configs)
+    if "flow" in out and len(out) > 1:
+        raise InputError(f"tune: methods={sorted(out)}; token flow is searched alone: a flowed layer's block holds "
+                         "its attention and FFN regions (a region takes one method), and block layouts need every "
+                         "query. Tune methods=['flow'], or the other slots without it")
     return out
+
+
+def _check_flow_levels(configs: list) -> None:
+    """Flow levels share one set of trained gates: they may differ in their kept fraction only."""
+    import dataclasses
+    base = dataclasses.replace(configs[0], keep=0.5)
+    for c in configs:
+        if isinstance(c.keep, tuple) or c.skip:
+            raise InputError(f"tune: the flow level {c!r} gives per-block keep or skip; a level is one kept "
+                             "fraction (tune chooses it per layer)")
+        if dataclasses.replace(c, keep=0.5) != base:
+            raise InputError(f"tune: the flow levels {configs[0]!r} and {c!r} differ in more than their kept "
+                             "fraction; the levels share one set of trained gates, so give one gate, select, kv ...")
+        if c.select != "threshold":
+            raise InputError(f"tune: flow levels with select={c.select!r}; tune sets each level's kept fraction by "
+                             "threshold (select='threshold')")
 
 
 def _seq_len(captured: Any) -> int:
@@ -181,12 +211,15 @@ class _Tuner:
     """The state of one tune: the capture, the levels' plans, the latency table, the measured candidates."""
 
     def __init__(self, model, captured, levels: dict, budget: Budget, calibration: list, held: list,
-                 backend: str, backend_options: Optional[dict], finetune: Optional[dict], bar):
+                 backend: str, backend_options: Optional[dict], finetune: Optional[dict], flow_fit: dict,
+                 seed: int, bar):
         self.model, self.captured, self.levels, self.budget = model, captured, levels, budget
         self.calibration, self.held, self.bar = calibration, held, bar
         self.backend, self.backend_options, self.finetune_args = backend, backend_options, finetune
+        self.flow_fit, self.seed = flow_fit, seed
         self.plans: dict = {}  # (slot, level index from 1) -> {region name: Plan}
-        self.regions: dict = {}  # (slot, layer) -> region name
+        self.regions: dict = {}  # (slot, layer) -> the region names of the unit (a flowed layer: its block's)
+        self.flow_blocks: dict = {}  # layer -> its flow block's number (TokenFlow.keep / skip count them)
         self.measured: dict = {}  # candidate -> quality
         self.finetuned: dict = {}  # candidate -> (quality after fine-tuning, the fine-tuned model)
         self._dense_on_backend = None
@@ -218,17 +251,26 @@ class _Tuner:
         self.teacher_outputs = self.outputs(teacher)
         for slot, configs in self.levels.items():
             eligible = None
+            flow_gates = None  # the trained gates every flow level shares (trained when a level is not cached)
             for k, cfg in enumerate(configs, start=1):
-                key = plans_key(weights_key, self.calibration, cfg)
+                # a flow level's plans are its share of one training: the training's arguments are part of the key
+                key = plans_key(weights_key, self.calibration,
+                                cfg if slot != "flow" else (cfg, self.flow_fit, self.seed, sorted(configs, key=repr)))
                 found = cache.get(key)
                 if found is None:
-                    found = self.calibrate_level(slot, cfg)
+                    if slot == "flow":
+                        flow_gates = flow_gates or self.train_flow_gates(configs)
+                        found = self.flow_level(flow_gates, cfg.keep)
+                    else:
+                        found = self.calibrate_level(slot, cfg)
                     cache.put(key, *found)
                 rewritten, self.plans[(slot, k)] = found
                 eligible = set(rewritten) if eligible is None else eligible & set(rewritten)
-                for layer, name in rewritten.items():
-                    self.regions[(slot, layer)] = name
+                for layer, names in rewritten.items():
+                    self.regions[(slot, layer)] = tuple(names)
                 self.bar.update(1)
+            if slot == "flow":
+                self.flow_blocks = self.number_flow_blocks()
             for layer in sorted({lay for (s, lay) in self.regions if s == slot} - (eligible or set())):
                 log.warning("tune: %s of layer %d is left dense: not every level of the slot applies to it",
                             slot, layer)
@@ -243,29 +285,74 @@ class _Tuner:
         except UnsupportedError as err:
             raise UnsupportedError(f"tune: the level {describe_config(cfg)} of {slot} cannot be applied: "
                                    f"{err}") from err
-        rewritten = {r.layer: r.name for r in sm.report().regions
+        rewritten = {r.layer: [r.name] for r in sm.report().regions
                      if r.kind == slot and r.sparse is not None and r.layer is not None}
-        return rewritten, {name: sm.plans[name] for name in rewritten.values() if name in sm.plans}
+        return rewritten, {name: sm.plans[name] for names in rewritten.values() for name in names if name in sm.plans}
+
+    def train_flow_gates(self, configs: list):
+        """The flow levels' shared gates: trained once on the calibration batches, at the lowest kept fraction,
+        distilling the dense model with its weights frozen (so the flow levels compose with the dense weights)."""
+        import dataclasses
+
+        from sparsecc.train.flow import fit_flow
+
+        lowest = min(c.keep for c in configs)
+        self.bar.set_postfix_str(f"training the flow gates at keep {lowest:g}")
+        sm = self.compile(Recipe(attention=None, ffn=None, flow=dataclasses.replace(configs[0], keep=lowest)))
+        args = {"steps": 100, **self.flow_fit, "train_model": False, "calibrate": False, "progress": False}
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            fit_flow(sm, self.calibration, teacher=self.model, **args)
+        sm.eval()
+        return sm
+
+    def flow_level(self, sm, keep: float) -> tuple[dict, dict]:
+        """({layer: the block's region names}, {region name: Plan with the gates}) of the flow level `keep`: the
+        trained gates with every threshold calibrated, block after block, to keep `keep` of the calibration tokens."""
+        from sparsecc.methods.token_flow.fit import calibrate_keep
+
+        self.bar.set_postfix_str(f"calibrating the flow thresholds for keep {keep:g}")
+        with torch.no_grad():
+            sm.flow_gates.shift.zero_()
+        calibrate_keep(sm, self.calibration, keep=keep)
+        plans = sm.gate_plans()
+        for plan in plans.values():
+            plan.values["keep"] = keep
+        return {seg.layer: [r.name for r in seg.regions] for seg in sm.flow.segments}, plans
+
+    def number_flow_blocks(self) -> dict:
+        """layer -> its block's number among the flow blocks, in model order (one compile of the flow recipe)."""
+        sm = self.compile(Recipe(attention=None, ffn=None, flow=self.levels["flow"][0]))
+        return {seg.layer: seg.index for seg in sm.flow.segments}
 
     def level_key(self, slot: str, k: int) -> str:
         return f"{slot}:{describe_config(self.levels[slot][k - 1])}"
 
     def recipe(self, space: search.SearchSpace, c: search.Candidate) -> Recipe:
         slots: dict = {"attention": None, "ffn": None, "flow": None}
+        flow_keeps: dict = {}  # flow block -> kept fraction
         for (slot, layer), lv in zip(space.units, c):
-            if lv:
+            if lv and slot == "flow":
+                flow_keeps[self.flow_blocks[layer]] = self.levels[slot][lv - 1].keep
+            elif lv:
                 slots[slot] = slots[slot] or {}
                 slots[slot][str(layer)] = self.levels[slot][lv - 1]
+        if flow_keeps:  # one config for the model: a kept fraction per block, the dense blocks skipped
+            import dataclasses
+            blocks = range(len(self.flow_blocks))
+            slots["flow"] = dataclasses.replace(
+                self.levels["flow"][0], keep=tuple(flow_keeps.get(b, 1.0) for b in blocks),
+                skip=tuple(b for b in blocks if b not in flow_keeps))
         return Recipe(**slots)
 
     def plans_for(self, space: search.SearchSpace, c: search.Candidate) -> dict:
         out = {}
         for (slot, layer), lv in zip(space.units, c):
             if lv:
-                name = self.regions[(slot, layer)]
-                plan = self.plans[(slot, lv)].get(name)
-                if plan is not None:
-                    out[name] = plan
+                for name in self.regions[(slot, layer)]:
+                    plan = self.plans[(slot, lv)].get(name)
+                    if plan is not None:
+                        out[name] = plan
         return out
 
     def dense_on_backend(self):
@@ -323,7 +410,7 @@ class _Tuner:
 
 def tune(model: torch.nn.Module, example_inputs: Any, calibration: list, budget: Union[str, Budget] = "cosine>=0.98",
          backend: str = "eager", methods: Any = None, eval_batches: Optional[list] = None,
-         finetune: Optional[dict] = None, seed: int = 0, generations: int = 30, offspring: int = 4,
+         finetune: Optional[dict] = None, flow_fit: Optional[dict] = None, seed: int = 0, generations: int = 30, offspring: int = 4,
          patience: int = 8, cache_dir: Any = _UNSET, latency: Optional[dict] = None, repeats: int = 10,
          warmup: int = 2,
          backend_options: Optional[dict] = None, progress: bool = True) -> TuneResult:
@@ -332,11 +419,14 @@ def tune(model: torch.nn.Module, example_inputs: Any, calibration: list, budget:
     calibration: batches (as example_inputs) for the methods' plans; without `eval_batches` the last half
     of them is held out to measure quality, and only the first half calibrates.
     budget: a Budget or "metric>=value" / "metric<=value" (metrics: cosine, topK, kl, mse; sparsecc.tune.budget).
-    methods: the slots to vary (["attention", "ffn"], the default) with default levels, or {slot: [configs]}
-      in any order (ordered by their measured saving).
+    methods: the slots to vary (["attention", "ffn"], the default; or ["flow"], token flow's kept fractions,
+      searched alone) with default levels, or {slot: [configs]} in any order (ordered by their measured saving).
     finetune: None, or sparsecc.finetune arguments ({"steps": 100, "lr": 5e-5, ...}; "batches" defaults to
       the calibration batches): the global shift then measures quality after fine-tuning, and the tuned
       model returned is fine-tuned.
+    flow_fit: with methods=["flow"], sparsecc.train.flow.fit_flow arguments for the one training of the gates the
+      flow levels share ({"steps": 100} by default; the weights stay frozen); a recipe with token flow carries
+      trained gates, so keep `result.model` (sparsecc.save) rather than compiling its recipe again.
     cache_dir: where the latency table and each level's calibrated plans are cached (default $SPARSECC_CACHE or
       ~/.cache/sparsecc; None: no cache); a second tune of the model with the same calibration batches, with
       any budget, calibrates and times nothing again.
@@ -353,6 +443,9 @@ def tune(model: torch.nn.Module, example_inputs: Any, calibration: list, budget:
     if finetune is not None and not isinstance(finetune, dict):
         raise InputError(f"tune: finetune={finetune!r}; expected None or a dict of sparsecc.finetune arguments "
                          "(e.g. {'steps': 100, 'lr': 5e-5})")
+    if flow_fit is not None and not isinstance(flow_fit, dict):
+        raise InputError(f"tune: flow_fit={flow_fit!r}; expected None or a dict of sparsecc.train.flow.fit_flow "
+                         "arguments (e.g. {'steps': 200})")
     seconds: dict = {}
     bar = _bar(progress)
     try:
@@ -361,10 +454,12 @@ def tune(model: torch.nn.Module, example_inputs: Any, calibration: list, budget:
         captured = capture(model, example_inputs, dynamic=True)
         analysis = analyze(copy.deepcopy(captured))  # for a clear error before any calibration
         levels = _levels(methods, _seq_len(captured))
-        if not any(r.kind in levels for r in analysis.ctx.regions):
+        kinds = set(levels) - {"flow"} | ({"attention", "ffn"} if "flow" in levels else set())  # flow's blocks hold them
+        if not any(r.kind in kinds for r in analysis.ctx.regions):
             raise UnsupportedError(f"tune: the model has no {' or '.join(levels)} region to vary; `sparsecc inspect "
                                    "--explain` shows what was found and why")
-        tuner = _Tuner(model, captured, levels, budget, calibration, held, backend, backend_options, finetune, bar)
+        tuner = _Tuner(model, captured, levels, budget, calibration, held, backend, backend_options, finetune,
+                       dict(flow_fit or {}), seed, bar)
         cache_dir = default_cache_dir() if cache_dir is _UNSET else cache_dir
         plan_cache = PlanCache(cache_dir)
         tuner.plan_levels(plan_cache, fingerprint(model, example_inputs, "plans", None))

@@ -34,6 +34,9 @@ class TokenFlow:
     the route and the blocks' shapes depend on the input shape only - every batch of one shape, and
     every rank of a distributed run, runs the same program; the blocks run on [batch, C, features],
     the `layout` option does not apply).
+    skip: block numbers (from 0, model order, as `keep` counts them) left out of the flow: they run
+    dense, with no gate and no route (their `keep` entries are not used). `sparsecc.tune` leaves a
+    layer dense this way; keep=1.0 still routes every token through the flow ops.
     pin_first: always keep position 0 (CLS). init: initial gate logit (3.0 opens every gate).
     layout: "packed" (a block's per-token tail - output projection, norms, FFN - runs on the kept
     tokens of the whole batch one after another, so no work on the padding of examples that keep
@@ -48,6 +51,7 @@ class TokenFlow:
     select: str = "threshold"
     pin_first: bool = True
     layout: str = "packed"
+    skip: tuple[int, ...] = ()
     n_mix: int = 3
     temperature: float = 0.33
     init: float = 3.0
@@ -55,11 +59,15 @@ class TokenFlow:
     seed: int = 0
 
     def __post_init__(self):
-        if isinstance(self.keep, list):
-            object.__setattr__(self, "keep", tuple(self.keep))  # hashable, like the rest of the frozen config
+        for name in ("keep", "skip"):
+            if isinstance(getattr(self, name), list):  # hashable, like the rest of the frozen config
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         check_fields(self, "recipe.flow", choices=FLOW_CHOICES, positive_ints=("n_mix", "max_positions"),
                      positive=("temperature",))
         keeps = self.keep if isinstance(self.keep, tuple) else (self.keep,)
         if not keeps or not all(0.0 < k <= 1.0 for k in keeps):
             raise RecipeError(f"recipe.flow.keep: got {self.keep!r}; expected 0 < keep <= 1 (e.g. 0.5), or a list of "
                               "such numbers, one per flowed block")
+        if not isinstance(self.skip, tuple) or not all(isinstance(b, int) and b >= 0 for b in self.skip):
+            raise RecipeError(f"recipe.flow.skip: got {self.skip!r}; expected block numbers >= 0 (e.g. (0, 5)), the "
+                              "blocks left dense")

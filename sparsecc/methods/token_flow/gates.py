@@ -207,6 +207,41 @@ class FlowGates(nn.Module):
             self.last_mix[self.stacks[segment]] = mix
         return gates
 
+    # ------------------------------------------------------------------ per-segment state
+    def segment_state(self, segment: int) -> dict:
+        """Copies of the tensors that decide `segment`'s tokens: its threshold shift and its gate parameters (the
+        released gates' mixture router is its stack's, shared with the stack's other segments)."""
+        with torch.no_grad():
+            out = {"shift": self.shift[segment:segment + 1].clone()}
+            if self.kind == "content":
+                out["weight"] = self.scorers[segment].weight.detach().clone()
+                out["bias"] = self.scorers[segment].bias.detach().clone()
+            elif self.kind == "released":
+                router = self.routers[self.stacks[segment]]
+                out["table"] = self.table[:, segment].detach().clone()
+                out["router.weight"] = router.weight.detach().clone()
+                out["router.bias"] = router.bias.detach().clone()
+        return out
+
+    def load_segment_state(self, segment: int, state: dict) -> None:
+        """Set `segment`'s gate from `segment_state`'s tensors (a random gate's table is its seed's: shift only)."""
+        targets = {"shift": self.shift[segment:segment + 1]}
+        if self.kind == "content":
+            targets.update(weight=self.scorers[segment].weight, bias=self.scorers[segment].bias)
+        elif self.kind == "released":
+            router = self.routers[self.stacks[segment]]
+            targets.update({"table": self.table[:, segment], "router.weight": router.weight,
+                            "router.bias": router.bias})
+        for name, value in state.items():
+            dst = targets.get(name)
+            if dst is None or tuple(dst.shape) != tuple(value.shape):
+                raise RecipeError(f"token flow: a plan for segment {segment} gives the gate tensor {name!r} of shape "
+                                  f"{tuple(value.shape)}; the {self.kind} gates of this model take "
+                                  f"{ {k: tuple(t.shape) for k, t in targets.items()} }. The plan comes from "
+                                  "another gate kind or model: compile without plans= for the flow")
+            with torch.no_grad():
+                dst.copy_(value)
+
     def _track(self, logits: Tensor, valid: Optional[Tensor], segment: int) -> None:
         valid_ = torch.ones_like(logits, dtype=torch.bool) if valid is None else valid
         pinned = torch.zeros_like(valid_)

@@ -79,9 +79,24 @@ class FlowSparseModel(SparseModel):
 
         counts = measure(self.graph_module, self.flow, list(batches), run)
         record_facts(self.flow, self._report.regions, counts)
-        return {seg.name: self.flow.kept.get(seg.index) for seg in self.flow.segments}
+        return {seg.name: self.flow.kept.get(seg.index) for seg in self.flow.flowed}
+
+    def gate_plans(self) -> dict:
+        """Region name -> Plan carrying the current gate tensors of its segment (thresholds included):
+        `compile(model, inputs, recipe, plans=sm.gate_plans())` builds the same gates in another compile (another
+        backend, other kept fractions), without training them again."""
+        from sparsecc.methods.base import Plan
+
+        gates = self.flow_gates
+        out = {}
+        for seg in self.flow.segments:
+            for region in seg.regions:  # a copy each: plans are saved, and a saved tensor has one owner
+                out[region.name] = Plan(method="token_flow", region=region.name,
+                                        values={"segment": seg.name, "keep": gates.keep_targets[seg.index]},
+                                        tensors=gates.segment_state(seg.index))
+        return out
 
     def kept_fractions(self) -> dict:
         """Kept fraction per flowed segment from the last measurement."""
-        return {seg.name: self.flow.kept.get(seg.index) for seg in self.flow.segments}
+        return {seg.name: self.flow.kept.get(seg.index) for seg in self.flow.flowed}
 

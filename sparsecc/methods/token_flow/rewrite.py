@@ -42,7 +42,7 @@ import torch
 import torch.fx as fx
 
 import sparsecc.ops.token_flow  # noqa: F401  (registers the ops)
-from sparsecc.errors import UnsupportedError
+from sparsecc.errors import RecipeError, UnsupportedError
 from sparsecc.graph.flow_segments import (FlowSegment, attention_args, attention_targets, find_segments,
                                           linear_parts, segment_nodes, split_segment)
 from sparsecc.graph.fx_utils import SDPA, aten, fake, hint, is_call, new_call
@@ -73,6 +73,11 @@ class FlowPlan:
     packed: set = field(default_factory=set)  # segments whose per-token tail runs packed (layout="packed")
 
     @property
+    def flowed(self) -> list:
+        """The segments the rewrite routes (those `TokenFlow.skip` leaves out run dense)."""
+        return [s for s in self.segments if s.index not in self.cfg.skip]
+
+    @property
     def starts_open(self) -> bool:
         """True when the gates start fully open, so the flowed model equals the dense one."""
         return self.cfg.gate != "random" and self.cfg.select == "threshold" and self.cfg.init > 0
@@ -96,6 +101,10 @@ def prepare_token_flow(cfg: TokenFlow, ctx: PassContext) -> FlowPlan:
         raise UnsupportedError(
             f"token flow: select={cfg.select!r} keeps the best tokens of the whole sequence, so in causal layers a "
             "token's routing would depend on later tokens. Use select='threshold' for decoders")
+    outside = sorted(b for b in cfg.skip if b >= len(segments))
+    if outside:
+        raise RecipeError(f"recipe.flow.skip: blocks {outside} do not exist; this model has {len(segments)} flowed "
+                          f"blocks, numbered 0-{len(segments) - 1} in model order")
     x0: dict = {}
     for seg in segments:
         x0.setdefault(seg.stack_id, seg.input)
@@ -376,7 +385,7 @@ def rewrite_inference(gm: fx.GraphModule, plan: FlowPlan, node_map: Optional[dic
     changes, replaced = [], {}
     nm = (lambda n: n) if node_map is None else (lambda n: None if n is None else node_map[n])
     valid = _Valid(gm.graph)
-    for seg in plan.segments:
+    for seg in plan.flowed:
         h_in = replaced.get(nm(seg.input), nm(seg.input))
         x0 = replaced.get(nm(plan.x0[seg.stack_id]), nm(plan.x0[seg.stack_id]))
         out = nm(seg.output)
@@ -394,7 +403,7 @@ def build_training_graph(gm: fx.GraphModule, plan: FlowPlan) -> fx.GraphModule:
     graph = tgm.graph
     valid, replaced = _Valid(graph), {}
     targets = attention_targets()
-    for seg in plan.segments:
+    for seg in plan.flowed:
         h_in = replaced.get(val_map[seg.input], val_map[seg.input])
         x0 = replaced.get(val_map[plan.x0[seg.stack_id]], val_map[plan.x0[seg.stack_id]])
         end = val_map[seg.output]
@@ -506,11 +515,22 @@ def measure(gm: fx.GraphModule, plan: FlowPlan, batches: list, run) -> dict:
 
 
 # ------------------------------------------------------------------ the pass
+def _load_given_gates(plan: FlowPlan, targets: list) -> None:
+    """Plans given to compile(plans=) that carry gate tensors (`FlowSparseModel.gate_plans`) set those segments'
+    gates: a trained model's gates, thresholds included, in another compile."""
+    by_region = {r.name: seg for seg in plan.segments for r in seg.regions}
+    for t in targets:
+        seg = by_region.get(t.name)
+        if t.plan is not None and t.plan.tensors and seg is not None:
+            plan.gates.load_segment_state(seg.index, t.plan.tensors)
+
+
 def token_flow_rewrite(gm: fx.GraphModule, ctx: PassContext) -> list[str]:
     plan: FlowPlan = ctx.data["flow"]
     if hasattr(gm, GATES):
         raise UnsupportedError(f"token flow: the graph already has a submodule {GATES!r} (flowed twice?)")
     gm.add_submodule(GATES, plan.gates)
+    _load_given_gates(plan, ctx.targets.get("flow", []))
     plan.train_graph = build_training_graph(gm, plan)
     changes = rewrite_inference(gm, plan)
     _stable_toposort(gm.graph)
@@ -521,7 +541,7 @@ def token_flow_rewrite(gm: fx.GraphModule, ctx: PassContext) -> list[str]:
     kept = measure(gm, plan, [(captured.args, captured.kwargs)],
                    lambda g, b: captured.run(g, b[0], b[1]))
     record_facts(plan, ctx.regions, kept)
-    for seg in plan.segments:
+    for seg in plan.flowed:
         log.info("token flow %s: kept %.3f of the tokens on the example inputs", seg.name, plan.kept.get(seg.index, 1))
     return changes
 
