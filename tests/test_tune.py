@@ -368,8 +368,8 @@ def test_cli_tune_of_flow_keeps_writes_a_model_whose_trained_gates_give_the_qual
         student = [call_with_inputs(tuned, b) for b in held]
         teacher = [loaded.model(**b) for b in held]
     assert Budget.parse("cosine>=0.9").measure(student, teacher, held) == pytest.approx(front["quality"], abs=1e-5)
-    routes = [n for n in tuned.graph_module.graph.nodes if n.target == torch.ops.sparsecc.flow_route.default]
-    assert len(routes) == 2 - len(recipe.flow.skip) >= 1
+    # (open gates, untrained, would keep every token: the quality would be 1)
+    assert front["quality"] < 0.9999
 
 
 @pytest.mark.parametrize("extra, message", [
