@@ -151,6 +151,12 @@ def test_capacity_routes_a_static_count_per_example():
     short = {"input_ids": ids[:, :4], "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]])}
     for k in _decisions(sm, short).values():  # C = ceil(0.3 * 4) = 2; the second example has 1 token
         assert k.sum(1).tolist() == [2, 1]
+    # the report: 3 of 5 valid tokens kept, but the blocks compute 2 x C = 4 rows of the 8: FLOPs count the 4
+    fractions = sm.measure_flow([short])
+    seg = sm.flow.segments[0]
+    ffn = next(r for r in sm.report().regions if r.kind == "ffn" and r.sparse["segment"] == seg.name)
+    assert fractions[seg.name] == pytest.approx(3 / 5)
+    assert ffn.sparse["flops"] == round(seg.flops_parts[ffn.name]["ffn"] * 4 / 8)
 
 
 @pytest.mark.parametrize("factory,flow", [
@@ -528,3 +534,21 @@ def test_skipped_blocks_run_dense_and_gate_plans_rebuild_trained_gates():
         sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(flow=sparsecc.TokenFlow()), plans=sm.gate_plans(),
                          check=False)
     assert released.gate_plans()[next(iter(released.gate_plans()))].tensors["table"].shape[0] == 3
+
+
+def test_onnx_runtime_runs_the_packed_layout_with_ort_fusions():
+    """BERT with the packed tail on ORT: the session runs the fused graph (MultiHeadAttention,
+    SkipLayerNormalization) and matches PyTorch. Packing the attention output by flattening it to
+    [1, B * K, D] made onnxscript's MHA fusion swallow the flattening, and the fused graph failed in ORT."""
+    import onnx
+    model, inputs = T.bert()
+    recipe = sparsecc.Recipe(flow=sparsecc.TokenFlow(gate="random", select="topk", keep=0.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the fallback to the unfused graph warns
+        sm = sparsecc.compile(model, inputs, recipe=recipe, backend="onnxruntime", check=False, progress=False)
+    ops = {n.op_type for n in onnx.load(sm._runner.path).graph.node}
+    assert {"MultiHeadAttention", "SkipLayerNormalization", "GatherND"} <= ops
+    assert sm.flow.packed  # the tails run packed
+    with torch.no_grad():
+        ref, got = _hidden(sm.graph_module(**inputs, **sm._call_defaults)), _hidden(sm(**inputs))
+    assert (ref - got).abs()[inputs["attention_mask"].bool()].max() <= 1e-4

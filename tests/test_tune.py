@@ -233,6 +233,21 @@ def test_tune_with_finetune_never_fine_tunes_the_dense_answer():
             assert (result.model(**b).last_hidden_state - dense(**b).last_hidden_state).abs().max() < 1e-5
 
 
+def test_a_tuned_recipe_slower_than_dense_end_to_end_gives_the_dense_model(monkeypatch):
+    """The table predicts a saving; the end-to-end timing (here: made slower) decides."""
+    import importlib
+    tuner = importlib.import_module("sparsecc.tune.tuner")  # (sparsecc.tune is also the function)
+    model, inputs = _one_insensitive_layer()
+    monkeypatch.setattr(tuner, "interleaved_medians", lambda fns, repeats, warmup: [1.0, 1.25][:len(fns)])
+    with pytest.warns(UserWarning, match=r"measured 1250.00 ms end to end on eager, the dense model 1000.00 ms "
+                                         r"beside it \(the latency table predicted 800.00 ms .*the dense one"):
+        result = sparsecc.tune(model, inputs, calibration=_batches(2, 1), eval_batches=_batches(2, 5),
+                               methods={"ffn": FFN_LEVELS}, cache_dir=None, latency=FFN_LATENCY, budget="cosine>=0.999",
+                               repeats=1, warmup=0, progress=False)
+    assert result.recipe == sparsecc.Recipe.dense() and result.quality == 1.0 and result.speedup == 1.0
+    assert result.chosen["slower_end_to_end"]["levels"] == "0.ffn=dense 1.ffn=sparse_ffn(n=8, d_lowrank=4, steps=5)"
+
+
 FLOW_LEVELS = [sparsecc.TokenFlow(gate="content", keep=0.75), sparsecc.TokenFlow(gate="content", keep=0.5)]
 FLOW_LATENCY = {"dense": 1.0, "flow:token_flow(gate='content', keep=0.75)": 0.8, "flow:token_flow(gate='content')": 0.6}
 

@@ -11,7 +11,8 @@ from sparsecc.io import atomic_write
 from sparsecc.layouts.plot import PLOT_HINT
 
 _UNIFORM_STYLE = {"attention": ("s", "tab:blue", "uniform attention"), "ffn": ("^", "tab:orange", "uniform FFN"),
-                  "flow": ("v", "tab:purple", "uniform token flow"), "both": ("D", "tab:green", "uniform attention + FFN")}
+                  "flow": ("v", "tab:purple", "uniform token flow"),
+                  "both": ("D", "tab:green", "uniform attention + FFN")}
 
 
 def save_front_png(result: Any, path: str | os.PathLike, dpi: int = 120) -> None:

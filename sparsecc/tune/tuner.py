@@ -23,7 +23,9 @@ How it works, and what each step costs:
 - the search (`sparsecc.tune.search`): sensitivity seed, level-switch evolution, global shift; with
   `finetune=`, the shift's candidates are fine-tuned (`sparsecc.finetune`) before they are measured,
   and the tuned model is the fine-tuned one;
-- the tuned recipe is compiled for the backend and timed end to end beside the dense model.
+- the tuned recipe is compiled for the backend and timed end to end beside the dense model; if it
+  measures slower (the table's per-layer savings do not add up on every backend), the answer is the
+  dense model, with a warning, and `result.chosen["slower_end_to_end"]` keeps the recipe turned down.
 The uniform settings (each level on every layer, for each slot and for the slots combined) are
 measured on the same held-out data, so the front can be compared with them (`result.save` draws both).
 """
@@ -410,10 +412,10 @@ class _Tuner:
 
 def tune(model: torch.nn.Module, example_inputs: Any, calibration: list, budget: Union[str, Budget] = "cosine>=0.98",
          backend: str = "eager", methods: Any = None, eval_batches: Optional[list] = None,
-         finetune: Optional[dict] = None, flow_fit: Optional[dict] = None, seed: int = 0, generations: int = 30, offspring: int = 4,
-         patience: int = 8, cache_dir: Any = _UNSET, latency: Optional[dict] = None, repeats: int = 10,
-         warmup: int = 2,
-         backend_options: Optional[dict] = None, progress: bool = True) -> TuneResult:
+         finetune: Optional[dict] = None, flow_fit: Optional[dict] = None, seed: int = 0, generations: int = 30,
+         offspring: int = 4, patience: int = 8, cache_dir: Any = _UNSET, latency: Optional[dict] = None,
+         repeats: int = 10, warmup: int = 2, backend_options: Optional[dict] = None,
+         progress: bool = True) -> TuneResult:
     """The fastest per-layer recipe for `model` on `backend` whose quality on held-out data meets `budget`.
 
     calibration: batches (as example_inputs) for the methods' plans; without `eval_batches` the last half
@@ -454,7 +456,8 @@ def tune(model: torch.nn.Module, example_inputs: Any, calibration: list, budget:
         captured = capture(model, example_inputs, dynamic=True)
         analysis = analyze(copy.deepcopy(captured))  # for a clear error before any calibration
         levels = _levels(methods, _seq_len(captured))
-        kinds = set(levels) - {"flow"} | ({"attention", "ffn"} if "flow" in levels else set())  # flow's blocks hold them
+        # a flow block holds its layer's attention and FFN regions
+        kinds = set(levels) - {"flow"} | ({"attention", "ffn"} if "flow" in levels else set())
         if not any(r.kind in kinds for r in analysis.ctx.regions):
             raise UnsupportedError(f"tune: the model has no {' or '.join(levels)} region to vary; `sparsecc inspect "
                                    "--explain` shows what was found and why")
@@ -520,6 +523,7 @@ def tune(model: torch.nn.Module, example_inputs: Any, calibration: list, budget:
 
         stage = time.perf_counter()
         bar.set_postfix_str(f"timing the tuned model on {backend}")
+        slower = None
         recipe, plans = tuner.recipe(space, best.candidate), tuner.plans_for(space, best.candidate)
         dense_sm = tuner.dense_on_backend()
         if best.candidate == space.dense:  # the dense model itself: timing it twice would report noise as speed
@@ -533,6 +537,17 @@ def tune(model: torch.nn.Module, example_inputs: Any, calibration: list, budget:
                 dense_s, tuned_s = interleaved_medians([lambda: call_with_inputs(dense_sm, example_inputs),
                                                         lambda: call_with_inputs(tuned_sm, example_inputs)],
                                                        repeats, warmup)
+            if tuned_s > dense_s:  # the table's sum of per-layer savings did not hold end to end
+                slower = {"levels": _describe(tuner, space, best.candidate), "measured_latency": tuned_s,
+                          "measured_dense_latency": dense_s}
+                message = (f"tune: the tuned recipe ({slower['levels']}) measured {tuned_s * 1e3:.2f} ms end to end on "
+                           f"{backend}, the dense model {dense_s * 1e3:.2f} ms beside it (the latency table predicted "
+                           f"{(table.dense_seconds - best.latency_saving) * 1e3:.2f} ms against "
+                           f"{table.dense_seconds * 1e3:.2f}); the fastest model within the budget is the dense one")
+                log.warning("%s", message)
+                warnings.warn(message, UserWarning, stacklevel=2)
+                best = search.Best(space.dense, quality(space.dense), 0.0)
+                recipe, tuned_sm, tuned_s = tuner.recipe(space, space.dense), dense_sm, dense_s
         final_quality = tuner.quality_after_finetune(space, best.candidate)
         model_out = tuner.finetuned[best.candidate][1] if best.candidate in tuner.finetuned else tuned_sm
         seconds["end to end"] = time.perf_counter() - stage
@@ -543,6 +558,8 @@ def tune(model: torch.nn.Module, example_inputs: Any, calibration: list, budget:
     points = [_point(tuner, space, c, q, dense_table) for c, q in tuner.measured.items()]
     chosen = dict(_point(tuner, space, best.candidate, final_quality, dense_table), measured_latency=tuned_s,
                   measured_dense_latency=dense_s)
+    if slower is not None:
+        chosen["slower_end_to_end"] = slower  # the sparse answer the end-to-end timing turned down
     return TuneResult(recipe=recipe, budget=budget, quality=final_quality, latency=tuned_s, dense_latency=dense_s,
                       predicted_latency=dense_table - best.latency_saving, backend=backend, model=model_out,
                       points=points, uniform=uniform, chosen=chosen,

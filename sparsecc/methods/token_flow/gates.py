@@ -125,7 +125,7 @@ class FlowGates(nn.Module):
         self.capture: Optional[dict] = None  # when a dict, forwards store (logits, valid) per segment
         self.last_gates: dict = {}  # segment -> (gates [B, L], valid [B, L]) of the last "gate" forward
         self.last_mix: dict = {}  # stack -> mixture weights [B, n_mix] of the last "gate" forward
-        self.recording = False  # when True, "keep" forwards store (kept, valid, all) counts in `kept_counts`
+        self.recording = False  # when True, "keep" forwards store (kept, valid, all, computed rows) in `kept_counts`
         self.hard_training = False  # when True, training "gate" forwards use the hard decision (straight-through)
         # with hard_training (threshold gates): each training forward moves the segment's shift this fraction of
         # the way to the threshold that keeps the segment's target of the batch, so the kept fraction stays on target
@@ -187,7 +187,10 @@ class FlowGates(nn.Module):
             keep = self._decide(logits, valid, segment)
             if self.recording:
                 n_valid = keep.new_full((), keep.numel(), dtype=torch.int64) if valid is None else valid.sum()
-                self.kept_counts[segment] = (keep.sum().detach(), n_valid.detach(), keep.numel())
+                # the rows the block computes: the kept tokens, or with a capacity route its B x C slots
+                rows = keep.new_full((), keep.shape[0] * capacity(keep.shape[1], self.keep_targets[segment]),
+                                     dtype=torch.int64) if self.select == "capacity" else keep.sum()
+                self.kept_counts[segment] = (keep.sum().detach(), n_valid.detach(), keep.numel(), rows.detach())
             return keep
         if mode != "gate":
             raise ValueError(f"FlowGates mode must be 'keep' or 'gate', got {mode!r}")

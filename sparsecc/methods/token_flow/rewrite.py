@@ -462,15 +462,16 @@ def gate_flops(plan: FlowPlan, seg: FlowSegment, tokens: int) -> int:
 def record_facts(plan: FlowPlan, regions: list, kept: dict) -> None:
     """Write each flowed region's kept fraction and FLOPs into its record (`region.sparse`).
 
-    kept: segment index -> (kept tokens, valid tokens, all tokens) summed over the measured batches.
+    kept: segment index -> (kept tokens, valid tokens, all tokens, rows computed) summed over the measured
+    batches; the FLOPs count the rows computed (a capacity route computes its C slots per example, filled or not).
     """
     by_name = {r.name: r for r in regions}
     for seg in plan.segments:
         if seg.index not in kept:
             continue
-        n_kept, n_valid, n_all = kept[seg.index]
+        n_kept, n_valid, n_all, n_rows = kept[seg.index]
         frac_valid = n_kept / max(n_valid, 1)
-        frac_all = n_kept / max(n_all, 1)
+        frac_all = n_rows / max(n_all, 1)
         plan.kept[seg.index] = frac_valid
         for i, region in enumerate(seg.regions):
             facts = by_name.get(region.name, region)
@@ -504,11 +505,9 @@ def measure(gm: fx.GraphModule, plan: FlowPlan, batches: list, run) -> dict:
                 for seg in plan.segments:
                     if seg.index not in gates.kept_counts:
                         continue
-                    n_kept, n_valid, n_all = (int(t) for t in gates.kept_counts[seg.index])
-                    t = totals.setdefault(seg.index, [0, 0, 0])
-                    t[0] += n_kept
-                    t[1] += n_valid
-                    t[2] += n_all
+                    t = totals.setdefault(seg.index, [0, 0, 0, 0])
+                    for i, n in enumerate(gates.kept_counts[seg.index]):
+                        t[i] += int(n)
     finally:
         gates.recording = False
     return {k: tuple(v) for k, v in totals.items()}

@@ -207,10 +207,17 @@ def single_token_packed_route(index: Tensor, counts: Tensor, h: Tensor) -> tuple
 
 
 def pack_slots(x: Tensor, slots: Tensor, n: Tensor) -> Tensor:
-    """[B, K, ...] padded rows -> [1, N, ...] packed rows (the valid slots only)."""
-    B, K = x.shape[0], x.shape[1]
-    flat = x.reshape(1, B * K, -1)
-    return torch.ops.sparsecc.flow_gather(flat.contiguous(), slots, n).reshape(1, slots.shape[1], *x.shape[2:])
+    """[B, K, ...] padded rows -> [1, N, ...] packed rows (the valid slots only; with N = 0, the one padding slot
+    reads row 0 and is never written back).
+
+    Indexed by (example, slot) rather than as rows of x flattened to [1, B * K, ...]: that flattening Reshape
+    follows the attention's merge-heads Reshape, ONNX optimisers fold the two into one, and onnxscript's
+    MultiHeadAttention fusion then replaces the folded Reshape by the attention's [B, K, D] output, dropping the
+    flattening (ORT then fails in the GatherND that packs the rows)."""
+    K = x.shape[1]
+    flat = slots.reshape(-1)
+    example = flat // K
+    return x[example, flat - example * K].unsqueeze(0)
 
 
 def gather_packed(x: Tensor, rows: Tensor, n: Tensor) -> Tensor:
