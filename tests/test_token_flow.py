@@ -94,10 +94,8 @@ def test_closed_gates_make_every_block_the_identity():
     assert all(f == 0.0 for f in sm.kept_fractions().values())
 
 
-def test_bert_matches_layer_by_layer_reference():
-    """Independent reference built from the Hugging Face layers: x <- where(keep, layer(x), x)."""
-    model, inputs, sm = _shared(T.bert, gate="random", select="topk")
-    keep = _decisions(sm, inputs)
+def _bert_reference(model, inputs, keep: dict):
+    """Hugging Face BERT layer by layer, x <- where(keep[i], layer(x), x); a layer without decisions runs whole."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     with torch.no_grad():
         x = model.embeddings(input_ids=ids)
@@ -105,7 +103,17 @@ def test_bert_matches_layer_by_layer_reference():
         for i, layer in enumerate(model.encoder.layer):
             y = layer(x, attention_mask=additive)
             y = y[0] if isinstance(y, tuple) else y
-            x = torch.where(keep[i].unsqueeze(-1), y, x)
+            x = torch.where(keep[i].unsqueeze(-1), y, x) if i in keep else y
+    return x
+
+
+def test_bert_matches_layer_by_layer_reference():
+    """Independent reference built from the Hugging Face layers: x <- where(keep, layer(x), x)."""
+    model, inputs, sm = _shared(T.bert, gate="random", select="topk")
+    keep = _decisions(sm, inputs)
+    mask = inputs["attention_mask"]
+    x = _bert_reference(model, inputs, keep)
+    with torch.no_grad():
         out = _hidden(_run(sm, inputs))
     valid = mask.bool()
     assert (out - x).abs()[valid].max() <= 1e-5
@@ -136,12 +144,8 @@ def test_capacity_routes_a_static_count_per_example():
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     for k in keep.values():  # 16 and 13 valid tokens; C = ceil(0.3 * 16) = 5; CLS pinned
         assert k.sum(1).tolist() == [5, 5] and k[:, 0].all() and not (k & ~mask.bool()).any()
+    x = _bert_reference(model, inputs, keep)
     with torch.no_grad():
-        x = model.embeddings(input_ids=ids)
-        additive = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
-        for i, layer in enumerate(model.encoder.layer):
-            y = layer(x, attention_mask=additive)
-            x = torch.where(keep[i].unsqueeze(-1), y[0] if isinstance(y, tuple) else y, x)
         out = _hidden(_run(sm, inputs))
     assert (out - x).abs()[mask.bool()].max() <= 1e-5
     assert (out - _hidden(_hard_reference(sm, inputs))).abs()[mask.bool()].max() <= 1e-5
@@ -511,16 +515,10 @@ def test_skipped_blocks_run_dense_and_gate_plans_rebuild_trained_gates():
         assert torch.equal(skipped.flow_gates.state_dict()[name], t), name
     keep = _decisions(skipped, inputs)
     assert sorted(keep) == list(range(1, n))
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    x = _bert_reference(model, inputs, keep)  # block 0 (no decisions) runs on every token
     with torch.no_grad():
-        x = model.embeddings(input_ids=ids)
-        additive = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
-        for i, layer in enumerate(model.encoder.layer):
-            y = layer(x, attention_mask=additive)
-            y = y[0] if isinstance(y, tuple) else y
-            x = y if i == 0 else torch.where(keep[i].unsqueeze(-1), y, x)
         out = _hidden(_run(skipped, inputs))
-    assert (out - x).abs()[mask.bool()].max() <= 1e-5
+    assert (out - x).abs()[inputs["attention_mask"].bool()].max() <= 1e-5
     # the same plans with every block flowed reproduce sm exactly
     again = sparsecc.compile(model, inputs, recipe=sparsecc.Recipe(flow=flow), plans=sm.gate_plans(), check=False)
     with torch.no_grad():

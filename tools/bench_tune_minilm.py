@@ -61,6 +61,8 @@ def fronts_png(results: list, path: str, title: str) -> None:
                 label="tuned front")
         for slot, (marker, color, name) in _UNIFORM_STYLE.items():
             us = [u for u in r.uniform if u["slot"] == slot]
+            if not us:
+                continue
             ax.scatter([u["latency"] * ms for u in us], [u["quality"] for u in us], marker=marker, color=color,
                        s=30, label=name)
         ax.axvline(r.table["dense_seconds"] * ms, color="black", lw=1, ls=":", label="dense")

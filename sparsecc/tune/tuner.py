@@ -25,7 +25,8 @@ How it works, and what each step costs:
   and the tuned model is the fine-tuned one;
 - the tuned recipe is compiled for the backend and timed end to end beside the dense model; if it
   measures slower (the table's per-layer savings do not add up on every backend), the answer is the
-  dense model, with a warning, and `result.chosen["slower_end_to_end"]` keeps the recipe turned down.
+  dense model, with a warning, and `result.chosen["slower_end_to_end"]` keeps the recipe turned down
+  (not when the latencies were given with `latency=`: they are another machine's).
 The uniform settings (each level on every layer, for each slot and for the slots combined) are
 measured on the same held-out data, so the front can be compared with them (`result.save` draws both).
 """
@@ -425,7 +426,8 @@ def tune(model: torch.nn.Module, example_inputs: Any, calibration: list, budget:
       searched alone) with default levels, or {slot: [configs]} in any order (ordered by their measured saving).
     finetune: None, or sparsecc.finetune arguments ({"steps": 100, "lr": 5e-5, ...}; "batches" defaults to
       the calibration batches): the global shift then measures quality after fine-tuning, and the tuned
-      model returned is fine-tuned.
+      model returned is fine-tuned, unless fine-tuning made it no better (then it is returned as measured,
+      `result.finetuned` is False and `result.chosen["finetuned_quality"]` says what fine-tuning gave).
     flow_fit: with methods=["flow"], sparsecc.train.flow.fit_flow arguments for the one training of the gates the
       flow levels share ({"steps": 100} by default; the weights stay frozen); a recipe with token flow carries
       trained gates, so keep `result.model` (sparsecc.save) rather than compiling its recipe again.
@@ -537,7 +539,9 @@ def tune(model: torch.nn.Module, example_inputs: Any, calibration: list, budget:
                 dense_s, tuned_s = interleaved_medians([lambda: call_with_inputs(dense_sm, example_inputs),
                                                         lambda: call_with_inputs(tuned_sm, example_inputs)],
                                                        repeats, warmup)
-            if tuned_s > dense_s:  # the table's sum of per-layer savings did not hold end to end
+            # the table's sum of per-layer savings did not hold end to end (when the table was timed here: seconds
+            # given with latency=, from the target device, are not this machine's to overrule)
+            if tuned_s > dense_s and not latency:
                 slower = {"levels": _describe(tuner, space, best.candidate), "measured_latency": tuned_s,
                           "measured_dense_latency": dense_s}
                 message = (f"tune: the tuned recipe ({slower['levels']}) measured {tuned_s * 1e3:.2f} ms end to end on "
@@ -549,7 +553,18 @@ def tune(model: torch.nn.Module, example_inputs: Any, calibration: list, budget:
                 best = search.Best(space.dense, quality(space.dense), 0.0)
                 recipe, tuned_sm, tuned_s = tuner.recipe(space, space.dense), dense_sm, dense_s
         final_quality = tuner.quality_after_finetune(space, best.candidate)
-        model_out = tuner.finetuned[best.candidate][1] if best.candidate in tuner.finetuned else tuned_sm
+        finetuned = best.candidate in tuner.finetuned
+        plain = tuner.measured.get(best.candidate)
+        if finetuned and plain is not None and budget.met(plain) and not budget.better(final_quality, plain):
+            # fine-tuning the answer did not improve it (100 steps of AdamW can move a good model away): the
+            # answer as the search measured it; fine-tuned, it kept final_quality
+            log.warning("tune: fine-tuning the tuned recipe gave %s %.4f, not better than its %.4f without; "
+                        "returning it without fine-tuning", budget.name, final_quality, plain)
+            chosen_note = {"finetuned_quality": final_quality}
+            final_quality, finetuned = plain, False
+        else:
+            chosen_note = {}
+        model_out = tuner.finetuned[best.candidate][1] if finetuned else tuned_sm
         seconds["end to end"] = time.perf_counter() - stage
         seconds["total"] = time.perf_counter() - started
     finally:
@@ -560,11 +575,12 @@ def tune(model: torch.nn.Module, example_inputs: Any, calibration: list, budget:
                   measured_dense_latency=dense_s)
     if slower is not None:
         chosen["slower_end_to_end"] = slower  # the sparse answer the end-to-end timing turned down
+    chosen.update(chosen_note)
     return TuneResult(recipe=recipe, budget=budget, quality=final_quality, latency=tuned_s, dense_latency=dense_s,
                       predicted_latency=dense_table - best.latency_saving, backend=backend, model=model_out,
                       points=points, uniform=uniform, chosen=chosen,
                       evaluations=len(tuner.measured) + len(tuner.finetuned), shift=shifted, table=table.to_dict(),
-                      seconds=seconds, finetuned=best.candidate in tuner.finetuned, plans_cached=plan_cache.hits)
+                      seconds=seconds, finetuned=finetuned, plans_cached=plan_cache.hits)
 
 
 def _split(calibration: Any, eval_batches: Optional[list]) -> tuple[list, list]:
