@@ -223,6 +223,7 @@ class _Tuner:
         self.plans: dict = {}  # (slot, level index from 1) -> {region name: Plan}
         self.regions: dict = {}  # (slot, layer) -> the region names of the unit (a flowed layer: its block's)
         self.flow_blocks: dict = {}  # layer -> its flow block's number (TokenFlow.keep / skip count them)
+        self.flow_count = 0  # the model's flow blocks (those left out of the search among them)
         self.measured: dict = {}  # candidate -> quality
         self.finetuned: dict = {}  # candidate -> (quality after fine-tuning, the fine-tuned model)
         self._dense_on_backend = None
@@ -272,8 +273,10 @@ class _Tuner:
                 for layer, names in rewritten.items():
                     self.regions[(slot, layer)] = tuple(names)
                 self.bar.update(1)
-            if slot == "flow":
-                self.flow_blocks = self.number_flow_blocks()
+            if slot == "flow":  # every level's plans number the blocks (gate_plans' "block")
+                self.flow_blocks = {layer: self.plans[("flow", 1)][names[0]].values["block"]
+                                    for (s, layer), names in self.regions.items() if s == "flow"}
+                self.flow_count = 1 + max(p.values["block"] for p in self.plans[("flow", 1)].values())
             for layer in sorted({lay for (s, lay) in self.regions if s == slot} - (eligible or set())):
                 log.warning("tune: %s of layer %d is left dense: not every level of the slot applies to it",
                             slot, layer)
@@ -323,11 +326,6 @@ class _Tuner:
             plan.values["keep"] = keep
         return {seg.layer: [r.name for r in seg.regions] for seg in sm.flow.segments}, plans
 
-    def number_flow_blocks(self) -> dict:
-        """layer -> its block's number among the flow blocks, in model order (one compile of the flow recipe)."""
-        sm = self.compile(Recipe(attention=None, ffn=None, flow=self.levels["flow"][0]))
-        return {seg.layer: seg.index for seg in sm.flow.segments}
-
     def level_key(self, slot: str, k: int) -> str:
         return f"{slot}:{describe_config(self.levels[slot][k - 1])}"
 
@@ -342,7 +340,7 @@ class _Tuner:
                 slots[slot][str(layer)] = self.levels[slot][lv - 1]
         if flow_keeps:  # one config for the model: a kept fraction per block, the dense blocks skipped
             import dataclasses
-            blocks = range(len(self.flow_blocks))
+            blocks = range(self.flow_count)
             slots["flow"] = dataclasses.replace(
                 self.levels["flow"][0], keep=tuple(flow_keeps.get(b, 1.0) for b in blocks),
                 skip=tuple(b for b in blocks if b not in flow_keeps))

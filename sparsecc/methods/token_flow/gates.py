@@ -211,30 +211,25 @@ class FlowGates(nn.Module):
         return gates
 
     # ------------------------------------------------------------------ per-segment state
-    def segment_state(self, segment: int) -> dict:
-        """Copies of the tensors that decide `segment`'s tokens: its threshold shift and its gate parameters (the
-        released gates' mixture router is its stack's, shared with the stack's other segments)."""
-        with torch.no_grad():
-            out = {"shift": self.shift[segment:segment + 1].clone()}
-            if self.kind == "content":
-                out["weight"] = self.scorers[segment].weight.detach().clone()
-                out["bias"] = self.scorers[segment].bias.detach().clone()
-            elif self.kind == "released":
-                router = self.routers[self.stacks[segment]]
-                out["table"] = self.table[:, segment].detach().clone()
-                out["router.weight"] = router.weight.detach().clone()
-                out["router.bias"] = router.bias.detach().clone()
-        return out
-
-    def load_segment_state(self, segment: int, state: dict) -> None:
-        """Set `segment`'s gate from `segment_state`'s tensors (a random gate's table is its seed's: shift only)."""
-        targets = {"shift": self.shift[segment:segment + 1]}
+    def _segment_tensors(self, segment: int) -> dict:
+        """The live tensors that decide `segment`'s tokens: its threshold shift and its gate parameters (the
+        released gates' mixture router is its stack's, shared with the stack's other segments; a random
+        gate's table is its seed's, so only the shift)."""
+        out = {"shift": self.shift[segment:segment + 1]}
         if self.kind == "content":
-            targets.update(weight=self.scorers[segment].weight, bias=self.scorers[segment].bias)
+            out.update(weight=self.scorers[segment].weight, bias=self.scorers[segment].bias)
         elif self.kind == "released":
             router = self.routers[self.stacks[segment]]
-            targets.update({"table": self.table[:, segment], "router.weight": router.weight,
-                            "router.bias": router.bias})
+            out.update({"table": self.table[:, segment], "router.weight": router.weight, "router.bias": router.bias})
+        return out
+
+    def segment_state(self, segment: int) -> dict:
+        """Copies of `_segment_tensors` (a plan's tensors: `FlowSparseModel.gate_plans`)."""
+        return {name: t.detach().clone() for name, t in self._segment_tensors(segment).items()}
+
+    def load_segment_state(self, segment: int, state: dict) -> None:
+        """Set `segment`'s gate from `segment_state`'s tensors."""
+        targets = self._segment_tensors(segment)
         for name, value in state.items():
             dst = targets.get(name)
             if dst is None or tuple(dst.shape) != tuple(value.shape):

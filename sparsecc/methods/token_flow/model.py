@@ -92,7 +92,8 @@ class FlowSparseModel(SparseModel):
         for seg in self.flow.segments:
             for region in seg.regions:  # a copy each: plans are saved, and a saved tensor has one owner
                 out[region.name] = Plan(method="token_flow", region=region.name,
-                                        values={"segment": seg.name, "keep": gates.keep_targets[seg.index]},
+                                        values={"segment": seg.name, "block": seg.index,
+                                                "keep": gates.keep_targets[seg.index]},
                                         tensors=gates.segment_state(seg.index))
         return out
 
